@@ -1,0 +1,120 @@
+/* xnbd/server.h - the NBD server engine on a caller's libuv loop.
+ *
+ * A server holds exports (a name and a backend each) and serves them to
+ * clients that connect to its listeners or are handed to it as connected
+ * descriptors.  Every call is made on the loop's thread.  Functions that
+ * can fail return 0 or a negative errno; one that fails never calls its
+ * callback.
+ */
+#ifndef XNBD_SERVER_H
+#define XNBD_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "xnbd/backend.h"
+#include "xnbd/common.h"
+#include "xnbd/log.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct xnbd_server;
+struct xnbd_export;
+
+/* Flags of xnbd_export_new(). */
+#define XNBD_EXPORT_READONLY (1U << 0) /* advertise and enforce read-only */
+
+/* Create an export named `name` (copied; "" is the default export) over
+ * `backend`.  The export does not own the backend: free the export first,
+ * then the backend.  Returns 0, -EINVAL (name longer than 4096 bytes),
+ * or -ENOMEM. */
+XNBD_EXPORT int xnbd_export_new(const char *name, struct xnbd_backend *backend,
+                                unsigned flags, struct xnbd_export **out);
+
+/* Set the human-readable description sent with NBD_OPT_LIST and
+ * NBD_INFO_DESCRIPTION (copied; NULL clears it).  Returns 0 or -ENOMEM. */
+XNBD_EXPORT int xnbd_export_set_description(struct xnbd_export *e,
+                                            const char *description);
+
+/* Free an export that no server holds any more.  Accepts NULL. */
+XNBD_EXPORT void xnbd_export_free(struct xnbd_export *e);
+
+/* Create a server on `loop`.  Returns 0 or -ENOMEM. */
+XNBD_EXPORT int xnbd_server_new(uv_loop_t *loop, struct xnbd_server **out);
+
+/* Where the server's messages go; without a handler they are dropped. */
+XNBD_EXPORT void xnbd_server_set_log(struct xnbd_server *s, xnbd_log_fn fn,
+                                     void *user_data);
+
+/* Flags of xnbd_server_set_flags(). */
+/* Greet clients with the oldstyle handshake (first export only). */
+#define XNBD_SERVER_OLDSTYLE (1U << 0)
+/* Serve the first export whatever name a client asks for, as the original
+ * xnbd-server did; NBD_OPT_LIST still lists the real names. */
+#define XNBD_SERVER_ANY_NAME (1U << 1)
+XNBD_EXPORT void xnbd_server_set_flags(struct xnbd_server *s, unsigned flags);
+
+/* Bound the requests queued (received and not yet answered) and the bytes
+ * of request and reply data buffered, over all clients together.  Past a
+ * bound the server stops reading from clients until it drains.  0 means no
+ * bound of one's own; a fixed per-connection safety bound (1024 requests,
+ * 256 MiB) always applies. */
+XNBD_EXPORT void xnbd_server_set_limits(struct xnbd_server *s,
+                                        size_t max_queue, size_t max_buf);
+
+/* Add an export; the server refers to it until xnbd_server_free().
+ * Returns 0, -EEXIST (same name), or -ENOMEM. */
+XNBD_EXPORT int xnbd_server_add_export(struct xnbd_server *s,
+                                       struct xnbd_export *e);
+
+/* Listen on TCP.  host NULL (or "") listens on every address, IPv6 and
+ * IPv4; otherwise on each address `host` resolves to.  port is a number or
+ * service name.  Returns 0, or the negative errno of the first failure
+ * (-EADDRINUSE, -EACCES, -EADDRNOTAVAIL, -ENOENT for an unknown host...). */
+XNBD_EXPORT int xnbd_server_listen(struct xnbd_server *s, const char *host,
+                                   const char *port);
+
+/* Flags of xnbd_server_serve_fd(). */
+/* The client was negotiated elsewhere: start transmission at once with the
+ * first export and simple replies. */
+#define XNBD_SERVE_NEGOTIATED (1U << 0)
+
+/* Serve one connected client on a socket descriptor (TCP or Unix), e.g.
+ * inetd's standard input.  The server takes the descriptor over.
+ * Returns 0, -ENOTSOCK, -EINVAL (no export for a negotiated client), or
+ * another negative errno. */
+XNBD_EXPORT int xnbd_server_serve_fd(struct xnbd_server *s, int fd,
+                                     unsigned flags);
+
+/* Number of connected clients. */
+XNBD_EXPORT size_t xnbd_server_client_count(const struct xnbd_server *s);
+
+/* Called each time a client's connection has ended. */
+typedef void (*xnbd_client_end_cb)(struct xnbd_server *s, void *user_data);
+XNBD_EXPORT void xnbd_server_on_client_end(struct xnbd_server *s,
+                                           xnbd_client_end_cb cb,
+                                           void *user_data);
+
+typedef void (*xnbd_shutdown_cb)(struct xnbd_server *s, void *user_data);
+
+/* Stop gracefully: close the listeners, stop taking requests, answer every
+ * request in flight, then close each connection.  Clients still
+ * negotiating are disconnected.  After `grace_ms` milliseconds, what is
+ * left is closed hard.  cb runs once everything is closed; then the server
+ * may be freed.  Returns 0, or -EALREADY if a shutdown is under way. */
+XNBD_EXPORT int xnbd_server_shutdown(struct xnbd_server *s,
+                                     unsigned grace_ms, xnbd_shutdown_cb cb,
+                                     void *user_data);
+
+/* Free a server that has no open handles: one never started, or one whose
+ * shutdown callback has run.  Accepts NULL. */
+XNBD_EXPORT void xnbd_server_free(struct xnbd_server *s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

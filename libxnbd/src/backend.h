@@ -1,0 +1,39 @@
+/* backend.h - what every backend implementation shares (private).
+ *
+ * Notes on the design: the public entry points in backend.c check the
+ * request against the image (range, read-only, capabilities) and count
+ * I/Os in flight; an implementation only does the I/O.  It finishes an I/O
+ * either inline (returning XNBD_IO_COMPLETED with io->status set) or later
+ * through xnbd__io_complete() on the loop thread.  Stacked backends (CoW,
+ * proxy) hold their lower backend and submit to it as any caller would.
+ */
+#ifndef XNBD_BACKEND_PRIV_H
+#define XNBD_BACKEND_PRIV_H
+
+#include "xnbd/backend.h"
+
+struct xnbd__backend_ops {
+	const char *name;
+	int (*submit)(struct xnbd_backend *b, struct xnbd_io *io);
+	int (*snapshot)(struct xnbd_backend *b, const char *path,
+	                xnbd_snapshot_cb cb, void *ud);
+	void (*snapshot_cancel)(struct xnbd_backend *b);
+	int (*snapshot_running)(const struct xnbd_backend *b);
+	void (*free)(struct xnbd_backend *b);
+};
+
+struct xnbd_backend {
+	const struct xnbd__backend_ops *ops;
+	uv_loop_t *loop;
+	uint64_t size;
+	unsigned caps;
+	size_t in_flight;
+};
+
+/* Finish an I/O that was XNBD_IO_PENDING: set io->status first. */
+void xnbd__io_complete(struct xnbd_backend *b, struct xnbd_io *io);
+
+/* Is the whole buffer zero?  Fast on data that is not. */
+int xnbd__is_zero(const void *p, size_t n);
+
+#endif

@@ -1,0 +1,599 @@
+/* backend_file.c - a plain image: a regular file or a block device.
+ *
+ * Notes on the design:
+ * - Only positional I/O (preadv2/pwritev2): many connections and worker
+ *   threads share one descriptor, and no file offset is ever shared state.
+ * - The loop thread never waits on a disk.  Reads, and writes without FUA,
+ *   are first tried with RWF_NOWAIT, which the kernel serves from the page
+ *   cache or refuses with EAGAIN; whatever is left goes to libuv's thread
+ *   pool.  Flushes, FUA writes, trims, zeroing and extent queries always
+ *   go to the pool.
+ * - Snapshots: a reflink (FICLONE) where the file system has one, else a
+ *   copy-before-write.  While a copy runs every write goes through the
+ *   pool, and before it changes a chunk that the copier has not reached it
+ *   copies that chunk's old contents into the snapshot first.  Chunk state
+ *   (pending, copying, done) sits under one mutex, so a chunk is copied
+ *   exactly once and never after a write touched it.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "backend.h"
+
+#define SNAP_CHUNK (1024U * 1024U)
+
+enum { CHUNK_PENDING = 0, CHUNK_COPYING = 1, CHUNK_DONE = 2 };
+
+struct snapshot {
+	struct file_backend *fb;
+	int fd;
+	char *path;
+	char *tmp_path;
+	uint64_t nchunks;
+	uint8_t *state;
+	uint64_t ndone;    /* chunks DONE, under mu */
+	uint64_t ncopying; /* chunks COPYING, under mu */
+	bool stopped;      /* no new copies may start, under mu */
+	atomic_int cancel;
+	int status;
+	unsigned users; /* loop thread: the copier plus writes holding it */
+	uv_mutex_t mu;
+	uv_cond_t cond;
+	uv_work_t work;
+	xnbd_snapshot_cb cb;
+	void *ud;
+};
+
+struct file_backend {
+	struct xnbd_backend base;
+	int fd;
+	bool blockdev;
+	atomic_bool nowait_read;
+	atomic_bool nowait_write;
+	atomic_bool punch_ok;
+	atomic_bool zero_range_ok;
+	struct snapshot *snap; /* running snapshot, loop thread only */
+};
+
+static const unsigned char zero_chunk[64 * 1024];
+
+/* ---- blocking helpers, run on worker threads ----------------------------- */
+
+static int full_pread(int fd, void *buf, uint64_t len, uint64_t off)
+{
+	uint8_t *p = buf;
+	while (len) {
+		ssize_t n = pread(fd, p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -EIO; /* the image shrank under us */
+		p += n;
+		off += (uint64_t)n;
+		len -= (uint64_t)n;
+	}
+	return 0;
+}
+
+static int full_pwrite(int fd, const void *buf, uint64_t len, uint64_t off,
+                       int rwf)
+{
+	const uint8_t *p = buf;
+	while (len) {
+		struct iovec iov = {(void *)p, len};
+		ssize_t n = pwritev2(fd, &iov, 1, (off_t)off, rwf);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (rwf && errno == EOPNOTSUPP) {
+				/* RWF_DSYNC unknown here: write, then sync. */
+				int r = full_pwrite(fd, p, len, off, 0);
+				return r ? r : (fdatasync(fd) ? -errno : 0);
+			}
+			return -errno;
+		}
+		p += n;
+		off += (uint64_t)n;
+		len -= (uint64_t)n;
+	}
+	return 0;
+}
+
+static int copy_chunk(struct snapshot *s, uint64_t i, void *buf)
+{
+	uint64_t size = s->fb->base.size;
+	uint64_t off = i * SNAP_CHUNK;
+	uint64_t len = size - off < SNAP_CHUNK ? size - off : SNAP_CHUNK;
+	int r = full_pread(s->fb->fd, buf, len, off);
+	if (r)
+		return r;
+	/* The snapshot file starts sparse: skip zero chunks. */
+	if (xnbd__is_zero(buf, len))
+		return 0;
+	return full_pwrite(s->fd, buf, len, off, 0);
+}
+
+/* Before a write changes [off, off+len), make sure the snapshot holds the
+ * old contents of every chunk it touches. */
+static void copy_before_write(struct snapshot *s, uint64_t off, uint64_t len)
+{
+	if (!s || len == 0)
+		return;
+	void *buf = NULL;
+	uint64_t first = off / SNAP_CHUNK, last = (off + len - 1) / SNAP_CHUNK;
+	for (uint64_t i = first; i <= last && i < s->nchunks; i++) {
+		uv_mutex_lock(&s->mu);
+		while (s->state[i] == CHUNK_COPYING)
+			uv_cond_wait(&s->cond, &s->mu);
+		if (s->state[i] == CHUNK_DONE || s->stopped) {
+			uv_mutex_unlock(&s->mu);
+			continue;
+		}
+		s->state[i] = CHUNK_COPYING;
+		s->ncopying++;
+		uv_mutex_unlock(&s->mu);
+
+		if (!buf)
+			buf = malloc(SNAP_CHUNK);
+		int r = buf ? copy_chunk(s, i, buf) : -ENOMEM;
+
+		uv_mutex_lock(&s->mu);
+		if (r && !s->status)
+			s->status = r;
+		if (r)
+			s->stopped = true;
+		s->state[i] = CHUNK_DONE;
+		s->ncopying--;
+		s->ndone++;
+		uv_cond_broadcast(&s->cond);
+		uv_mutex_unlock(&s->mu);
+	}
+	free(buf);
+}
+
+static int do_zero(struct file_backend *fb, struct xnbd_io *io)
+{
+	off_t off = (off_t)io->offset, len = (off_t)io->length;
+	if (!(io->flags & XNBD_IO_NO_HOLE) && atomic_load(&fb->punch_ok)) {
+		if (fallocate(fb->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off,
+		              len) == 0)
+			return 0;
+		if (errno != EOPNOTSUPP)
+			return -errno;
+		atomic_store(&fb->punch_ok, false);
+	}
+	if (atomic_load(&fb->zero_range_ok)) {
+		if (fallocate(fb->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off,
+		              len) == 0)
+			return 0;
+		if (errno != EOPNOTSUPP)
+			return -errno;
+		atomic_store(&fb->zero_range_ok, false);
+	}
+	if (io->flags & XNBD_IO_FAST_ZERO)
+		return -ENOTSUP;
+	uint64_t o = io->offset, left = io->length;
+	while (left) {
+		uint64_t n = left < sizeof(zero_chunk) ? left : sizeof(zero_chunk);
+		int r = full_pwrite(fb->fd, zero_chunk, n, o, 0);
+		if (r)
+			return r;
+		o += n;
+		left -= n;
+	}
+	return 0;
+}
+
+static int do_block_status(struct file_backend *fb, struct xnbd_io *io)
+{
+	uint64_t off = io->offset, end = io->offset + io->length;
+	uint32_t n = 0;
+	if (fb->blockdev) {
+		io->extents[0] = (struct xnbd_extent){io->length, 0};
+		io->n_extents = 1;
+		return 0;
+	}
+	while (off < end && n < io->max_extents) {
+		off_t data = lseek(fb->fd, (off_t)off, SEEK_DATA);
+		uint64_t next;
+		uint32_t flags;
+		if (data < 0 && errno == ENXIO) {
+			next = end; /* no data after off */
+			flags = XNBD_STATE_HOLE | XNBD_STATE_ZERO;
+		} else if (data < 0) {
+			next = end; /* no hole support: all data */
+			flags = 0;
+		} else if ((uint64_t)data > off) {
+			next = (uint64_t)data < end ? (uint64_t)data : end;
+			flags = XNBD_STATE_HOLE | XNBD_STATE_ZERO;
+		} else {
+			off_t hole = lseek(fb->fd, (off_t)off, SEEK_HOLE);
+			next = (hole < 0 || (uint64_t)hole > end) ? end : (uint64_t)hole;
+			if (next <= off)
+				next = end;
+			flags = 0;
+		}
+		io->extents[n++] = (struct xnbd_extent){next - off, flags};
+		off = next;
+	}
+	io->n_extents = n;
+	return 0;
+}
+
+static int sync_if_fua(struct file_backend *fb, struct xnbd_io *io, int r)
+{
+	if (r == 0 && (io->flags & XNBD_IO_FUA) && fdatasync(fb->fd))
+		return -errno;
+	return r;
+}
+
+static void work_cb(uv_work_t *w)
+{
+	struct xnbd_io *io = w->data;
+	struct file_backend *fb = io->priv.a;
+	struct snapshot *snap = io->priv.b;
+	uint64_t done = io->priv.done_bytes;
+	int r = 0;
+
+	switch (io->type) {
+	case XNBD_IO_READ:
+		r = full_pread(fb->fd, (uint8_t *)io->buf + done, io->length - done,
+		               io->offset + done);
+		break;
+	case XNBD_IO_WRITE:
+		copy_before_write(snap, io->offset, io->length);
+		r = full_pwrite(fb->fd, (uint8_t *)io->buf + done, io->length - done,
+		                io->offset + done,
+		                (io->flags & XNBD_IO_FUA) ? RWF_DSYNC : 0);
+		break;
+	case XNBD_IO_FLUSH:
+		r = fdatasync(fb->fd) ? -errno : 0;
+		break;
+	case XNBD_IO_TRIM:
+		copy_before_write(snap, io->offset, io->length);
+		if (atomic_load(&fb->punch_ok) &&
+		    fallocate(fb->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		              (off_t)io->offset, (off_t)io->length) != 0) {
+			/* Trimming is advisory: where it cannot be done, it is a no-op. */
+			if (errno == EOPNOTSUPP)
+				atomic_store(&fb->punch_ok, false);
+			else
+				r = -errno;
+		}
+		r = sync_if_fua(fb, io, r);
+		break;
+	case XNBD_IO_ZERO:
+		copy_before_write(snap, io->offset, io->length);
+		r = sync_if_fua(fb, io, do_zero(fb, io));
+		break;
+	case XNBD_IO_CACHE:
+		r = -posix_fadvise(fb->fd, (off_t)io->offset, (off_t)io->length,
+		                   POSIX_FADV_WILLNEED);
+		break;
+	case XNBD_IO_BLOCK_STATUS:
+		r = do_block_status(fb, io);
+		break;
+	}
+	io->status = r;
+}
+
+static void snapshot_unref(struct snapshot *s);
+
+static void after_work_cb(uv_work_t *w, int status)
+{
+	struct xnbd_io *io = w->data;
+	struct file_backend *fb = io->priv.a;
+	if (status == UV_ECANCELED)
+		io->status = -ECANCELED;
+	if (io->priv.b)
+		snapshot_unref(io->priv.b);
+	xnbd__io_complete(&fb->base, io);
+}
+
+static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
+{
+	struct file_backend *fb = (struct file_backend *)b;
+	io->priv.a = fb;
+	io->priv.b = NULL;
+	io->priv.done_bytes = 0;
+
+	if (io->length == 0 && io->type != XNBD_IO_FLUSH) {
+		if (io->type == XNBD_IO_BLOCK_STATUS)
+			return -EINVAL;
+		return XNBD_IO_COMPLETED;
+	}
+	if (io->type == XNBD_IO_READ && atomic_load(&fb->nowait_read)) {
+		struct iovec iov = {io->buf, io->length};
+		ssize_t n = preadv2(fb->fd, &iov, 1, (off_t)io->offset, RWF_NOWAIT);
+		if (n == (ssize_t)io->length)
+			return XNBD_IO_COMPLETED;
+		if (n > 0)
+			io->priv.done_bytes = (uint64_t)n;
+		else if (n < 0 && errno == EOPNOTSUPP)
+			atomic_store(&fb->nowait_read, false);
+	} else if (io->type == XNBD_IO_WRITE && !(io->flags & XNBD_IO_FUA) &&
+	           !fb->snap && atomic_load(&fb->nowait_write)) {
+		struct iovec iov = {io->buf, io->length};
+		ssize_t n = pwritev2(fb->fd, &iov, 1, (off_t)io->offset, RWF_NOWAIT);
+		if (n == (ssize_t)io->length)
+			return XNBD_IO_COMPLETED;
+		if (n > 0)
+			io->priv.done_bytes = (uint64_t)n;
+		else if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
+			atomic_store(&fb->nowait_write, false);
+	}
+	bool writes = io->type == XNBD_IO_WRITE || io->type == XNBD_IO_TRIM ||
+	              io->type == XNBD_IO_ZERO;
+	if (writes && fb->snap) {
+		io->priv.b = fb->snap;
+		fb->snap->users++;
+	}
+	io->priv.work.data = io;
+	int r = uv_queue_work(b->loop, &io->priv.work, work_cb, after_work_cb);
+	if (r) {
+		if (io->priv.b)
+			snapshot_unref(io->priv.b);
+		return r;
+	}
+	return XNBD_IO_PENDING;
+}
+
+/* ---- snapshots ------------------------------------------------------------ */
+
+static void snapshot_free(struct snapshot *s)
+{
+	uv_mutex_destroy(&s->mu);
+	uv_cond_destroy(&s->cond);
+	free(s->state);
+	free(s->path);
+	free(s->tmp_path);
+	free(s);
+}
+
+static void snapshot_unref(struct snapshot *s)
+{
+	if (--s->users == 0)
+		snapshot_free(s);
+}
+
+static void snapshot_work(uv_work_t *w)
+{
+	struct snapshot *s = w->data;
+	void *buf = malloc(SNAP_CHUNK);
+	int r = buf ? 0 : -ENOMEM;
+
+	for (uint64_t i = 0; r == 0 && i < s->nchunks; i++) {
+		if (atomic_load(&s->cancel)) {
+			r = -ECANCELED;
+			break;
+		}
+		uv_mutex_lock(&s->mu);
+		bool mine = s->state[i] == CHUNK_PENDING && !s->stopped;
+		if (mine) {
+			s->state[i] = CHUNK_COPYING;
+			s->ncopying++;
+		}
+		uv_mutex_unlock(&s->mu);
+		if (!mine)
+			continue;
+		int cr = copy_chunk(s, i, buf);
+		uv_mutex_lock(&s->mu);
+		s->state[i] = CHUNK_DONE;
+		s->ncopying--;
+		s->ndone++;
+		uv_cond_broadcast(&s->cond);
+		uv_mutex_unlock(&s->mu);
+		if (cr)
+			r = cr;
+	}
+	free(buf);
+
+	/* Wait for writers that are copying chunks on their own, then let no
+	 * more copies start. */
+	uv_mutex_lock(&s->mu);
+	s->stopped = true;
+	while (s->ncopying)
+		uv_cond_wait(&s->cond, &s->mu);
+	if (r == 0)
+		r = s->status;
+	if (r == 0 && s->ndone != s->nchunks)
+		r = -EIO;
+	uv_mutex_unlock(&s->mu);
+
+	if (r == 0 && fsync(s->fd))
+		r = -errno;
+	if (close(s->fd) && r == 0)
+		r = -errno;
+	s->fd = -1;
+	if (r == 0 && rename(s->tmp_path, s->path))
+		r = -errno;
+	if (r)
+		unlink(s->tmp_path);
+	s->status = r;
+}
+
+static void snapshot_done(uv_work_t *w, int status)
+{
+	struct snapshot *s = w->data;
+	struct file_backend *fb = s->fb;
+	if (status == UV_ECANCELED) {
+		close(s->fd);
+		unlink(s->tmp_path);
+		s->status = -ECANCELED;
+	}
+	fb->snap = NULL;
+	s->cb(&fb->base, s->status, s->path, s->ud);
+	snapshot_unref(s);
+}
+
+static int file_snapshot(struct xnbd_backend *b, const char *path,
+                         xnbd_snapshot_cb cb, void *ud)
+{
+	struct file_backend *fb = (struct file_backend *)b;
+	if (fb->snap)
+		return -EBUSY;
+	if (fb->blockdev)
+		return -ENOTSUP;
+	if (access(path, F_OK) == 0)
+		return -EEXIST;
+
+	struct snapshot *s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->fd = -1;
+	s->path = strdup(path);
+	size_t tl = strlen(path) + 16;
+	s->tmp_path = malloc(tl);
+	s->nchunks = (b->size + SNAP_CHUNK - 1) / SNAP_CHUNK;
+	s->state = calloc(s->nchunks ? s->nchunks : 1, 1);
+	if (!s->path || !s->tmp_path || !s->state) {
+		free(s->path);
+		free(s->tmp_path);
+		free(s->state);
+		free(s);
+		return -ENOMEM;
+	}
+	snprintf(s->tmp_path, tl, "%s.partial", path);
+	s->fd = open(s->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	int r = s->fd < 0 ? -errno : 0;
+	if (r == 0) {
+		struct stat st;
+		if (fstat(fb->fd, &st) == 0)
+			(void)fchmod(s->fd, st.st_mode & 0777);
+		/* A reflink is instant and point-in-time by itself: then the
+		 * background job only syncs and renames. */
+		if (ioctl(s->fd, FICLONE, fb->fd) == 0) {
+			memset(s->state, CHUNK_DONE, s->nchunks);
+			s->ndone = s->nchunks;
+		} else if (ftruncate(s->fd, (off_t)b->size)) {
+			r = -errno;
+		}
+	}
+	if (r == 0) {
+		uv_mutex_init(&s->mu);
+		uv_cond_init(&s->cond);
+	}
+	if (r) {
+		if (s->fd >= 0) {
+			close(s->fd);
+			unlink(s->tmp_path);
+		}
+		free(s->path);
+		free(s->tmp_path);
+		free(s->state);
+		free(s);
+		return r;
+	}
+	s->fb = fb;
+	s->cb = cb;
+	s->ud = ud;
+	s->users = 1;
+	s->work.data = s;
+	r = uv_queue_work(b->loop, &s->work, snapshot_work, snapshot_done);
+	if (r) {
+		close(s->fd);
+		unlink(s->tmp_path);
+		snapshot_free(s);
+		return r;
+	}
+	fb->snap = s;
+	return 0;
+}
+
+static void file_snapshot_cancel(struct xnbd_backend *b)
+{
+	struct file_backend *fb = (struct file_backend *)b;
+	if (fb->snap)
+		atomic_store(&fb->snap->cancel, 1);
+}
+
+static int file_snapshot_running(const struct xnbd_backend *b)
+{
+	return ((const struct file_backend *)b)->snap != NULL;
+}
+
+static void file_free(struct xnbd_backend *b)
+{
+	struct file_backend *fb = (struct file_backend *)b;
+	close(fb->fd);
+	free(fb);
+}
+
+static const struct xnbd__backend_ops file_ops = {
+	.name = "file",
+	.submit = file_submit,
+	.snapshot = file_snapshot,
+	.snapshot_cancel = file_snapshot_cancel,
+	.snapshot_running = file_snapshot_running,
+	.free = file_free,
+};
+
+int xnbd_backend_file_open(uv_loop_t *loop, const char *path, unsigned flags,
+                           struct xnbd_backend **out)
+{
+	bool ro = flags & XNBD_OPEN_READONLY;
+	int fd = open(path, (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	struct stat st;
+	if (fstat(fd, &st)) {
+		int e = -errno;
+		close(fd);
+		return e;
+	}
+	uint64_t size;
+	bool blockdev = S_ISBLK(st.st_mode);
+	if (S_ISREG(st.st_mode)) {
+		size = (uint64_t)st.st_size;
+	} else if (blockdev) {
+		if (ioctl(fd, BLKGETSIZE64, &size)) {
+			int e = -errno;
+			close(fd);
+			return e;
+		}
+	} else {
+		close(fd);
+		return -EINVAL;
+	}
+	struct file_backend *fb = calloc(1, sizeof(*fb));
+	if (!fb) {
+		close(fd);
+		return -ENOMEM;
+	}
+	fb->base.ops = &file_ops;
+	fb->base.loop = loop;
+	fb->base.size = size;
+	fb->base.caps = XNBD_CAP_FLUSH | XNBD_CAP_FUA | XNBD_CAP_CACHE |
+	                XNBD_CAP_BLOCK_STATUS | XNBD_CAP_MULTI_CONN;
+	if (ro)
+		fb->base.caps |= XNBD_CAP_READ_ONLY;
+	else
+		fb->base.caps |= XNBD_CAP_TRIM | XNBD_CAP_ZERO;
+	fb->fd = fd;
+	fb->blockdev = blockdev;
+	atomic_init(&fb->nowait_read, true);
+	atomic_init(&fb->nowait_write, true);
+	atomic_init(&fb->punch_ok, true);
+	atomic_init(&fb->zero_range_ok, true);
+
+	/* FAST_ZERO is always offered: where the file system cannot punch or
+	 * zero a range, such a request fails at once with ENOTSUP, which is
+	 * what the flag asks for. */
+	fb->base.caps |= ro ? 0 : XNBD_CAP_FAST_ZERO;
+	*out = &fb->base;
+	return 0;
+}

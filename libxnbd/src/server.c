@@ -1,0 +1,1503 @@
+/* server.c - the NBD server engine: listeners, sessions, dispatch.
+ *
+ * Notes on the design:
+ * - One session per connection.  It reads into a receive buffer, feeds the
+ *   handshake state machine (handshake.c) and then parses as many request
+ *   headers per read as arrived.  A large WRITE payload is read straight
+ *   into the request's own buffer, the one handed to the backend.
+ * - Requests are `struct req`, kept on a per-session free list with their
+ *   buffers, so steady-state I/O allocates nothing.
+ * - Replies are not written one by one: a finished request is put on its
+ *   session's output list and the session on the server's dirty list; a
+ *   uv_check handle, which runs once per loop iteration after all I/O
+ *   callbacks, sends each dirty session's replies in one vectored write.
+ * - Backpressure: a session stops parsing and reading while it (or the
+ *   whole server) has too many requests or bytes queued, and resumes when
+ *   replies have been written.
+ * - A session is freed only when its handle is closed and no request of it
+ *   is with the backend or the socket.
+ */
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "xnbd/server.h"
+
+#include "backend.h"
+#include "list.h"
+#include "wire.h"
+
+#define RBUF_SIZE (64U * 1024U)
+#define DIRECT_MIN (32U * 1024U) /* payload left to read straight in */
+#define SESSION_MAX_QUEUE 1024U
+#define SESSION_MAX_BUF (256U * 1024U * 1024U)
+#define MAX_EXTENTS 2048U
+#define HOLE_GRAIN (64U * 1024U) /* granularity of hole detection in reads */
+#define KEEP_BUF_MAX (1024U * 1024U) /* larger buffers are not kept */
+#define FREE_REQS_MAX 64U
+
+struct xnbd_export {
+	char *name;
+	char *description;
+	struct xnbd_backend *backend;
+	unsigned flags;
+	struct xnbd__hs_export hs; /* as the handshake sees it */
+};
+
+struct listener {
+	struct xnbd_list link;
+	uv_tcp_t tcp;
+	struct xnbd_server *srv;
+};
+
+/* A piece of a reply: bytes of the request's header area or of its data. */
+struct seg {
+	uint32_t from_data; /* 0: hdr buffer, 1: data buffer */
+	uint32_t len;
+	uint64_t off;
+};
+
+struct session;
+
+struct req {
+	struct xnbd_list link;
+	struct session *s;
+	struct xnbd__request r;
+	struct xnbd_io io;
+	uint8_t *buf; /* READ/WRITE data */
+	size_t buf_cap;
+	uint32_t have; /* WRITE payload bytes received */
+	struct xnbd_extent *extents;
+	struct xnbd__buf hdr; /* reply headers */
+	struct seg segs[8];
+	struct seg *xsegs; /* when more than 8 are needed */
+	uint32_t nsegs, xsegs_cap;
+	size_t charged; /* bytes counted against the buffer bounds */
+};
+
+struct wbatch {
+	uv_write_t w;
+	struct xnbd_list reqs;
+	struct session *s;
+};
+
+enum sess_state {
+	S_HANDSHAKE,
+	S_TRANSMIT,
+	S_CLOSING, /* handle closing or closed */
+};
+
+struct session {
+	struct xnbd_list link;       /* srv->sessions */
+	struct xnbd_list dirty_link; /* srv->dirty when output is pending */
+	struct xnbd_server *srv;
+	union {
+		uv_handle_t handle;
+		uv_stream_t stream;
+		uv_tcp_t tcp;
+		uv_pipe_t pipe;
+	} h;
+	enum sess_state state;
+	bool handle_closed;
+	bool reading;
+	bool draining; /* DISC or shutdown: take no new requests */
+	bool direct;   /* the last alloc_cb handed out cur's buffer */
+	struct xnbd__hs hs;
+	struct xnbd_export *export;
+	struct xnbd__tx tx;
+	uint8_t *rbuf;
+	size_t rpos, rlen;
+	struct req *cur; /* WRITE whose payload is being received */
+	uint64_t skip;   /* payload bytes to discard */
+	struct req *skip_req; /* the rejected write they belong to */
+	struct xnbd_list out;   /* finished requests not yet written */
+	struct xnbd_list free_reqs;
+	size_t nfree;
+	size_t queued;   /* requests received and not yet released */
+	size_t buffered; /* bytes charged by those requests */
+	size_t writes_pending; /* handshake and batch writes with libuv */
+	uv_buf_t *iov;
+	size_t iov_cap;
+	char peer[64];
+};
+
+struct xnbd_server {
+	uv_loop_t *loop;
+	xnbd_log_fn log;
+	void *log_ud;
+	unsigned flags;
+	size_t max_queue, max_buf;
+	size_t queued, buffered;
+	struct xnbd_export **exports;
+	size_t nexports;
+	struct xnbd__hs_catalog catalog;
+	struct xnbd_list listeners;
+	struct xnbd_list sessions;
+	struct xnbd_list dirty;
+	size_t nsessions;
+	size_t nlisteners_open;
+	uv_check_t check;
+	bool check_started;
+	bool check_closed;
+	uv_timer_t grace;
+	bool grace_started;
+	bool grace_closed;
+	bool shutting_down;
+	xnbd_shutdown_cb shutdown_cb;
+	void *shutdown_ud;
+	xnbd_client_end_cb end_cb;
+	void *end_ud;
+	uint8_t discard[RBUF_SIZE];
+};
+
+static void session_close(struct session *s, const char *why);
+static void skip_done(struct session *s);
+static void session_process(struct session *s);
+static void session_maybe_resume(struct session *s);
+static void maybe_finish_shutdown(struct xnbd_server *srv);
+
+/* ---- logging -------------------------------------------------------------- */
+
+__attribute__((format(printf, 3, 4))) static void
+slog(struct xnbd_server *srv, int level, const char *fmt, ...)
+{
+	if (!srv->log)
+		return;
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	srv->log(srv->log_ud, level, msg);
+}
+
+/* ---- exports ------------------------------------------------------------- */
+
+static void export_refresh(struct xnbd_export *e)
+{
+	unsigned caps = xnbd_backend_caps(e->backend);
+	uint16_t f = XNBD_FLAG_HAS_FLAGS;
+	bool ro = (e->flags & XNBD_EXPORT_READONLY) || (caps & XNBD_CAP_READ_ONLY);
+	if (ro)
+		f |= XNBD_FLAG_READ_ONLY;
+	if (caps & XNBD_CAP_FLUSH)
+		f |= XNBD_FLAG_SEND_FLUSH;
+	if (caps & XNBD_CAP_FUA)
+		f |= XNBD_FLAG_SEND_FUA;
+	if (!ro && (caps & XNBD_CAP_TRIM))
+		f |= XNBD_FLAG_SEND_TRIM;
+	if (!ro && (caps & XNBD_CAP_ZERO)) {
+		f |= XNBD_FLAG_SEND_WRITE_ZEROES;
+		if (caps & XNBD_CAP_FAST_ZERO)
+			f |= XNBD_FLAG_SEND_FAST_ZERO;
+	}
+	if (caps & XNBD_CAP_CACHE)
+		f |= XNBD_FLAG_SEND_CACHE;
+	if (caps & XNBD_CAP_MULTI_CONN)
+		f |= XNBD_FLAG_CAN_MULTI_CONN;
+	e->hs.name = e->name;
+	e->hs.description = e->description;
+	e->hs.size = xnbd_backend_size(e->backend);
+	e->hs.tflags = f;
+	e->hs.contexts =
+	    (caps & XNBD_CAP_BLOCK_STATUS) ? XNBD__CTX_BASE_ALLOCATION : 0;
+	e->hs.min_block = 1;
+	e->hs.pref_block = 4096;
+	e->hs.max_block = XNBD_MAX_PAYLOAD;
+	e->hs.handle = e;
+}
+
+int xnbd_export_new(const char *name, struct xnbd_backend *backend,
+                    unsigned flags, struct xnbd_export **out)
+{
+	if (!name || !backend || strlen(name) > XNBD_MAX_STRING)
+		return -EINVAL;
+	struct xnbd_export *e = calloc(1, sizeof(*e));
+	if (!e)
+		return -ENOMEM;
+	e->name = strdup(name);
+	if (!e->name) {
+		free(e);
+		return -ENOMEM;
+	}
+	e->backend = backend;
+	e->flags = flags;
+	export_refresh(e);
+	*out = e;
+	return 0;
+}
+
+int xnbd_export_set_description(struct xnbd_export *e, const char *d)
+{
+	char *c = NULL;
+	if (d) {
+		c = strndup(d, XNBD_MAX_STRING);
+		if (!c)
+			return -ENOMEM;
+	}
+	free(e->description);
+	e->description = c;
+	export_refresh(e);
+	return 0;
+}
+
+void xnbd_export_free(struct xnbd_export *e)
+{
+	if (!e)
+		return;
+	free(e->name);
+	free(e->description);
+	free(e);
+}
+
+static size_t cat_count(void *ud)
+{
+	return ((struct xnbd_server *)ud)->nexports;
+}
+
+static const struct xnbd__hs_export *cat_get(void *ud, size_t i)
+{
+	return &((struct xnbd_server *)ud)->exports[i]->hs;
+}
+
+static const struct xnbd__hs_export *cat_find(void *ud, const char *name,
+                                              size_t len)
+{
+	struct xnbd_server *srv = ud;
+	for (size_t i = 0; i < srv->nexports; i++) {
+		struct xnbd_export *e = srv->exports[i];
+		if (strlen(e->name) == len && memcmp(e->name, name, len) == 0)
+			return &e->hs;
+	}
+	if ((srv->flags & XNBD_SERVER_ANY_NAME) && srv->nexports)
+		return &srv->exports[0]->hs;
+	return NULL;
+}
+
+/* ---- server --------------------------------------------------------------- */
+
+static void check_cb(uv_check_t *h);
+
+int xnbd_server_new(uv_loop_t *loop, struct xnbd_server **out)
+{
+	struct xnbd_server *srv = calloc(1, sizeof(*srv));
+	if (!srv)
+		return -ENOMEM;
+	srv->loop = loop;
+	srv->catalog = (struct xnbd__hs_catalog){cat_count, cat_get, cat_find, srv};
+	xnbd_list_init(&srv->listeners);
+	xnbd_list_init(&srv->sessions);
+	xnbd_list_init(&srv->dirty);
+	uv_check_init(loop, &srv->check);
+	srv->check.data = srv;
+	uv_timer_init(loop, &srv->grace);
+	srv->grace.data = srv;
+	*out = srv;
+	return 0;
+}
+
+void xnbd_server_set_log(struct xnbd_server *srv, xnbd_log_fn fn, void *ud)
+{
+	srv->log = fn;
+	srv->log_ud = ud;
+}
+
+void xnbd_server_set_flags(struct xnbd_server *srv, unsigned flags)
+{
+	srv->flags = flags;
+}
+
+void xnbd_server_set_limits(struct xnbd_server *srv, size_t max_queue,
+                            size_t max_buf)
+{
+	srv->max_queue = max_queue;
+	srv->max_buf = max_buf;
+}
+
+int xnbd_server_add_export(struct xnbd_server *srv, struct xnbd_export *e)
+{
+	for (size_t i = 0; i < srv->nexports; i++)
+		if (strcmp(srv->exports[i]->name, e->name) == 0)
+			return -EEXIST;
+	struct xnbd_export **n =
+	    realloc(srv->exports, (srv->nexports + 1) * sizeof(*n));
+	if (!n)
+		return -ENOMEM;
+	srv->exports = n;
+	export_refresh(e);
+	srv->exports[srv->nexports++] = e;
+	return 0;
+}
+
+size_t xnbd_server_client_count(const struct xnbd_server *srv)
+{
+	return srv->nsessions;
+}
+
+void xnbd_server_on_client_end(struct xnbd_server *srv, xnbd_client_end_cb cb,
+                               void *ud)
+{
+	srv->end_cb = cb;
+	srv->end_ud = ud;
+}
+
+static bool server_over_limits(const struct xnbd_server *srv)
+{
+	return (srv->max_queue && srv->queued >= srv->max_queue) ||
+	       (srv->max_buf && srv->buffered >= srv->max_buf);
+}
+
+/* ---- requests ------------------------------------------------------------- */
+
+static struct req *req_get(struct session *s)
+{
+	struct req *q;
+	if (!xnbd_list_empty(&s->free_reqs)) {
+		q = xnbd_container_of(s->free_reqs.next, struct req, link);
+		xnbd_list_remove(&q->link);
+		s->nfree--;
+	} else {
+		q = calloc(1, sizeof(*q));
+		if (!q)
+			return NULL;
+		xnbd__buf_init(&q->hdr);
+		q->s = s;
+	}
+	xnbd_list_init(&q->link);
+	xnbd__buf_reset(&q->hdr);
+	q->nsegs = 0;
+	q->have = 0;
+	q->charged = 0;
+	s->queued++;
+	s->srv->queued++;
+	return q;
+}
+
+static void req_destroy(struct req *q)
+{
+	free(q->buf);
+	free(q->extents);
+	free(q->xsegs);
+	xnbd__buf_free(&q->hdr);
+	free(q);
+}
+
+static void charge(struct req *q, size_t n)
+{
+	q->charged += n;
+	q->s->buffered += n;
+	q->s->srv->buffered += n;
+}
+
+/* Make q->buf hold at least n bytes. */
+static int req_buf(struct req *q, size_t n)
+{
+	if (q->buf_cap >= n)
+		return 0;
+	free(q->buf);
+	q->buf_cap = 0;
+	/* Never smaller than a page: most requests are small and alike. */
+	size_t cap = n < 4096 ? 4096 : n;
+	q->buf = malloc(cap);
+	if (!q->buf)
+		return -ENOMEM;
+	q->buf_cap = cap;
+	return 0;
+}
+
+static void session_maybe_free(struct session *s);
+
+/* After DISC, a failed handshake or a shutdown: close once every request
+ * is answered and every reply written. */
+static void session_check_drained(struct session *s)
+{
+	if (s->state != S_CLOSING && s->draining && s->queued == 0 &&
+	    s->writes_pending == 0 && !s->cur && !s->skip &&
+	    xnbd_list_empty(&s->out))
+		session_close(s, NULL);
+}
+
+static void req_release(struct req *q)
+{
+	struct session *s = q->s;
+	struct xnbd_server *srv = s->srv;
+	s->queued--;
+	srv->queued--;
+	s->buffered -= q->charged;
+	srv->buffered -= q->charged;
+	q->charged = 0;
+	if (q->buf_cap > KEEP_BUF_MAX) {
+		free(q->buf);
+		q->buf = NULL;
+		q->buf_cap = 0;
+	}
+	if (s->nfree < FREE_REQS_MAX && s->state != S_CLOSING) {
+		xnbd_list_insert(&s->free_reqs, &q->link);
+		s->nfree++;
+	} else {
+		req_destroy(q);
+	}
+}
+
+static void seg_add(struct req *q, bool from_data, uint64_t off, size_t len)
+{
+	struct seg *sg;
+	if (q->nsegs < 8) {
+		sg = &q->segs[q->nsegs];
+	} else {
+		uint32_t x = q->nsegs - 8;
+		if (x >= q->xsegs_cap) {
+			uint32_t cap = q->xsegs_cap ? q->xsegs_cap * 2 : 16;
+			struct seg *n = realloc(q->xsegs, cap * sizeof(*n));
+			if (!n) {
+				q->hdr.failed = true;
+				return;
+			}
+			q->xsegs = n;
+			q->xsegs_cap = cap;
+		}
+		sg = &q->xsegs[x];
+	}
+	sg->from_data = from_data;
+	sg->off = off;
+	sg->len = (uint32_t)len;
+	q->nsegs++;
+}
+
+static struct seg *seg_at(struct req *q, uint32_t i)
+{
+	return i < 8 ? &q->segs[i] : &q->xsegs[i - 8];
+}
+
+/* Append reply header bytes and a segment for them. */
+static uint8_t *hdr_push(struct req *q, size_t n)
+{
+	size_t off = q->hdr.len;
+	uint8_t *p = xnbd__buf_push(&q->hdr, n);
+	if (p)
+		seg_add(q, false, off, n);
+	return p;
+}
+
+/* ---- replies --------------------------------------------------------------- */
+
+static void session_mark_dirty(struct session *s)
+{
+	struct xnbd_server *srv = s->srv;
+	if (xnbd_list_empty(&s->dirty_link))
+		xnbd_list_insert(srv->dirty.prev, &s->dirty_link);
+	if (!srv->check_started) {
+		uv_check_start(&srv->check, check_cb);
+		srv->check_started = true;
+	}
+}
+
+static void reply_simple(struct req *q, uint32_t err)
+{
+	uint8_t *p = hdr_push(q, XNBD_SIMPLE_REPLY_SIZE);
+	if (p)
+		xnbd__simple_reply(p, q->r.cookie, err);
+}
+
+static void reply_error_chunk(struct req *q, uint32_t err)
+{
+	static const char msg[] = "request failed";
+	size_t ml = sizeof(msg) - 1;
+	uint8_t *p = hdr_push(q, XNBD_STRUCTURED_REPLY_SIZE + 6 + ml);
+	if (!p)
+		return;
+	xnbd__chunk_header(p, XNBD_REPLY_FLAG_DONE, XNBD_REPLY_TYPE_ERROR,
+	                   q->r.cookie, (uint32_t)(6 + ml));
+	xnbd__put32(p + 20, err);
+	xnbd__put16(p + 24, (uint16_t)ml);
+	memcpy(p + 26, msg, ml);
+}
+
+/* An error reply of the right kind for this request. */
+static void reply_error(struct req *q, uint32_t err)
+{
+	if (q->s->tx.structured &&
+	    (q->r.type == XNBD_CMD_READ || q->r.type == XNBD_CMD_BLOCK_STATUS))
+		reply_error_chunk(q, err);
+	else
+		reply_simple(q, err);
+}
+
+static void chunk_data(struct req *q, uint64_t rel, uint64_t len, bool last)
+{
+	uint8_t *p = hdr_push(q, XNBD_STRUCTURED_REPLY_SIZE + 8);
+	if (!p)
+		return;
+	xnbd__chunk_header(p, last ? XNBD_REPLY_FLAG_DONE : 0,
+	                   XNBD_REPLY_TYPE_OFFSET_DATA, q->r.cookie,
+	                   (uint32_t)(8 + len));
+	xnbd__put64(p + 20, q->r.offset + rel);
+	seg_add(q, true, rel, len);
+}
+
+static void chunk_hole(struct req *q, uint64_t rel, uint64_t len, bool last)
+{
+	uint8_t *p = hdr_push(q, XNBD_STRUCTURED_REPLY_SIZE + 12);
+	if (!p)
+		return;
+	xnbd__chunk_header(p, last ? XNBD_REPLY_FLAG_DONE : 0,
+	                   XNBD_REPLY_TYPE_OFFSET_HOLE, q->r.cookie, 12);
+	xnbd__put64(p + 20, q->r.offset + rel);
+	xnbd__put32(p + 28, (uint32_t)len);
+}
+
+/* A successful READ: simple reply plus data, or structured chunks in which
+ * runs of zeroes become hole chunks (unless the client asked for DF). */
+static void reply_read(struct req *q)
+{
+	uint32_t len = q->r.length;
+	if (!q->s->tx.structured) {
+		reply_simple(q, 0);
+		seg_add(q, true, 0, len);
+		return;
+	}
+	if (len == 0) {
+		uint8_t *p = hdr_push(q, XNBD_STRUCTURED_REPLY_SIZE);
+		if (p)
+			xnbd__chunk_header(p, XNBD_REPLY_FLAG_DONE, XNBD_REPLY_TYPE_NONE,
+			                   q->r.cookie, 0);
+		return;
+	}
+	if (q->r.flags & XNBD_CMD_FLAG_DF) {
+		chunk_data(q, 0, len, true);
+		return;
+	}
+	/* Classify grains (aligned to the export's offsets) as zero or data
+	 * and emit one chunk per run. */
+	uint64_t pos = 0;
+	bool run_zero = false;
+	uint64_t run_start = 0;
+	while (pos < len) {
+		uint64_t abs = q->r.offset + pos;
+		uint64_t next = (abs / HOLE_GRAIN + 1) * HOLE_GRAIN - q->r.offset;
+		if (next > len)
+			next = len;
+		bool z = xnbd__is_zero(q->buf + pos, next - pos);
+		if (pos == 0)
+			run_zero = z;
+		else if (z != run_zero) {
+			if (run_zero)
+				chunk_hole(q, run_start, pos - run_start, false);
+			else
+				chunk_data(q, run_start, pos - run_start, false);
+			run_start = pos;
+			run_zero = z;
+		}
+		pos = next;
+	}
+	if (run_zero)
+		chunk_hole(q, run_start, len - run_start, true);
+	else
+		chunk_data(q, run_start, len - run_start, true);
+}
+
+static void reply_block_status(struct req *q)
+{
+	uint32_t n = q->io.n_extents;
+	uint8_t *p = hdr_push(q, XNBD_STRUCTURED_REPLY_SIZE + 4 + 8ULL * n);
+	if (!p)
+		return;
+	xnbd__chunk_header(p, XNBD_REPLY_FLAG_DONE, XNBD_REPLY_TYPE_BLOCK_STATUS,
+	                   q->r.cookie, 4 + 8 * n);
+	/* Context ID: bit number plus one, as handshake.c hands them out. */
+	xnbd__put32(p + 20, 1);
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t l = q->extents[i].length;
+		xnbd__put32(p + 24 + 8 * i, (uint32_t)l);
+		xnbd__put32(p + 28 + 8 * i, q->extents[i].flags);
+	}
+}
+
+/* The request is answered: queue its reply for the next flush. */
+static void req_finish(struct req *q, int status)
+{
+	struct session *s = q->s;
+	if (s->state == S_CLOSING) {
+		req_release(q);
+		session_maybe_free(s);
+		return;
+	}
+	uint32_t err = xnbd__errno_to_nbd(status);
+	if (err)
+		reply_error(q, err);
+	else if (q->r.type == XNBD_CMD_READ)
+		reply_read(q);
+	else if (q->r.type == XNBD_CMD_BLOCK_STATUS)
+		reply_block_status(q);
+	else
+		reply_simple(q, 0);
+	if (q->hdr.failed) {
+		req_release(q);
+		session_close(s, "out of memory building a reply");
+		return;
+	}
+	xnbd_list_insert(s->out.prev, &q->link);
+	session_mark_dirty(s);
+}
+
+static void io_done(struct xnbd_io *io)
+{
+	struct req *q = io->user_data;
+	if (io->status)
+		slog(q->s->srv, XNBD_LOG_WARNING, "%s: I/O error at offset %llu: %s",
+		     q->s->peer, (unsigned long long)io->offset, strerror(-io->status));
+	req_finish(q, io->status);
+}
+
+static void req_submit(struct req *q)
+{
+	static const uint32_t io_type[] = {
+		[XNBD_CMD_READ] = XNBD_IO_READ,
+		[XNBD_CMD_WRITE] = XNBD_IO_WRITE,
+		[XNBD_CMD_FLUSH] = XNBD_IO_FLUSH,
+		[XNBD_CMD_TRIM] = XNBD_IO_TRIM,
+		[XNBD_CMD_CACHE] = XNBD_IO_CACHE,
+		[XNBD_CMD_WRITE_ZEROES] = XNBD_IO_ZERO,
+		[XNBD_CMD_BLOCK_STATUS] = XNBD_IO_BLOCK_STATUS,
+	};
+	struct xnbd_io *io = &q->io;
+	io->type = io_type[q->r.type];
+	io->flags = 0;
+	if (q->r.flags & XNBD_CMD_FLAG_FUA)
+		io->flags |= XNBD_IO_FUA;
+	if (q->r.flags & XNBD_CMD_FLAG_NO_HOLE)
+		io->flags |= XNBD_IO_NO_HOLE;
+	if (q->r.flags & XNBD_CMD_FLAG_FAST_ZERO)
+		io->flags |= XNBD_IO_FAST_ZERO;
+	io->offset = q->r.offset;
+	io->length = q->r.length;
+	io->buf = q->buf;
+	io->extents = q->extents;
+	io->max_extents =
+	    (q->r.flags & XNBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_EXTENTS;
+	io->done = io_done;
+	io->user_data = q;
+	int r = xnbd_backend_submit(q->s->export->backend, io);
+	if (r == XNBD_IO_COMPLETED)
+		req_finish(q, io->status);
+	else if (r < 0)
+		req_finish(q, r);
+}
+
+/* Answer a request with an NBD error without submitting it. */
+static void queue_error(struct req *q, uint32_t err)
+{
+	struct session *s = q->s;
+	reply_error(q, err);
+	xnbd_list_insert(s->out.prev, &q->link);
+	session_mark_dirty(s);
+}
+
+/* A request header has been parsed: check it and start it. */
+static void handle_request(struct session *s, const struct xnbd__request *r)
+{
+	struct req *q = req_get(s);
+	if (!q) {
+		session_close(s, "out of memory");
+		return;
+	}
+	q->r = *r;
+	uint32_t err = xnbd__request_check(&s->tx, r);
+
+	if (r->type == XNBD_CMD_DISC) {
+		/* Answer what is in flight, then close (in session_flush). */
+		req_release(q);
+		s->draining = true;
+		slog(s->srv, XNBD_LOG_INFO, "%s: client disconnected", s->peer);
+		return;
+	}
+	if (xnbd__request_has_payload(r)) {
+		if (err == 0 && req_buf(q, r->length) < 0)
+			err = XNBD_ENOMEM;
+		if (err) {
+			/* Consume the payload so the stream stays in sync, then answer
+			 * (skip_done). */
+			charge(q, XNBD_SIMPLE_REPLY_SIZE);
+			q->io.status = (int)err;
+			s->skip_req = q;
+			s->skip = r->length;
+			if (s->skip == 0)
+				skip_done(s);
+			return;
+		}
+		charge(q, r->length);
+		if (r->length == 0) {
+			req_submit(q);
+			return;
+		}
+		s->cur = q;
+		return;
+	}
+	if (err) {
+		charge(q, XNBD_STRUCTURED_REPLY_SIZE);
+		queue_error(q, err);
+		return;
+	}
+	if (r->type == XNBD_CMD_READ) {
+		if (req_buf(q, r->length ? r->length : 1) < 0) {
+			queue_error(q, XNBD_ENOMEM);
+			return;
+		}
+		charge(q, r->length);
+	} else if (r->type == XNBD_CMD_BLOCK_STATUS) {
+		if (!q->extents) {
+			q->extents = malloc(MAX_EXTENTS * sizeof(*q->extents));
+			if (!q->extents) {
+				queue_error(q, XNBD_ENOMEM);
+				return;
+			}
+		}
+		charge(q, 8U * MAX_EXTENTS);
+	}
+	req_submit(q);
+}
+
+/* A rejected write's payload has been discarded: answer it. */
+static void skip_done(struct session *s)
+{
+	struct req *q = s->skip_req;
+	s->skip_req = NULL;
+	queue_error(q, (uint32_t)q->io.status);
+}
+
+/* ---- output ----------------------------------------------------------------- */
+
+static void batch_write_cb(uv_write_t *w, int status)
+{
+	struct wbatch *b = w->data;
+	struct session *s = b->s;
+	s->writes_pending--;
+	while (!xnbd_list_empty(&b->reqs)) {
+		struct req *q = xnbd_container_of(b->reqs.next, struct req, link);
+		xnbd_list_remove(&q->link);
+		req_release(q);
+	}
+	free(b);
+	if (status < 0 && s->state != S_CLOSING)
+		session_close(s, uv_strerror(status));
+	session_maybe_resume(s);
+	session_check_drained(s);
+	session_maybe_free(s);
+}
+
+/* Send every finished reply of the session in one vectored write. */
+static void session_flush(struct session *s)
+{
+	if (s->state == S_CLOSING || xnbd_list_empty(&s->out))
+		goto check_drained;
+	size_t n = 0;
+	xnbd_list_for_each(l, &s->out)
+	{
+		struct req *q = xnbd_container_of(l, struct req, link);
+		n += q->nsegs;
+	}
+	if (n > s->iov_cap) {
+		size_t cap = s->iov_cap ? s->iov_cap : 64;
+		while (cap < n)
+			cap *= 2;
+		uv_buf_t *iov = realloc(s->iov, cap * sizeof(*iov));
+		if (!iov) {
+			session_close(s, "out of memory");
+			return;
+		}
+		s->iov = iov;
+		s->iov_cap = cap;
+	}
+	struct wbatch *b = malloc(sizeof(*b));
+	if (!b) {
+		session_close(s, "out of memory");
+		return;
+	}
+	b->s = s;
+	b->w.data = b;
+	xnbd_list_init(&b->reqs);
+	size_t k = 0;
+	xnbd_list_for_each(l, &s->out)
+	{
+		struct req *q = xnbd_container_of(l, struct req, link);
+		for (uint32_t i = 0; i < q->nsegs; i++) {
+			struct seg *sg = seg_at(q, i);
+			uint8_t *base = sg->from_data ? q->buf : q->hdr.data;
+			s->iov[k++] = uv_buf_init((char *)base + sg->off, sg->len);
+		}
+	}
+	/* Move the whole output list onto the batch. */
+	b->reqs.next = s->out.next;
+	b->reqs.prev = s->out.prev;
+	b->reqs.next->prev = &b->reqs;
+	b->reqs.prev->next = &b->reqs;
+	xnbd_list_init(&s->out);
+
+	int r = uv_write(&b->w, &s->h.stream, s->iov, (unsigned)k, batch_write_cb);
+	if (r < 0) {
+		while (!xnbd_list_empty(&b->reqs)) {
+			struct req *q = xnbd_container_of(b->reqs.next, struct req, link);
+			xnbd_list_remove(&q->link);
+			req_release(q);
+		}
+		free(b);
+		session_close(s, uv_strerror(r));
+		return;
+	}
+	s->writes_pending++;
+	return;
+check_drained:
+	session_check_drained(s);
+}
+
+static void check_cb(uv_check_t *h)
+{
+	struct xnbd_server *srv = h->data;
+	while (!xnbd_list_empty(&srv->dirty)) {
+		struct session *s =
+		    xnbd_container_of(srv->dirty.next, struct session, dirty_link);
+		xnbd_list_remove(&s->dirty_link);
+		xnbd_list_init(&s->dirty_link);
+		session_flush(s);
+	}
+	uv_check_stop(&srv->check);
+	srv->check_started = false;
+}
+
+/* ---- input -------------------------------------------------------------------- */
+
+static bool session_over_limits(const struct session *s)
+{
+	return s->queued >= SESSION_MAX_QUEUE || s->buffered >= SESSION_MAX_BUF ||
+	       server_over_limits(s->srv);
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+	struct session *s = h->data;
+	s->direct = false;
+	if (s->cur && s->rpos == s->rlen &&
+	    s->cur->r.length - s->cur->have >= DIRECT_MIN) {
+		s->direct = true;
+		*buf = uv_buf_init((char *)s->cur->buf + s->cur->have,
+		                   s->cur->r.length - s->cur->have);
+		return;
+	}
+	if (s->skip >= DIRECT_MIN && s->rpos == s->rlen) {
+		size_t n = s->skip < RBUF_SIZE ? s->skip : RBUF_SIZE;
+		s->direct = true;
+		*buf = uv_buf_init((char *)s->srv->discard, n);
+		return;
+	}
+	if (s->rpos == s->rlen)
+		s->rpos = s->rlen = 0;
+	*buf = uv_buf_init((char *)s->rbuf + s->rlen, RBUF_SIZE - s->rlen);
+}
+
+static void session_handshake_input(struct session *s);
+
+static void read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
+{
+	struct session *s = st->data;
+	if (nread == 0)
+		return;
+	if (nread < 0) {
+		if (nread == UV_EOF)
+			slog(s->srv, XNBD_LOG_INFO, "%s: connection closed by client",
+			     s->peer);
+		session_close(s, nread == UV_EOF ? NULL : uv_strerror((int)nread));
+		return;
+	}
+	if (s->direct) {
+		s->direct = false;
+		if (s->cur) {
+			s->cur->have += (uint32_t)nread;
+			if (s->cur->have == s->cur->r.length) {
+				struct req *q = s->cur;
+				s->cur = NULL;
+				req_submit(q);
+			}
+		} else {
+			s->skip -= (uint64_t)nread;
+			if (s->skip == 0)
+				skip_done(s);
+		}
+	} else {
+		s->rlen += (size_t)nread;
+	}
+	if (s->state == S_HANDSHAKE)
+		session_handshake_input(s);
+	else
+		session_process(s);
+}
+
+static void session_pause(struct session *s)
+{
+	if (s->reading && s->state != S_CLOSING) {
+		uv_read_stop(&s->h.stream);
+		s->reading = false;
+	}
+}
+
+static void session_read(struct session *s)
+{
+	if (!s->reading && s->state != S_CLOSING) {
+		int r = uv_read_start(&s->h.stream, alloc_cb, read_cb);
+		if (r < 0) {
+			session_close(s, uv_strerror(r));
+			return;
+		}
+		s->reading = true;
+	}
+}
+
+/* Consume the receive buffer: payloads, then request headers. */
+static void session_process(struct session *s)
+{
+	while (s->state == S_TRANSMIT) {
+		size_t avail = s->rlen - s->rpos;
+		if (s->cur) {
+			struct req *q = s->cur;
+			size_t n = q->r.length - q->have;
+			if (n > avail)
+				n = avail;
+			memcpy(q->buf + q->have, s->rbuf + s->rpos, n);
+			q->have += (uint32_t)n;
+			s->rpos += n;
+			if (q->have < q->r.length)
+				break;
+			s->cur = NULL;
+			req_submit(q);
+			continue;
+		}
+		if (s->skip) {
+			size_t n = s->skip < avail ? (size_t)s->skip : avail;
+			s->skip -= n;
+			s->rpos += n;
+			if (s->skip)
+				break;
+			skip_done(s);
+			continue;
+		}
+		if (s->draining || session_over_limits(s))
+			break;
+		if (avail < XNBD_REQUEST_SIZE)
+			break;
+		struct xnbd__request r;
+		if (xnbd__request_parse(s->rbuf + s->rpos, &r) < 0) {
+			session_close(s, "bad request magic");
+			return;
+		}
+		s->rpos += XNBD_REQUEST_SIZE;
+		handle_request(s, &r);
+	}
+	if (s->state != S_TRANSMIT)
+		return;
+	/* Keep a partial header at the front of the buffer. */
+	if (s->rpos == s->rlen) {
+		s->rpos = s->rlen = 0;
+	} else if (s->rpos > 0 && !s->cur && !s->skip) {
+		memmove(s->rbuf, s->rbuf + s->rpos, s->rlen - s->rpos);
+		s->rlen -= s->rpos;
+		s->rpos = 0;
+	}
+	bool need_input = s->cur || s->skip;
+	if (!need_input && (s->draining || session_over_limits(s)))
+		session_pause(s);
+	else
+		session_read(s);
+	if (s->draining)
+		session_mark_dirty(s); /* the flush closes once drained */
+}
+
+static void session_maybe_resume(struct session *s)
+{
+	if (s->state != S_TRANSMIT)
+		return;
+	if (s->draining) {
+		session_mark_dirty(s);
+		return;
+	}
+	if (session_over_limits(s))
+		return;
+	if (!s->reading || s->rpos < s->rlen)
+		session_process(s);
+	/* A full server may have paused other sessions too. */
+	struct xnbd_server *srv = s->srv;
+	if (srv->max_queue || srv->max_buf) {
+		xnbd_list_for_each(l, &srv->sessions)
+		{
+			struct session *o = xnbd_container_of(l, struct session, link);
+			if (o != s && o->state == S_TRANSMIT && !o->reading &&
+			    !o->draining && !server_over_limits(srv))
+				session_process(o);
+		}
+	}
+}
+
+/* ---- handshake ------------------------------------------------------------------ */
+
+struct hs_write {
+	uv_write_t w;
+	struct session *s;
+	size_t len;
+	uint8_t data[];
+};
+
+static void hs_write_cb(uv_write_t *w, int status)
+{
+	struct hs_write *hw = w->data;
+	struct session *s = hw->s;
+	free(hw);
+	s->writes_pending--;
+	if (status < 0 && s->state != S_CLOSING)
+		session_close(s, uv_strerror(status));
+	session_check_drained(s);
+	session_maybe_free(s);
+}
+
+static int send_hs_output(struct session *s)
+{
+	struct xnbd__buf *o = &s->hs.out;
+	if (o->len == 0)
+		return 0;
+	struct hs_write *hw = malloc(sizeof(*hw) + o->len);
+	if (!hw)
+		return -ENOMEM;
+	hw->s = s;
+	hw->len = o->len;
+	hw->w.data = hw;
+	memcpy(hw->data, o->data, o->len);
+	xnbd__buf_reset(o);
+	uv_buf_t b = uv_buf_init((char *)hw->data, (unsigned)hw->len);
+	int r = uv_write(&hw->w, &s->h.stream, &b, 1, hs_write_cb);
+	if (r < 0) {
+		free(hw);
+		return r;
+	}
+	s->writes_pending++;
+	return 0;
+}
+
+static void enter_transmission(struct session *s, struct xnbd_export *e,
+                               uint16_t tflags, bool structured,
+                               uint32_t contexts)
+{
+	s->export = e;
+	s->tx.size = e->hs.size;
+	s->tx.tflags = tflags;
+	s->tx.structured = structured;
+	s->tx.contexts = contexts;
+	s->state = S_TRANSMIT;
+	slog(s->srv, XNBD_LOG_INFO,
+	     "%s: serving export '%s' (%llu bytes%s%s)", s->peer, e->name,
+	     (unsigned long long)e->hs.size,
+	     (tflags & XNBD_FLAG_READ_ONLY) ? ", read-only" : "",
+	     structured ? ", structured replies" : "");
+}
+
+static void session_handshake_input(struct session *s)
+{
+	size_t used = xnbd__hs_input(&s->hs, s->rbuf + s->rpos, s->rlen - s->rpos);
+	s->rpos += used;
+	int r = send_hs_output(s);
+	if (r < 0) {
+		session_close(s, uv_strerror(r));
+		return;
+	}
+	if (s->hs.state == XNBD__HS_CLOSE) {
+		if (s->hs.close_reason)
+			slog(s->srv, XNBD_LOG_NOTICE, "%s: handshake ended: %s", s->peer,
+			     s->hs.close_reason);
+		/* Let the last reply (e.g. the ACK of NBD_OPT_ABORT) go out first. */
+		s->draining = true;
+		session_pause(s);
+		session_check_drained(s);
+		return;
+	}
+	if (s->hs.state == XNBD__HS_DONE) {
+		struct xnbd__hs *hs = &s->hs;
+		enter_transmission(s, hs->export->handle, hs->tflags, hs->structured,
+		                   hs->contexts);
+		xnbd__hs_free(hs);
+		session_process(s);
+		return;
+	}
+	if (s->rpos == s->rlen)
+		s->rpos = s->rlen = 0;
+}
+
+/* ---- sessions --------------------------------------------------------------------- */
+
+static struct session *session_new(struct xnbd_server *srv)
+{
+	struct session *s = calloc(1, sizeof(*s));
+	if (!s)
+		return NULL;
+	s->rbuf = malloc(RBUF_SIZE);
+	if (!s->rbuf) {
+		free(s);
+		return NULL;
+	}
+	s->srv = srv;
+	xnbd_list_init(&s->out);
+	xnbd_list_init(&s->free_reqs);
+	xnbd_list_init(&s->dirty_link);
+	snprintf(s->peer, sizeof(s->peer), "client");
+	return s;
+}
+
+static void session_describe_peer(struct session *s)
+{
+	struct sockaddr_storage ss;
+	int len = sizeof(ss);
+	if (s->h.handle.type != UV_TCP ||
+	    uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len) != 0)
+		return;
+	char host[INET6_ADDRSTRLEN] = "?";
+	int port = 0;
+	if (ss.ss_family == AF_INET) {
+		struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+		uv_ip4_name(a, host, sizeof(host));
+		port = ntohs(a->sin_port);
+		snprintf(s->peer, sizeof(s->peer), "%s:%d", host, port);
+	} else if (ss.ss_family == AF_INET6) {
+		struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+		uv_ip6_name(a, host, sizeof(host));
+		port = ntohs(a->sin6_port);
+		snprintf(s->peer, sizeof(s->peer), "[%s]:%d", host, port);
+	}
+}
+
+/* The handle is open and initialised: start the handshake (or, for a
+ * client negotiated elsewhere, transmission). */
+static void session_start(struct session *s, bool negotiated)
+{
+	struct xnbd_server *srv = s->srv;
+	s->h.handle.data = s;
+	xnbd_list_insert(&srv->sessions, &s->link);
+	srv->nsessions++;
+	session_describe_peer(s);
+	slog(srv, XNBD_LOG_INFO, "%s: connected", s->peer);
+	if (negotiated) {
+		struct xnbd_export *e = srv->exports[0];
+		enter_transmission(s, e, e->hs.tflags, false, 0);
+		session_read(s);
+		return;
+	}
+	s->state = S_HANDSHAKE;
+	xnbd__hs_init(&s->hs, &srv->catalog,
+	              (srv->flags & XNBD_SERVER_OLDSTYLE) != 0);
+	int r = send_hs_output(s);
+	if (r < 0) {
+		session_close(s, uv_strerror(r));
+		return;
+	}
+	if (s->hs.state == XNBD__HS_DONE) {
+		enter_transmission(s, s->hs.export->handle, s->hs.tflags, false, 0);
+		xnbd__hs_free(&s->hs);
+	} else if (s->hs.state == XNBD__HS_CLOSE) {
+		session_close(s, s->hs.close_reason);
+		return;
+	}
+	session_read(s);
+}
+
+static void session_free(struct session *s)
+{
+	struct xnbd_server *srv = s->srv;
+	while (!xnbd_list_empty(&s->free_reqs)) {
+		struct req *q = xnbd_container_of(s->free_reqs.next, struct req, link);
+		xnbd_list_remove(&q->link);
+		req_destroy(q);
+	}
+	xnbd__hs_free(&s->hs);
+	xnbd_list_remove(&s->link);
+	srv->nsessions--;
+	free(s->rbuf);
+	free(s->iov);
+	free(s);
+	if (srv->end_cb)
+		srv->end_cb(srv, srv->end_ud);
+	maybe_finish_shutdown(srv);
+}
+
+static void session_maybe_free(struct session *s)
+{
+	if (s->state == S_CLOSING && s->handle_closed && s->queued == 0 &&
+	    s->writes_pending == 0)
+		session_free(s);
+}
+
+static void session_close_cb(uv_handle_t *h)
+{
+	struct session *s = h->data;
+	s->handle_closed = true;
+	session_maybe_free(s);
+}
+
+static void session_close(struct session *s, const char *why)
+{
+	if (s->state == S_CLOSING)
+		return;
+	if (why)
+		slog(s->srv, XNBD_LOG_NOTICE, "%s: closing connection: %s", s->peer,
+		     why);
+	s->state = S_CLOSING;
+	if (!xnbd_list_empty(&s->dirty_link)) {
+		xnbd_list_remove(&s->dirty_link);
+		xnbd_list_init(&s->dirty_link);
+	}
+	/* Replies never written and requests never submitted are dropped. */
+	while (!xnbd_list_empty(&s->out)) {
+		struct req *q = xnbd_container_of(s->out.next, struct req, link);
+		xnbd_list_remove(&q->link);
+		req_release(q);
+	}
+	if (s->cur) {
+		req_release(s->cur);
+		s->cur = NULL;
+	}
+	if (s->skip_req) {
+		req_release(s->skip_req);
+		s->skip_req = NULL;
+	}
+	s->skip = 0;
+	s->reading = false;
+	uv_close(&s->h.handle, session_close_cb);
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+	struct listener *l = server->data;
+	struct xnbd_server *srv = l->srv;
+	if (status < 0) {
+		slog(srv, XNBD_LOG_WARNING, "accept: %s", uv_strerror(status));
+		return;
+	}
+	struct session *s = session_new(srv);
+	if (!s) {
+		slog(srv, XNBD_LOG_ERR, "out of memory accepting a client");
+		return;
+	}
+	uv_tcp_init(srv->loop, &s->h.tcp);
+	s->h.handle.data = s;
+	if (uv_accept(server, &s->h.stream) != 0) {
+		s->state = S_CLOSING;
+		xnbd_list_insert(&srv->sessions, &s->link);
+		srv->nsessions++;
+		uv_close(&s->h.handle, session_close_cb);
+		return;
+	}
+	if (srv->shutting_down) {
+		s->state = S_CLOSING;
+		xnbd_list_insert(&srv->sessions, &s->link);
+		srv->nsessions++;
+		uv_close(&s->h.handle, session_close_cb);
+		return;
+	}
+	uv_tcp_nodelay(&s->h.tcp, 1);
+	session_start(s, false);
+}
+
+/* ---- listeners ---------------------------------------------------------------------- */
+
+static void listener_close_cb(uv_handle_t *h)
+{
+	struct listener *l = h->data;
+	struct xnbd_server *srv = l->srv;
+	xnbd_list_remove(&l->link);
+	free(l);
+	maybe_finish_shutdown(srv);
+}
+
+static int listen_addr(struct xnbd_server *srv, const struct sockaddr *sa,
+                       unsigned flags)
+{
+	struct listener *l = calloc(1, sizeof(*l));
+	if (!l)
+		return -ENOMEM;
+	l->srv = srv;
+	uv_tcp_init(srv->loop, &l->tcp);
+	l->tcp.data = l;
+	xnbd_list_insert(&srv->listeners, &l->link);
+	int r = uv_tcp_bind(&l->tcp, sa, flags);
+	if (r == 0)
+		r = uv_listen((uv_stream_t *)&l->tcp, 128, on_connection);
+	if (r < 0)
+		uv_close((uv_handle_t *)&l->tcp, listener_close_cb);
+	return r;
+}
+
+int xnbd_server_listen(struct xnbd_server *srv, const char *host,
+                       const char *port)
+{
+	if (srv->shutting_down)
+		return -ESHUTDOWN;
+	if (!host || !*host) {
+		/* One dual-stack socket covers IPv6 and IPv4; where IPv6 is
+		 * missing, IPv4 alone. */
+		struct sockaddr_in6 a6;
+		struct sockaddr_in a4;
+		int r = uv_ip6_addr("::", 0, &a6);
+		char *end;
+		long p = strtol(port, &end, 10);
+		if (*end || p < 0 || p > 65535)
+			return -EINVAL;
+		a6.sin6_port = htons((uint16_t)p);
+		r = listen_addr(srv, (const struct sockaddr *)&a6, 0);
+		if (r == UV_EAFNOSUPPORT || r == UV_EADDRNOTAVAIL) {
+			uv_ip4_addr("0.0.0.0", (int)p, &a4);
+			r = listen_addr(srv, (const struct sockaddr *)&a4, 0);
+		}
+		return r;
+	}
+	struct addrinfo hints = {0}, *res = NULL;
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_PASSIVE;
+	int g = getaddrinfo(host, port, &hints, &res);
+	if (g != 0)
+		return g == EAI_SYSTEM ? -errno : -ENOENT;
+	int first_err = 0, ok = 0;
+	for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+		unsigned flags = ai->ai_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0;
+		int r = listen_addr(srv, ai->ai_addr, flags);
+		if (r == 0)
+			ok++;
+		else if (!first_err)
+			first_err = r;
+	}
+	freeaddrinfo(res);
+	if (first_err)
+		return first_err;
+	return ok ? 0 : -ENOENT;
+}
+
+int xnbd_server_serve_fd(struct xnbd_server *srv, int fd, unsigned flags)
+{
+	bool negotiated = flags & XNBD_SERVE_NEGOTIATED;
+	if (negotiated && srv->nexports == 0)
+		return -EINVAL;
+	struct session *s = session_new(srv);
+	if (!s)
+		return -ENOMEM;
+	uv_handle_type t = uv_guess_handle(fd);
+	int r;
+	if (t == UV_TCP) {
+		uv_tcp_init(srv->loop, &s->h.tcp);
+		r = uv_tcp_open(&s->h.tcp, fd);
+		if (r == 0)
+			uv_tcp_nodelay(&s->h.tcp, 1);
+	} else if (t == UV_NAMED_PIPE) {
+		uv_pipe_init(srv->loop, &s->h.pipe, 0);
+		r = uv_pipe_open(&s->h.pipe, fd);
+	} else {
+		free(s->rbuf);
+		free(s);
+		return -ENOTSOCK;
+	}
+	if (r < 0) {
+		s->h.handle.data = s;
+		s->state = S_CLOSING;
+		xnbd_list_insert(&srv->sessions, &s->link);
+		srv->nsessions++;
+		uv_close(&s->h.handle, session_close_cb);
+		return r;
+	}
+	session_start(s, negotiated);
+	return 0;
+}
+
+/* ---- shutdown ---------------------------------------------------------------------- */
+
+static void grace_close_cb(uv_handle_t *h)
+{
+	struct xnbd_server *srv = h->data;
+	srv->grace_closed = true;
+	maybe_finish_shutdown(srv);
+}
+
+static void check_close_cb(uv_handle_t *h)
+{
+	struct xnbd_server *srv = h->data;
+	srv->check_closed = true;
+	maybe_finish_shutdown(srv);
+}
+
+static void maybe_finish_shutdown(struct xnbd_server *srv)
+{
+	if (!srv->shutting_down || !xnbd_list_empty(&srv->listeners) ||
+	    srv->nsessions)
+		return;
+	if (!uv_is_closing((uv_handle_t *)&srv->grace)) {
+		uv_close((uv_handle_t *)&srv->grace, grace_close_cb);
+		uv_close((uv_handle_t *)&srv->check, check_close_cb);
+		return;
+	}
+	if (!srv->grace_closed || !srv->check_closed)
+		return;
+	xnbd_shutdown_cb cb = srv->shutdown_cb;
+	srv->shutdown_cb = NULL;
+	if (cb)
+		cb(srv, srv->shutdown_ud);
+}
+
+static void grace_cb(uv_timer_t *t)
+{
+	struct xnbd_server *srv = t->data;
+	slog(srv, XNBD_LOG_WARNING, "shutdown grace period over: closing %zu "
+	     "connection(s)", srv->nsessions);
+	struct xnbd_list *l, *n;
+	for (l = srv->sessions.next; l != &srv->sessions; l = n) {
+		n = l->next;
+		session_close(xnbd_container_of(l, struct session, link), NULL);
+	}
+}
+
+int xnbd_server_shutdown(struct xnbd_server *srv, unsigned grace_ms,
+                         xnbd_shutdown_cb cb, void *ud)
+{
+	if (srv->shutting_down)
+		return -EALREADY;
+	srv->shutting_down = true;
+	srv->shutdown_cb = cb;
+	srv->shutdown_ud = ud;
+	struct xnbd_list *l, *n;
+	for (l = srv->listeners.next; l != &srv->listeners; l = n) {
+		n = l->next;
+		struct listener *li = xnbd_container_of(l, struct listener, link);
+		if (!uv_is_closing((uv_handle_t *)&li->tcp))
+			uv_close((uv_handle_t *)&li->tcp, listener_close_cb);
+	}
+	for (l = srv->sessions.next; l != &srv->sessions; l = n) {
+		n = l->next;
+		struct session *s = xnbd_container_of(l, struct session, link);
+		if (s->state == S_HANDSHAKE) {
+			session_close(s, "server shutting down");
+		} else if (s->state == S_TRANSMIT) {
+			s->draining = true;
+			session_process(s);
+			session_mark_dirty(s);
+		}
+	}
+	uv_timer_start(&srv->grace, grace_cb, grace_ms, 0);
+	maybe_finish_shutdown(srv);
+	return 0;
+}
+
+void xnbd_server_free(struct xnbd_server *srv)
+{
+	if (!srv)
+		return;
+	free(srv->exports);
+	free(srv);
+}

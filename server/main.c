@@ -1,0 +1,495 @@
+/* main.c - xnbd-server: command line, daemon and signal glue around
+ * libxnbd's server engine.  Everything about NBD lives in the library. */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <xnbd/xnbd.h>
+
+#include "logsink.h"
+
+#define PROG "xnbd-server"
+#define EXIT_USAGE 2
+
+enum mode { MODE_NONE, MODE_TARGET, MODE_COW, MODE_PROXY };
+
+struct config {
+	enum mode mode;
+	const char *image;
+	const char *lport;
+	const char *laddr;
+	const char *logpath;
+	const char *pidfile;
+	int use_syslog;
+	int readonly;
+	int daemonize;
+	int inetd;
+	int connected_fd;
+	int oldstyle;
+	int verbose;
+	size_t max_queue;
+	size_t max_buf;
+};
+
+struct app {
+	struct config cfg;
+	uv_loop_t *loop;
+	struct xnbd_backend *backend;
+	struct xnbd_export *export;
+	struct xnbd_server *server;
+	uv_signal_t sig_term, sig_int, sig_usr1, sig_usr2;
+	char *image_abs;
+	int stopping;
+	int server_done;
+	int exit_code;
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+	    "Usage: " PROG " --target [options] DISK_IMAGE\n"
+	    "\n"
+	    "Export DISK_IMAGE over the NBD protocol.\n"
+	    "\n"
+	    "Options:\n"
+	    "  --lport PORT          TCP port to listen on (default 8520)\n"
+	    "  --laddr ADDRESS       address to listen on (default: all, IPv6 and IPv4)\n"
+	    "  --readonly            export read-only; writes are refused with EPERM\n"
+	    "  --daemonize           run in the background\n"
+	    "  --pidfile FILE        with --daemonize, write the daemon's PID to FILE\n"
+	    "  --inetd               serve the one client connected on standard input\n"
+	    "  --connected-fd N      serve the client on descriptor N, negotiated already\n"
+	    "  --logpath FILE        append messages to FILE instead of standard error\n"
+	    "  --syslog              send messages to syslog\n"
+	    "  --max-queue-size N    stop reading requests while N are queued (0: no bound)\n"
+	    "  --max-buf-size BYTES  stop reading requests while BYTES are buffered (0: no bound)\n"
+	    "  --oldstyle            greet clients with the oldstyle handshake (legacy)\n"
+	    "  --verbose             log debug messages too\n"
+	    "  --help                show this help and exit\n"
+	    "  --version             show the version and exit\n"
+	    "\n"
+	    "Signals: SIGUSR1 writes a snapshot DISK_IMAGE.snapshot.<unix-time>;\n"
+	    "SIGTERM and SIGINT stop after answering requests in flight.\n"
+	    "See xnbd-server(8).\n");
+}
+
+__attribute__((format(printf, 1, 2))) static int fail_usage(const char *fmt,
+                                                            ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fprintf(stderr, PROG ": ");
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\nTry '" PROG " --help'.\n");
+	return EXIT_USAGE;
+}
+
+/* A size: digits with an optional K, M or G (powers of 1024). */
+static int parse_size(const char *s, size_t *out)
+{
+	char *end;
+	errno = 0;
+	if (!*s || *s == '-')
+		return -1;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno || end == s)
+		return -1;
+	unsigned shift = 0;
+	if (*end == 'K' || *end == 'k')
+		shift = 10;
+	else if (*end == 'M' || *end == 'm')
+		shift = 20;
+	else if (*end == 'G' || *end == 'g')
+		shift = 30;
+	if (shift)
+		end++;
+	if (*end || (shift && v > (ULLONG_MAX >> shift)))
+		return -1;
+	*out = (size_t)(v << shift);
+	return 0;
+}
+
+static int parse_args(int argc, char **argv, struct config *c)
+{
+	enum {
+		O_TARGET = 256, O_COW, O_PROXY, O_LPORT, O_LADDR, O_READONLY,
+		O_DAEMONIZE, O_PIDFILE, O_INETD, O_CONNFD, O_LOGPATH, O_SYSLOG,
+		O_MAXQ, O_MAXBUF, O_OLDSTYLE, O_VERBOSE, O_HELP, O_VERSION,
+		O_EXPORTNAME, O_CLEARBITMAP,
+	};
+	static const struct option opts[] = {
+		{"target", no_argument, NULL, O_TARGET},
+		{"cow-target", no_argument, NULL, O_COW},
+		{"proxy", no_argument, NULL, O_PROXY},
+		{"lport", required_argument, NULL, O_LPORT},
+		{"laddr", required_argument, NULL, O_LADDR},
+		{"readonly", no_argument, NULL, O_READONLY},
+		{"daemonize", no_argument, NULL, O_DAEMONIZE},
+		{"pidfile", required_argument, NULL, O_PIDFILE},
+		{"inetd", no_argument, NULL, O_INETD},
+		{"connected-fd", required_argument, NULL, O_CONNFD},
+		{"logpath", required_argument, NULL, O_LOGPATH},
+		{"syslog", no_argument, NULL, O_SYSLOG},
+		{"max-queue-size", required_argument, NULL, O_MAXQ},
+		{"max-buf-size", required_argument, NULL, O_MAXBUF},
+		{"oldstyle", no_argument, NULL, O_OLDSTYLE},
+		{"verbose", no_argument, NULL, O_VERBOSE},
+		{"target-exportname", required_argument, NULL, O_EXPORTNAME},
+		{"clear-bitmap", no_argument, NULL, O_CLEARBITMAP},
+		{"help", no_argument, NULL, O_HELP},
+		{"version", no_argument, NULL, O_VERSION},
+		{NULL, 0, NULL, 0},
+	};
+	int o;
+	c->lport = "8520";
+	c->connected_fd = -1;
+	opterr = 0;
+	while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (o) {
+		case O_TARGET:
+		case O_COW:
+		case O_PROXY: {
+			enum mode m = o == O_TARGET ? MODE_TARGET
+			              : o == O_COW  ? MODE_COW
+			                            : MODE_PROXY;
+			if (c->mode != MODE_NONE && c->mode != m)
+				return fail_usage("%s", "choose one of --target, --cow-target "
+				                        "and --proxy");
+			c->mode = m;
+			break;
+		}
+		case O_LPORT: {
+			char *end;
+			long p = strtol(optarg, &end, 10);
+			if (*end || end == optarg || p < 1 || p > 65535)
+				return fail_usage("invalid port '%s' (1 to 65535)", optarg);
+			c->lport = optarg;
+			break;
+		}
+		case O_LADDR:
+			c->laddr = optarg;
+			break;
+		case O_READONLY:
+			c->readonly = 1;
+			break;
+		case O_DAEMONIZE:
+			c->daemonize = 1;
+			break;
+		case O_PIDFILE:
+			c->pidfile = optarg;
+			break;
+		case O_INETD:
+			c->inetd = 1;
+			break;
+		case O_CONNFD: {
+			char *end;
+			long fd = strtol(optarg, &end, 10);
+			if (*end || end == optarg || fd < 0 || fd > INT_MAX)
+				return fail_usage("invalid descriptor '%s'", optarg);
+			c->connected_fd = (int)fd;
+			break;
+		}
+		case O_LOGPATH:
+			c->logpath = optarg;
+			break;
+		case O_SYSLOG:
+			c->use_syslog = 1;
+			break;
+		case O_MAXQ:
+			if (parse_size(optarg, &c->max_queue))
+				return fail_usage("invalid queue size '%s'", optarg);
+			break;
+		case O_MAXBUF:
+			if (parse_size(optarg, &c->max_buf))
+				return fail_usage("invalid buffer size '%s'", optarg);
+			break;
+		case O_OLDSTYLE:
+			c->oldstyle = 1;
+			break;
+		case O_VERBOSE:
+			c->verbose = 1;
+			break;
+		case O_EXPORTNAME:
+		case O_CLEARBITMAP:
+			return fail_usage("%s is an option of --proxy mode",
+			                  argv[optind - 1]);
+		case O_HELP:
+			usage(stdout);
+			exit(0);
+		case O_VERSION:
+			printf(PROG " %s (libxnbd %s)\n", XNBD_SERVER_VERSION,
+			       xnbd_version());
+			exit(0);
+		default:
+			return fail_usage("unknown or incomplete option '%s'",
+			                  argv[optind - 1]);
+		}
+	}
+	if (c->mode == MODE_NONE)
+		return fail_usage("%s", "a mode is required: --target");
+	if (c->mode != MODE_TARGET)
+		return fail_usage("%s is not available in this version",
+		                  c->mode == MODE_COW ? "--cow-target" : "--proxy");
+	if (optind + 1 != argc)
+		return fail_usage("%s", optind >= argc
+		                            ? "the disk image is missing"
+		                            : "exactly one disk image is expected");
+	c->image = argv[optind];
+	if (c->inetd && c->connected_fd >= 0)
+		return fail_usage("%s", "--inetd and --connected-fd exclude each other");
+	if ((c->inetd || c->connected_fd >= 0) && c->daemonize)
+		return fail_usage("%s", "--daemonize needs a listening server");
+	if (c->pidfile && !c->daemonize)
+		return fail_usage("%s", "--pidfile goes with --daemonize");
+	return 0;
+}
+
+/* ---- signals and shutdown ------------------------------------------------ */
+
+static void close_signals(struct app *a)
+{
+	uv_close((uv_handle_t *)&a->sig_term, NULL);
+	uv_close((uv_handle_t *)&a->sig_int, NULL);
+	uv_close((uv_handle_t *)&a->sig_usr1, NULL);
+	uv_close((uv_handle_t *)&a->sig_usr2, NULL);
+}
+
+static void maybe_finish(struct app *a)
+{
+	if (a->server_done && !xnbd_backend_snapshot_running(a->backend) &&
+	    !uv_is_closing((uv_handle_t *)&a->sig_term))
+		close_signals(a);
+}
+
+static void on_server_down(struct xnbd_server *s, void *ud)
+{
+	struct app *a = ud;
+	a->server_done = 1;
+	logsink_printf(XNBD_LOG_INFO, "server stopped");
+	maybe_finish(a);
+}
+
+static void stop(struct app *a)
+{
+	if (a->stopping)
+		return;
+	a->stopping = 1;
+	xnbd_backend_snapshot_cancel(a->backend);
+	xnbd_server_shutdown(a->server, 10000, on_server_down, a);
+}
+
+static void on_stop_signal(uv_signal_t *h, int signum)
+{
+	struct app *a = h->data;
+	logsink_printf(XNBD_LOG_INFO, "%s received: stopping after requests in "
+	               "flight", strsignal(signum));
+	stop(a);
+}
+
+static void on_snapshot_done(struct xnbd_backend *b, int status,
+                             const char *path, void *ud)
+{
+	struct app *a = ud;
+	if (status == 0)
+		logsink_printf(XNBD_LOG_INFO, "snapshot complete: %s", path);
+	else
+		logsink_printf(XNBD_LOG_ERR, "snapshot %s failed: %s", path,
+		               xnbd_strerror(status));
+	maybe_finish(a);
+}
+
+static void on_usr1(uv_signal_t *h, int signum)
+{
+	struct app *a = h->data;
+	if (a->stopping)
+		return;
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s.snapshot.%lld", a->image_abs,
+	         (long long)time(NULL));
+	int r = xnbd_backend_snapshot(a->backend, path, on_snapshot_done, a);
+	if (r < 0)
+		logsink_printf(XNBD_LOG_ERR, "cannot take snapshot %s: %s", path,
+		               xnbd_strerror(r));
+	else
+		logsink_printf(XNBD_LOG_INFO, "snapshot started: %s", path);
+}
+
+static void on_usr2(uv_signal_t *h, int signum)
+{
+	logsink_printf(XNBD_LOG_NOTICE,
+	               "SIGUSR2 ignored: only a proxy switches to target mode");
+}
+
+static void on_client_end(struct xnbd_server *s, void *ud)
+{
+	struct app *a = ud;
+	/* A server for one client (inetd, connected fd) ends with it. */
+	if ((a->cfg.inetd || a->cfg.connected_fd >= 0) &&
+	    xnbd_server_client_count(s) == 0)
+		stop(a);
+}
+
+/* ---- daemon ------------------------------------------------------------------ */
+
+/* Fork; the parent exits 0 once the child is set up. */
+static int daemonize(struct app *a)
+{
+	int p[2];
+	if (pipe(p))
+		return -errno;
+	pid_t pid = fork();
+	if (pid < 0)
+		return -errno;
+	if (pid > 0) {
+		char c;
+		close(p[1]);
+		ssize_t n = read(p[0], &c, 1);
+		_exit(n == 1 ? 0 : 1);
+	}
+	close(p[0]);
+	setsid();
+	int r = uv_loop_fork(a->loop);
+	if (r < 0)
+		return r;
+	if (a->cfg.pidfile) {
+		FILE *f = fopen(a->cfg.pidfile, "we");
+		if (!f)
+			return -errno;
+		fprintf(f, "%d\n", (int)getpid());
+		if (fclose(f))
+			return -errno;
+	}
+	int null = open("/dev/null", O_RDWR);
+	if (null >= 0) {
+		dup2(null, 0);
+		dup2(null, 1);
+		if (!logsink_uses_stderr())
+			dup2(null, 2);
+		if (null > 2)
+			close(null);
+	}
+	if (chdir("/"))
+		return -errno;
+	(void)!write(p[1], "r", 1);
+	close(p[1]);
+	return 0;
+}
+
+/* ---- main -------------------------------------------------------------------- */
+
+static void start_signal(struct app *a, uv_signal_t *h, uv_signal_cb cb,
+                         int signum)
+{
+	uv_signal_init(a->loop, h);
+	h->data = a;
+	uv_signal_start(h, cb, signum);
+}
+
+int main(int argc, char **argv)
+{
+	struct app a = {0};
+	int r = parse_args(argc, argv, &a.cfg);
+	if (r)
+		return r;
+	struct config *c = &a.cfg;
+
+	signal(SIGPIPE, SIG_IGN);
+	/* Disk I/O that misses the page cache runs on libuv's pool. */
+	setenv("UV_THREADPOOL_SIZE", "16", 0);
+
+	/* Under inetd, standard error may be the client's socket. */
+	int to_syslog = c->use_syslog || (c->inetd && !c->logpath);
+	r = logsink_open(PROG, c->logpath, to_syslog, c->verbose);
+	if (r < 0) {
+		fprintf(stderr, PROG ": cannot open log file '%s': %s\n", c->logpath,
+		        strerror(-r));
+		return 1;
+	}
+
+	a.image_abs = realpath(c->image, NULL);
+	if (!a.image_abs) {
+		fprintf(stderr, PROG ": cannot open image '%s': %s\n", c->image,
+		        strerror(errno));
+		return 1;
+	}
+	a.loop = uv_default_loop();
+	r = xnbd_backend_file_open(a.loop, a.image_abs,
+	                           c->readonly ? XNBD_OPEN_READONLY : 0, &a.backend);
+	if (r < 0) {
+		fprintf(stderr, PROG ": cannot open image '%s': %s\n", c->image,
+		        r == -EINVAL ? "not a regular file or block device"
+		                     : xnbd_strerror(r));
+		return 1;
+	}
+	if ((r = xnbd_export_new("", a.backend,
+	                         c->readonly ? XNBD_EXPORT_READONLY : 0,
+	                         &a.export)) < 0 ||
+	    (r = xnbd_export_set_description(a.export, a.image_abs)) < 0 ||
+	    (r = xnbd_server_new(a.loop, &a.server)) < 0 ||
+	    (r = xnbd_server_add_export(a.server, a.export)) < 0) {
+		fprintf(stderr, PROG ": %s\n", xnbd_strerror(r));
+		return 1;
+	}
+	xnbd_server_set_log(a.server, logsink_write, NULL);
+	xnbd_server_set_flags(a.server, XNBD_SERVER_ANY_NAME |
+	                                    (c->oldstyle ? XNBD_SERVER_OLDSTYLE : 0));
+	xnbd_server_set_limits(a.server, c->max_queue, c->max_buf);
+	xnbd_server_on_client_end(a.server, on_client_end, &a);
+
+	if (c->inetd || c->connected_fd >= 0) {
+		int fd = c->inetd ? 0 : c->connected_fd;
+		r = xnbd_server_serve_fd(a.server, fd,
+		                         c->inetd ? 0 : XNBD_SERVE_NEGOTIATED);
+		if (r < 0) {
+			logsink_printf(XNBD_LOG_ERR, "cannot serve descriptor %d: %s", fd,
+			               xnbd_strerror(r));
+			return 1;
+		}
+	} else {
+		r = xnbd_server_listen(a.server, c->laddr, c->lport);
+		if (r < 0) {
+			fprintf(stderr, PROG ": cannot listen on %s port %s: %s\n",
+			        c->laddr ? c->laddr : "all addresses", c->lport,
+			        xnbd_strerror(r));
+			return 1;
+		}
+	}
+
+	if (c->daemonize && (r = daemonize(&a)) < 0) {
+		fprintf(stderr, PROG ": cannot daemonize: %s\n", xnbd_strerror(r));
+		return 1;
+	}
+
+	start_signal(&a, &a.sig_term, on_stop_signal, SIGTERM);
+	start_signal(&a, &a.sig_int, on_stop_signal, SIGINT);
+	start_signal(&a, &a.sig_usr1, on_usr1, SIGUSR1);
+	start_signal(&a, &a.sig_usr2, on_usr2, SIGUSR2);
+
+	if (!c->inetd && c->connected_fd < 0)
+		logsink_printf(XNBD_LOG_INFO, "serving %s (%llu bytes%s) on %s port %s",
+		               a.image_abs,
+		               (unsigned long long)xnbd_backend_size(a.backend),
+		               c->readonly ? ", read-only" : "",
+		               c->laddr ? c->laddr : "all addresses", c->lport);
+
+	uv_run(a.loop, UV_RUN_DEFAULT);
+
+	xnbd_server_free(a.server);
+	xnbd_export_free(a.export);
+	xnbd_backend_free(a.backend);
+	if (a.cfg.pidfile)
+		unlink(a.cfg.pidfile);
+	r = uv_loop_close(a.loop);
+	free(a.image_abs);
+	return r == 0 ? a.exit_code : 1;
+}
