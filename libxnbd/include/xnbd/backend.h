@@ -92,6 +92,9 @@ struct xnbd_io {
 #define XNBD_IO_COMPLETED 1 /* finished inline: io->status holds the result
                                and `done` is not called */
 
+/* Flags of xnbd_backend_file_open(). */
+#define XNBD_OPEN_READONLY (1U << 0) /* open and serve read-only */
+
 /* Open a regular file or block device as an image.
  *
  * path: the image; flags: XNBD_OPEN_* below.  On success *out owns an open
@@ -99,7 +102,6 @@ struct xnbd_io {
  * or -ENOENT, -EACCES, -EISDIR, -EINVAL (not a file or block device),
  * -ENOMEM, or another negative errno from open(2)/fstat(2).
  */
-#define XNBD_OPEN_READONLY (1U << 0)
 XNBD_EXPORT int xnbd_backend_file_open(uv_loop_t *loop, const char *path,
                                        unsigned flags,
                                        struct xnbd_backend **out);

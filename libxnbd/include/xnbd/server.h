@@ -55,6 +55,8 @@ XNBD_EXPORT void xnbd_server_set_log(struct xnbd_server *s, xnbd_log_fn fn,
 /* Serve the first export whatever name a client asks for, as the original
  * xnbd-server did; NBD_OPT_LIST still lists the real names. */
 #define XNBD_SERVER_ANY_NAME (1U << 1)
+
+/* Set XNBD_SERVER_* flags; they apply to clients that connect later. */
 XNBD_EXPORT void xnbd_server_set_flags(struct xnbd_server *s, unsigned flags);
 
 /* Bound the requests queued (received and not yet answered) and the bytes
@@ -92,8 +94,10 @@ XNBD_EXPORT int xnbd_server_serve_fd(struct xnbd_server *s, int fd,
 /* Number of connected clients. */
 XNBD_EXPORT size_t xnbd_server_client_count(const struct xnbd_server *s);
 
-/* Called each time a client's connection has ended. */
 typedef void (*xnbd_client_end_cb)(struct xnbd_server *s, void *user_data);
+
+/* Have cb called each time a client's connection has ended (after it is
+ * closed and counted out of xnbd_server_client_count()). */
 XNBD_EXPORT void xnbd_server_on_client_end(struct xnbd_server *s,
                                            xnbd_client_end_cb cb,
                                            void *user_data);
