@@ -267,8 +267,10 @@ static const char *const ctx_names[XNBD__CTX_COUNT] = {
 	"xnbd:cache",
 };
 
-/* Contexts of `avail` matched by one query; -1 if the query is malformed. */
-static int match_query(const uint8_t *q, uint32_t n, uint32_t avail)
+/* Contexts of `avail` matched by one query; -1 if the query is malformed.
+ * A namespace alone ("base:") is a wildcard when listing and selects
+ * nothing when setting, as the spec says of "base:". */
+static int match_query(const uint8_t *q, uint32_t n, uint32_t avail, bool set)
 {
 	const uint8_t *colon = memchr(q, ':', n);
 	if (!colon || colon == q || !valid_string(q, n))
@@ -278,7 +280,8 @@ static int match_query(const uint8_t *q, uint32_t n, uint32_t avail)
 	for (int i = 0; i < XNBD__CTX_COUNT; i++) {
 		const char *c = ctx_names[i];
 		size_t cl = strlen(c);
-		bool whole_ns = n == ns && strncmp(c, (const char *)q, ns) == 0;
+		bool whole_ns =
+		    !set && n == ns && strncmp(c, (const char *)q, ns) == 0;
 		bool exact = n == cl && memcmp(c, q, cl) == 0;
 		if (whole_ns || exact)
 			m |= 1U << i;
@@ -356,7 +359,7 @@ static void opt_meta_context(struct xnbd__hs *hs)
 		off = 8 + nl;
 		for (uint32_t i = 0; i < nq; i++) {
 			uint32_t ql = xnbd__get32(d + off);
-			int m = match_query(d + off + 4, ql, e->contexts);
+			int m = match_query(d + off + 4, ql, e->contexts, set);
 			if (m < 0) {
 				opt_error(hs, XNBD_REP_ERR_INVALID, "malformed query");
 				return;

@@ -82,8 +82,17 @@ uint32_t xnbd__request_check(const struct xnbd__tx *tx,
 		return (r->offset || r->length) ? XNBD_EINVAL : 0;
 	case XNBD_CMD_READ:
 	case XNBD_CMD_WRITE:
+	case XNBD_CMD_CACHE:
+		/* Over the advertised maximum block size.  A WRITE's payload is
+		 * still read (and dropped) by the caller. */
 		if (r->length > XNBD_MAX_PAYLOAD)
-			return r->type == XNBD_CMD_READ ? XNBD_EINVAL : XNBD_ENOMEM;
+			return XNBD_EINVAL;
+		break;
+	case XNBD_CMD_WRITE_ZEROES:
+		/* The maximum binds zeroing too, except a FAST_ZERO request. */
+		if (r->length > XNBD_MAX_PAYLOAD &&
+		    !(r->flags & XNBD_CMD_FLAG_FAST_ZERO))
+			return XNBD_EINVAL;
 		break;
 	case XNBD_CMD_BLOCK_STATUS:
 		if (r->length == 0)

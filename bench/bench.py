@@ -1,0 +1,263 @@
+#!/usr/bin/python3
+"""Side-by-side benchmark of xnbd-server against nbdkit, qemu-nbd and
+nbd-server on one image, over loopback.
+
+Runs are interleaved (A B C D A B C D ...) so drift hits every server alike.
+For each row it prints the median (min-max) of each server, the ratio of
+xnbd-server to the best peer, and the work done per server CPU-second
+(server CPU = utime+stime of the server and its reaped children, from
+/proc/PID/stat before and after the run).
+
+    bench/bench.py [--short] [--runs N] [--size 1G] [--rows a,b,...]
+
+--short is the CI smoke form: a second or two a row, one run; it asserts
+nothing about speed.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited with %s" % proc.returncode)
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not listen on %d" % port)
+
+
+def cpu_seconds(pid):
+    """utime+stime of the process and its reaped children, in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is state (field 3); utime is field 14 -> index 11.
+    ut, st, cut, cst = (int(x) for x in fields[11:15])
+    return (ut + st + cut + cst) / CLK_TCK
+
+
+def peak_rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Server:
+    def __init__(self, name, image, workdir, xnbd):
+        self.name = name
+        self.image = image
+        self.workdir = workdir
+        self.xnbd = xnbd
+        self.proc = None
+        self.port = None
+
+    def argv(self, port, extra):
+        img = self.image
+        if self.name == "xnbd-server":
+            return [self.xnbd, "--target", "--laddr", "127.0.0.1", "--lport",
+                    str(port)] + extra + [img]
+        if self.name == "nbdkit":
+            return ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
+                    "-p", str(port), "file", img]
+        if self.name == "qemu-nbd":
+            return ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port),
+                    "-t", "-e", "64", "--cache=writeback", "--aio=threads", img]
+        if self.name == "nbd-server":
+            conf = os.path.join(self.workdir, "nbd-server.conf")
+            with open(conf, "w") as f:
+                f.write("[generic]\nlistenaddr = 127.0.0.1\nport = %d\n"
+                        "allowlist = true\n[bench]\nexportname = %s\n"
+                        "flush = true\nfua = true\ntrim = true\n"
+                        "multifile = false\n" % (port, img))
+            return ["nbd-server", "-C", conf, "-d"]
+        raise ValueError(self.name)
+
+    def uri(self):
+        name = "bench" if self.name == "nbd-server" else ""
+        return "nbd://127.0.0.1:%d/%s" % (self.port, name)
+
+    def start(self, extra=()):
+        self.port = free_port()
+        self.proc = subprocess.Popen(self.argv(self.port, list(extra)),
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def available_servers(xnbd):
+    out = []
+    for name, tool in (("xnbd-server", xnbd), ("nbdkit", "nbdkit"),
+                       ("qemu-nbd", "qemu-nbd"), ("nbd-server", "nbd-server")):
+        if shutil.which(tool) or os.path.exists(tool):
+            out.append(name)
+    return out
+
+
+# Each row: a name, what it measures, and how to run it against a URI.
+def fio_row(name, rw, bs, depth, jobs=1, mix=None):
+    def run(uri, runtime, size):
+        cmd = ["fio", "--name=b", "--ioengine=nbd", "--uri=" + uri,
+               "--rw=" + rw, "--bs=" + bs, "--iodepth=%d" % depth,
+               "--numjobs=%d" % jobs, "--group_reporting",
+               "--time_based", "--runtime=%g" % runtime, "--size=%d" % size,
+               "--output-format=json"]
+        if mix is not None:
+            cmd.append("--rwmixread=%d" % mix)
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        js = json.loads(out.stdout[out.stdout.index("{"):])
+        job = js["jobs"][0]
+        secs = max(job["read"]["runtime"], job["write"]["runtime"]) / 1000.0
+        if bs == "4k":
+            ops = job["read"]["total_ios"] + job["write"]["total_ios"]
+            return job["read"]["iops"] + job["write"]["iops"], "IOPS", ops
+        mib = (job["read"]["io_bytes"] + job["write"]["io_bytes"]) / 2**20
+        return mib / max(secs, 1e-3), "MiB/s", mib
+    return name, run
+
+
+def nbdcopy_row(name, conns):
+    def run(uri, runtime, size):
+        t0 = time.monotonic()
+        subprocess.run(["nbdcopy", "-C", str(conns), "-T", str(conns),
+                        uri, "null:"], check=True, capture_output=True)
+        mib = size / 2**20
+        return mib / (time.monotonic() - t0), "MiB/s", mib
+    return name, run
+
+
+ROWS = dict([
+    fio_row("seq-read-1M-qd8", "read", "1m", 8),
+    fio_row("seq-write-1M-qd8", "write", "1m", 8),
+    fio_row("rand-read-4K-qd1", "randread", "4k", 1),
+    fio_row("rand-read-4K-qd32", "randread", "4k", 32),
+    fio_row("rand-write-4K-qd32", "randwrite", "4k", 32),
+    fio_row("rand-rw70-4K-qd32", "randrw", "4k", 32, mix=70),
+    nbdcopy_row("nbdcopy-null-1conn", 1),
+    nbdcopy_row("nbdcopy-null-4conn", 4),
+])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--short", action="store_true")
+    ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--runtime", type=float, default=None)
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--servers", default=None)
+    ap.add_argument("--xnbd", default=os.path.join(HERE, "..", "build",
+                                                   "server", "xnbd-server"))
+    args = ap.parse_args()
+    runs = args.runs or (1 if args.short else 5)
+    runtime = args.runtime or (1.0 if args.short else 8.0)
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30}
+    size = int(args.size[:-1]) * mult[args.size[-1]] if args.size[-1] in mult \
+        else int(args.size)
+    if args.short:
+        size = min(size, 256 * 2**20)
+
+    servers = args.servers.split(",") if args.servers else \
+        available_servers(args.xnbd)
+    rows = [r for r in args.rows.split(",") if r]
+    work = tempfile.mkdtemp(prefix="xnbd-bench-")
+    try:
+        image = os.path.join(work, "bench.img")
+        with open(image, "wb") as f:
+            block = os.urandom(2**20)
+            for _ in range(size // 2**20):
+                f.write(block)
+        subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
+        results = {}  # (row, server) -> list of (value, unit, cpu)
+        for row in rows:
+            for i in range(runs):
+                for name in servers:
+                    srv = Server(name, image, work, args.xnbd)
+                    srv.start()
+                    try:
+                        time.sleep(0.1)
+                        c0 = cpu_seconds(srv.proc.pid)
+                        value, unit, amount = ROWS[row](srv.uri(), runtime,
+                                                        size)
+                        time.sleep(0.2)  # let forked children be reaped
+                        c1 = cpu_seconds(srv.proc.pid)
+                    finally:
+                        srv.stop()
+                    results.setdefault((row, name), []).append(
+                        (value, unit, amount / max(c1 - c0, 1e-3)))
+                    print("# %s run %d %s: %.0f %s, server CPU %.2fs" %
+                          (row, i + 1, name, value, unit, c1 - c0),
+                          file=sys.stderr, flush=True)
+        report(rows, servers, results, runtime)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(rows, servers, results, runtime):
+    print("| row | " + " | ".join(servers) +
+          " | xnbd / best peer | xnbd work per CPU-s / best peer's |")
+    print("|---" * (len(servers) + 3) + "|")
+    for row in rows:
+        cells = []
+        med = {}
+        eff = {}
+        unit = ""
+        for name in servers:
+            vals = results.get((row, name), [])
+            if not vals:
+                cells.append("-")
+                continue
+            unit = vals[0][1]
+            v = [x[0] for x in vals]
+            med[name] = statistics.median(v)
+            # work per server CPU-second (operations or MiB)
+            e = [x[2] for x in vals]
+            eff[name] = statistics.median(e)
+            cells.append("%.0f (%.0f-%.0f) %s, %.0f/CPU-s" %
+                         (med[name], min(v), max(v), unit, eff[name]))
+        peers = [n for n in servers if n != "xnbd-server" and n in med]
+        ratio = eff_ratio = "-"
+        if "xnbd-server" in med and peers:
+            best = max(med[n] for n in peers)
+            ratio = "%.2f" % (med["xnbd-server"] / best) if best else "-"
+            best_eff = max(eff[n] for n in peers)
+            eff_ratio = "%.2f" % (eff["xnbd-server"] / best_eff) \
+                if best_eff else "-"
+        print("| %s | %s | %s | %s |" % (row, " | ".join(cells), ratio,
+                                          eff_ratio))
+
+
+if __name__ == "__main__":
+    main()
