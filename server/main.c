@@ -29,6 +29,7 @@ struct config {
 	const char *laddr;
 	const char *logpath;
 	const char *pidfile;
+	const char *overlay;
 	int use_syslog;
 	int readonly;
 	int daemonize;
@@ -43,7 +44,8 @@ struct config {
 struct app {
 	struct config cfg;
 	uv_loop_t *loop;
-	struct xnbd_backend *backend;
+	struct xnbd_backend *backend; /* what is exported */
+	struct xnbd_backend *image;   /* the image file (below a CoW layer) */
 	struct xnbd_export *export;
 	struct xnbd_server *server;
 	uv_signal_t sig_term, sig_int, sig_usr1, sig_usr2;
@@ -57,8 +59,11 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 	    "Usage: " PROG " --target [options] DISK_IMAGE\n"
+	    "       " PROG " --cow-target [options] BASE_DISK_IMAGE\n"
 	    "\n"
-	    "Export DISK_IMAGE over the NBD protocol.\n"
+	    "Export DISK_IMAGE over the NBD protocol.  With --cow-target, writes go to\n"
+	    "an overlay that disappears when the server ends; BASE_DISK_IMAGE is never\n"
+	    "written.\n"
 	    "\n"
 	    "Options:\n"
 	    "  --lport PORT          TCP port to listen on (default 8520)\n"
@@ -72,6 +77,9 @@ static void usage(FILE *f)
 	    "  --syslog              send messages to syslog\n"
 	    "  --max-queue-size N    stop reading requests while N are queued (0: no bound)\n"
 	    "  --max-buf-size BYTES  stop reading requests while BYTES are buffered (0: no bound)\n"
+	    "  --cow-overlay PATH    --cow-target: keep the overlay in the new file PATH,\n"
+	    "                        or, if PATH is a directory, make it there, unlinked\n"
+	    "                        (default: an unlinked file in $TMPDIR or /var/tmp)\n"
 	    "  --oldstyle            greet clients with the oldstyle handshake (legacy)\n"
 	    "  --verbose             log debug messages too\n"
 	    "  --help                show this help and exit\n"
@@ -125,7 +133,7 @@ static int parse_args(int argc, char **argv, struct config *c)
 		O_TARGET = 256, O_COW, O_PROXY, O_LPORT, O_LADDR, O_READONLY,
 		O_DAEMONIZE, O_PIDFILE, O_INETD, O_CONNFD, O_LOGPATH, O_SYSLOG,
 		O_MAXQ, O_MAXBUF, O_OLDSTYLE, O_VERBOSE, O_HELP, O_VERSION,
-		O_EXPORTNAME, O_CLEARBITMAP,
+		O_EXPORTNAME, O_CLEARBITMAP, O_OVERLAY,
 	};
 	static const struct option opts[] = {
 		{"target", no_argument, NULL, O_TARGET},
@@ -143,6 +151,7 @@ static int parse_args(int argc, char **argv, struct config *c)
 		{"max-queue-size", required_argument, NULL, O_MAXQ},
 		{"max-buf-size", required_argument, NULL, O_MAXBUF},
 		{"oldstyle", no_argument, NULL, O_OLDSTYLE},
+		{"cow-overlay", required_argument, NULL, O_OVERLAY},
 		{"verbose", no_argument, NULL, O_VERBOSE},
 		{"target-exportname", required_argument, NULL, O_EXPORTNAME},
 		{"clear-bitmap", no_argument, NULL, O_CLEARBITMAP},
@@ -216,6 +225,9 @@ static int parse_args(int argc, char **argv, struct config *c)
 		case O_OLDSTYLE:
 			c->oldstyle = 1;
 			break;
+		case O_OVERLAY:
+			c->overlay = optarg;
+			break;
 		case O_VERBOSE:
 			c->verbose = 1;
 			break;
@@ -236,10 +248,11 @@ static int parse_args(int argc, char **argv, struct config *c)
 		}
 	}
 	if (c->mode == MODE_NONE)
-		return fail_usage("%s", "a mode is required: --target");
-	if (c->mode != MODE_TARGET)
-		return fail_usage("%s is not available in this version",
-		                  c->mode == MODE_COW ? "--cow-target" : "--proxy");
+		return fail_usage("%s", "a mode is required: --target or --cow-target");
+	if (c->mode == MODE_PROXY)
+		return fail_usage("%s", "--proxy is not available in this version");
+	if (c->overlay && c->mode != MODE_COW)
+		return fail_usage("%s", "--cow-overlay goes with --cow-target");
 	if (optind + 1 != argc)
 		return fail_usage("%s", optind >= argc
 		                            ? "the disk image is missing"
@@ -423,13 +436,34 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	a.loop = uv_default_loop();
+	int cow = c->mode == MODE_COW;
 	r = xnbd_backend_file_open(a.loop, a.image_abs,
-	                           c->readonly ? XNBD_OPEN_READONLY : 0, &a.backend);
+	                           (c->readonly || cow) ? XNBD_OPEN_READONLY : 0,
+	                           &a.image);
 	if (r < 0) {
 		fprintf(stderr, PROG ": cannot open image '%s': %s\n", c->image,
 		        r == -EINVAL ? "not a regular file or block device"
 		                     : xnbd_strerror(r));
 		return 1;
+	}
+	a.backend = a.image;
+	if (cow) {
+		struct stat st;
+		const char *ov = c->overlay;
+		unsigned flags = 0;
+		if (!ov) {
+			ov = getenv("TMPDIR");
+			if (!ov || !*ov)
+				ov = "/var/tmp";
+		}
+		if (stat(ov, &st) == 0 && S_ISDIR(st.st_mode))
+			flags = XNBD_COW_TEMPORARY;
+		r = xnbd_backend_cow_new(a.loop, a.image, ov, flags, &a.backend);
+		if (r < 0) {
+			fprintf(stderr, PROG ": cannot create the overlay %s '%s': %s\n",
+			        flags ? "in" : "file", ov, xnbd_strerror(r));
+			return 1;
+		}
 	}
 	if ((r = xnbd_export_new("", a.backend,
 	                         c->readonly ? XNBD_EXPORT_READONLY : 0,
@@ -476,9 +510,10 @@ int main(int argc, char **argv)
 	start_signal(&a, &a.sig_usr2, on_usr2, SIGUSR2);
 
 	if (!c->inetd && c->connected_fd < 0)
-		logsink_printf(XNBD_LOG_INFO, "serving %s (%llu bytes%s) on %s port %s",
+		logsink_printf(XNBD_LOG_INFO, "serving %s (%llu bytes%s%s) on %s port %s",
 		               a.image_abs,
 		               (unsigned long long)xnbd_backend_size(a.backend),
+		               cow ? ", copy-on-write" : "",
 		               c->readonly ? ", read-only" : "",
 		               c->laddr ? c->laddr : "all addresses", c->lport);
 
@@ -486,7 +521,9 @@ int main(int argc, char **argv)
 
 	xnbd_server_free(a.server);
 	xnbd_export_free(a.export);
-	xnbd_backend_free(a.backend);
+	if (a.backend != a.image)
+		xnbd_backend_free(a.backend);
+	xnbd_backend_free(a.image);
 	if (a.cfg.pidfile)
 		unlink(a.cfg.pidfile);
 	r = uv_loop_close(a.loop);

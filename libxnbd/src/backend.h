@@ -30,6 +30,11 @@ struct xnbd_backend {
 	size_t in_flight;
 };
 
+/* A file backend over an open descriptor, which it takes over on success
+ * (flags: XNBD_OPEN_*). */
+int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
+                               struct xnbd_backend **out);
+
 /* Finish an I/O that was XNBD_IO_PENDING: set io->status first. */
 void xnbd__io_complete(struct xnbd_backend *b, struct xnbd_io *io);
 

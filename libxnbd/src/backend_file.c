@@ -549,31 +549,32 @@ int xnbd_backend_file_open(uv_loop_t *loop, const char *path, unsigned flags,
 	int fd = open(path, (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
-	struct stat st;
-	if (fstat(fd, &st)) {
-		int e = -errno;
+	int r = xnbd__backend_file_from_fd(loop, fd, flags, out);
+	if (r < 0)
 		close(fd);
-		return e;
-	}
+	return r;
+}
+
+int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
+                               struct xnbd_backend **out)
+{
+	bool ro = flags & XNBD_OPEN_READONLY;
+	struct stat st;
+	if (fstat(fd, &st))
+		return -errno;
 	uint64_t size;
 	bool blockdev = S_ISBLK(st.st_mode);
 	if (S_ISREG(st.st_mode)) {
 		size = (uint64_t)st.st_size;
 	} else if (blockdev) {
-		if (ioctl(fd, BLKGETSIZE64, &size)) {
-			int e = -errno;
-			close(fd);
-			return e;
-		}
+		if (ioctl(fd, BLKGETSIZE64, &size))
+			return -errno;
 	} else {
-		close(fd);
 		return -EINVAL;
 	}
 	struct file_backend *fb = calloc(1, sizeof(*fb));
-	if (!fb) {
-		close(fd);
+	if (!fb)
 		return -ENOMEM;
-	}
 	fb->base.ops = &file_ops;
 	fb->base.loop = loop;
 	fb->base.size = size;

@@ -106,6 +106,28 @@ XNBD_EXPORT int xnbd_backend_file_open(uv_loop_t *loop, const char *path,
                                        unsigned flags,
                                        struct xnbd_backend **out);
 
+/* Granularity of the copy-on-write layer, in bytes. */
+#define XNBD_COW_BLOCK 4096U
+
+/* Flags of xnbd_backend_cow_new(). */
+/* `path` is a directory: the overlay is an unlinked file in it, gone when
+ * the backend is freed or the process dies, however it dies. */
+#define XNBD_COW_TEMPORARY (1U << 0)
+
+/* Put a copy-on-write layer over `lower`: reads come from the overlay where
+ * it holds a block and from `lower` elsewhere; writes, zeroing and trims
+ * go to the overlay only (a write covering part of a block first copies
+ * the rest of the block up from `lower`), so `lower` is never written and
+ * may be read-only.  After a trim or zeroing the blocks read as zeroes.
+ * The overlay is `path` (created; it must not exist, and it is kept), or,
+ * with XNBD_COW_TEMPORARY, an unlinked file in the directory `path`.
+ * `lower` is not owned: free it after the CoW backend.  Returns 0,
+ * -EEXIST, -ENOMEM, or another negative errno from creating the overlay. */
+XNBD_EXPORT int xnbd_backend_cow_new(uv_loop_t *loop,
+                                     struct xnbd_backend *lower,
+                                     const char *path, unsigned flags,
+                                     struct xnbd_backend **out);
+
 /* Size of the image in bytes. */
 XNBD_EXPORT uint64_t xnbd_backend_size(const struct xnbd_backend *b);
 
