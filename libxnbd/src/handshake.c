@@ -309,6 +309,12 @@ static void opt_meta_context(struct xnbd__hs *hs)
 	uint32_t len = hs->opt_len;
 	bool set = hs->opt == XNBD_OPT_SET_META_CONTEXT;
 
+	/* SET replaces the selection even when it fails. */
+	if (set) {
+		hs->contexts = 0;
+		hs->ctx_export = NULL;
+	}
+
 	if (len < 8) {
 		opt_error(hs, XNBD_REP_ERR_INVALID, "option data too short");
 		return;

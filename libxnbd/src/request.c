@@ -20,21 +20,21 @@ int xnbd__request_parse(const uint8_t *p, struct xnbd__request *r)
 /* Command flags each command accepts, given what was advertised. */
 static uint16_t allowed_flags(const struct xnbd__tx *tx, uint16_t type)
 {
+	/* FUA is valid on every command once advertised (the spec: "the server
+	 * MUST accept all commands with this bit set (even by ignoring the
+	 * bit)"); it only matters on writes. */
 	uint16_t fua = (tx->tflags & XNBD_FLAG_SEND_FUA) ? XNBD_CMD_FLAG_FUA : 0;
 	switch (type) {
 	case XNBD_CMD_READ:
-		return (tx->tflags & XNBD_FLAG_SEND_DF) ? XNBD_CMD_FLAG_DF : 0;
-	case XNBD_CMD_WRITE:
-	case XNBD_CMD_TRIM:
-		return fua;
+		return fua | ((tx->tflags & XNBD_FLAG_SEND_DF) ? XNBD_CMD_FLAG_DF : 0);
 	case XNBD_CMD_WRITE_ZEROES:
 		return fua | XNBD_CMD_FLAG_NO_HOLE |
 		       ((tx->tflags & XNBD_FLAG_SEND_FAST_ZERO) ? XNBD_CMD_FLAG_FAST_ZERO
 		                                                : 0);
 	case XNBD_CMD_BLOCK_STATUS:
-		return XNBD_CMD_FLAG_REQ_ONE;
+		return fua | XNBD_CMD_FLAG_REQ_ONE;
 	default:
-		return 0;
+		return fua;
 	}
 }
 

@@ -671,7 +671,9 @@ static void req_submit(struct req *q)
 	struct xnbd_io *io = &q->io;
 	io->type = io_type[q->r.type];
 	io->flags = 0;
-	if (q->r.flags & XNBD_CMD_FLAG_FUA)
+	if ((q->r.flags & XNBD_CMD_FLAG_FUA) &&
+	    (io->type == XNBD_IO_WRITE || io->type == XNBD_IO_TRIM ||
+	     io->type == XNBD_IO_ZERO))
 		io->flags |= XNBD_IO_FUA;
 	if (q->r.flags & XNBD_CMD_FLAG_NO_HOLE)
 		io->flags |= XNBD_IO_NO_HOLE;
