@@ -264,7 +264,7 @@ static void opt_info_go(struct xnbd__hs *hs)
 
 static const char *const ctx_names[XNBD__CTX_COUNT] = {
 	"base:allocation",
-	"xnbd:cache",
+	"x-xnbd:cache", /* namespaces are base, nbd-server, x-* or registered */
 };
 
 /* Contexts of `avail` matched by one query; -1 if the query is malformed.
@@ -575,6 +575,11 @@ size_t xnbd__hs_input(struct xnbd__hs *hs, const uint8_t *p, size_t len)
 			used += n;
 			if (hs->opt_have == hs->opt_len) {
 				hs->state = XNBD__HS_OPT_HEADER;
+				/* ABORT is acknowledged whatever data came with it. */
+				if (hs->opt == XNBD_OPT_ABORT) {
+					process_option(hs);
+					return used;
+				}
 				opt_error(hs, XNBD_REP_ERR_TOO_BIG, "option data too long");
 			}
 			break;

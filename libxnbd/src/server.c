@@ -631,6 +631,12 @@ static void req_finish(struct req *q, int status)
 		return;
 	}
 	uint32_t err = xnbd__errno_to_nbd(status);
+	/* The spec reserves these two for FAST_ZERO and DF. */
+	if (err == XNBD_ENOTSUP && !(q->r.type == XNBD_CMD_WRITE_ZEROES &&
+	                             (q->r.flags & XNBD_CMD_FLAG_FAST_ZERO)))
+		err = XNBD_EIO;
+	if (err == XNBD_EOVERFLOW && !(q->r.flags & XNBD_CMD_FLAG_DF))
+		err = XNBD_EIO;
 	if (err)
 		reply_error(q, err);
 	else if (q->r.type == XNBD_CMD_READ)
@@ -843,7 +849,33 @@ static void session_flush(struct session *s)
 	b->reqs.prev->next = &b->reqs;
 	xnbd_list_init(&s->out);
 
-	int r = uv_write(&b->w, &s->h.stream, s->iov, (unsigned)k, batch_write_cb);
+	/* Write what the socket takes now; queue only the rest.  When it all
+	 * goes out at once (the common case), no write request, callback or
+	 * poll change is needed. */
+	uv_buf_t *iov = s->iov;
+	int w = uv_try_write(&s->h.stream, iov, (unsigned)k);
+	if (w > 0) {
+		size_t left = (size_t)w;
+		while (k && left >= iov->len) {
+			left -= iov->len;
+			iov++;
+			k--;
+		}
+		if (k) {
+			iov->base += left;
+			iov->len -= left;
+		}
+	} else if (w != UV_EAGAIN && w != UV_ENOSYS) {
+		s->writes_pending++; /* balanced by batch_write_cb's decrement */
+		batch_write_cb(&b->w, w);
+		return;
+	}
+	if (k == 0) {
+		s->writes_pending++;
+		batch_write_cb(&b->w, 0);
+		return;
+	}
+	int r = uv_write(&b->w, &s->h.stream, iov, (unsigned)k, batch_write_cb);
 	if (r < 0) {
 		while (!xnbd_list_empty(&b->reqs)) {
 			struct req *q = xnbd_container_of(b->reqs.next, struct req, link);
