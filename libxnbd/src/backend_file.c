@@ -546,9 +546,14 @@ int xnbd_backend_file_open(uv_loop_t *loop, const char *path, unsigned flags,
                            struct xnbd_backend **out)
 {
 	bool ro = flags & XNBD_OPEN_READONLY;
-	int fd = open(path, (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	/* O_NONBLOCK so that a FIFO given by mistake is refused instead of
+	 * blocking the open; it is cleared again for the image. */
+	int fd = open(path, (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK);
 	if (fd < 0)
 		return -errno;
+	int fl = fcntl(fd, F_GETFL);
+	if (fl >= 0)
+		(void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
 	int r = xnbd__backend_file_from_fd(loop, fd, flags, out);
 	if (r < 0)
 		close(fd);
