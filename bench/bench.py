@@ -38,7 +38,7 @@ def free_port():
 def wait_port(port, proc, timeout=10.0):
     end = time.time() + timeout
     while time.time() < end:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError("server exited with %s" % proc.returncode)
         try:
             with socket.create_connection(("127.0.0.1", port), 0.2):
@@ -73,6 +73,8 @@ class Server:
         self.xnbd = xnbd
         self.proc = None
         self.port = None
+        self.pid = None
+        self.pidfile = None
 
     def argv(self, port, extra):
         img = self.image
@@ -92,7 +94,13 @@ class Server:
                         "allowlist = true\n[bench]\nexportname = %s\n"
                         "flush = true\nfua = true\ntrim = true\n"
                         "multifile = false\n" % (port, img))
-            return ["nbd-server", "-C", conf, "-d"]
+            # nbd-server forks one process per client and, in its -d debug
+            # mode, serves only one client: let it daemonize, and follow it
+            # through its pid file.
+            self.pidfile = os.path.join(self.workdir, "nbd-server.pid")
+            if os.path.exists(self.pidfile):
+                os.unlink(self.pidfile)
+            return ["nbd-server", "-C", conf, "-p", self.pidfile]
         raise ValueError(self.name)
 
     def uri(self):
@@ -104,9 +112,33 @@ class Server:
         self.proc = subprocess.Popen(self.argv(self.port, list(extra)),
                                      stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.proc)
+        if self.pidfile:
+            self.proc.wait(10)
+            end = time.time() + 10
+            while not (os.path.exists(self.pidfile) and
+                       open(self.pidfile).read().strip()):
+                if time.time() > end:
+                    raise RuntimeError("nbd-server wrote no pid file")
+                time.sleep(0.05)
+            self.pid = int(open(self.pidfile).read())
+            self.proc = None
+            wait_port(self.port, None)
+        else:
+            self.pid = self.proc.pid
+            wait_port(self.port, self.proc)
 
     def stop(self):
+        if self.proc is None and self.pid:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                end = time.time() + 10
+                while time.time() < end:
+                    os.kill(self.pid, 0)
+                    time.sleep(0.05)
+            except ProcessLookupError:
+                pass
+            self.pid = None
+            return
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -208,11 +240,11 @@ def main():
                     srv.start()
                     try:
                         time.sleep(0.1)
-                        c0 = cpu_seconds(srv.proc.pid)
+                        c0 = cpu_seconds(srv.pid)
                         value, unit, amount = ROWS[row](srv.uri(), runtime,
                                                         size)
                         time.sleep(0.2)  # let forked children be reaped
-                        c1 = cpu_seconds(srv.proc.pid)
+                        c1 = cpu_seconds(srv.pid)
                     finally:
                         srv.stop()
                     results.setdefault((row, name), []).append(

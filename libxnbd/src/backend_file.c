@@ -32,6 +32,7 @@
 #include "backend.h"
 
 #define SNAP_CHUNK (1024U * 1024U)
+#define INLINE_MAX (128U * 1024U) /* largest I/O tried on the loop thread */
 
 enum { CHUNK_PENDING = 0, CHUNK_COPYING = 1, CHUNK_DONE = 2 };
 
@@ -316,7 +317,11 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 			return -EINVAL;
 		return XNBD_IO_COMPLETED;
 	}
-	if (io->type == XNBD_IO_READ && atomic_load(&fb->nowait_read)) {
+	/* Small I/O is served on the loop thread when the page cache allows;
+	 * a large copy would hold the loop up for longer than a hand-off to
+	 * the pool costs, and on the pool several copies run in parallel. */
+	bool small = io->length <= INLINE_MAX;
+	if (io->type == XNBD_IO_READ && small && atomic_load(&fb->nowait_read)) {
 		struct iovec iov = {io->buf, io->length};
 		ssize_t n = preadv2(fb->fd, &iov, 1, (off_t)io->offset, RWF_NOWAIT);
 		if (n == (ssize_t)io->length)
@@ -325,7 +330,8 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 			io->priv.done_bytes = (uint64_t)n;
 		else if (n < 0 && errno == EOPNOTSUPP)
 			atomic_store(&fb->nowait_read, false);
-	} else if (io->type == XNBD_IO_WRITE && !(io->flags & XNBD_IO_FUA) &&
+	} else if (io->type == XNBD_IO_WRITE && small &&
+	           !(io->flags & XNBD_IO_FUA) &&
 	           !fb->snap && atomic_load(&fb->nowait_write)) {
 		struct iovec iov = {io->buf, io->length};
 		ssize_t n = pwritev2(fb->fd, &iov, 1, (off_t)io->offset, RWF_NOWAIT);
