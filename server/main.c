@@ -400,6 +400,33 @@ static int daemonize(struct app *a)
 
 /* ---- main -------------------------------------------------------------------- */
 
+static void on_failed_server_down(struct xnbd_server *s, void *ud)
+{
+	*(int *)ud = 1;
+}
+
+/* Release everything (also after a failed start) and return `code`. */
+static int finish(struct app *a, int code)
+{
+	if (a->server && !a->server_done) {
+		/* Started but never run: close its handles before freeing. */
+		int down = 0;
+		if (xnbd_server_shutdown(a->server, 0, on_failed_server_down, &down) ==
+		    0)
+			while (!down && uv_run(a->loop, UV_RUN_ONCE))
+				;
+	}
+	xnbd_server_free(a->server);
+	xnbd_export_free(a->export);
+	if (a->backend != a->image)
+		xnbd_backend_free(a->backend);
+	xnbd_backend_free(a->image);
+	if (a->loop && uv_loop_close(a->loop) != 0 && code == 0)
+		code = 1;
+	free(a->image_abs);
+	return code;
+}
+
 static void start_signal(struct app *a, uv_signal_t *h, uv_signal_cb cb,
                          int signum)
 {
@@ -429,13 +456,13 @@ int main(int argc, char **argv)
 		return 1;
 	}
 
+	a.loop = uv_default_loop();
 	a.image_abs = realpath(c->image, NULL);
 	if (!a.image_abs) {
 		fprintf(stderr, PROG ": cannot open image '%s': %s\n", c->image,
 		        strerror(errno));
-		return 1;
+		return finish(&a, 1);
 	}
-	a.loop = uv_default_loop();
 	int cow = c->mode == MODE_COW;
 	r = xnbd_backend_file_open(a.loop, a.image_abs,
 	                           (c->readonly || cow) ? XNBD_OPEN_READONLY : 0,
@@ -444,7 +471,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, PROG ": cannot open image '%s': %s\n", c->image,
 		        r == -EINVAL ? "not a regular file or block device"
 		                     : xnbd_strerror(r));
-		return 1;
+		return finish(&a, 1);
 	}
 	a.backend = a.image;
 	if (cow) {
@@ -462,7 +489,7 @@ int main(int argc, char **argv)
 		if (r < 0) {
 			fprintf(stderr, PROG ": cannot create the overlay %s '%s': %s\n",
 			        flags ? "in" : "file", ov, xnbd_strerror(r));
-			return 1;
+			return finish(&a, 1);
 		}
 	}
 	if ((r = xnbd_export_new("", a.backend,
@@ -472,7 +499,7 @@ int main(int argc, char **argv)
 	    (r = xnbd_server_new(a.loop, &a.server)) < 0 ||
 	    (r = xnbd_server_add_export(a.server, a.export)) < 0) {
 		fprintf(stderr, PROG ": %s\n", xnbd_strerror(r));
-		return 1;
+		return finish(&a, 1);
 	}
 	xnbd_server_set_log(a.server, logsink_write, NULL);
 	xnbd_server_set_flags(a.server, XNBD_SERVER_ANY_NAME |
@@ -487,7 +514,7 @@ int main(int argc, char **argv)
 		if (r < 0) {
 			logsink_printf(XNBD_LOG_ERR, "cannot serve descriptor %d: %s", fd,
 			               xnbd_strerror(r));
-			return 1;
+			return finish(&a, 1);
 		}
 	} else {
 		r = xnbd_server_listen(a.server, c->laddr, c->lport);
@@ -495,13 +522,13 @@ int main(int argc, char **argv)
 			fprintf(stderr, PROG ": cannot listen on %s port %s: %s\n",
 			        c->laddr ? c->laddr : "all addresses", c->lport,
 			        xnbd_strerror(r));
-			return 1;
+			return finish(&a, 1);
 		}
 	}
 
 	if (c->daemonize && (r = daemonize(&a)) < 0) {
 		fprintf(stderr, PROG ": cannot daemonize: %s\n", xnbd_strerror(r));
-		return 1;
+		return finish(&a, 1);
 	}
 
 	start_signal(&a, &a.sig_term, on_stop_signal, SIGTERM);
@@ -518,15 +545,7 @@ int main(int argc, char **argv)
 		               c->laddr ? c->laddr : "all addresses", c->lport);
 
 	uv_run(a.loop, UV_RUN_DEFAULT);
-
-	xnbd_server_free(a.server);
-	xnbd_export_free(a.export);
-	if (a.backend != a.image)
-		xnbd_backend_free(a.backend);
-	xnbd_backend_free(a.image);
 	if (a.cfg.pidfile)
 		unlink(a.cfg.pidfile);
-	r = uv_loop_close(a.loop);
-	free(a.image_abs);
-	return r == 0 ? a.exit_code : 1;
+	return finish(&a, a.exit_code);
 }

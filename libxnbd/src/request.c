@@ -64,15 +64,16 @@ static bool advertised(const struct xnbd__tx *tx, uint16_t type)
 uint32_t xnbd__request_check(const struct xnbd__tx *tx,
                              const struct xnbd__request *r)
 {
-	if (!advertised(tx, r->type))
-		return XNBD_EINVAL;
-	if (r->flags & ~allowed_flags(tx, r->type))
-		return XNBD_EINVAL;
-
+	/* A read-only export refuses every kind of write with EPERM, as the
+	 * spec says, although it advertises neither TRIM nor WRITE_ZEROES. */
 	bool is_write = r->type == XNBD_CMD_WRITE || r->type == XNBD_CMD_TRIM ||
 	                r->type == XNBD_CMD_WRITE_ZEROES;
 	if (is_write && (tx->tflags & XNBD_FLAG_READ_ONLY))
 		return XNBD_EPERM;
+	if (!advertised(tx, r->type))
+		return XNBD_EINVAL;
+	if (r->flags & ~allowed_flags(tx, r->type))
+		return XNBD_EINVAL;
 
 	switch (r->type) {
 	case XNBD_CMD_DISC:
