@@ -15,7 +15,9 @@ for h in xnbd.h protocol.h backend.h server.h log.h common.h; do
 done
 test -x "$root/sbin/xnbd-server"
 test -f "$root/share/man/man8/xnbd-server.8"
-# shellcheck disable=SC2046
-cc -std=gnu11 -Wall -Wextra -Wno-unused-parameter -Werror -o "$tmp/api-test" "$API_TEST_SRC" \
+san=""
+case "${SANITIZE:-none}" in none|"") ;; *) san="-fsanitize=$SANITIZE" ;; esac
+# shellcheck disable=SC2046,SC2086
+cc $san -std=gnu11 -Wall -Wextra -Wno-unused-parameter -Werror -o "$tmp/api-test" "$API_TEST_SRC" \
 	$($pc --cflags --libs libxnbd)
 LD_LIBRARY_PATH="$tmp/root$LIBDIR" "$tmp/api-test"

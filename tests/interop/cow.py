@@ -225,7 +225,7 @@ def main():
                 ["fio", "--name=cow", "--ioengine=nbd", "--uri=" + srv.uri,
                  "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=16M",
                  "--offset=8M", "--verify=crc32c", "--verify_fatal=1"],
-                capture_output=True, text=True)
+                capture_output=True, text=True, cwd=tmp)
             check(r.returncode == 0 and "verify" not in r.stderr.lower(),
                   "fio --verify at depth 32 over CoW passes")
         else:

@@ -1,0 +1,248 @@
+#!/usr/bin/python3
+"""SIGUSR1 snapshot while a client keeps writing.
+
+Pattern A is written over a 256 MiB image through NBD; SIGUSR1; as soon as
+"snapshot started: PATH" is logged the client overwrites everything with
+pattern B (from the end backwards, so most writes hit chunks the copier
+has not reached; every 8th chunk zeroed and another trimmed instead).  Some of those writes must complete while PATH.partial
+still exists (clients are not stalled); once "snapshot complete: PATH" is
+logged, PATH equals pattern A byte for byte, the .partial file is gone,
+and the image (through NBD and on disk) holds pattern B.  A second
+SIGUSR1 during the snapshot changes nothing; SIGTERM during a snapshot
+ends the server with status 0 and leaves no .partial file.
+"""
+import os
+import random
+import re
+import signal
+import struct
+import sys
+import time
+
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.environ.get("XNBD_TESTS_DIR") or
+                os.path.dirname(os.path.abspath(__file__)))
+import xnbdtest as xt  # noqa: E402
+from xnbdtest import MiB, check, check_eq, check_bytes, log  # noqa: E402
+
+SIZE = 256 * MiB
+CHUNK = 1 * MiB
+NCHUNKS = SIZE // CHUNK
+DEPTH = 16
+
+BASE = {b"A": random.Random(1).randbytes(CHUNK),
+        b"B": random.Random(2).randbytes(CHUNK)}
+
+
+def chunk(tag, i):
+    """Chunk i of pattern tag: random base data, and every 4 KiB block
+    stamped with the tag and its block number."""
+    buf = bytearray(BASE[tag])
+    for j in range(CHUNK // 4096):
+        struct.pack_into(">8sQ", buf, j * 4096, tag * 8, i * (CHUNK // 4096) + j)
+    return buf
+
+
+def kind_b(i):
+    """What phase B does to chunk i: write pattern B, zero it, or trim it."""
+    return {3: "zero", 5: "trim"}.get(i % 8, "write")
+
+
+def write_all(h, nbd, tag, order, on_complete=None, mixed=False):
+    inflight = {}
+    k = 0
+    while k < len(order) or inflight:
+        while len(inflight) < DEPTH and k < len(order):
+            i = order[k]
+            k += 1
+            kind = kind_b(i) if mixed else "write"
+            if kind == "zero":
+                c = h.aio_zero(CHUNK, i * CHUNK)
+            elif kind == "trim":
+                c = h.aio_trim(CHUNK, i * CHUNK)
+            else:
+                c = h.aio_pwrite(nbd.Buffer.from_bytearray(chunk(tag, i)), i * CHUNK)
+            inflight[c] = i
+        h.poll(-1)
+        while inflight:
+            c = h.aio_peek_command_completed()
+            if not c:
+                break
+            h.aio_command_completed(c)
+            i = inflight.pop(c)
+            if on_complete:
+                on_complete(i)
+
+
+def reflinks(directory):
+    """Does the file system of directory support reflinks (FICLONE)?"""
+    a, b = os.path.join(directory, "reflink.a"), os.path.join(directory, "reflink.b")
+    with open(a, "wb") as f:
+        f.write(b"x" * 4096)
+    try:
+        import fcntl
+        with open(a, "rb") as src, open(b, "wb") as dst:
+            fcntl.ioctl(dst.fileno(), 0x40049409, src.fileno())   # FICLONE
+        return True
+    except OSError:
+        return False
+    finally:
+        for p in (a, b):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def wait_log(srv, pattern, timeout):
+    end = time.time() + timeout
+    rx = re.compile(pattern)
+    while time.time() < end:
+        m = rx.search(srv.log_text())
+        if m:
+            return m
+        if not srv.alive():
+            xt.fail("server died waiting for %r; log:\n%s" % (pattern, srv.log_text()))
+        time.sleep(0.005)
+    xt.fail("no %r in the log after %d s; log:\n%s" % (pattern, timeout,
+                                                       srv.log_text()[-2000:]))
+
+
+def expected_b(i, got):
+    """Chunk i after phase B: B, zeros, or (trimmed) zeros or still A."""
+    k = kind_b(i)
+    if k == "write":
+        return chunk(b"B", i)
+    if k == "zero":
+        return bytes(CHUNK)
+    return got if got in (bytes(CHUNK), bytes(chunk(b"A", i))) else bytes(CHUNK)
+
+
+def compare_file(path, tag, what):
+    with open(path, "rb") as f:
+        for i in range(NCHUNKS):
+            got = f.read(CHUNK)
+            want = chunk(tag, i) if tag == b"A" else expected_b(i, got)
+            if got != want:
+                j = xt.first_diff(got, want)
+                xt.fail("%s differs from pattern %s at offset %d (chunk %d): "
+                        "got %r, expected %r" % (what, tag.decode(), i * CHUNK + j,
+                                                 i, got[j:j + 16], bytes(want[j:j + 16])))
+        check_eq(f.read(1), b"", "%s is longer than %d bytes" % (what, SIZE))
+
+
+def test():
+    nbd = xt.need_nbd()
+    with xt.TestDir() as t:
+        img = t.image("disk.img", SIZE)
+        srv = t.server(img)
+        h = srv.connect()
+
+        t0 = time.time()
+        write_all(h, nbd, b"A", list(range(NCHUNKS)))
+        h.flush()
+        log("pattern A written in %.1f s" % (time.time() - t0))
+
+        # ---- SIGUSR1, then overwrite everything while it copies ----
+        t_sig = time.time()
+        srv.signal(signal.SIGUSR1)
+        m = wait_log(srv, r"snapshot started: (\S+)", 10)
+        snap = m.group(1)
+        partial = snap + ".partial"
+        log("snapshot started: %s (%.3f s after the signal)" % (snap, time.time() - t_sig))
+        check(snap.startswith(os.path.abspath(img) + ".snapshot."),
+              "snapshot path %r is not IMAGE.snapshot.<time>" % snap)
+        stamp = int(snap.rsplit(".", 1)[1])
+        check(abs(stamp - int(t_sig)) <= 2, "snapshot time stamp %d, signal sent at %d"
+              % (stamp, int(t_sig)))
+
+        # a second SIGUSR1 while this one runs must not disturb it
+        srv.signal(signal.SIGUSR1)
+
+        stats = {"during": 0, "after": 0, "first": None}
+
+        def on_complete(i):
+            if os.path.exists(partial):
+                stats["during"] += 1
+                if stats["first"] is None:
+                    stats["first"] = time.time() - t_b
+            else:
+                stats["after"] += 1
+        t_b = time.time()
+        write_all(h, nbd, b"B", list(reversed(range(NCHUNKS))), on_complete,
+                  mixed=True)
+        log("pattern B written in %.2f s: %d writes completed while %s existed, "
+            "%d after" % (time.time() - t_b, stats["during"],
+                          os.path.basename(partial), stats["after"]))
+        if stats["during"] == 0 and reflinks(t.path):
+            # a reflink snapshot is instant: nothing to overlap with
+            log("the file system has reflinks: the snapshot was instant")
+        else:
+            check(stats["during"] > 0,
+                  "no write completed while the snapshot was being written "
+                  "(clients stalled, or the snapshot was over before any write)")
+
+        wait_log(srv, r"snapshot complete: " + re.escape(snap), 60)
+        check(not os.path.exists(partial), "%s still exists after completion" % partial)
+        check(os.path.exists(snap), "snapshot %s missing" % snap)
+        check_eq(os.stat(snap).st_size, SIZE, "snapshot size")
+
+        # ---- the snapshot is A, the image is B ----
+        compare_file(snap, b"A", "snapshot file")
+        h.flush()
+        for i in range(0, NCHUNKS, 32):
+            got = h.pread(32 * CHUNK, i * CHUNK)
+            for k in range(32):
+                g = got[k * CHUNK:(k + 1) * CHUNK]
+                check_bytes(g, expected_b(i + k, g),
+                            "image read through NBD, chunk %d" % (i + k),
+                            (i + k) * CHUNK)
+        compare_file(img, b"B", "image file")
+        h.shutdown()
+        check(srv.alive(), "server died")
+        snaps = [f for f in os.listdir(t.path) if ".snapshot." in f]
+        check_eq(snaps, [os.path.basename(snap)], "snapshot files")
+        check_eq(srv.stop(), 0, "server exit status after SIGTERM")
+        check(" failed" not in srv.log_text(),
+              "log mentions a failure:\n%s" % srv.log_text()[-2000:])
+
+        # ---- SIGTERM during a snapshot: exit 0, no .partial left ----
+        os.unlink(snap)
+        srv2 = t.server(img)
+        h = srv2.connect()
+        h.pwrite(b"C" * CHUNK, 0)
+        h.flush()
+        srv2.signal(signal.SIGUSR1)
+        m = wait_log(srv2, r"snapshot started: (\S+)", 10)
+        snap2 = m.group(1)
+        srv2.signal(signal.SIGTERM)
+        rc = srv2.stop(10, sig=None)
+        check_eq(rc, 0, "exit status after SIGTERM during a snapshot")
+        left = [f for f in os.listdir(t.path) if f.endswith(".partial")]
+        check_eq(left, [], ".partial files left after SIGTERM during a snapshot")
+        if os.path.exists(snap2):      # it may have finished first
+            with open(snap2, "rb") as f:
+                check_eq(f.read(CHUNK), b"C" * CHUNK, "snapshot finished at SIGTERM")
+        # ---- an image whose size is not a multiple of the 1 MiB chunk ----
+        odd_size = 3 * MiB + 777
+        odd_data = random.Random(3).randbytes(odd_size)
+        odd = t.image("odd.img", odd_size, odd_data)
+        srv3 = t.server(odd)
+        h = srv3.connect()
+        check_eq(h.get_size(), odd_size, "size of the odd-sized export")
+        check_bytes(h.pread(1000, odd_size - 1000), odd_data[-1000:], "odd-sized tail",
+                    odd_size - 1000)
+        srv3.signal(signal.SIGUSR1)
+        m = wait_log(srv3, r"snapshot started: (\S+)", 10)
+        h.pwrite(b"Z" * 777, odd_size - 777)        # into the partial last chunk
+        wait_log(srv3, r"snapshot complete: " + re.escape(m.group(1)), 30)
+        with open(m.group(1), "rb") as f:
+            check_bytes(f.read(), odd_data, "snapshot of the odd-sized image")
+        check_bytes(h.pread(777, odd_size - 777), b"Z" * 777, "odd-sized tail after write",
+                    odd_size - 777)
+        h.shutdown()
+        check_eq(srv3.stop(), 0, "exit status (odd-sized image)")
+        log("SIGTERM during a snapshot: %s" % (
+            "snapshot completed first" if os.path.exists(snap2) else "cancelled"))
+
+
+if __name__ == "__main__":
+    xt.main(test)
