@@ -783,17 +783,23 @@ static void skip_done(struct session *s)
 
 /* ---- output ----------------------------------------------------------------- */
 
-static void batch_write_cb(uv_write_t *w, int status)
+/* Release every request of a list whose replies have been written (or
+ * will never be). */
+static void release_all(struct xnbd_list *l)
 {
-	struct wbatch *b = w->data;
-	struct session *s = b->s;
-	s->writes_pending--;
-	while (!xnbd_list_empty(&b->reqs)) {
-		struct req *q = xnbd_container_of(b->reqs.next, struct req, link);
+	while (!xnbd_list_empty(l)) {
+		struct req *q = xnbd_container_of(l->next, struct req, link);
 		xnbd_list_remove(&q->link);
 		req_release(q);
 	}
-	free(b);
+}
+
+/* Replies are out: free their requests, and read again if that was what
+ * held the session (or the server) back. */
+static void replies_written(struct session *s, struct xnbd_list *reqs,
+                            int status)
+{
+	release_all(reqs);
 	if (status < 0 && s->state != S_CLOSING)
 		session_close(s, uv_strerror(status));
 	session_maybe_resume(s);
@@ -801,11 +807,35 @@ static void batch_write_cb(uv_write_t *w, int status)
 	session_maybe_free(s);
 }
 
+static void batch_write_cb(uv_write_t *w, int status)
+{
+	struct wbatch *b = w->data;
+	struct session *s = b->s;
+	s->writes_pending--;
+	replies_written(s, &b->reqs, status);
+	free(b);
+}
+
+/* Move all of `from` onto `to`, which is initialised first. */
+static void list_move_all(struct xnbd_list *to, struct xnbd_list *from)
+{
+	xnbd_list_init(to);
+	if (xnbd_list_empty(from))
+		return;
+	to->next = from->next;
+	to->prev = from->prev;
+	to->next->prev = to;
+	to->prev->next = to;
+	xnbd_list_init(from);
+}
+
 /* Send every finished reply of the session in one vectored write. */
 static void session_flush(struct session *s)
 {
-	if (s->state == S_CLOSING || xnbd_list_empty(&s->out))
-		goto check_drained;
+	if (s->state == S_CLOSING || xnbd_list_empty(&s->out)) {
+		session_check_drained(s);
+		return;
+	}
 	size_t n = 0;
 	xnbd_list_for_each(l, &s->out)
 	{
@@ -824,14 +854,6 @@ static void session_flush(struct session *s)
 		s->iov = iov;
 		s->iov_cap = cap;
 	}
-	struct wbatch *b = malloc(sizeof(*b));
-	if (!b) {
-		session_close(s, "out of memory");
-		return;
-	}
-	b->s = s;
-	b->w.data = b;
-	xnbd_list_init(&b->reqs);
 	size_t k = 0;
 	xnbd_list_for_each(l, &s->out)
 	{
@@ -842,16 +864,11 @@ static void session_flush(struct session *s)
 			s->iov[k++] = uv_buf_init((char *)base + sg->off, sg->len);
 		}
 	}
-	/* Move the whole output list onto the batch. */
-	b->reqs.next = s->out.next;
-	b->reqs.prev = s->out.prev;
-	b->reqs.next->prev = &b->reqs;
-	b->reqs.prev->next = &b->reqs;
-	xnbd_list_init(&s->out);
 
 	/* Write what the socket takes now; queue only the rest.  When it all
-	 * goes out at once (the common case), no write request, callback or
-	 * poll change is needed. */
+	 * goes out at once (the common case), no write request, allocation,
+	 * callback or poll change is needed. */
+	struct xnbd_list done;
 	uv_buf_t *iov = s->iov;
 	int w = uv_try_write(&s->h.stream, iov, (unsigned)k);
 	if (w > 0) {
@@ -866,30 +883,30 @@ static void session_flush(struct session *s)
 			iov->len -= left;
 		}
 	} else if (w != UV_EAGAIN && w != UV_ENOSYS) {
-		s->writes_pending++; /* balanced by batch_write_cb's decrement */
-		batch_write_cb(&b->w, w);
+		list_move_all(&done, &s->out);
+		replies_written(s, &done, w);
 		return;
 	}
 	if (k == 0) {
-		s->writes_pending++;
-		batch_write_cb(&b->w, 0);
+		list_move_all(&done, &s->out);
+		replies_written(s, &done, 0);
 		return;
 	}
+	struct wbatch *b = malloc(sizeof(*b));
+	if (!b) {
+		session_close(s, "out of memory");
+		return;
+	}
+	b->s = s;
+	b->w.data = b;
+	list_move_all(&b->reqs, &s->out);
 	int r = uv_write(&b->w, &s->h.stream, iov, (unsigned)k, batch_write_cb);
 	if (r < 0) {
-		while (!xnbd_list_empty(&b->reqs)) {
-			struct req *q = xnbd_container_of(b->reqs.next, struct req, link);
-			xnbd_list_remove(&q->link);
-			req_release(q);
-		}
+		replies_written(s, &b->reqs, r);
 		free(b);
-		session_close(s, uv_strerror(r));
 		return;
 	}
 	s->writes_pending++;
-	return;
-check_drained:
-	session_check_drained(s);
 }
 
 static void check_cb(uv_check_t *h)
