@@ -57,16 +57,29 @@ def cpu_seconds(pid):
     return (ut + st + cut + cst) / CLK_TCK
 
 
-def peak_rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+def tree_rss_kib(pid):
+    """RSS of a process and all its descendants (nbd-server forks one
+    process per client)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open("/proc/%d/status" % p) as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            for t in os.listdir("/proc/%d/task" % p):
+                with open("/proc/%d/task/%s/children" % (p, t)) as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return total
 
 
 class Server:
-    def __init__(self, name, image, workdir, xnbd):
+    def __init__(self, name, image, workdir, xnbd, mode="target"):
+        self.mode = mode
         self.name = name
         self.image = image
         self.workdir = workdir
@@ -78,22 +91,26 @@ class Server:
 
     def argv(self, port, extra):
         img = self.image
+        cow = self.mode == "cow"
         if self.name == "xnbd-server":
-            return [self.xnbd, "--target", "--laddr", "127.0.0.1", "--lport",
-                    str(port)] + extra + [img]
+            return [self.xnbd, "--cow-target" if cow else "--target",
+                    "--laddr", "127.0.0.1", "--lport", str(port)] + extra + [img]
         if self.name == "nbdkit":
             return ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
-                    "-p", str(port), "file", img]
+                    "-p", str(port)] + (["--filter=cow"] if cow else []) + \
+                ["file", img]
         if self.name == "qemu-nbd":
             return ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port),
-                    "-t", "-e", "64", "--cache=writeback", "--aio=threads", img]
+                    "-t", "-e", "64", "--cache=writeback", "--aio=threads"] + \
+                (["--snapshot"] if cow else []) + [img]
         if self.name == "nbd-server":
             conf = os.path.join(self.workdir, "nbd-server.conf")
             with open(conf, "w") as f:
                 f.write("[generic]\nlistenaddr = 127.0.0.1\nport = %d\n"
                         "allowlist = true\n[bench]\nexportname = %s\n"
                         "flush = true\nfua = true\ntrim = true\n"
-                        "multifile = false\n" % (port, img))
+                        "copyonwrite = %s\n" %
+                        (port, img, "true" if self.mode == "cow" else "false"))
             # nbd-server forks one process per client and, in its -d debug
             # mode, serves only one client: let it daemonize, and follow it
             # through its pid file.
@@ -190,6 +207,29 @@ def nbdcopy_row(name, conns):
     return name, run
 
 
+def memory_row(name, extra):
+    """Peak RSS of the server while a client floods 1 MiB writes at depth
+    128; `extra` are xnbd-server options (peers run without them)."""
+    def run(uri, runtime, size, srv):
+        fio = subprocess.Popen(["fio", "--name=m", "--ioengine=nbd",
+                                "--uri=" + uri, "--rw=write", "--bs=1m",
+                                "--iodepth=128", "--time_based",
+                                "--runtime=%g" % runtime, "--size=%d" % size,
+                                "--output-format=json"],
+                               stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        peak = 0
+        while fio.poll() is None:
+            peak = max(peak, tree_rss_kib(srv.pid))
+            time.sleep(0.02)
+        if fio.returncode:
+            raise RuntimeError("fio failed")
+        return peak / 1024.0, "MiB peak RSS", 0
+    run.extra = extra
+    run.memory = True
+    return name, run
+
+
 ROWS = dict([
     fio_row("seq-read-1M-qd8", "read", "1m", 8),
     fio_row("seq-write-1M-qd8", "write", "1m", 8),
@@ -199,6 +239,8 @@ ROWS = dict([
     fio_row("rand-rw70-4K-qd32", "randrw", "4k", 32, mix=70),
     nbdcopy_row("nbdcopy-null-1conn", 1),
     nbdcopy_row("nbdcopy-null-4conn", 4),
+    memory_row("mem-flood-1M-qd128", []),
+    memory_row("mem-flood-1M-qd128-maxbuf64M", ["--max-buf-size", "64M"]),
 ])
 
 
@@ -210,6 +252,8 @@ def main():
     ap.add_argument("--size", default="1G")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--servers", default=None)
+    ap.add_argument("--mode", choices=["target", "cow"], default="target",
+                    help="serve the image plainly or through a CoW layer")
     ap.add_argument("--xnbd", default=os.path.join(HERE, "..", "build",
                                                    "server", "xnbd-server"))
     args = ap.parse_args()
@@ -235,14 +279,22 @@ def main():
         results = {}  # (row, server) -> list of (value, unit, cpu)
         for row in rows:
             for i in range(runs):
+                fn = ROWS[row]
+                memory = getattr(fn, "memory", False)
                 for name in servers:
-                    srv = Server(name, image, work, args.xnbd)
-                    srv.start()
+                    extra = getattr(fn, "extra", [])
+                    if extra and name != "xnbd-server":
+                        continue  # the option is ours alone
+                    srv = Server(name, image, work, args.xnbd, args.mode)
+                    srv.start(extra if name == "xnbd-server" else ())
                     try:
                         time.sleep(0.1)
                         c0 = cpu_seconds(srv.pid)
-                        value, unit, amount = ROWS[row](srv.uri(), runtime,
-                                                        size)
+                        if memory:
+                            value, unit, amount = fn(srv.uri(), runtime, size,
+                                                     srv)
+                        else:
+                            value, unit, amount = fn(srv.uri(), runtime, size)
                         time.sleep(0.2)  # let forked children be reaped
                         c1 = cpu_seconds(srv.pid)
                     finally:
@@ -252,6 +304,9 @@ def main():
                     print("# %s run %d %s: %.0f %s, server CPU %.2fs" %
                           (row, i + 1, name, value, unit, c1 - c0),
                           file=sys.stderr, flush=True)
+        print("Mode: %s; image %d MiB in page cache; %d run(s) of %gs a row; "
+              "%s" % (args.mode, size >> 20, runs, runtime,
+                      time.strftime("%Y-%m-%d")))
         report(rows, servers, results, runtime)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -281,6 +336,13 @@ def report(rows, servers, results, runtime):
                          (med[name], min(v), max(v), unit, eff[name]))
         peers = [n for n in servers if n != "xnbd-server" and n in med]
         ratio = eff_ratio = "-"
+        if unit.startswith("MiB peak"):
+            if "xnbd-server" in med and peers:
+                ratio = "%.2f (lower is better)" % (
+                    med["xnbd-server"] / min(med[n] for n in peers))
+            cells = [c.split(",")[0] for c in cells]
+            print("| %s | %s | %s | - |" % (row, " | ".join(cells), ratio))
+            continue
         if "xnbd-server" in med and peers:
             best = max(med[n] for n in peers)
             ratio = "%.2f" % (med["xnbd-server"] / best) if best else "-"

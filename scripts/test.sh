@@ -20,6 +20,11 @@ run() {
 }
 
 run build-test --werror
+# The benchmarks' short form, as a smoke test: every server and row must
+# run; nothing is asserted about speed.
+/usr/bin/python3 bench/bench.py --short --xnbd build-test/server/xnbd-server
+/usr/bin/python3 bench/bench.py --short --mode cow --rows rand-rw70-4K-qd32 \
+	--xnbd build-test/server/xnbd-server
 if [ "${1:-}" != "--no-sanitize" ]; then
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
