@@ -2,7 +2,8 @@
  *
  * Include this one header to get the whole public API:
  *   xnbd/protocol.h  constants of the NBD protocol
- *   xnbd/backend.h   asynchronous image backends
+ *   xnbd/backend.h   asynchronous image backends (file, copy-on-write)
+ *   xnbd/bitmap.h    the persistent block bitmap
  *   xnbd/server.h    the NBD server engine
  *   xnbd/log.h       the log callback
  */
@@ -10,6 +11,7 @@
 #define XNBD_XNBD_H
 
 #include "xnbd/backend.h"
+#include "xnbd/bitmap.h"
 #include "xnbd/common.h"
 #include "xnbd/log.h"
 #include "xnbd/protocol.h"
