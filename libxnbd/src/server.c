@@ -108,7 +108,10 @@ struct session {
 	enum sess_state state;
 	bool handle_closed;
 	bool reading;
-	bool draining; /* DISC or shutdown: take no new requests */
+	bool draining; /* DISC or a failed handshake: take no new requests */
+	bool shutting; /* server shutdown: answer new requests ESHUTDOWN */
+	bool fin_sent; /* shutting and drained: write side shut, reading to EOF */
+	uv_shutdown_t shut;
 	bool direct;   /* the last alloc_cb handed out cur's buffer */
 	struct xnbd__hs hs;
 	struct xnbd_export *export;
@@ -146,6 +149,7 @@ struct xnbd_server {
 	size_t nlisteners_open;
 	uv_check_t check;
 	bool check_started;
+	bool wake_pending; /* paused sessions may read again */
 	bool check_closed;
 	uv_timer_t grace;
 	bool grace_started;
@@ -162,6 +166,8 @@ static void session_close(struct session *s, const char *why);
 static void skip_done(struct session *s);
 static void session_process(struct session *s);
 static void session_maybe_resume(struct session *s);
+static void wake_paused(struct xnbd_server *srv, struct session *except);
+static void check_cb(uv_check_t *h);
 static void maybe_finish_shutdown(struct xnbd_server *srv);
 
 /* ---- logging -------------------------------------------------------------- */
@@ -417,23 +423,58 @@ static void session_maybe_free(struct session *s);
 
 /* After DISC, a failed handshake or a shutdown: close once every request
  * is answered and every reply written. */
+static void shut_cb(uv_shutdown_t *req, int status)
+{
+	struct session *s = req->data;
+	if (status == UV_ECANCELED || s->state == S_CLOSING)
+		return;
+	/* The replies and our FIN are out.  Drop what the client sent
+	 * meanwhile, so that closing does not reset the connection, and close. */
+	uv_os_fd_t fd;
+	if (status == 0 && uv_fileno(&s->h.handle, &fd) == 0)
+		while (recv(fd, s->srv->discard, sizeof(s->srv->discard),
+		            MSG_DONTWAIT) > 0)
+			;
+	session_close(s, NULL);
+}
+
 static void session_check_drained(struct session *s)
 {
-	if (s->state != S_CLOSING && s->draining && s->queued == 0 &&
-	    s->writes_pending == 0 && !s->cur && !s->skip &&
-	    xnbd_list_empty(&s->out))
+	if (s->state == S_CLOSING || s->queued || s->writes_pending || s->cur ||
+	    s->skip || !xnbd_list_empty(&s->out))
+		return;
+	if (s->draining) {
 		session_close(s, NULL);
+	} else if (s->shutting && !s->fin_sent) {
+		/* Everything is answered.  Shut the write side first: closing with
+		 * unread requests in the socket would reset the connection, and the
+		 * client could lose replies it has not read yet. */
+		s->fin_sent = true;
+		s->shut.data = s;
+		if (uv_shutdown(&s->shut, &s->h.stream, shut_cb) < 0)
+			session_close(s, NULL);
+	}
 }
 
 static void req_release(struct req *q)
 {
 	struct session *s = q->s;
 	struct xnbd_server *srv = s->srv;
+	bool was_over = server_over_limits(srv);
 	s->queued--;
 	srv->queued--;
 	s->buffered -= q->charged;
 	srv->buffered -= q->charged;
 	q->charged = 0;
+	/* Sessions paused by the server-wide bounds are woken from the check
+	 * handle, whichever session (closing or not) released the room. */
+	if (was_over && !server_over_limits(srv)) {
+		srv->wake_pending = true;
+		if (!srv->check_started) {
+			uv_check_start(&srv->check, check_cb);
+			srv->check_started = true;
+		}
+	}
 	if (q->buf_cap > KEEP_BUF_MAX) {
 		free(q->buf);
 		q->buf = NULL;
@@ -720,6 +761,9 @@ static void handle_request(struct session *s, const struct xnbd__request *r)
 	q->r = *r;
 	uint32_t err = xnbd__request_check(&s->tx, r);
 
+	/* During a shutdown, requests are answered, not served. */
+	if (s->shutting && r->type != XNBD_CMD_DISC)
+		err = XNBD_ESHUTDOWN;
 	if (r->type == XNBD_CMD_DISC) {
 		/* Answer what is in flight, then close (in session_flush). */
 		req_release(q);
@@ -768,7 +812,8 @@ static void handle_request(struct session *s, const struct xnbd__request *r)
 				return;
 			}
 		}
-		charge(q, 8U * MAX_EXTENTS);
+		charge(q, sizeof(*q->extents) * MAX_EXTENTS +
+		              XNBD_STRUCTURED_REPLY_SIZE + 4 + 8U * MAX_EXTENTS);
 	}
 	req_submit(q);
 }
@@ -919,6 +964,12 @@ static void check_cb(uv_check_t *h)
 		xnbd_list_init(&s->dirty_link);
 		session_flush(s);
 	}
+	if (srv->wake_pending) {
+		srv->wake_pending = false;
+		wake_paused(srv, NULL);
+	}
+	if (!xnbd_list_empty(&srv->dirty))
+		return; /* woken sessions answered at once: flush next round */
 	uv_check_stop(&srv->check);
 	srv->check_started = false;
 }
@@ -965,6 +1016,10 @@ static void read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 			slog(s->srv, XNBD_LOG_INFO, "%s: connection closed by client",
 			     s->peer);
 		session_close(s, nread == UV_EOF ? NULL : uv_strerror((int)nread));
+		return;
+	}
+	if (s->fin_sent) {
+		s->rpos = s->rlen = 0; /* after the shutdown: read and drop */
 		return;
 	}
 	if (s->direct) {
@@ -1069,29 +1124,31 @@ static void session_process(struct session *s)
 		session_mark_dirty(s); /* the flush closes once drained */
 }
 
+/* Sessions paused by the server-wide bounds read again once the bounds
+ * allow; called whenever requests were released, whichever session they
+ * belonged to (also a closing one). */
+static void wake_paused(struct xnbd_server *srv, struct session *except)
+{
+	if (!srv->max_queue && !srv->max_buf)
+		return;
+	xnbd_list_for_each(l, &srv->sessions)
+	{
+		if (server_over_limits(srv))
+			return;
+		struct session *o = xnbd_container_of(l, struct session, link);
+		if (o != except && o->state == S_TRANSMIT && !o->reading &&
+		    !o->draining && !session_over_limits(o))
+			session_process(o);
+	}
+}
+
 static void session_maybe_resume(struct session *s)
 {
-	if (s->state != S_TRANSMIT)
-		return;
-	if (s->draining) {
+	if (s->state == S_TRANSMIT && s->draining)
 		session_mark_dirty(s);
-		return;
-	}
-	if (session_over_limits(s))
-		return;
-	if (!s->reading || s->rpos < s->rlen)
+	else if (s->state == S_TRANSMIT && !session_over_limits(s) &&
+	         (!s->reading || s->rpos < s->rlen))
 		session_process(s);
-	/* A full server may have paused other sessions too. */
-	struct xnbd_server *srv = s->srv;
-	if (srv->max_queue || srv->max_buf) {
-		xnbd_list_for_each(l, &srv->sessions)
-		{
-			struct session *o = xnbd_container_of(l, struct session, link);
-			if (o != s && o->state == S_TRANSMIT && !o->reading &&
-			    !o->draining && !server_over_limits(srv))
-				session_process(o);
-		}
-	}
 }
 
 /* ---- handshake ------------------------------------------------------------------ */
@@ -1535,9 +1592,9 @@ int xnbd_server_shutdown(struct xnbd_server *srv, unsigned grace_ms,
 		if (s->state == S_HANDSHAKE) {
 			session_close(s, "server shutting down");
 		} else if (s->state == S_TRANSMIT) {
-			s->draining = true;
+			s->shutting = true;
 			session_process(s);
-			session_mark_dirty(s);
+			session_check_drained(s);
 		}
 	}
 	uv_timer_start(&srv->grace, grace_cb, grace_ms, 0);
