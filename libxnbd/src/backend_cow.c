@@ -57,6 +57,7 @@ struct cow_op {
 	struct cow *c;
 	struct xnbd_io *io;
 	uint64_t b0, b1; /* blocks touched, inclusive */
+	uint64_t span;   /* bytes from io->offset that the runs cover */
 	unsigned pending;
 	int status;
 	int stage;
@@ -88,14 +89,27 @@ static uint64_t block_len(const struct cow *c, uint64_t b)
 	return end > c->base.size ? c->base.size - b * BS : BS;
 }
 
-/* Runs of blocks served by one layer, within [off, off+len). */
-static uint32_t count_runs(const struct cow *c, uint64_t off, uint64_t len)
+/* A block status request looks at this many runs at most and answers
+ * for the part they cover (a shorter reply is allowed), so a query over a
+ * fragmented overlay costs bounded memory and work. */
+#define MAX_STATUS_RUNS 64U
+
+/* Runs of blocks served by one layer, within [off, off+len), counting at
+ * most `max` runs; *len_out is the length they cover. */
+static uint32_t count_runs(const struct cow *c, uint64_t off, uint64_t len,
+                           uint32_t max, uint64_t *len_out)
 {
 	uint64_t b0 = off / BS, b1 = (off + len - 1) / BS;
 	uint32_t n = 1;
+	*len_out = len;
 	for (uint64_t b = b0 + 1; b <= b1; b++)
-		if (bit_get(c, b) != bit_get(c, b - 1))
+		if (bit_get(c, b) != bit_get(c, b - 1)) {
+			if (n == max) {
+				*len_out = b * BS - off;
+				break;
+			}
 			n++;
+		}
 	return n;
 }
 
@@ -242,7 +256,7 @@ static void start_runs(struct cow_op *op)
 {
 	struct cow *c = op->c;
 	struct xnbd_io *io = op->io;
-	uint64_t pos = io->offset, end = io->offset + io->length;
+	uint64_t pos = io->offset, end = io->offset + op->span;
 	uint32_t i = 0;
 	while (pos < end) {
 		uint64_t b = pos / BS;
@@ -252,6 +266,8 @@ static void start_runs(struct cow_op *op)
 			e += BS;
 		if (e > end)
 			e = end;
+		if (i == op->nsub)
+			break;
 		struct cow_sub *s = &op->sub[i++];
 		s->overlay = in_overlay;
 		if (io->type == XNBD_IO_READ) {
@@ -439,11 +455,15 @@ static int cow_submit(struct xnbd_backend *b, struct xnbd_io *io)
 	if (io->length == 0 && io->type != XNBD_IO_FLUSH)
 		return XNBD_IO_COMPLETED;
 	uint32_t nsub = 3;
-	if (io->type == XNBD_IO_READ || io->type == XNBD_IO_BLOCK_STATUS)
-		nsub = count_runs(c, io->offset, io->length);
+	uint64_t span = io->length;
+	if (io->type == XNBD_IO_READ)
+		nsub = count_runs(c, io->offset, io->length, UINT32_MAX, &span);
+	else if (io->type == XNBD_IO_BLOCK_STATUS)
+		nsub = count_runs(c, io->offset, io->length, MAX_STATUS_RUNS, &span);
 	struct cow_op *op = op_new(c, io, nsub);
 	if (!op)
 		return -ENOMEM;
+	op->span = span;
 	if (io->type == XNBD_IO_BLOCK_STATUS) {
 		op->ext = calloc(nsub, sizeof(*op->ext));
 		if (!op->ext) {
