@@ -46,6 +46,7 @@ struct snapshot {
 	uint64_t ndone;    /* chunks DONE, under mu */
 	uint64_t ncopying; /* chunks COPYING, under mu */
 	bool stopped;      /* no new copies may start, under mu */
+	bool cloning;      /* a reflink is being tried, under mu */
 	atomic_int cancel;
 	int status;
 	unsigned users; /* loop thread: the copier plus writes holding it */
@@ -138,7 +139,7 @@ static void copy_before_write(struct snapshot *s, uint64_t off, uint64_t len)
 	uint64_t first = off / SNAP_CHUNK, last = (off + len - 1) / SNAP_CHUNK;
 	for (uint64_t i = first; i <= last && i < s->nchunks; i++) {
 		uv_mutex_lock(&s->mu);
-		while (s->state[i] == CHUNK_COPYING)
+		while (s->cloning || s->state[i] == CHUNK_COPYING)
 			uv_cond_wait(&s->cond, &s->mu);
 		if (s->state[i] == CHUNK_DONE || s->stopped) {
 			uv_mutex_unlock(&s->mu);
@@ -379,8 +380,26 @@ static void snapshot_unref(struct snapshot *s)
 static void snapshot_work(uv_work_t *w)
 {
 	struct snapshot *s = w->data;
-	void *buf = malloc(SNAP_CHUNK);
-	int r = buf ? 0 : -ENOMEM;
+	/* A reflink is point-in-time by itself and needs no copy; writes wait
+	 * for the attempt (a reflink is quick), then either find every chunk
+	 * done or copy before they write. */
+	bool cloned = ioctl(s->fd, FICLONE, s->fb->fd) == 0;
+	int tr = cloned ? 0 : (ftruncate(s->fd, (off_t)s->fb->base.size) ? -errno : 0);
+	uv_mutex_lock(&s->mu);
+	if (cloned) {
+		memset(s->state, CHUNK_DONE, s->nchunks);
+		s->ndone = s->nchunks;
+	}
+	if (tr) {
+		s->status = tr;
+		s->stopped = true;
+	}
+	s->cloning = false;
+	uv_cond_broadcast(&s->cond);
+	uv_mutex_unlock(&s->mu);
+
+	void *buf = cloned || tr ? NULL : malloc(SNAP_CHUNK);
+	int r = tr ? tr : (cloned || buf) ? 0 : -ENOMEM;
 
 	for (uint64_t i = 0; r == 0 && i < s->nchunks; i++) {
 		if (atomic_load(&s->cancel)) {
@@ -480,14 +499,9 @@ static int file_snapshot(struct xnbd_backend *b, const char *path,
 		struct stat st;
 		if (fstat(fb->fd, &st) == 0)
 			(void)fchmod(s->fd, st.st_mode & 0777);
-		/* A reflink is instant and point-in-time by itself: then the
-		 * background job only syncs and renames. */
-		if (ioctl(s->fd, FICLONE, fb->fd) == 0) {
-			memset(s->state, CHUNK_DONE, s->nchunks);
-			s->ndone = s->nchunks;
-		} else if (ftruncate(s->fd, (off_t)b->size)) {
-			r = -errno;
-		}
+		/* The reflink is tried by the background job; until it is known,
+		 * writers wait (see copy_before_write). */
+		s->cloning = true;
 	}
 	if (r == 0) {
 		uv_mutex_init(&s->mu);
