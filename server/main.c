@@ -85,7 +85,8 @@ static void usage(FILE *f)
 	    "  --help                show this help and exit\n"
 	    "  --version             show the version and exit\n"
 	    "\n"
-	    "Signals: SIGUSR1 writes a snapshot DISK_IMAGE.snapshot.<unix-time>;\n"
+	    "Signals: SIGUSR1 writes a snapshot DISK_IMAGE.snapshot.<unix-time>\n"
+	    "(target mode only);\n"
 	    "SIGTERM and SIGINT stop after answering requests in flight.\n"
 	    "See xnbd-server(8).\n");
 }
@@ -474,7 +475,8 @@ int main(int argc, char **argv)
 		return finish(&a, 1);
 	}
 	a.backend = a.image;
-	if (cow) {
+	/* A read-only CoW target is the base served read-only: no overlay. */
+	if (cow && !c->readonly) {
 		struct stat st;
 		const char *ov = c->overlay;
 		unsigned flags = 0;
@@ -482,6 +484,12 @@ int main(int argc, char **argv)
 			ov = getenv("TMPDIR");
 			if (!ov || !*ov)
 				ov = "/var/tmp";
+			/* The default place must be a directory: never a named file. */
+			if (stat(ov, &st) != 0 || !S_ISDIR(st.st_mode)) {
+				fprintf(stderr, PROG ": '%s' is not a directory for the "
+				        "overlay (set TMPDIR or --cow-overlay)\n", ov);
+				return finish(&a, 1);
+			}
 		}
 		if (stat(ov, &st) == 0 && S_ISDIR(st.st_mode))
 			flags = XNBD_COW_TEMPORARY;
