@@ -125,7 +125,8 @@ static size_t put_opt(uint8_t *p, uint32_t opt, const void *d, uint32_t len)
 	xnbd__put64(p, XNBD_MAGIC_OPTS);
 	xnbd__put32(p + 8, opt);
 	xnbd__put32(p + 12, len);
-	memcpy(p + 16, d, len);
+	if (len)
+		memcpy(p + 16, d, len);
 	return 16 + len;
 }
 
