@@ -10,7 +10,7 @@ root="$tmp/root$PREFIX"
 export PKG_CONFIG_PATH="$tmp/root$LIBDIR/pkgconfig"
 pc="pkg-config --define-variable=prefix=$root"
 $pc --exists libxnbd
-for h in xnbd.h protocol.h backend.h bitmap.h server.h log.h common.h; do
+for h in xnbd.h protocol.h backend.h bitmap.h client.h server.h log.h common.h; do
 	test -f "$root/include/xnbd/$h"
 done
 test -x "$root/sbin/xnbd-server"

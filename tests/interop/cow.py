@@ -7,6 +7,7 @@ trimming, pipelined, from two connections), that FLUSH/FUA work, that
 BLOCK_STATUS reports both layers honestly, that fio --verify passes, and
 that no overlay file survives SIGTERM or SIGKILL.
 """
+import errno
 import hashlib
 import os
 import random
@@ -36,13 +37,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+SERVERS = []
+
+
 class Server:
-    def __init__(self, args, log):
+    def __init__(self, args, log, env=None):
         self.port = free_port()
         self.log = log
         self.proc = subprocess.Popen(
             [SERVER, "--laddr", "127.0.0.1", "--lport", str(self.port),
-             "--logpath", log] + args)
+             "--logpath", log] + args, env=env)
+        SERVERS.append(self.proc)
         end = time.time() + 10
         while True:
             if self.proc.poll() is not None:
@@ -269,6 +274,50 @@ def main():
         check(blk == base_data[4096:5000] + b"n" * 100 +
               base_data[5100:8192],
               "named overlay kept, holding the copied-up block")
+        # 5. The default place ($TMPDIR): SIGKILL with writes in flight
+        # leaves nothing there either.
+        tmpdir = os.path.join(tmp, "tmpdir")
+        os.mkdir(tmpdir)
+        env = dict(os.environ, TMPDIR=tmpdir)
+        srv = Server(["--cow-target", base], os.path.join(tmp, "log5"), env)
+        h = srv.connect()
+        rnd = random.Random(9)
+        for i in range(64):
+            h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(rnd.randbytes(65536))),
+                         i * 65536 + rnd.randrange(4096))
+        h.poll(0)
+        check(any(os.path.islink(os.path.join("/proc", str(srv.proc.pid), "fd", f))
+                  and os.readlink(os.path.join("/proc", str(srv.proc.pid), "fd",
+                                               f)).startswith(tmpdir)
+                  for f in os.listdir("/proc/%d/fd" % srv.proc.pid)),
+              "the default overlay lives in $TMPDIR")
+        srv.stop(signal.SIGKILL)
+        check(os.listdir(tmpdir) == [],
+              "no overlay file in $TMPDIR after SIGKILL with writes in flight")
+
+        # 6. --readonly: the base served read-only, writes refused (EPERM).
+        srv = Server(["--cow-target", "--readonly", base],
+                     os.path.join(tmp, "log6"), env)
+        h = srv.connect()
+        check(h.is_read_only(), "read-only CoW export is advertised read-only")
+        try:
+            h.set_strict_mode(0)
+            h.pwrite(b"x" * 512, 0)
+            check(False, "write to a read-only CoW export refused")
+        except nbd.Error as e:
+            check(e.errno in (errno.EPERM, "EPERM"), "write refused with EPERM")
+        check(h.pread(4096, 0) == base_data[:4096], "reads serve the base")
+        h.shutdown()
+        srv.stop()
+
+        # 7. --inetd in CoW mode: one client on standard input.
+        h = nbd.NBD()
+        h.connect_command([SERVER, "--inetd", "--cow-target", "--logpath",
+                           os.path.join(tmp, "log7"), base])
+        h.pwrite(b"i" * 4096, 8192)
+        check(h.pread(4096, 8192) == b"i" * 4096, "CoW over --inetd serves "
+              "its own writes")
+        h.shutdown()
         check(sha(base) == base_sum, "base image unchanged at the end")
         r = subprocess.run([SERVER, "--cow-target", "--cow-overlay", named,
                             "--lport", str(free_port()), base],
@@ -276,6 +325,10 @@ def main():
         check(r.returncode == 1 and "overlay" in r.stderr,
               "an existing overlay file is refused with a message")
     finally:
+        for p in SERVERS:  # whatever failed, stop every server started
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     print("cow.py: all checks passed")
 

@@ -4,6 +4,7 @@
  *   xnbd/protocol.h  constants of the NBD protocol
  *   xnbd/backend.h   asynchronous image backends (file, copy-on-write)
  *   xnbd/bitmap.h    the persistent block bitmap
+ *   xnbd/client.h    an asynchronous NBD client, usable as a backend
  *   xnbd/server.h    the NBD server engine
  *   xnbd/log.h       the log callback
  */
@@ -12,6 +13,7 @@
 
 #include "xnbd/backend.h"
 #include "xnbd/bitmap.h"
+#include "xnbd/client.h"
 #include "xnbd/common.h"
 #include "xnbd/log.h"
 #include "xnbd/protocol.h"
