@@ -18,7 +18,6 @@
  */
 #include <errno.h>
 #include <stdbool.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,42 +93,7 @@ struct xnbd_client {
 
 #define NO_SLOT UINT32_MAX
 
-__attribute__((format(printf, 3, 4))) static void
-clog_(struct xnbd_client *c, int level, const char *fmt, ...)
-{
-	if (!c->log)
-		return;
-	char msg[512];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	c->log(c->log_ud, level, msg);
-}
-
-static int nbd_to_errno(uint32_t e)
-{
-	switch (e) {
-	case XNBD_EPERM:
-		return -EPERM;
-	case XNBD_EIO:
-		return -EIO;
-	case XNBD_ENOMEM:
-		return -ENOMEM;
-	case XNBD_EINVAL:
-		return -EINVAL;
-	case XNBD_ENOSPC:
-		return -ENOSPC;
-	case XNBD_EOVERFLOW:
-		return -EOVERFLOW;
-	case XNBD_ENOTSUP:
-		return -ENOTSUP;
-	case XNBD_ESHUTDOWN:
-		return -ESHUTDOWN;
-	default:
-		return -EIO;
-	}
-}
+#define clog_(c, level, ...) xnbd__logf((c)->log, (c)->log_ud, level, __VA_ARGS__)
 
 /* ---- slots --------------------------------------------------------------- */
 
@@ -344,7 +308,7 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 				s->err = 0;
 				continue;
 			}
-			slot_complete(c, s, err ? nbd_to_errno(err) : 0);
+			slot_complete(c, s, err ? xnbd__nbd_to_errno(err) : 0);
 			continue;
 		}
 		if (magic != XNBD_MAGIC_STRUCTURED_REPLY || !c->structured) {
@@ -416,7 +380,7 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 			if (pavail < plen)
 				goto need_more;
 			uint32_t e = xnbd__get32(pl);
-			s->err = nbd_to_errno(e ? e : XNBD_EIO);
+			s->err = xnbd__nbd_to_errno(e ? e : XNBD_EIO);
 			if (io->type == XNBD_IO_READ)
 				s->covered = io->length; /* errors need no coverage */
 			used += XNBD_STRUCTURED_REPLY_SIZE + plen;

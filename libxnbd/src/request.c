@@ -159,3 +159,27 @@ uint32_t xnbd__errno_to_nbd(int err)
 		return XNBD_EIO;
 	}
 }
+
+int xnbd__nbd_to_errno(uint32_t e)
+{
+	switch (e) {
+	case XNBD_EPERM:
+		return -EPERM;
+	case XNBD_EIO:
+		return -EIO;
+	case XNBD_ENOMEM:
+		return -ENOMEM;
+	case XNBD_EINVAL:
+		return -EINVAL;
+	case XNBD_ENOSPC:
+		return -ENOSPC;
+	case XNBD_EOVERFLOW:
+		return -EOVERFLOW;
+	case XNBD_ENOTSUP:
+		return -ENOTSUP;
+	case XNBD_ESHUTDOWN:
+		return -ESHUTDOWN;
+	default:
+		return -EIO;
+	}
+}

@@ -21,7 +21,6 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -172,18 +171,8 @@ static void maybe_finish_shutdown(struct xnbd_server *srv);
 
 /* ---- logging -------------------------------------------------------------- */
 
-__attribute__((format(printf, 3, 4))) static void
-slog(struct xnbd_server *srv, int level, const char *fmt, ...)
-{
-	if (!srv->log)
-		return;
-	char msg[512];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	srv->log(srv->log_ud, level, msg);
-}
+#define slog(srv, level, ...) \
+	xnbd__logf((srv)->log, (srv)->log_ud, level, __VA_ARGS__)
 
 /* ---- exports ------------------------------------------------------------- */
 

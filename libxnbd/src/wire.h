@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "xnbd/log.h"
 #include "xnbd/protocol.h"
 
 static inline void xnbd__put16(uint8_t *p, uint16_t v)
@@ -193,5 +194,12 @@ void xnbd__chunk_header(uint8_t p[XNBD_STRUCTURED_REPLY_SIZE], uint16_t flags,
 
 /* Map a negative errno from a backend to the NBD error sent for it. */
 uint32_t xnbd__errno_to_nbd(int err);
+
+/* Map an NBD error from a server to a negative errno (unknown: -EIO). */
+int xnbd__nbd_to_errno(uint32_t err);
+
+/* Format a message and hand it to a log callback (nothing if fn is NULL). */
+__attribute__((format(printf, 4, 5))) void
+xnbd__logf(xnbd_log_fn fn, void *ud, int level, const char *fmt, ...);
 
 #endif
