@@ -478,25 +478,20 @@ int main(int argc, char **argv)
 	/* A read-only CoW target is the base served read-only: no overlay. */
 	if (cow && !c->readonly) {
 		struct stat st;
-		const char *ov = c->overlay;
-		unsigned flags = 0;
-		if (!ov) {
-			ov = getenv("TMPDIR");
-			if (!ov || !*ov)
-				ov = "/var/tmp";
-			/* The default place must be a directory: never a named file. */
-			if (stat(ov, &st) != 0 || !S_ISDIR(st.st_mode)) {
-				fprintf(stderr, PROG ": '%s' is not a directory for the "
-				        "overlay (set TMPDIR or --cow-overlay)\n", ov);
-				return finish(&a, 1);
-			}
-		}
-		if (stat(ov, &st) == 0 && S_ISDIR(st.st_mode))
-			flags = XNBD_COW_TEMPORARY;
+		const char *ov = c->overlay; /* NULL: the library's default place */
+		unsigned flags = XNBD_COW_TEMPORARY;
+		if (ov && !(stat(ov, &st) == 0 && S_ISDIR(st.st_mode)))
+			flags = 0; /* a new file to keep */
 		r = xnbd_backend_cow_new(a.loop, a.image, ov, flags, &a.backend);
+		if (r == -ENOTDIR && !ov) {
+			fprintf(stderr, PROG ": $TMPDIR (or /var/tmp) is not a directory "
+			        "for the overlay: set TMPDIR or --cow-overlay\n");
+			return finish(&a, 1);
+		}
 		if (r < 0) {
 			fprintf(stderr, PROG ": cannot create the overlay %s '%s': %s\n",
-			        flags ? "in" : "file", ov, xnbd_strerror(r));
+			        flags ? "in" : "file", ov ? ov : "$TMPDIR",
+			        xnbd_strerror(r));
 			return finish(&a, 1);
 		}
 	}

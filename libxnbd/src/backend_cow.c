@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -503,6 +504,18 @@ int xnbd_backend_cow_new(uv_loop_t *loop, struct xnbd_backend *lower,
 {
 	uint64_t size = xnbd_backend_size(lower);
 	int fd;
+	if (!path && (flags & XNBD_COW_TEMPORARY)) {
+		/* The default place for a temporary overlay: a directory, never a
+		 * file that would outlive the process. */
+		path = getenv("TMPDIR");
+		if (!path || !*path)
+			path = "/var/tmp";
+		struct stat st;
+		if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+			return -ENOTDIR;
+	}
+	if (!path)
+		return -EINVAL;
 	if (flags & XNBD_COW_TEMPORARY) {
 		/* An overlay without a name cannot outlive the process, crash or
 		 * not.  Where O_TMPFILE is missing, unlink right after creating. */

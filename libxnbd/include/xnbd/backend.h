@@ -120,9 +120,11 @@ XNBD_EXPORT int xnbd_backend_file_open(uv_loop_t *loop, const char *path,
  * the rest of the block up from `lower`), so `lower` is never written and
  * may be read-only.  After a trim or zeroing the blocks read as zeroes.
  * The overlay is `path` (created; it must not exist, and it is kept), or,
- * with XNBD_COW_TEMPORARY, an unlinked file in the directory `path`.
+ * with XNBD_COW_TEMPORARY, an unlinked file in the directory `path`; a NULL
+ * path then means $TMPDIR, or /var/tmp when that is unset.
  * `lower` is not owned: free it after the CoW backend.  Returns 0,
- * -EEXIST, -ENOMEM, or another negative errno from creating the overlay. */
+ * -EEXIST, -ENOTDIR (the default place is not a directory), -EINVAL,
+ * -ENOMEM, or another negative errno from creating the overlay. */
 XNBD_EXPORT int xnbd_backend_cow_new(uv_loop_t *loop,
                                      struct xnbd_backend *lower,
                                      const char *path, unsigned flags,
