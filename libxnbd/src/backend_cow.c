@@ -39,7 +39,6 @@ struct cow {
 	struct xnbd_backend base;
 	struct xnbd_backend *lower;   /* not owned */
 	struct xnbd_backend *overlay; /* owned */
-	uint64_t nblocks;
 	uint64_t *bits;
 	struct xnbd_list locked;  /* write ops holding their blocks */
 	struct xnbd_list waiting; /* write ops waiting for blocks */
@@ -49,7 +48,6 @@ struct cow_op;
 
 struct cow_sub {
 	struct xnbd_io io;
-	struct cow_op *op;
 	bool overlay;
 };
 
@@ -147,7 +145,6 @@ static void sub_submit(struct cow_op *op, struct cow_sub *s, uint32_t type,
                        struct xnbd_extent *ext)
 {
 	struct cow *c = op->c;
-	s->op = op;
 	s->io = (struct xnbd_io){.type = type, .flags = flags, .offset = off,
 	                         .length = len, .buf = buf, .extents = ext,
 	                         .max_extents = ext ? 1 : 0, .done = sub_done,
@@ -567,7 +564,6 @@ int xnbd_backend_cow_new(uv_loop_t *loop, struct xnbd_backend *lower,
 		c->base.caps &= ~XNBD_CAP_CACHE;
 	c->lower = lower;
 	c->overlay = ov;
-	c->nblocks = nblocks;
 	c->bits = bits;
 	xnbd_list_init(&c->locked);
 	xnbd_list_init(&c->waiting);

@@ -50,7 +50,6 @@ struct slot {
 	uint32_t gen;
 	uint32_t next_free;
 	bool writing; /* uv_write not finished */
-	bool done;    /* reply complete */
 	int err;
 	uint64_t covered; /* READ bytes delivered (structured) */
 	uv_write_t w;
@@ -68,7 +67,6 @@ struct xnbd_client {
 	enum state state;
 	enum hs_step hs;
 	char *name;
-	char *port;
 	xnbd_client_cb connect_cb, disc_cb;
 	void *connect_ud, *disc_ud;
 	xnbd_log_fn log;
@@ -139,7 +137,6 @@ static void free_now(struct xnbd_client *c)
 	free(c->slots);
 	free(c->rbuf);
 	free(c->name);
-	free(c->port);
 	free(c);
 }
 
@@ -238,7 +235,6 @@ static int client_submit(struct xnbd_backend *b, struct xnbd_io *io)
 	s->io = io;
 	s->err = 0;
 	s->covered = 0;
-	s->done = false;
 	s->writing = true;
 	s->w.data = s;
 	int r = uv_write(&s->w, (uv_stream_t *)&c->tcp, bufs, nbufs, req_write_cb);
@@ -721,8 +717,7 @@ int xnbd_client_connect(struct xnbd_client *c, const char *host,
 	if (!host || !port || !name || !cb || strlen(name) > XNBD_MAX_STRING)
 		return -EINVAL;
 	c->name = strdup(name);
-	c->port = strdup(port);
-	if (!c->name || !c->port)
+	if (!c->name)
 		return -ENOMEM;
 	c->connect_cb = cb;
 	c->connect_ud = ud;

@@ -63,15 +63,6 @@ void xnbd__buf_append(struct xnbd__buf *b, const void *p, size_t n)
 		memcpy(d, p, n);
 }
 
-void xnbd__buf_consume(struct xnbd__buf *b, size_t n)
-{
-	if (n >= b->len) {
-		b->len = 0;
-		return;
-	}
-	memmove(b->data, b->data + n, b->len - n);
-	b->len -= n;
-}
 
 /* ---- replies ------------------------------------------------------------ */
 

@@ -71,8 +71,6 @@ void xnbd__buf_reset(struct xnbd__buf *b);
 /* Reserve n bytes at the end and return them, or NULL after a failure. */
 uint8_t *xnbd__buf_push(struct xnbd__buf *b, size_t n);
 void xnbd__buf_append(struct xnbd__buf *b, const void *p, size_t n);
-/* Drop the first n bytes. */
-void xnbd__buf_consume(struct xnbd__buf *b, size_t n);
 
 /* ---- Handshake ---------------------------------------------------------- */
 

@@ -179,33 +179,6 @@ START_TEST(buf_push_reserves_at_end)
 }
 END_TEST
 
-START_TEST(buf_consume_drops_front)
-{
-	struct xnbd__buf b;
-	xnbd__buf_init(&b);
-	xnbd__buf_append(&b, "0123456789", 10);
-	xnbd__buf_consume(&b, 3);
-	ck_assert_uint_eq(b.len, 7);
-	ck_assert_mem_eq(b.data, "3456789", 7);
-	xnbd__buf_consume(&b, 0);
-	ck_assert_uint_eq(b.len, 7);
-	ck_assert_mem_eq(b.data, "3456789", 7);
-	xnbd__buf_consume(&b, 6);
-	ck_assert_uint_eq(b.len, 1);
-	ck_assert_mem_eq(b.data, "9", 1);
-	xnbd__buf_append(&b, "xy", 2);
-	ck_assert_uint_eq(b.len, 3);
-	ck_assert_mem_eq(b.data, "9xy", 3);
-	xnbd__buf_consume(&b, 3);
-	ck_assert_uint_eq(b.len, 0);
-	xnbd__buf_append(&b, "ab", 2);
-	xnbd__buf_consume(&b, 100); /* more than there is */
-	ck_assert_uint_eq(b.len, 0);
-	ck_assert(!b.failed);
-	xnbd__buf_free(&b);
-}
-END_TEST
-
 START_TEST(buf_reset_keeps_storage)
 {
 	struct xnbd__buf b;
@@ -2050,7 +2023,6 @@ static Suite *wire_suite(void)
 	tcase_add_test(tc, buf_append_grows_and_keeps_bytes);
 	tcase_add_test(tc, buf_append_nothing);
 	tcase_add_test(tc, buf_push_reserves_at_end);
-	tcase_add_test(tc, buf_consume_drops_front);
 	tcase_add_test(tc, buf_reset_keeps_storage);
 	tcase_add_test(tc, buf_failure_is_sticky);
 	tcase_add_test(tc, put_get_big_endian);
