@@ -30,6 +30,9 @@ struct config {
 	const char *logpath;
 	const char *pidfile;
 	const char *overlay;
+	const char *rhost, *rport, *cache, *bitmap, *ctlsock; /* --proxy */
+	const char *exportname;
+	int clear_bitmap;
 	int use_syslog;
 	int readonly;
 	int daemonize;
@@ -48,8 +51,12 @@ struct app {
 	struct xnbd_backend *image;   /* the image file (below a CoW layer) */
 	struct xnbd_export *export;
 	struct xnbd_server *server;
+	struct xnbd_proxy *proxy;
+	struct xnbd_control *control;
+	int proxy_opened; /* 1 ready, <0 failed */
 	uv_signal_t sig_term, sig_int, sig_usr1, sig_usr2;
 	char *image_abs;
+	char *cache_abs, *bitmap_abs, *ctl_abs;
 	int stopping;
 	int server_done;
 	int exit_code;
@@ -60,10 +67,13 @@ static void usage(FILE *f)
 	fprintf(f,
 	    "Usage: " PROG " --target [options] DISK_IMAGE\n"
 	    "       " PROG " --cow-target [options] BASE_DISK_IMAGE\n"
+	    "       " PROG " --proxy [options] RHOST RPORT CACHE_IMAGE BITMAP CTLSOCK\n"
 	    "\n"
 	    "Export DISK_IMAGE over the NBD protocol.  With --cow-target, writes go to\n"
 	    "an overlay that disappears when the server ends; BASE_DISK_IMAGE is never\n"
-	    "written.\n"
+	    "written.  With --proxy, serve the NBD export at RHOST:RPORT, caching its\n"
+	    "blocks in CACHE_IMAGE as they are read, recorded in BITMAP; writes stay\n"
+	    "local.  xnbd-bgctl(1) controls the proxy through the socket CTLSOCK.\n"
 	    "\n"
 	    "Options:\n"
 	    "  --lport PORT          TCP port to listen on (default 8520)\n"
@@ -80,13 +90,16 @@ static void usage(FILE *f)
 	    "  --cow-overlay PATH    --cow-target: keep the overlay in the new file PATH,\n"
 	    "                        or, if PATH is a directory, make it there, unlinked\n"
 	    "                        (default: an unlinked file in $TMPDIR or /var/tmp)\n"
+	    "  --target-exportname NAME  --proxy: the upstream export's name (default \"\")\n"
+	    "  --clear-bitmap        --proxy: forget what BITMAP says is cached\n"
 	    "  --oldstyle            greet clients with the oldstyle handshake (legacy)\n"
 	    "  --verbose             log debug messages too\n"
 	    "  --help                show this help and exit\n"
 	    "  --version             show the version and exit\n"
 	    "\n"
 	    "Signals: SIGUSR1 writes a snapshot DISK_IMAGE.snapshot.<unix-time>\n"
-	    "(target mode only);\n"
+	    "(target mode only); SIGUSR2 switches a proxy to target mode once every\n"
+	    "block is cached;\n"
 	    "SIGTERM and SIGINT stop after answering requests in flight.\n"
 	    "See xnbd-server(8).\n");
 }
@@ -233,9 +246,11 @@ static int parse_args(int argc, char **argv, struct config *c)
 			c->verbose = 1;
 			break;
 		case O_EXPORTNAME:
+			c->exportname = optarg;
+			break;
 		case O_CLEARBITMAP:
-			return fail_usage("%s is an option of --proxy mode",
-			                  argv[optind - 1]);
+			c->clear_bitmap = 1;
+			break;
 		case O_HELP:
 			usage(stdout);
 			exit(0);
@@ -249,16 +264,38 @@ static int parse_args(int argc, char **argv, struct config *c)
 		}
 	}
 	if (c->mode == MODE_NONE)
-		return fail_usage("%s", "a mode is required: --target or --cow-target");
-	if (c->mode == MODE_PROXY)
-		return fail_usage("%s", "--proxy is not available in this version");
+		return fail_usage("%s", "a mode is required: --target, --cow-target "
+		                        "or --proxy");
 	if (c->overlay && c->mode != MODE_COW)
 		return fail_usage("%s", "--cow-overlay goes with --cow-target");
-	if (optind + 1 != argc)
-		return fail_usage("%s", optind >= argc
-		                            ? "the disk image is missing"
-		                            : "exactly one disk image is expected");
-	c->image = argv[optind];
+	if (c->mode != MODE_PROXY && (c->exportname || c->clear_bitmap))
+		return fail_usage("%s", c->exportname
+		                            ? "--target-exportname goes with --proxy"
+		                            : "--clear-bitmap goes with --proxy");
+	if (c->mode == MODE_PROXY) {
+		if (optind + 5 != argc)
+			return fail_usage("%s", "--proxy takes five arguments: RHOST RPORT "
+			                        "CACHE_IMAGE BITMAP CTLSOCK");
+		c->rhost = argv[optind];
+		c->rport = argv[optind + 1];
+		c->cache = argv[optind + 2];
+		c->bitmap = argv[optind + 3];
+		c->ctlsock = argv[optind + 4];
+		c->image = c->cache;
+		char *end;
+		long p = strtol(c->rport, &end, 10);
+		if (*end || end == c->rport || p < 1 || p > 65535)
+			return fail_usage("invalid upstream port '%s' (1 to 65535)",
+			                  c->rport);
+		if (!*c->rhost || !*c->cache || !*c->bitmap || !*c->ctlsock)
+			return fail_usage("%s", "empty argument to --proxy");
+	} else {
+		if (optind + 1 != argc)
+			return fail_usage("%s", optind >= argc
+			                            ? "the disk image is missing"
+			                            : "exactly one disk image is expected");
+		c->image = argv[optind];
+	}
 	if (c->inetd && c->connected_fd >= 0)
 		return fail_usage("%s", "--inetd and --connected-fd exclude each other");
 	if ((c->inetd || c->connected_fd >= 0) && c->daemonize)
@@ -280,7 +317,8 @@ static void close_signals(struct app *a)
 
 static void maybe_finish(struct app *a)
 {
-	if (a->server_done && !xnbd_backend_snapshot_running(a->backend) &&
+	if (a->server_done &&
+	    !(a->backend && xnbd_backend_snapshot_running(a->backend)) &&
 	    !uv_is_closing((uv_handle_t *)&a->sig_term))
 		close_signals(a);
 }
@@ -290,6 +328,16 @@ static void on_server_down(struct xnbd_server *s, void *ud)
 	struct app *a = ud;
 	a->server_done = 1;
 	logsink_printf(XNBD_LOG_INFO, "server stopped");
+	/* The control socket goes first (a fill in progress is stopped), then
+	 * the proxy syncs its cache and bitmap. */
+	xnbd_control_free(a->control);
+	a->control = NULL;
+	if (a->proxy) {
+		/* Lets the upstream go; syncs and frees once its fills stopped. */
+		xnbd_proxy_free(a->proxy);
+		a->proxy = NULL;
+		a->backend = a->image = NULL;
+	}
 	maybe_finish(a);
 }
 
@@ -340,8 +388,22 @@ static void on_usr1(uv_signal_t *h, int signum)
 
 static void on_usr2(uv_signal_t *h, int signum)
 {
-	logsink_printf(XNBD_LOG_NOTICE,
-	               "SIGUSR2 ignored: only a proxy switches to target mode");
+	struct app *a = h->data;
+	if (!a->proxy) {
+		logsink_printf(XNBD_LOG_NOTICE,
+		               "SIGUSR2 ignored: only a proxy switches to target mode");
+		return;
+	}
+	int r = xnbd_proxy_switch(a->proxy, 0);
+	if (r == -EBUSY)
+		logsink_printf(XNBD_LOG_WARNING,
+		               "SIGUSR2: not switching to target mode: %llu blocks are "
+		               "not cached yet (xnbd-bgctl --cache-all fills the cache; "
+		               "xnbd-bgctl --force --switch switches anyway)",
+		               (unsigned long long)(xnbd_proxy_blocks(a->proxy) -
+		                                    xnbd_proxy_cached_blocks(a->proxy)));
+	else if (r == -EALREADY)
+		logsink_printf(XNBD_LOG_NOTICE, "SIGUSR2: in target mode already");
 }
 
 static void on_client_end(struct xnbd_server *s, void *ud)
@@ -417,15 +479,111 @@ static int finish(struct app *a, int code)
 			while (!down && uv_run(a->loop, UV_RUN_ONCE))
 				;
 	}
+	xnbd_control_free(a->control);
+	a->control = NULL;
 	xnbd_server_free(a->server);
 	xnbd_export_free(a->export);
+	if (a->proxy) {
+		/* Waits for the fills' last fetches, then syncs and frees. */
+		xnbd_proxy_free(a->proxy);
+		a->proxy = NULL;
+		a->backend = a->image = NULL;
+		uv_run(a->loop, UV_RUN_DEFAULT);
+	}
 	if (a->backend != a->image)
 		xnbd_backend_free(a->backend);
 	xnbd_backend_free(a->image);
 	if (a->loop && uv_loop_close(a->loop) != 0 && code == 0)
 		code = 1;
 	free(a->image_abs);
+	free(a->cache_abs);
+	free(a->bitmap_abs);
+	free(a->ctl_abs);
 	return code;
+}
+
+/* An absolute path for p (which may not exist yet): the daemon changes
+ * directory, and the control socket is removed by name at exit. */
+static char *abs_path(const char *p)
+{
+	if (p[0] == '/')
+		return strdup(p);
+	char cwd[PATH_MAX];
+	if (!getcwd(cwd, sizeof(cwd)))
+		return NULL;
+	size_t n = strlen(cwd) + strlen(p) + 2;
+	char *r = malloc(n);
+	if (r)
+		snprintf(r, n, "%s/%s", cwd, p);
+	return r;
+}
+
+static void on_proxy_open(struct xnbd_proxy *p, int status, void *ud)
+{
+	struct app *a = ud;
+	a->proxy_opened = status ? status : 1;
+}
+
+/* Connect upstream and open the cache and bitmap; the library logs why it
+ * failed.  Returns 0 or an exit code. */
+static int open_proxy(struct app *a)
+{
+	struct config *c = &a->cfg;
+	int r = xnbd_proxy_new(a->loop, &a->proxy);
+	if (r < 0) {
+		fprintf(stderr, PROG ": %s\n", xnbd_strerror(r));
+		return 1;
+	}
+	xnbd_proxy_set_log(a->proxy, logsink_write, NULL);
+	unsigned flags = (c->clear_bitmap ? XNBD_PROXY_CLEAR_BITMAP : 0) |
+	                 (c->readonly ? XNBD_PROXY_READONLY : 0);
+	a->cache_abs = abs_path(c->cache);
+	a->bitmap_abs = abs_path(c->bitmap);
+	a->ctl_abs = abs_path(c->ctlsock);
+	if (!a->cache_abs || !a->bitmap_abs || !a->ctl_abs) {
+		fprintf(stderr, PROG ": cannot resolve paths: %s\n", strerror(errno));
+		return 1;
+	}
+	r = xnbd_proxy_open(a->proxy, c->rhost, c->rport,
+	                    c->exportname ? c->exportname : "", a->cache_abs,
+	                    a->bitmap_abs, flags, on_proxy_open, a);
+	if (r < 0) {
+		fprintf(stderr, PROG ": cannot start the proxy: %s\n",
+		        xnbd_strerror(r));
+		return 1;
+	}
+	while (!a->proxy_opened && uv_run(a->loop, UV_RUN_ONCE))
+		;
+	if (a->proxy_opened != 1) {
+		logsink_printf(XNBD_LOG_ERR, "cannot start the proxy of %s:%s",
+		               c->rhost, c->rport);
+		return 1;
+	}
+	a->backend = xnbd_proxy_backend(a->proxy);
+	a->image = a->backend;
+	if (!(a->image_abs = strdup(a->cache_abs)))
+		return 1;
+	return 0;
+}
+
+static int open_control(struct app *a)
+{
+	int r = xnbd_control_new(a->loop, &a->control);
+	if (r == 0) {
+		xnbd_control_set_log(a->control, logsink_write, NULL);
+		r = xnbd_proxy_control_add(a->proxy, a->control, a->server);
+	}
+	if (r == 0)
+		r = xnbd_control_listen(a->control, a->ctl_abs);
+	if (r < 0) {
+		fprintf(stderr, PROG ": cannot open the control socket '%s': %s\n",
+		        a->cfg.ctlsock,
+		        r == -EADDRINUSE ? "a running server listens there"
+		        : r == -EEXIST   ? "a file that is not a socket is in the way"
+		                         : xnbd_strerror(r));
+		return 1;
+	}
+	return 0;
 }
 
 static void start_signal(struct app *a, uv_signal_t *h, uv_signal_cb cb,
@@ -443,6 +601,7 @@ int main(int argc, char **argv)
 	if (r)
 		return r;
 	struct config *c = &a.cfg;
+	int cow = 0;
 
 	signal(SIGPIPE, SIG_IGN);
 	/* Disk I/O that misses the page cache runs on libuv's pool. */
@@ -458,13 +617,19 @@ int main(int argc, char **argv)
 	}
 
 	a.loop = uv_default_loop();
+	if (c->mode == MODE_PROXY) {
+		r = open_proxy(&a);
+		if (r)
+			return finish(&a, r);
+		goto export;
+	}
 	a.image_abs = realpath(c->image, NULL);
 	if (!a.image_abs) {
 		fprintf(stderr, PROG ": cannot open image '%s': %s\n", c->image,
 		        strerror(errno));
 		return finish(&a, 1);
 	}
-	int cow = c->mode == MODE_COW;
+	cow = c->mode == MODE_COW;
 	r = xnbd_backend_file_open(a.loop, a.image_abs,
 	                           (c->readonly || cow) ? XNBD_OPEN_READONLY : 0,
 	                           &a.image);
@@ -495,6 +660,7 @@ int main(int argc, char **argv)
 			return finish(&a, 1);
 		}
 	}
+export:
 	if ((r = xnbd_export_new("", a.backend,
 	                         c->readonly ? XNBD_EXPORT_READONLY : 0,
 	                         &a.export)) < 0 ||
@@ -509,6 +675,8 @@ int main(int argc, char **argv)
 	                                    (c->oldstyle ? XNBD_SERVER_OLDSTYLE : 0));
 	xnbd_server_set_limits(a.server, c->max_queue, c->max_buf);
 	xnbd_server_on_client_end(a.server, on_client_end, &a);
+	if (a.proxy && (r = open_control(&a)) != 0)
+		return finish(&a, r);
 
 	if (c->inetd || c->connected_fd >= 0) {
 		int fd = c->inetd ? 0 : c->connected_fd;
@@ -543,7 +711,7 @@ int main(int argc, char **argv)
 		logsink_printf(XNBD_LOG_INFO, "serving %s (%llu bytes%s%s) on %s port %s",
 		               a.image_abs,
 		               (unsigned long long)xnbd_backend_size(a.backend),
-		               cow ? ", copy-on-write" : "",
+		               cow ? ", copy-on-write" : a.proxy ? ", proxy" : "",
 		               c->readonly ? ", read-only" : "",
 		               c->laddr ? c->laddr : "all addresses", c->lport);
 

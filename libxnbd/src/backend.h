@@ -41,4 +41,11 @@ void xnbd__io_complete(struct xnbd_backend *b, struct xnbd_io *io);
 /* Is the whole buffer zero?  Fast on data that is not. */
 int xnbd__is_zero(const void *p, size_t n);
 
+/* Room inside a proxy for the state of its control commands. */
+struct xnbd_proxy;
+struct xnbd__proxy_ctl_area {
+	void *p[4];
+};
+struct xnbd__proxy_ctl_area *xnbd__proxy_ctl_area(struct xnbd_proxy *p);
+
 #endif

@@ -19,6 +19,7 @@
 
 #include "xnbd/bitmap.h"
 
+#include "backend.h"
 #include "wire.h"
 
 #define HDR_SIZE 4096U
@@ -141,6 +142,10 @@ int xnbd_bitmap_open(const char *path, uint64_t image_size,
 		if (r == 0 && (memcmp(h, magic, 8) != 0 || xnbd__get32(h + 8) != VERSION ||
 		               xnbd__get32(h + 12) != HDR_SIZE ||
 		               xnbd__get64(h + 40) != fnv1a(h, 40)))
+			r = -EBADMSG;
+		/* Reserved bytes are zero in every file we write: anything else is
+		 * damage (or a newer format, which must change the version). */
+		if (r == 0 && (xnbd__get32(h + 20) != 0 || !xnbd__is_zero(h + 48, HDR_SIZE - 48)))
 			r = -EBADMSG;
 		if (r == 0 && (xnbd__get32(h + 16) != block_size ||
 		               xnbd__get64(h + 24) != blocks ||

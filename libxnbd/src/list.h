@@ -38,6 +38,19 @@ static inline void xnbd_list_remove(struct xnbd_list *elm)
 	elm->prev = elm->next = elm;
 }
 
+/* Move every element of src to the end of dst; src is left empty. */
+static inline void xnbd_list_splice(struct xnbd_list *dst,
+                                    struct xnbd_list *src)
+{
+	if (src->next == src)
+		return;
+	src->next->prev = dst->prev;
+	dst->prev->next = src->next;
+	src->prev->next = dst;
+	dst->prev = src->prev;
+	src->next = src->prev = src;
+}
+
 #define xnbd_list_for_each(it, head) \
 	for (struct xnbd_list *it = (head)->next; it != (head); it = it->next)
 

@@ -74,7 +74,9 @@ struct req {
 	uint8_t *buf; /* READ/WRITE data */
 	size_t buf_cap;
 	uint32_t have; /* WRITE payload bytes received */
-	struct xnbd_extent *extents;
+	struct xnbd_extent *extents; /* 2 * MAX_EXTENTS: one half a context */
+	uint32_t n_ext[XNBD__CTX_COUNT]; /* BLOCK_STATUS: extents per context */
+	uint32_t ctx_left; /* BLOCK_STATUS: contexts still to ask about */
 	struct xnbd__buf hdr; /* reply headers */
 	struct seg segs[8];
 	struct seg *xsegs; /* when more than 8 are needed */
@@ -204,6 +206,8 @@ static void export_refresh(struct xnbd_export *e)
 	e->hs.tflags = f;
 	e->hs.contexts =
 	    (caps & XNBD_CAP_BLOCK_STATUS) ? XNBD__CTX_BASE_ALLOCATION : 0;
+	if ((caps & XNBD_CAP_BLOCK_STATUS) && (caps & XNBD_CAP_CACHE_STATUS))
+		e->hs.contexts |= XNBD__CTX_XNBD_CACHE;
 	e->hs.min_block = 1;
 	e->hs.pref_block = 4096;
 	e->hs.max_block = XNBD_MAX_PAYLOAD;
@@ -308,6 +312,19 @@ void xnbd_server_set_log(struct xnbd_server *srv, xnbd_log_fn fn, void *ud)
 void xnbd_server_set_flags(struct xnbd_server *srv, unsigned flags)
 {
 	srv->flags = flags;
+}
+
+void xnbd_server_usage(const struct xnbd_server *srv, size_t *queued,
+                       size_t *buffered, size_t *max_queue, size_t *max_buf)
+{
+	if (queued)
+		*queued = srv->queued;
+	if (buffered)
+		*buffered = srv->buffered;
+	if (max_queue)
+		*max_queue = srv->max_queue;
+	if (max_buf)
+		*max_buf = srv->max_buf;
 }
 
 void xnbd_server_set_limits(struct xnbd_server *srv, size_t max_queue,
@@ -634,20 +651,30 @@ static void reply_read(struct req *q)
 		chunk_data(q, run_start, len - run_start, true);
 }
 
+/* One chunk per selected meta context, in context-ID order; the last one
+ * carries the DONE flag. */
 static void reply_block_status(struct req *q)
 {
-	uint32_t n = q->io.n_extents;
-	uint8_t *p = hdr_push(q, XNBD_STRUCTURED_REPLY_SIZE + 4 + 8ULL * n);
-	if (!p)
-		return;
-	xnbd__chunk_header(p, XNBD_REPLY_FLAG_DONE, XNBD_REPLY_TYPE_BLOCK_STATUS,
-	                   q->r.cookie, 4 + 8 * n);
-	/* Context ID: bit number plus one, as handshake.c hands them out. */
-	xnbd__put32(p + 20, 1);
-	for (uint32_t i = 0; i < n; i++) {
-		uint64_t l = q->extents[i].length;
-		xnbd__put32(p + 24 + 8 * i, (uint32_t)l);
-		xnbd__put32(p + 28 + 8 * i, q->extents[i].flags);
+	uint32_t ctx = q->s->tx.contexts, last = 0;
+	for (uint32_t c = 0; c < XNBD__CTX_COUNT; c++)
+		if (ctx & (1U << c))
+			last = c;
+	for (uint32_t c = 0; c < XNBD__CTX_COUNT; c++) {
+		if (!(ctx & (1U << c)))
+			continue;
+		uint32_t n = q->n_ext[c];
+		const struct xnbd_extent *ext = q->extents + c * MAX_EXTENTS;
+		uint8_t *p = hdr_push(q, XNBD_STRUCTURED_REPLY_SIZE + 4 + 8ULL * n);
+		if (!p)
+			return;
+		xnbd__chunk_header(p, c == last ? XNBD_REPLY_FLAG_DONE : 0,
+		                   XNBD_REPLY_TYPE_BLOCK_STATUS, q->r.cookie, 4 + 8 * n);
+		/* Context ID: bit number plus one, as handshake.c hands them out. */
+		xnbd__put32(p + 20, c + 1);
+		for (uint32_t i = 0; i < n; i++) {
+			xnbd__put32(p + 24 + 8 * i, (uint32_t)ext[i].length);
+			xnbd__put32(p + 28 + 8 * i, ext[i].flags);
+		}
 	}
 }
 
@@ -684,9 +711,18 @@ static void req_finish(struct req *q, int status)
 	session_mark_dirty(s);
 }
 
+static int status_next(struct req *q);
+
 static void io_done(struct xnbd_io *io)
 {
 	struct req *q = io->user_data;
+	if (io->type == XNBD_IO_BLOCK_STATUS && !io->status) {
+		int r = status_next(q);
+		if (r == XNBD_IO_PENDING)
+			return;
+		req_finish(q, r == XNBD_IO_COMPLETED ? q->io.status : r);
+		return;
+	}
 	if (io->status)
 		slog(q->s->srv, XNBD_LOG_WARNING, "%s: I/O error at offset %llu: %s",
 		     q->s->peer, (unsigned long long)io->offset, strerror(-io->status));
@@ -723,11 +759,49 @@ static void req_submit(struct req *q)
 	    (q->r.flags & XNBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_EXTENTS;
 	io->done = io_done;
 	io->user_data = q;
-	int r = xnbd_backend_submit(q->s->export->backend, io);
+	int r;
+	if (io->type == XNBD_IO_BLOCK_STATUS) {
+		q->ctx_left = q->s->tx.contexts;
+		io->extents = NULL;
+		r = status_next(q);
+	} else {
+		r = xnbd_backend_submit(q->s->export->backend, io);
+	}
 	if (r == XNBD_IO_COMPLETED)
 		req_finish(q, io->status);
 	else if (r < 0)
 		req_finish(q, r);
+}
+
+/* Ask the backend about the next selected meta context of a BLOCK_STATUS
+ * request, storing what the previous one answered.  Returns as
+ * xnbd_backend_submit(), having done every context that finished inline. */
+static int status_next(struct req *q)
+{
+	struct xnbd_io *io = &q->io;
+	for (;;) {
+		if (io->extents) {
+			/* The previous context's answer. */
+			uint32_t c = (uint32_t)((io->extents - q->extents) / MAX_EXTENTS);
+			q->n_ext[c] = io->n_extents;
+		}
+		if (!q->ctx_left)
+			return XNBD_IO_COMPLETED;
+		uint32_t c = (uint32_t)__builtin_ctz(q->ctx_left);
+		q->ctx_left &= q->ctx_left - 1;
+		io->type = XNBD_IO_BLOCK_STATUS;
+		io->flags = c == 1 ? XNBD_IO_STATUS_CACHED : 0; /* x-xnbd:cache */
+		io->offset = q->r.offset;
+		io->length = q->r.length;
+		io->extents = q->extents + c * MAX_EXTENTS;
+		io->max_extents =
+		    (q->r.flags & XNBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_EXTENTS;
+		int r = xnbd_backend_submit(q->s->export->backend, io);
+		if (r != XNBD_IO_COMPLETED)
+			return r;
+		if (io->status)
+			return r;
+	}
 }
 
 /* Answer a request with an NBD error without submitting it. */
@@ -795,14 +869,16 @@ static void handle_request(struct session *s, const struct xnbd__request *r)
 		charge(q, r->length);
 	} else if (r->type == XNBD_CMD_BLOCK_STATUS) {
 		if (!q->extents) {
-			q->extents = malloc(MAX_EXTENTS * sizeof(*q->extents));
+			q->extents =
+			    malloc(XNBD__CTX_COUNT * MAX_EXTENTS * sizeof(*q->extents));
 			if (!q->extents) {
 				queue_error(q, XNBD_ENOMEM);
 				return;
 			}
 		}
-		charge(q, sizeof(*q->extents) * MAX_EXTENTS +
-		              XNBD_STRUCTURED_REPLY_SIZE + 4 + 8U * MAX_EXTENTS);
+		charge(q, XNBD__CTX_COUNT *
+		              (sizeof(*q->extents) * MAX_EXTENTS +
+		               XNBD_STRUCTURED_REPLY_SIZE + 4 + 8U * MAX_EXTENTS));
 	}
 	req_submit(q);
 }

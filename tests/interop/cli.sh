@@ -34,7 +34,12 @@ expect_exit 2 "invalid port" --target --lport 0 "$T/disk.img"
 expect_exit 2 "invalid port" --target --lport 70000 "$T/disk.img"
 expect_exit 2 "invalid port" --target --lport abc "$T/disk.img"
 expect_exit 2 "choose one" --target --cow-target "$T/disk.img"
-expect_exit 2 "not available" --proxy h 1 c b s
+expect_exit 2 "five arguments" --proxy h 1 c b
+expect_exit 2 "five arguments" --proxy h 1 c b s x
+expect_exit 2 "invalid upstream port" --proxy h 0 c b s
+expect_exit 2 "invalid upstream port" --proxy h 99999 c b s
+expect_exit 2 "empty argument" --proxy "" 1 c b s
+expect_exit 2 "target-exportname goes with --proxy" --target --target-exportname x "$T/disk.img"
 expect_exit 2 "cow-target" --target --cow-overlay "$T" "$T/disk.img"
 expect_exit 2 "invalid queue size" --target --max-queue-size -1 "$T/disk.img"
 expect_exit 2 "invalid buffer size" --target --max-buf-size 12X "$T/disk.img"

@@ -27,6 +27,8 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER = os.environ.get("XNBD_SERVER") or os.path.join(
     HERE, "..", "..", "build", "server", "xnbd-server")
+BGCTL = os.environ.get("XNBD_BGCTL") or os.path.join(
+    HERE, "..", "..", "build", "bgctl", "xnbd-bgctl")
 NAME = os.path.basename(sys.argv[0])
 
 MiB = 1 << 20
@@ -179,19 +181,22 @@ def wait_port(addr, port, proc, timeout=10):
 
 
 class Server:
-    """One xnbd-server --target process listening on addr:port."""
+    """One xnbd-server process listening on addr:port: --target on image,
+    or, with mode given, that mode and its arguments (e.g. ["--proxy",
+    rhost, rport, cache, bitmap, ctlsock])."""
 
     def __init__(self, image, args=(), addr="127.0.0.1", logpath=None,
-                 tmpdir=None):
+                 tmpdir=None, mode=None, port=None):
         self.image = image
         self.addr = addr
         for attempt in range(5):
-            self.port = free_port(addr)
+            self.port = port or free_port(addr)
             self.log = logpath or os.path.join(
                 tmpdir or os.path.dirname(image), "server.%d.log" % self.port)
-            self.argv = [SERVER, "--target", "--laddr", addr,
+            tail = list(mode) if mode else ["--target", image]
+            self.argv = [SERVER, tail[0], "--laddr", addr,
                          "--lport", str(self.port), "--logpath", self.log
-                         ] + list(args) + [image]
+                         ] + list(args) + tail[1:]
             self.proc = subprocess.Popen(self.argv)
             _live.append(self.proc)
             if wait_port(addr, self.port, self.proc):
@@ -287,10 +292,44 @@ class TestDir:
             f.truncate(size)
         return p
 
-    def server(self, image, args=(), addr="127.0.0.1", logpath=None):
-        s = Server(image, args, addr, logpath, tmpdir=self.path)
+    def server(self, image, args=(), addr="127.0.0.1", logpath=None,
+               port=None):
+        s = Server(image, args, addr, logpath, tmpdir=self.path, port=port)
         self.servers.append(s)
         return s
+
+    def proxy(self, upstream_port, name="p", args=(), upstream_host="127.0.0.1",
+              addr="127.0.0.1", port=None):
+        """xnbd-server --proxy of upstream_host:upstream_port, with its cache,
+        bitmap and control socket named after `name` in this directory."""
+        cache, bitmap, ctl = (self.join(name + ".cache"),
+                              self.join(name + ".bitmap"),
+                              self.join(name + ".ctl"))
+        s = Server(cache, args, addr, tmpdir=self.path, port=port,
+                   mode=["--proxy", upstream_host, str(upstream_port), cache,
+                         bitmap, ctl])
+        s.cache, s.bitmap, s.ctl = cache, bitmap, ctl
+        self.servers.append(s)
+        return s
+
+
+def bgctl(*args, check_rc=None, timeout=120):
+    """Run xnbd-bgctl with args; returns the CompletedProcess (text).  With
+    check_rc, fail unless the exit status is that."""
+    r = subprocess.run([BGCTL] + [str(a) for a in args], capture_output=True,
+                       text=True, timeout=timeout)
+    if check_rc is not None and r.returncode != check_rc:
+        fail("xnbd-bgctl %s: exit %d, expected %d\nstdout: %s\nstderr: %s"
+             % (" ".join(str(a) for a in args), r.returncode, check_rc,
+                r.stdout, r.stderr))
+    return r
+
+
+def query(ctl):
+    """xnbd-bgctl --query --json, as a dict."""
+    import json
+    r = bgctl("--query", "--json", ctl, check_rc=0)
+    return json.loads(r.stdout)
 
 
 def main(fn):

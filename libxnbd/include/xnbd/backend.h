@@ -40,6 +40,9 @@ enum xnbd_io_type {
 #define XNBD_IO_FUA (1U << 0)       /* durable before completion */
 #define XNBD_IO_NO_HOLE (1U << 1)   /* ZERO: keep the range allocated */
 #define XNBD_IO_FAST_ZERO (1U << 2) /* ZERO: fail with -ENOTSUP unless fast */
+/* BLOCK_STATUS: describe which blocks a caching backend holds
+ * (XNBD_STATE_CACHED) instead of their allocation. */
+#define XNBD_IO_STATUS_CACHED (1U << 3)
 
 /* Capabilities of a backend (xnbd_backend_caps()). */
 #define XNBD_CAP_READ_ONLY (1U << 0)
@@ -53,6 +56,8 @@ enum xnbd_io_type {
 /* All connections see one another's writes at once, and a flush on one
  * makes everything durable (NBD_FLAG_CAN_MULTI_CONN). */
 #define XNBD_CAP_MULTI_CONN (1U << 8)
+/* BLOCK_STATUS takes XNBD_IO_STATUS_CACHED (a proxy's cache map). */
+#define XNBD_CAP_CACHE_STATUS (1U << 9)
 
 /* One extent of a BLOCK_STATUS result; flags are XNBD_STATE_* of
  * xnbd/protocol.h (base:allocation). */

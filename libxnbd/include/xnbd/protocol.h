@@ -118,6 +118,8 @@
 /* base:allocation extent flags. */
 #define XNBD_STATE_HOLE (1U << 0)
 #define XNBD_STATE_ZERO (1U << 1)
+/* Flag of the "x-xnbd:cache" meta context: the proxy holds the block. */
+#define XNBD_STATE_CACHED (1U << 0)
 
 /* Sizes of fixed wire structures, in bytes. */
 #define XNBD_REQUEST_SIZE 28U

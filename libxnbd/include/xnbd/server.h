@@ -67,6 +67,13 @@ XNBD_EXPORT void xnbd_server_set_flags(struct xnbd_server *s, unsigned flags);
 XNBD_EXPORT void xnbd_server_set_limits(struct xnbd_server *s,
                                         size_t max_queue, size_t max_buf);
 
+/* How much is queued now (requests received and not yet answered, and the
+ * bytes buffered for them), and the bounds set by
+ * xnbd_server_set_limits().  Any pointer may be NULL. */
+XNBD_EXPORT void xnbd_server_usage(const struct xnbd_server *s,
+                                   size_t *queued, size_t *buffered,
+                                   size_t *max_queue, size_t *max_buf);
+
 /* Add an export; the server refers to it until xnbd_server_free().
  * Returns 0, -EEXIST (same name), or -ENOMEM. */
 XNBD_EXPORT int xnbd_server_add_export(struct xnbd_server *s,

@@ -5,6 +5,7 @@
  *   xnbd/backend.h   asynchronous image backends (file, copy-on-write)
  *   xnbd/bitmap.h    the persistent block bitmap
  *   xnbd/client.h    an asynchronous NBD client, usable as a backend
+ *   xnbd/control.h   the control channel (server on a loop, blocking client)
  *   xnbd/server.h    the NBD server engine
  *   xnbd/log.h       the log callback
  */
@@ -15,8 +16,10 @@
 #include "xnbd/bitmap.h"
 #include "xnbd/client.h"
 #include "xnbd/common.h"
+#include "xnbd/control.h"
 #include "xnbd/log.h"
 #include "xnbd/protocol.h"
+#include "xnbd/proxy.h"
 #include "xnbd/server.h"
 
 #ifdef __cplusplus
