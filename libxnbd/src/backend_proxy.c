@@ -800,6 +800,11 @@ static void op_run(struct pop *op)
 		switch (io->type) {
 		case XNBD_IO_READ:
 		case XNBD_IO_CACHE:
+			if (io->type == XNBD_IO_CACHE && !op->bounce &&
+			    !(op->bounce = malloc(CACHE_ROUND))) {
+				op->status = -ENOMEM;
+				continue;
+			}
 			if (op->stage > 0)
 				round_finish(op);
 			op->stage++;
@@ -867,10 +872,10 @@ static int submit_op(struct xnbd_proxy *p, struct xnbd_io *io,
 	op->cursor = b0;
 	xnbd_list_init(&op->link);
 	size_t bounce = 0;
+	/* A CACHE op's round buffer comes with its slot (op_run), so CACHE
+	 * requests queued for a slot cost no buffer. */
 	if (is_write(io->type) || (io->type == XNBD_IO_READ && fetch))
 		bounce = 2 * BS;
-	else if (io->type == XNBD_IO_CACHE)
-		bounce = CACHE_ROUND;
 	if (bounce && !(op->bounce = malloc(bounce))) {
 		free(op);
 		return -ENOMEM;
@@ -1128,17 +1133,15 @@ int xnbd_proxy_switch(struct xnbd_proxy *p, int force)
 		xnbd_client_free(c); /* fetches in flight end as after a switch */
 	}
 	upq_pump(p);
-	/* Fills have nothing left to do. */
-	while (!xnbd_list_empty(&p->jobs)) {
+	/* Fills have nothing left to do; each ends when its fetches have. */
+	struct xnbd_list *l = p->jobs.next, *n;
+	for (; l != &p->jobs; l = n) {
+		n = l->next;
 		struct xnbd_proxy_job *j =
-		    xnbd_container_of(p->jobs.next, struct xnbd_proxy_job, link);
-		xnbd_list_remove(&j->link);
-		xnbd_list_init(&j->link);
-		j->cancel = true;
+		    xnbd_container_of(l, struct xnbd_proxy_job, link);
 		if (!j->err)
 			j->err = -EALREADY;
-		if (j->running == 0 && j->started)
-			job_end(j, j->err);
+		xnbd_proxy_job_cancel(j);
 	}
 	return 0;
 }
@@ -1336,10 +1339,16 @@ void xnbd_proxy_job_cancel(struct xnbd_proxy_job *job)
 	if (!job || job->cancel)
 		return;
 	job->cancel = true;
-	if (job->running == 0 && job->started)
-		job_end(job, -ECANCELED);
-	else if (job->own && !job->started)
-		xnbd_client_free(job->own), job->own = NULL; /* connect cb not run */
+	int st = job->err ? job->err : -ECANCELED;
+	if (job->running == 0 && job->started) {
+		job_end(job, st);
+	} else if (job->own && !job->started) {
+		/* Still connecting: its callback will not run now. */
+		xnbd_client_free(job->own);
+		job->own = NULL;
+		job->started = true;
+		job_end(job, st);
+	}
 }
 
 /* ---- sync -------------------------------------------------------------------------------------------------- */
