@@ -243,6 +243,9 @@ static int encode_request(struct xnbd_ctl *c, int argc,
 	return (int)len;
 }
 
+/* The line kinds of version 1, in the order read_reply's switch uses. */
+static const char *const kinds[] = { "info", "progress", "ok", "error" };
+
 /* Read reply lines up to the final one; *in_step tells whether it was
  * read (the stream is then ready for the next request). */
 static int read_reply(struct xnbd_ctl *c, xnbd_ctl_line_cb cb, void *ud,
@@ -256,8 +259,6 @@ static int read_reply(struct xnbd_ctl *c, xnbd_ctl_line_cb cb, void *ud,
 		/* Kinds this client does not know are skipped unread: a later
 		 * version 1 server may send them (doc/control-protocol.md). */
 		size_t klen = strcspn(c->line, " ");
-		static const char *const kinds[] = { "info", "progress", "ok",
-			                                 "error" };
 		int kind = -1;
 		for (int k = 0; k < 4; k++)
 			if (strlen(kinds[k]) == klen &&
