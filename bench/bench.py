@@ -92,6 +92,8 @@ class Server:
     def argv(self, port, extra):
         img = self.image
         cow = self.mode == "cow"
+        if self.mode.startswith("proxy"):
+            return self.proxy_argv(port, extra)
         if self.name == "xnbd-server":
             return [self.xnbd, "--cow-target" if cow else "--target",
                     "--laddr", "127.0.0.1", "--lport", str(port)] + extra + [img]
@@ -118,6 +120,31 @@ class Server:
             if os.path.exists(self.pidfile):
                 os.unlink(self.pidfile)
             return ["nbd-server", "-C", conf, "-p", self.pidfile]
+        raise ValueError(self.name)
+
+    def proxy_argv(self, port, extra):
+        """A caching proxy of the upstream at self.upstream (a port), with a
+        fresh cache each start."""
+        up = str(self.upstream)
+        cache = os.path.join(self.workdir, "proxy.cache")
+        for f in (cache, cache + ".bitmap", cache + ".ctl"):
+            if os.path.exists(f):
+                os.unlink(f)
+        if self.name == "xnbd-server":
+            return [self.xnbd, "--proxy", "--laddr", "127.0.0.1", "--lport",
+                    str(port)] + extra + ["127.0.0.1", up, cache,
+                                          cache + ".bitmap", cache + ".ctl"]
+        if self.name == "nbdkit":
+            # The cache filter keeps fetched blocks in a local temporary file.
+            return ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
+                    "-p", str(port), "--filter=cache", "nbd",
+                    "hostname=127.0.0.1", "port=" + up]
+        if self.name == "qemu-nbd":
+            # qemu has no caching proxy: a plain pass-through of the upstream.
+            return ["qemu-nbd", "-b", "127.0.0.1", "-p", str(port), "-t",
+                    "-e", "64", "--image-opts",
+                    "driver=nbd,server.type=inet,server.host=127.0.0.1,"
+                    "server.port=" + up]
         raise ValueError(self.name)
 
     def uri(self):
@@ -252,8 +279,12 @@ def main():
     ap.add_argument("--size", default="1G")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--servers", default=None)
-    ap.add_argument("--mode", choices=["target", "cow"], default="target",
-                    help="serve the image plainly or through a CoW layer")
+    ap.add_argument("--mode", choices=["target", "cow", "proxy", "proxy-warm"],
+                    default="target",
+                    help="serve the image plainly, through a CoW layer, or "
+                    "as a caching proxy of an xnbd-server --target upstream "
+                    "(proxy: cold cache; proxy-warm: the whole image read "
+                    "through the proxy first)")
     ap.add_argument("--xnbd", default=os.path.join(HERE, "..", "build",
                                                    "server", "xnbd-server"))
     args = ap.parse_args()
@@ -267,6 +298,9 @@ def main():
 
     servers = args.servers.split(",") if args.servers else \
         available_servers(args.xnbd)
+    proxy = args.mode.startswith("proxy")
+    if proxy:
+        servers = [n for n in servers if n != "nbd-server"]  # cannot proxy
     rows = [r for r in args.rows.split(",") if r]
     work = tempfile.mkdtemp(prefix="xnbd-bench-")
     try:
@@ -276,6 +310,10 @@ def main():
             for _ in range(size // 2**20):
                 f.write(block)
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
+        upstream = None
+        if proxy:
+            upstream = Server("xnbd-server", image, work, args.xnbd, "target")
+            upstream.start()
         results = {}  # (row, server) -> list of (value, unit, cpu)
         for row in rows:
             for i in range(runs):
@@ -286,9 +324,13 @@ def main():
                     if extra and name != "xnbd-server":
                         continue  # the option is ours alone
                     srv = Server(name, image, work, args.xnbd, args.mode)
+                    srv.upstream = upstream.port if upstream else None
                     srv.start(extra if name == "xnbd-server" else ())
                     try:
                         time.sleep(0.1)
+                        if args.mode == "proxy-warm":
+                            subprocess.run(["nbdcopy", srv.uri(), "null:"],
+                                           check=True)
                         c0 = cpu_seconds(srv.pid)
                         if memory:
                             value, unit, amount = fn(srv.uri(), runtime, size,
@@ -309,6 +351,8 @@ def main():
                       time.strftime("%Y-%m-%d")))
         report(rows, servers, results, runtime)
     finally:
+        if upstream:
+            upstream.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -571,6 +571,10 @@ static int open_control(struct app *a)
 	int r = xnbd_control_new(a->loop, &a->control);
 	if (r == 0) {
 		xnbd_control_set_log(a->control, logsink_write, NULL);
+		r = xnbd_control_set_program(a->control,
+		                             PROG "/" XNBD_SERVER_VERSION);
+	}
+	if (r == 0) {
 		r = xnbd_proxy_control_add(a->proxy, a->control, a->server);
 	}
 	if (r == 0)

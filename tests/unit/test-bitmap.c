@@ -154,6 +154,18 @@ START_TEST(refuses_mismatch_and_foreign_files)
 	close(fd);
 	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, 0, &bm), -EBADMSG);
 
+	/* Damage in the reserved, unchecksummed part of the header too. */
+	unlink(path);
+	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, 0, &bm), 0);
+	xnbd_bitmap_close(bm);
+	fd = open(path, O_WRONLY);
+	ck_assert_int_eq(pwrite(fd, "garbage!", 8, 100), 8);
+	close(fd);
+	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, 0, &bm), -EBADMSG);
+	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, XNBD_BITMAP_CLEAR,
+	                                  &bm),
+	                 -EBADMSG);
+
 	/* Something else entirely: refused, not overwritten. */
 	fd = open(path, O_WRONLY | O_TRUNC);
 	ck_assert_int_eq(write(fd, "hello world, not a bitmap", 25), 25);
