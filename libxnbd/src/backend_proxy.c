@@ -512,8 +512,9 @@ static void sub_done(struct xnbd_io *sio)
 		} else if (!st) {
 			if (p->switched)
 				fetch_switched(op, s);
-			else
+			else if (!is_write(op->io->type))
 				fetch_store(op, s);
+			/* A write's edge block is stored merged, in its stage 1. */
 		}
 	}
 	if (st && !op->status)
@@ -636,7 +637,7 @@ static bool round_start(struct pop *op)
 		               (b == op->b1 && end < (b + 1) * BS && end < p->base.size));
 		if (!edge_b)
 			while (e <= op->b1 && present(p, e) == have &&
-			       (e - b) * BS < MAX_SEG &&
+			       (have || (e - b) * BS < MAX_SEG) &&
 			       !(rd && !have && e == op->b1 && end < (e + 1) * BS &&
 			         end < p->base.size))
 				e++;
