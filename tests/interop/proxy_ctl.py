@@ -16,6 +16,7 @@
 - Bad requests on the control socket get errors; the server carries on.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,6 +112,20 @@ def main():
         xt.check_bytes(h.pread(BS, 8 * xt.MiB), bytes(BS),
                        "a missing block reads as zeroes after a forced switch")
         h.shutdown()
+        p.stop()
+
+        # ---- the progress bar on a terminal (script(1) gives it one) -------
+        p = t.proxy(up.port, name="tty")
+        if shutil.which("script"):
+            r = subprocess.run(["script", "-qec", "%s --progress --cache-all %s"
+                                % (xt.BGCTL, p.ctl), "/dev/null"],
+                               capture_output=True, text=True, timeout=60)
+            xt.check(r.returncode == 0, "cache-all on a terminal: exit %d: %s"
+                     % (r.returncode, r.stdout + r.stderr))
+            xt.check("[####" in r.stdout and "100.00% " in r.stdout,
+                     "a progress bar on a terminal: %r" % r.stdout[-300:])
+        else:
+            xt.log("script(1) missing: the terminal progress bar is not checked")
         p.stop()
 
         # ---- SIGUSR2 ------------------------------------------------------------
