@@ -479,6 +479,15 @@ void xnbd__hs_free(struct xnbd__hs *hs)
 	xnbd__buf_free(&hs->out);
 }
 
+void xnbd__hs_forget_export(struct xnbd__hs *hs,
+                            const struct xnbd__hs_export *e)
+{
+	if (hs->ctx_export == e) {
+		hs->ctx_export = NULL;
+		hs->contexts = 0;
+	}
+}
+
 /* Gather up to `need` bytes into dst; returns bytes taken from p. */
 static size_t gather(uint8_t *dst, uint32_t *have, uint32_t need,
                      const uint8_t *p, size_t len)

@@ -232,19 +232,36 @@ static void cmd_reconnect(struct xnbd_control_req *r, int argc, char **argv,
 		                                   : NULL);
 }
 
+static const struct {
+	const char *name;
+	xnbd_control_handler fn;
+} cmds[] = {
+	{"query", cmd_query},
+	{"cache-all", cmd_cache_all},
+	{"cache-all2", cmd_cache_all2},
+	{"switch", cmd_switch},
+	{"reconnect", cmd_reconnect},
+};
+
+/* The handlers use their struct pctl only while they run (what they start
+ * keeps the request, never the pctl), so a program routing commands itself
+ * passes one on the stack. */
+void xnbd_proxy_control_run(struct xnbd_proxy *p, struct xnbd_server *srv,
+                            struct xnbd_control_req *req, int argc,
+                            char **argv)
+{
+	struct pctl c = {p, srv};
+	for (size_t i = 0; argc >= 1 && i < sizeof(cmds) / sizeof(cmds[0]); i++)
+		if (strcmp(argv[0], cmds[i].name) == 0) {
+			cmds[i].fn(req, argc, argv, &c);
+			return;
+		}
+	xnbd_control_finish(req, -ENOSYS, "not a command of the proxy");
+}
+
 int xnbd_proxy_control_add(struct xnbd_proxy *p, struct xnbd_control *ctl,
                            struct xnbd_server *srv)
 {
-	static const struct {
-		const char *name;
-		xnbd_control_handler fn;
-	} cmds[] = {
-		{"query", cmd_query},
-		{"cache-all", cmd_cache_all},
-		{"cache-all2", cmd_cache_all2},
-		{"switch", cmd_switch},
-		{"reconnect", cmd_reconnect},
-	};
 	/* The commands' state lives in the proxy, freed with it. */
 	_Static_assert(sizeof(struct pctl) <= sizeof(struct xnbd__proxy_ctl_area),
 	               "room for the control state");

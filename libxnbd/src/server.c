@@ -16,6 +16,10 @@
  *   replies have been written.
  * - A session is freed only when its handle is closed and no request of it
  *   is with the backend or the socket.
+ * - Exports come and go while the server runs.  A session in transmission
+ *   counts on its export (`clients`); a removed export leaves the catalog at
+ *   once, and its callback runs from the `reap` timer once that count is
+ *   zero, so the caller frees the backend only when nobody uses it.
  */
 #include <errno.h>
 #include <netdb.h>
@@ -49,6 +53,12 @@ struct xnbd_export {
 	struct xnbd_backend *backend;
 	unsigned flags;
 	struct xnbd__hs_export hs; /* as the handshake sees it */
+	size_t clients; /* sessions in transmission with it */
+	/* Removed from a server, waiting for its last client to end. */
+	bool removing;
+	xnbd_export_removed_cb removed_cb;
+	void *removed_ud;
+	struct xnbd_list due_link; /* srv->removed_due once that client ended */
 };
 
 struct listener {
@@ -155,6 +165,9 @@ struct xnbd_server {
 	uv_timer_t grace;
 	bool grace_started;
 	bool grace_closed;
+	uv_timer_t reap; /* runs the callbacks of removed exports */
+	bool reap_closed;
+	struct xnbd_list removed_due; /* removed exports no client uses */
 	bool shutting_down;
 	xnbd_shutdown_cb shutdown_cb;
 	void *shutdown_ud;
@@ -229,6 +242,7 @@ int xnbd_export_new(const char *name, struct xnbd_backend *backend,
 	}
 	e->backend = backend;
 	e->flags = flags;
+	xnbd_list_init(&e->due_link);
 	export_refresh(e);
 	*out = e;
 	return 0;
@@ -295,10 +309,13 @@ int xnbd_server_new(uv_loop_t *loop, struct xnbd_server **out)
 	xnbd_list_init(&srv->listeners);
 	xnbd_list_init(&srv->sessions);
 	xnbd_list_init(&srv->dirty);
+	xnbd_list_init(&srv->removed_due);
 	uv_check_init(loop, &srv->check);
 	srv->check.data = srv;
 	uv_timer_init(loop, &srv->grace);
 	srv->grace.data = srv;
+	uv_timer_init(loop, &srv->reap);
+	srv->reap.data = srv;
 	*out = srv;
 	return 0;
 }
@@ -336,6 +353,8 @@ void xnbd_server_set_limits(struct xnbd_server *srv, size_t max_queue,
 
 int xnbd_server_add_export(struct xnbd_server *srv, struct xnbd_export *e)
 {
+	if (e->removing)
+		return -EBUSY;
 	for (size_t i = 0; i < srv->nexports; i++)
 		if (strcmp(srv->exports[i]->name, e->name) == 0)
 			return -EEXIST;
@@ -347,6 +366,69 @@ int xnbd_server_add_export(struct xnbd_server *srv, struct xnbd_export *e)
 	export_refresh(e);
 	srv->exports[srv->nexports++] = e;
 	return 0;
+}
+
+/* The removal callbacks of exports no client uses any more run here, on
+ * the loop, never inside the call that removed the export or ended the
+ * session. */
+static void reap_cb(uv_timer_t *t)
+{
+	struct xnbd_server *srv = t->data;
+	while (!xnbd_list_empty(&srv->removed_due)) {
+		struct xnbd_export *e = xnbd_container_of(srv->removed_due.next,
+		                                          struct xnbd_export, due_link);
+		xnbd_list_remove(&e->due_link);
+		xnbd_export_removed_cb cb = e->removed_cb;
+		void *ud = e->removed_ud;
+		e->removing = false;
+		e->removed_cb = NULL;
+		cb(srv, e, ud); /* may free e */
+	}
+	maybe_finish_shutdown(srv);
+}
+
+static void removal_due(struct xnbd_server *srv, struct xnbd_export *e)
+{
+	xnbd_list_insert(srv->removed_due.prev, &e->due_link);
+	uv_timer_start(&srv->reap, reap_cb, 0, 0);
+}
+
+int xnbd_server_remove_export(struct xnbd_server *srv, struct xnbd_export *e,
+                              xnbd_export_removed_cb cb, void *ud)
+{
+	if (!cb)
+		return -EINVAL;
+	size_t i = 0;
+	while (i < srv->nexports && srv->exports[i] != e)
+		i++;
+	if (i == srv->nexports)
+		return -ENOENT;
+	if (uv_is_closing((uv_handle_t *)&srv->reap))
+		return -ESHUTDOWN;
+	memmove(&srv->exports[i], &srv->exports[i + 1],
+	        (srv->nexports - i - 1) * sizeof(srv->exports[0]));
+	srv->nexports--;
+	e->removing = true;
+	e->removed_cb = cb;
+	e->removed_ud = ud;
+	/* Clients negotiating keep no reference but their meta context
+	 * selection, which must not outlive the export. */
+	xnbd_list_for_each(l, &srv->sessions)
+	{
+		struct session *s = xnbd_container_of(l, struct session, link);
+		if (s->state == S_HANDSHAKE)
+			xnbd__hs_forget_export(&s->hs, &e->hs);
+	}
+	slog(srv, XNBD_LOG_INFO, "export '%s' removed; %zu client(s) still "
+	     "served to the end of their sessions", e->name, e->clients);
+	if (e->clients == 0)
+		removal_due(srv, e);
+	return 0;
+}
+
+size_t xnbd_export_client_count(const struct xnbd_export *e)
+{
+	return e->clients;
 }
 
 size_t xnbd_server_client_count(const struct xnbd_server *srv)
@@ -1265,6 +1347,7 @@ static void enter_transmission(struct session *s, struct xnbd_export *e,
                                uint32_t contexts)
 {
 	s->export = e;
+	e->clients++;
 	s->tx.size = e->hs.size;
 	s->tx.tflags = tflags;
 	s->tx.structured = structured;
@@ -1387,6 +1470,7 @@ static void session_start(struct session *s, bool negotiated)
 static void session_free(struct session *s)
 {
 	struct xnbd_server *srv = s->srv;
+	struct xnbd_export *e = s->export;
 	while (!xnbd_list_empty(&s->free_reqs)) {
 		struct req *q = xnbd_container_of(s->free_reqs.next, struct req, link);
 		xnbd_list_remove(&q->link);
@@ -1398,6 +1482,8 @@ static void session_free(struct session *s)
 	free(s->rbuf);
 	free(s->iov);
 	free(s);
+	if (e && --e->clients == 0 && e->removing)
+		removal_due(srv, e);
 	if (srv->end_cb)
 		srv->end_cb(srv, srv->end_ud);
 	maybe_finish_shutdown(srv);
@@ -1606,17 +1692,26 @@ static void check_close_cb(uv_handle_t *h)
 	maybe_finish_shutdown(srv);
 }
 
+static void reap_close_cb(uv_handle_t *h)
+{
+	struct xnbd_server *srv = h->data;
+	srv->reap_closed = true;
+	maybe_finish_shutdown(srv);
+}
+
 static void maybe_finish_shutdown(struct xnbd_server *srv)
 {
+	/* Removed exports' callbacks run before the shutdown's. */
 	if (!srv->shutting_down || !xnbd_list_empty(&srv->listeners) ||
-	    srv->nsessions)
+	    srv->nsessions || !xnbd_list_empty(&srv->removed_due))
 		return;
 	if (!uv_is_closing((uv_handle_t *)&srv->grace)) {
 		uv_close((uv_handle_t *)&srv->grace, grace_close_cb);
 		uv_close((uv_handle_t *)&srv->check, check_close_cb);
+		uv_close((uv_handle_t *)&srv->reap, reap_close_cb);
 		return;
 	}
-	if (!srv->grace_closed || !srv->check_closed)
+	if (!srv->grace_closed || !srv->check_closed || !srv->reap_closed)
 		return;
 	xnbd_shutdown_cb cb = srv->shutdown_cb;
 	srv->shutdown_cb = NULL;

@@ -147,6 +147,11 @@ struct xnbd__hs {
 void xnbd__hs_init(struct xnbd__hs *hs, const struct xnbd__hs_catalog *cat,
                    bool oldstyle);
 void xnbd__hs_free(struct xnbd__hs *hs);
+/* The export e has left the catalog: forget meta contexts selected for
+ * it, so that they never carry over to an export made later at the same
+ * address. */
+void xnbd__hs_forget_export(struct xnbd__hs *hs,
+                            const struct xnbd__hs_export *e);
 /* Feed received bytes; returns how many were consumed.  Stops consuming
  * at DONE or CLOSE: bytes after DONE belong to the transmission phase. */
 size_t xnbd__hs_input(struct xnbd__hs *hs, const uint8_t *p, size_t len);

@@ -163,6 +163,19 @@ XNBD_EXPORT int xnbd_proxy_control_add(struct xnbd_proxy *p,
                                        struct xnbd_control *ctl,
                                        struct xnbd_server *srv);
 
+struct xnbd_control_req;
+
+/* Answer one of the proxy's commands on a request that a program routed
+ * itself, as xnbd-wrapper does for each of its proxies: argv[0] is
+ * `query`, `cache-all`, `cache-all2`, `switch` or `reconnect`, then its
+ * arguments (as in xnbd_proxy_control_add(), whose reply lines and keys
+ * are sent); `srv` as there.  req is finished, now or later; an unknown
+ * command with -ENOSYS.  A fill stops when the requester goes away. */
+XNBD_EXPORT void xnbd_proxy_control_run(struct xnbd_proxy *p,
+                                        struct xnbd_server *srv,
+                                        struct xnbd_control_req *req,
+                                        int argc, char **argv);
+
 /* Let the upstream go, stop the fills, and once their fetches under way
  * have finished, sync the cache and the bitmap (blocking) and free the
  * proxy.  No I/O of the caller's may be in flight on the backend; the fills'

@@ -74,10 +74,39 @@ XNBD_EXPORT void xnbd_server_usage(const struct xnbd_server *s,
                                    size_t *queued, size_t *buffered,
                                    size_t *max_queue, size_t *max_buf);
 
-/* Add an export; the server refers to it until xnbd_server_free().
- * Returns 0, -EEXIST (same name), or -ENOMEM. */
+/* Add an export; the server refers to it until xnbd_server_free(), or
+ * until the callback of xnbd_server_remove_export().  Exports may be added
+ * at any time, also while the server listens: clients that negotiate
+ * afterwards find it.  Returns 0, -EEXIST (an export of that name is
+ * held), -EBUSY (e was removed and its removal callback has not run yet),
+ * or -ENOMEM. */
 XNBD_EXPORT int xnbd_server_add_export(struct xnbd_server *s,
                                        struct xnbd_export *e);
+
+typedef void (*xnbd_export_removed_cb)(struct xnbd_server *s,
+                                       struct xnbd_export *e,
+                                       void *user_data);
+
+/* Remove an export while the server runs.  At once, it is neither listed
+ * (NBD_OPT_LIST) nor found by clients that negotiate (NBD_OPT_INFO and
+ * NBD_OPT_GO get NBD_REP_ERR_UNKNOWN, NBD_OPT_EXPORT_NAME a closed
+ * connection), and its name is free for xnbd_server_add_export().  Clients
+ * already in transmission with it are not disturbed: they are served to
+ * the end of their sessions.  cb (not NULL) runs once on the loop's thread,
+ * never inside this call, when the last of them has ended (at the next
+ * loop iteration when there is none); from then on the server does not
+ * touch the export, and the caller may free it and its backend.  A
+ * shutdown waits for these callbacks.  Returns 0, -EINVAL (cb is NULL),
+ * -ENOENT (the server does not hold e), or -ESHUTDOWN (the server's
+ * shutdown has completed). */
+XNBD_EXPORT int xnbd_server_remove_export(struct xnbd_server *s,
+                                          struct xnbd_export *e,
+                                          xnbd_export_removed_cb cb,
+                                          void *user_data);
+
+/* Number of clients in transmission with the export (on any server),
+ * also after it was removed, until they end. */
+XNBD_EXPORT size_t xnbd_export_client_count(const struct xnbd_export *e);
 
 /* Listen on TCP.  host NULL (or "") listens on every address, IPv6 and
  * IPv4; otherwise on each address `host` resolves to.  port is a number or

@@ -1,0 +1,557 @@
+/* ctl.c - xnbd-wrapper-ctl: list, add, remove and steer the exports of a
+ * running xnbd-wrapper through its control socket (the commands are in
+ * doc/control-protocol.md, "Commands of xnbd-wrapper"; the client is
+ * libxnbd's xnbd_ctl_*).
+ *
+ * Exit status: 0 when the wrapper did what was asked, 1 when it refused or
+ * failed (its message on standard error), 2 for a usage error. */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <xnbd/xnbd.h>
+
+#define PROG "xnbd-wrapper-ctl"
+#define EXIT_USAGE 2
+#define DEFAULT_CTL_SOCKET "/tmp/xnbd_wrapper.ctl" /* as xnbd-wrapper's */
+
+enum cmd {
+	C_NONE, C_LIST, C_ADD_TARGET, C_ADD_PROXY, C_RM_FILE, C_RM_NAME, C_QUERY,
+	C_SWITCH, C_CACHE_ALL, C_CACHE_ALL2, C_RECONNECT, C_SHUTDOWN,
+};
+
+/* Each command: its option, its word on the control socket, the number of
+ * arguments it takes, and which of them are paths (bits, made absolute
+ * here: the wrapper may run in another directory). */
+static const struct {
+	enum cmd cmd;
+	const char *option, *word;
+	int nargs;
+	unsigned paths;
+} commands[] = {
+	{C_LIST, "list", "list", 0, 0},
+	{C_ADD_TARGET, "add-target", "add-target", 2, 1U << 1},
+	{C_ADD_PROXY, "add-proxy", "add-proxy", 6, 7U << 3},
+	{C_RM_FILE, "remove-by-file", "remove-by-file", 1, 1U << 0},
+	{C_RM_NAME, "remove-by-exportname", "remove-by-exportname", 1, 0},
+	{C_QUERY, "bgctl-query", "bgctl-query", 1, 0},
+	{C_SWITCH, "bgctl-switch", "bgctl-switch", 1, 0},
+	{C_CACHE_ALL, "bgctl-cache-all", "bgctl-cache-all", 1, 0},
+	{C_CACHE_ALL2, "bgctl-cache-all2", "bgctl-cache-all2", 1, 0},
+	{C_RECONNECT, "bgctl-reconnect", "bgctl-reconnect", 3, 0},
+	{C_SHUTDOWN, "shutdown", "shutdown", 0, 0},
+};
+#define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))
+
+struct opts {
+	int ci; /* index in commands[], or -1 */
+	const char *sock, *exportname;
+	int json, force, progress;
+	char **args;
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+	    "Usage: " PROG " [--socket PATH] COMMAND\n"
+	    "\n"
+	    "Steer a running xnbd-wrapper through its control socket (default\n"
+	    DEFAULT_CTL_SOCKET ").  Commands:\n"
+	    "\n"
+	    "  --list [--json]                         the exports and their state\n"
+	    "  --add-target NAME FILE                  serve the image FILE as NAME\n"
+	    "  [--target-exportname N] --add-proxy NAME RHOST RPORT CACHE BITMAP CTLSOCK\n"
+	    "                                          serve the NBD export N at RHOST:RPORT\n"
+	    "                                          as NAME through a caching proxy\n"
+	    "  --remove-by-file FILE                   remove the exports of FILE\n"
+	    "  --remove-by-exportname NAME             remove the export NAME\n"
+	    "  --bgctl-query [--json] NAME             the cache state of proxy NAME\n"
+	    "  [--progress] --bgctl-cache-all NAME     fetch every block proxy NAME lacks\n"
+	    "  [--progress] --bgctl-cache-all2 NAME    the same over its own connection\n"
+	    "  [--force] --bgctl-switch NAME           make proxy NAME a target on its cache\n"
+	    "  [--target-exportname N] --bgctl-reconnect NAME RHOST RPORT\n"
+	    "                                          point proxy NAME at another upstream\n"
+	    "  --shutdown                              stop the wrapper gracefully\n"
+	    "  --help, --version\n"
+	    "\n"
+	    "Removed exports' clients are served until they disconnect.\n"
+	    "Exit status: 0 done, 1 refused or failed, 2 usage error.\n"
+	    "See xnbd-wrapper-ctl(8).\n");
+}
+
+__attribute__((format(printf, 1, 2))) static int fail_usage(const char *fmt,
+                                                            ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fprintf(stderr, PROG ": ");
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\nTry '" PROG " --help'.\n");
+	return EXIT_USAGE;
+}
+
+static int parse(int argc, char **argv, struct opts *o)
+{
+	enum {
+		O_SOCKET = 256, O_JSON, O_FORCE, O_PROGRESS, O_EXPORTNAME, O_HELP,
+		O_VERSION, O_CMD, /* O_CMD + i: commands[i] */
+	};
+	struct option lo[NCOMMANDS + 8];
+	size_t n = 0;
+	lo[n++] = (struct option){"socket", required_argument, NULL, O_SOCKET};
+	lo[n++] = (struct option){"json", no_argument, NULL, O_JSON};
+	lo[n++] = (struct option){"force", no_argument, NULL, O_FORCE};
+	lo[n++] = (struct option){"progress", no_argument, NULL, O_PROGRESS};
+	lo[n++] = (struct option){"target-exportname", required_argument, NULL,
+	                          O_EXPORTNAME};
+	lo[n++] = (struct option){"help", no_argument, NULL, O_HELP};
+	lo[n++] = (struct option){"version", no_argument, NULL, O_VERSION};
+	for (size_t i = 0; i < NCOMMANDS; i++)
+		lo[n++] = (struct option){commands[i].option, no_argument, NULL,
+		                          O_CMD + (int)i};
+	lo[n] = (struct option){NULL, 0, NULL, 0};
+	o->ci = -1;
+	o->sock = DEFAULT_CTL_SOCKET;
+	opterr = 0;
+	int c;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		switch (c) {
+		case O_SOCKET:
+			o->sock = optarg;
+			break;
+		case O_JSON:
+			o->json = 1;
+			break;
+		case O_FORCE:
+			o->force = 1;
+			break;
+		case O_PROGRESS:
+			o->progress = 1;
+			break;
+		case O_EXPORTNAME:
+			o->exportname = optarg;
+			break;
+		case O_HELP:
+			usage(stdout);
+			exit(0);
+		case O_VERSION:
+			printf(PROG " %s (libxnbd %s)\n", XNBD_WRAPPER_VERSION,
+			       xnbd_version());
+			exit(0);
+		default:
+			if (c >= O_CMD && c < O_CMD + (int)NCOMMANDS) {
+				if (o->ci >= 0 && o->ci != c - O_CMD)
+					return fail_usage("%s", "give one command");
+				o->ci = c - O_CMD;
+				break;
+			}
+			return fail_usage("unknown or incomplete option '%s'",
+			                  argv[optind - 1]);
+		}
+	}
+	if (o->ci < 0)
+		return fail_usage("%s", "a command is required, such as --list");
+	enum cmd cmd = commands[o->ci].cmd;
+	int want = commands[o->ci].nargs;
+	if (argc - optind != want)
+		return fail_usage("--%s takes %d argument%s, not %d",
+		                  commands[o->ci].option, want, want == 1 ? "" : "s",
+		                  argc - optind);
+	o->args = argv + optind;
+	if (o->json && cmd != C_LIST && cmd != C_QUERY)
+		return fail_usage("%s", "--json goes with --list or --bgctl-query");
+	if (o->force && cmd != C_SWITCH)
+		return fail_usage("%s", "--force goes with --bgctl-switch");
+	if (o->progress && cmd != C_CACHE_ALL && cmd != C_CACHE_ALL2)
+		return fail_usage("%s", "--progress goes with --bgctl-cache-all");
+	if (o->exportname && cmd != C_ADD_PROXY && cmd != C_RECONNECT)
+		return fail_usage("%s", "--target-exportname goes with --add-proxy or "
+		                        "--bgctl-reconnect");
+	return 0;
+}
+
+/* ---- replies -------------------------------------------------------------- */
+
+struct kv {
+	char *key, *value;
+};
+
+struct kvs {
+	struct kv *v;
+	size_t n, cap;
+	int oom;
+};
+
+static int collect(const struct xnbd_ctl_line *l, void *ud)
+{
+	struct kvs *k = ud;
+	if (strcmp(l->kind, "info") != 0)
+		return 0;
+	if (k->n == k->cap) {
+		size_t cap = k->cap ? 2 * k->cap : 32;
+		struct kv *v = realloc(k->v, cap * sizeof(*v));
+		if (!v) {
+			k->oom = 1;
+			return 1;
+		}
+		k->v = v;
+		k->cap = cap;
+	}
+	k->v[k->n].key = strdup(l->key);
+	k->v[k->n].value = strdup(l->value);
+	k->n++;
+	if (!k->v[k->n - 1].key || !k->v[k->n - 1].value) {
+		k->oom = 1;
+		return 1;
+	}
+	return 0;
+}
+
+static void kvs_free(struct kvs *k)
+{
+	for (size_t i = 0; i < k->n; i++) {
+		free(k->v[i].key);
+		free(k->v[i].value);
+	}
+	free(k->v);
+}
+
+static void json_string(const char *s)
+{
+	putchar('"');
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+		if (*p == '"' || *p == '\\')
+			printf("\\%c", *p);
+		else if (*p < 0x20)
+			printf("\\u%04x", *p);
+		else
+			putchar(*p);
+	}
+	putchar('"');
+}
+
+/* Keys whose values are numbers; any other value stays a string, so that
+ * a name or a path made of digits is not mistaken for one. */
+static int numeric_key(const char *key)
+{
+	static const char *const keys[] = {
+	    "size",           "block-size",       "blocks",  "cached-blocks",
+	    "cached-percent", "waiting-requests", "clients", "queued-requests",
+	    "max-queue-size", "buffered-bytes",   "max-buf-size",
+	};
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+		if (strcmp(key, keys[i]) == 0)
+			return 1;
+	return 0;
+}
+
+static int is_number(const char *s)
+{
+	int digits = 0, dot = 0;
+	for (; *s; s++) {
+		if (*s >= '0' && *s <= '9')
+			digits++;
+		else if (*s == '.' && !dot && digits)
+			dot = 1;
+		else
+			return 0;
+	}
+	return digits > 0;
+}
+
+/* The pairs [from, to) as one JSON object. */
+static void json_object(const struct kvs *k, size_t from, size_t to)
+{
+	printf("{");
+	for (size_t i = from; i < to; i++) {
+		printf(i > from ? ", " : "");
+		json_string(k->v[i].key);
+		printf(": ");
+		if (numeric_key(k->v[i].key) && is_number(k->v[i].value))
+			printf("%s", k->v[i].value);
+		else
+			json_string(k->v[i].value);
+	}
+	printf("}");
+}
+
+/* The value of key in the export that starts at `from`, or NULL. */
+static const char *field(const struct kvs *k, size_t from, size_t to,
+                         const char *key)
+{
+	for (size_t i = from; i < to; i++)
+		if (strcmp(k->v[i].key, key) == 0)
+			return k->v[i].value;
+	return NULL;
+}
+
+static const char *or_dash(const char *s)
+{
+	return s ? s : "-";
+}
+
+/* `list`: each export is a group of lines starting with `export`. */
+static void print_list(const struct kvs *k, int json)
+{
+	size_t *starts = malloc((k->n + 1) * sizeof(*starts)), n = 0;
+	if (!starts) {
+		fprintf(stderr, PROG ": out of memory\n");
+		return;
+	}
+	for (size_t i = 0; i < k->n; i++)
+		if (strcmp(k->v[i].key, "export") == 0)
+			starts[n++] = i;
+	starts[n] = k->n;
+	if (json) {
+		printf("[");
+		for (size_t e = 0; e < n; e++) {
+			printf(e ? ",\n " : "");
+			json_object(k, starts[e], starts[e + 1]);
+		}
+		printf("]\n");
+		free(starts);
+		return;
+	}
+	if (n == 0) {
+		printf("no exports\n");
+		free(starts);
+		return;
+	}
+	int wname = 6;
+	for (size_t e = 0; e < n; e++) {
+		int l = (int)strlen(k->v[starts[e]].value);
+		if (l > wname)
+			wname = l < 40 ? l : 40;
+	}
+	printf("%-*s  %-6s  %-7s  %7s  %s\n", wname, "EXPORT", "TYPE", "STATE",
+	       "CLIENTS", "FILE");
+	for (size_t e = 0; e < n; e++) {
+		size_t a = starts[e], b = starts[e + 1];
+		const char *type = or_dash(field(k, a, b, "type"));
+		const char *cow = field(k, a, b, "cow");
+		const char *ro = field(k, a, b, "readonly");
+		printf("%-*s  %-6s  %-7s  %7s  %s%s%s\n", wname, k->v[a].value, type,
+		       or_dash(field(k, a, b, "state")),
+		       or_dash(field(k, a, b, "clients")),
+		       or_dash(field(k, a, b, "file")),
+		       cow && strcmp(cow, "yes") == 0 ? " (copy-on-write)" : "",
+		       ro && strcmp(ro, "yes") == 0 ? " (read-only)" : "");
+		if (strcmp(type, "proxy") == 0) {
+			const char *ps = field(k, a, b, "proxy-state");
+			printf("%*s  proxy of %s port %s export \"%s\"%s%s%s, bitmap %s, "
+			       "control %s\n",
+			       wname, "", or_dash(field(k, a, b, "upstream-host")),
+			       or_dash(field(k, a, b, "upstream-port")),
+			       field(k, a, b, "upstream-export")
+			           ? field(k, a, b, "upstream-export")
+			           : "",
+			       ps ? " (" : "", ps ? ps : "", ps ? ")" : "",
+			       or_dash(field(k, a, b, "bitmap")),
+			       or_dash(field(k, a, b, "control")));
+		}
+		if (field(k, a, b, "error"))
+			printf("%*s  error: %s\n", wname, "", field(k, a, b, "error"));
+	}
+	free(starts);
+}
+
+static void print_pairs(const struct kvs *k, int json)
+{
+	if (json) {
+		json_object(k, 0, k->n);
+		printf("\n");
+		return;
+	}
+	for (size_t i = 0; i < k->n; i++)
+		printf("%-18s %s\n", k->v[i].key, k->v[i].value);
+}
+
+/* ---- cache-all progress ----------------------------------------------------- */
+
+struct prog {
+	int enabled, tty, drawn;
+	uint64_t last_ms;
+};
+
+static uint64_t now_ms(void)
+{
+	struct timeval tv;
+	gettimeofday(&tv, NULL);
+	return (uint64_t)tv.tv_sec * 1000 + (uint64_t)tv.tv_usec / 1000;
+}
+
+static int on_progress(const struct xnbd_ctl_line *l, void *ud)
+{
+	struct prog *p = ud;
+	if (!p->enabled || strcmp(l->kind, "progress") != 0 || l->total == 0)
+		return 0;
+	double pct = (double)l->done * 100.0 / (double)l->total;
+	if (p->tty) {
+		printf("\r%6.2f%% %" PRIu64 "/%" PRIu64 " blocks", pct, l->done,
+		       l->total);
+		fflush(stdout);
+		p->drawn = 1;
+		return 0;
+	}
+	/* Without a terminal: a line a second at most, and the last one. */
+	uint64_t t = now_ms();
+	if (l->done != l->total && t - p->last_ms < 1000)
+		return 0;
+	p->last_ms = t;
+	printf("cached %" PRIu64 " of %" PRIu64 " blocks (%.2f%%)\n", l->done,
+	       l->total, pct);
+	fflush(stdout);
+	return 0;
+}
+
+/* ---- main ------------------------------------------------------------------------ */
+
+static const char *open_error(int r)
+{
+	switch (r) {
+	case -ENOENT:
+		return "no such socket (is xnbd-wrapper running?)";
+	case -ECONNREFUSED:
+		return "nobody listens there (is xnbd-wrapper running?)";
+	case -EPROTO:
+		return "not an xNBD control socket";
+	case -EPROTONOSUPPORT:
+		return "the wrapper speaks another control protocol version";
+	default:
+		return strerror(-r);
+	}
+}
+
+/* An absolute path for p (which may not exist): the wrapper resolves
+ * relative paths against its own directory, not ours. */
+static char *abs_path(const char *p)
+{
+	if (p[0] == '/' || p[0] == '\0')
+		return strdup(p);
+	char *cwd = getcwd(NULL, 0);
+	if (!cwd)
+		return NULL;
+	size_t n = strlen(cwd) + strlen(p) + 2;
+	char *r = malloc(n);
+	if (r)
+		snprintf(r, n, "%s/%s", cwd, p);
+	free(cwd);
+	return r;
+}
+
+int main(int argc, char **argv)
+{
+	struct opts o = {0};
+	int r = parse(argc, argv, &o);
+	if (r)
+		return r;
+	enum cmd cmd = commands[o.ci].cmd;
+	const char *name = commands[o.ci].option;
+
+	/* The request: the command word, its arguments, then the options that
+	 * become arguments. */
+	const char *av[12];
+	char *owned[8] = {NULL};
+	int ac = 0, no = 0;
+	av[ac++] = commands[o.ci].word;
+	for (int i = 0; i < commands[o.ci].nargs; i++) {
+		if (commands[o.ci].paths & (1U << i)) {
+			char *a = abs_path(o.args[i]);
+			if (!a) {
+				fprintf(stderr, PROG ": %s\n", strerror(errno));
+				return 1;
+			}
+			owned[no++] = a;
+			av[ac++] = a;
+		} else {
+			av[ac++] = o.args[i];
+		}
+	}
+	if (cmd == C_SWITCH && o.force)
+		av[ac++] = "force";
+	if ((cmd == C_ADD_PROXY || cmd == C_RECONNECT) && o.exportname)
+		av[ac++] = o.exportname;
+
+	struct xnbd_ctl *c;
+	r = xnbd_ctl_open(o.sock, &c);
+	if (r < 0) {
+		fprintf(stderr, PROG ": %s: %s\n", o.sock, open_error(r));
+		for (int i = 0; i < no; i++)
+			free(owned[i]);
+		return 1;
+	}
+	struct kvs k = {0};
+	struct prog pg = {0};
+	xnbd_ctl_line_cb cb = collect;
+	void *ud = &k;
+	if (cmd == C_CACHE_ALL || cmd == C_CACHE_ALL2) {
+		pg.enabled = o.progress;
+		pg.tty = isatty(STDOUT_FILENO);
+		cb = on_progress;
+		ud = &pg;
+	}
+	char *msg = NULL;
+	r = xnbd_ctl_call(c, ac, av, cb, ud, &msg);
+	xnbd_ctl_close(c);
+	for (int i = 0; i < no; i++)
+		free(owned[i]);
+	if (pg.drawn)
+		printf("\n");
+	if (r == 0 && k.oom)
+		r = -ENOMEM;
+	if (r < 0) {
+		if (msg)
+			fprintf(stderr, PROG ": --%s: %s\n", name, msg);
+		else if (r == -ECONNRESET)
+			fprintf(stderr, PROG ": --%s: the wrapper closed the connection "
+			                "before answering\n", name);
+		else
+			fprintf(stderr, PROG ": --%s: %s\n", name, strerror(-r));
+		free(msg);
+		kvs_free(&k);
+		return 1;
+	}
+	switch (cmd) {
+	case C_LIST:
+		print_list(&k, o.json);
+		break;
+	case C_QUERY:
+		print_pairs(&k, o.json);
+		break;
+	case C_ADD_TARGET:
+	case C_ADD_PROXY:
+		printf("added export '%s'\n", o.args[0]);
+		break;
+	case C_RM_FILE:
+	case C_RM_NAME:
+		for (size_t i = 0; i + 1 < k.n; i += 2)
+			printf("removed export '%s'; %s client(s) served until they "
+			       "disconnect\n", k.v[i].value, k.v[i + 1].value);
+		break;
+	case C_SWITCH:
+		printf("switched to target mode\n");
+		break;
+	case C_CACHE_ALL:
+	case C_CACHE_ALL2:
+		printf("every block is cached\n");
+		break;
+	case C_RECONNECT:
+		printf("connected to %s port %s\n", o.args[1], o.args[2]);
+		break;
+	case C_SHUTDOWN:
+		printf("the wrapper is stopping\n");
+		break;
+	default:
+		break;
+	}
+	free(msg);
+	kvs_free(&k);
+	return 0;
+}

@@ -1,0 +1,558 @@
+/* wrapper.c - xnbd-wrapper: one listener serving many images by export
+ * name, steered at run time through a control socket (xnbd-wrapper-ctl).
+ * This file is the command line, start-up, daemon and signal glue; the
+ * export table is exports.c, the commands commands.c, the export list
+ * file db.c. */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "logsink.h"
+#include "wrapper.h"
+
+#define EXIT_USAGE 2
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+	    "Usage: " PROG " [options] [--imgfile FILE]...\n"
+	    "\n"
+	    "Serve many disk images on one port; clients choose one by export name.\n"
+	    "Exports are added, removed and steered at run time with\n"
+	    "xnbd-wrapper-ctl(8) through the control socket.\n"
+	    "\n"
+	    "Options:\n"
+	    "  --imgfile FILE        export FILE under its path as given (repeatable)\n"
+	    "  --cow                 serve targets copy-on-write: writes go to an\n"
+	    "                        overlay per export that vanishes with the wrapper\n"
+	    "  --readonly            serve every export read-only (advertised to clients)\n"
+	    "  --lport PORT          TCP port to listen on (default 8520)\n"
+	    "  --laddr ADDRESS       address to listen on (default: all, IPv6 and IPv4)\n"
+	    "  --socket PATH         control socket (default " DEFAULT_CTL_SOCKET ")\n"
+	    "  --dbpath FILE         keep the export list in FILE across restarts\n"
+	    "  --daemonize           run in the background\n"
+	    "  --pidfile FILE        with --daemonize, write the daemon's PID to FILE\n"
+	    "  --logpath FILE        append messages to FILE instead of standard error\n"
+	    "  --syslog              send messages to syslog\n"
+	    "  --max-queue-size N    stop reading requests while N are queued (0: no bound)\n"
+	    "  --max-buf-size BYTES  stop reading requests while BYTES are buffered (0: no bound)\n"
+	    "  --verbose             log debug messages too\n"
+	    "  --help                show this help and exit\n"
+	    "  --version             show the version and exit\n"
+	    "\n"
+	    "SIGTERM and SIGINT stop after answering requests in flight.\n"
+	    "See xnbd-wrapper(8).\n");
+}
+
+__attribute__((format(printf, 1, 2))) static int fail_usage(const char *fmt,
+                                                            ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fprintf(stderr, PROG ": ");
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\nTry '" PROG " --help'.\n");
+	return EXIT_USAGE;
+}
+
+/* A size: digits with an optional K, M or G (powers of 1024). */
+static int parse_size(const char *s, size_t *out)
+{
+	char *end;
+	errno = 0;
+	if (!*s || *s == '-')
+		return -1;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno || end == s)
+		return -1;
+	unsigned shift = 0;
+	if (*end == 'K' || *end == 'k')
+		shift = 10;
+	else if (*end == 'M' || *end == 'm')
+		shift = 20;
+	else if (*end == 'G' || *end == 'g')
+		shift = 30;
+	if (shift)
+		end++;
+	if (*end || (shift && v > (ULLONG_MAX >> shift)))
+		return -1;
+	*out = (size_t)(v << shift);
+	return 0;
+}
+
+static int parse_args(int argc, char **argv, struct wconfig *c)
+{
+	enum {
+		O_IMGFILE = 256, O_COW, O_READONLY, O_LPORT, O_LADDR, O_SOCKET,
+		O_DBPATH, O_DAEMONIZE, O_PIDFILE, O_LOGPATH, O_SYSLOG, O_MAXQ,
+		O_MAXBUF, O_VERBOSE, O_HELP, O_VERSION,
+	};
+	static const struct option opts[] = {
+		{"imgfile", required_argument, NULL, O_IMGFILE},
+		{"cow", no_argument, NULL, O_COW},
+		{"readonly", no_argument, NULL, O_READONLY},
+		{"lport", required_argument, NULL, O_LPORT},
+		{"laddr", required_argument, NULL, O_LADDR},
+		{"socket", required_argument, NULL, O_SOCKET},
+		{"dbpath", required_argument, NULL, O_DBPATH},
+		{"daemonize", no_argument, NULL, O_DAEMONIZE},
+		{"pidfile", required_argument, NULL, O_PIDFILE},
+		{"logpath", required_argument, NULL, O_LOGPATH},
+		{"syslog", no_argument, NULL, O_SYSLOG},
+		{"max-queue-size", required_argument, NULL, O_MAXQ},
+		{"max-buf-size", required_argument, NULL, O_MAXBUF},
+		{"verbose", no_argument, NULL, O_VERBOSE},
+		{"help", no_argument, NULL, O_HELP},
+		{"version", no_argument, NULL, O_VERSION},
+		{NULL, 0, NULL, 0},
+	};
+	int o;
+	c->lport = "8520";
+	c->socket = DEFAULT_CTL_SOCKET;
+	opterr = 0;
+	while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (o) {
+		case O_IMGFILE: {
+			const char **n =
+			    realloc(c->imgfiles, (c->nimgfiles + 1) * sizeof(*n));
+			if (!n) {
+				fprintf(stderr, PROG ": out of memory\n");
+				return 1;
+			}
+			c->imgfiles = n;
+			c->imgfiles[c->nimgfiles++] = optarg;
+			break;
+		}
+		case O_COW:
+			c->cow = 1;
+			break;
+		case O_READONLY:
+			c->readonly = 1;
+			break;
+		case O_LPORT: {
+			char *end;
+			long p = strtol(optarg, &end, 10);
+			if (*end || end == optarg || p < 1 || p > 65535)
+				return fail_usage("invalid port '%s' (1 to 65535)", optarg);
+			c->lport = optarg;
+			break;
+		}
+		case O_LADDR:
+			c->laddr = optarg;
+			break;
+		case O_SOCKET:
+			if (!*optarg)
+				return fail_usage("%s", "empty --socket path");
+			c->socket = optarg;
+			break;
+		case O_DBPATH:
+			if (!*optarg)
+				return fail_usage("%s", "empty --dbpath");
+			c->dbpath = optarg;
+			break;
+		case O_DAEMONIZE:
+			c->daemonize = 1;
+			break;
+		case O_PIDFILE:
+			c->pidfile = optarg;
+			break;
+		case O_LOGPATH:
+			c->logpath = optarg;
+			break;
+		case O_SYSLOG:
+			c->use_syslog = 1;
+			break;
+		case O_MAXQ:
+			if (parse_size(optarg, &c->max_queue))
+				return fail_usage("invalid queue size '%s'", optarg);
+			break;
+		case O_MAXBUF:
+			if (parse_size(optarg, &c->max_buf))
+				return fail_usage("invalid buffer size '%s'", optarg);
+			break;
+		case O_VERBOSE:
+			c->verbose = 1;
+			break;
+		case O_HELP:
+			usage(stdout);
+			exit(0);
+		case O_VERSION:
+			printf(PROG " %s (libxnbd %s)\n", XNBD_WRAPPER_VERSION,
+			       xnbd_version());
+			exit(0);
+		default:
+			return fail_usage("unknown or incomplete option '%s'",
+			                  argv[optind - 1]);
+		}
+	}
+	if (optind != argc)
+		return fail_usage("unexpected argument '%s' (images are given with "
+		                  "--imgfile)", argv[optind]);
+	if (c->pidfile && !c->daemonize)
+		return fail_usage("%s", "--pidfile goes with --daemonize");
+	return 0;
+}
+
+/* ---- stopping ------------------------------------------------------------------ */
+
+static void on_server_down(struct xnbd_server *s, void *ud)
+{
+	struct wrapper *w = ud;
+	logsink_printf(XNBD_LOG_INFO, "server stopped");
+	/* Control sockets first (fills in progress stop), then the exports;
+	 * proxies sync their caches and bitmaps as they go. */
+	xnbd_control_free(w->ctl);
+	w->ctl = NULL;
+	while (w->exports) {
+		struct wexport *e = w->exports;
+		w->exports = e->next;
+		wexport_free_at_exit(e);
+	}
+	xnbd_server_free(w->srv);
+	w->srv = NULL;
+	uv_close((uv_handle_t *)&w->sig_term, NULL);
+	uv_close((uv_handle_t *)&w->sig_int, NULL);
+	uv_close((uv_handle_t *)&w->tick, NULL);
+	/* The reaper closes once it has freed what it holds. */
+	reaper_flush_and_close(w);
+}
+
+void wrapper_stop(struct wrapper *w)
+{
+	if (!w->running) {
+		w->stop_pending = 1; /* main() stops once started */
+		return;
+	}
+	if (w->stopping)
+		return;
+	w->stopping = 1;
+	uv_timer_stop(&w->tick);
+	/* A switch or a reconnect since the last tick reaches the file. */
+	db_sync(w);
+	xnbd_server_shutdown(w->srv, 10000, on_server_down, w);
+}
+
+static void on_stop_signal(uv_signal_t *h, int signum)
+{
+	struct wrapper *w = h->data;
+	logsink_printf(XNBD_LOG_INFO, "%s received: stopping after requests in "
+	               "flight", strsignal(signum));
+	wrapper_stop(w);
+}
+
+static void on_tick(uv_timer_t *t)
+{
+	struct wrapper *w = t->data;
+	wexport_retry(w);
+	db_sync(w);
+}
+
+/* ---- daemon ------------------------------------------------------------------------ */
+
+/* Fork; the parent exits 0 once the child is set up. */
+static int daemonize(struct wrapper *w)
+{
+	int p[2];
+	if (pipe(p))
+		return -errno;
+	pid_t pid = fork();
+	if (pid < 0)
+		return -errno;
+	if (pid > 0) {
+		char c;
+		close(p[1]);
+		ssize_t n = read(p[0], &c, 1);
+		_exit(n == 1 ? 0 : 1);
+	}
+	close(p[0]);
+	setsid();
+	int r = uv_loop_fork(w->loop);
+	if (r < 0)
+		return r;
+	if (w->pidfile_abs) {
+		FILE *f = fopen(w->pidfile_abs, "we");
+		if (!f)
+			return -errno;
+		fprintf(f, "%d\n", (int)getpid());
+		if (fclose(f))
+			return -errno;
+	}
+	int null = open("/dev/null", O_RDWR);
+	if (null >= 0) {
+		dup2(null, 0);
+		dup2(null, 1);
+		if (!logsink_uses_stderr())
+			dup2(null, 2);
+		if (null > 2)
+			close(null);
+	}
+	if (chdir("/"))
+		return -errno;
+	(void)!write(p[1], "r", 1);
+	close(p[1]);
+	return 0;
+}
+
+/* ---- start-up --------------------------------------------------------------------- */
+
+/* The table from the export list file, then --imgfile exports (one that
+ * the file has already, same name and same file, is the same export);
+ * nothing is opened yet.  Returns 0 or an exit code. */
+static int load_table(struct wrapper *w)
+{
+	struct dbent *ents = NULL;
+	size_t n = 0;
+	char err[1024];
+	if (w->db_abs && db_load(w->db_abs, &ents, &n, err, sizeof(err)) < 0) {
+		fprintf(stderr, PROG ": cannot use the export list %s\n"
+		        PROG ": move it away or repair it; nothing was served\n", err);
+		return 1;
+	}
+	int code = 0;
+	for (size_t i = 0; i < n; i++) {
+		struct dbent *d = &ents[i];
+		struct wexport *e = wexport_new(w, d->type, d->name, d->file, d->rhost,
+		                                d->rport, d->rname, d->bitmap,
+		                                d->ctlsock);
+		if (!e) {
+			code = 1;
+			break;
+		}
+		wexport_append(w, e);
+	}
+	db_free(ents, n);
+	if (code) {
+		fprintf(stderr, PROG ": out of memory\n");
+		return code;
+	}
+	for (size_t i = 0; i < w->cfg.nimgfiles; i++) {
+		const char *name = w->cfg.imgfiles[i];
+		char *real = realpath(name, NULL);
+		if (!real) {
+			fprintf(stderr, PROG ": cannot open image '%s': %s\n", name,
+			        strerror(errno));
+			return 1;
+		}
+		struct wexport *e = wexport_find(w, name);
+		if (e && (e->type != W_TARGET || strcmp(e->file, real) != 0)) {
+			fprintf(stderr, PROG ": --imgfile %s: the export list %s has an "
+			        "export of that name for %s\n", name, w->db_abs,
+			        e->type == W_TARGET ? e->file : "a proxy");
+			free(real);
+			return 1;
+		}
+		if (!e) {
+			e = wexport_new(w, W_TARGET, name, real, NULL, NULL, NULL, NULL,
+			                NULL);
+			if (!e) {
+				free(real);
+				fprintf(stderr, PROG ": out of memory\n");
+				return 1;
+			}
+			wexport_append(w, e);
+		}
+		free(real);
+	}
+	return 0;
+}
+
+static void start_failed(struct wexport *e, int status)
+{
+	if (status < 0)
+		logsink_printf(XNBD_LOG_ERR, "export '%s' is not served: %s; trying "
+		               "again every %d s", e->name, e->error, RETRY_MS / 1000);
+}
+
+/* Open the table and wait for the proxies.  A command-line image that
+ * cannot be served stops the start (returns 1).  An export of the list
+ * file that cannot be opened stays listed and is tried again later: one
+ * missing image or upstream must not stop the others. */
+static int open_table(struct wrapper *w)
+{
+	for (size_t i = 0; i < w->cfg.nimgfiles; i++) {
+		struct wexport *e = wexport_find(w, w->cfg.imgfiles[i]);
+		if (e->state != W_SERVING && wexport_open_target(e) < 0) {
+			fprintf(stderr, PROG ": %s\n", e->error);
+			return 1;
+		}
+	}
+	for (struct wexport *e = w->exports; e; e = e->next) {
+		if (e->state == W_SERVING)
+			continue;
+		if (e->type == W_TARGET) {
+			if (wexport_open_target(e) < 0)
+				start_failed(e, -1);
+		} else if (wexport_open_proxy(e, start_failed) < 0) {
+			start_failed(e, -1);
+		}
+	}
+	for (;;) {
+		int opening = 0;
+		for (struct wexport *e = w->exports; e; e = e->next)
+			opening |= e->state == W_OPENING;
+		if (!opening || !uv_run(w->loop, UV_RUN_ONCE))
+			break;
+	}
+	return 0;
+}
+
+static int open_control(struct wrapper *w)
+{
+	int r = xnbd_control_new(w->loop, &w->ctl);
+	if (r == 0) {
+		xnbd_control_set_log(w->ctl, logsink_write, NULL);
+		r = xnbd_control_set_program(w->ctl, PROG "/" XNBD_WRAPPER_VERSION);
+	}
+	if (r == 0)
+		r = commands_add(w);
+	if (r == 0)
+		r = xnbd_control_listen(w->ctl, w->socket_abs);
+	if (r < 0) {
+		fprintf(stderr, PROG ": cannot open the control socket '%s': %s\n",
+		        w->cfg.socket,
+		        r == -EADDRINUSE ? "a running wrapper listens there"
+		        : r == -EEXIST   ? "a file that is not a socket is in the way"
+		                         : xnbd_strerror(r));
+		return 1;
+	}
+	return 0;
+}
+
+static void on_failed_server_down(struct xnbd_server *s, void *ud)
+{
+	*(int *)ud = 1;
+}
+
+static int cleanup(struct wrapper *w, int code)
+{
+	if (w->loop && uv_loop_close(w->loop) != 0 && code == 0)
+		code = 1;
+	free(w->socket_abs);
+	free(w->db_abs);
+	free(w->pidfile_abs);
+	free(w->db_saved);
+	free(w->reap);
+	free(w->cfg.imgfiles);
+	return code;
+}
+
+/* Release everything after a failed start and return `code`. */
+static int fail_start(struct wrapper *w, int code)
+{
+	int down = 0;
+	if (xnbd_server_shutdown(w->srv, 0, on_failed_server_down, &down) == 0)
+		while (!down && uv_run(w->loop, UV_RUN_ONCE))
+			;
+	xnbd_control_free(w->ctl);
+	w->ctl = NULL;
+	while (w->exports) {
+		struct wexport *e = w->exports;
+		w->exports = e->next;
+		wexport_free_at_exit(e);
+	}
+	xnbd_server_free(w->srv);
+	uv_close((uv_handle_t *)&w->tick, NULL);
+	reaper_flush_and_close(w);
+	uv_run(w->loop, UV_RUN_DEFAULT);
+	return cleanup(w, code);
+}
+
+static void start_signal(struct wrapper *w, uv_signal_t *h, int signum)
+{
+	uv_signal_init(w->loop, h);
+	h->data = w;
+	uv_signal_start(h, on_stop_signal, signum);
+}
+
+int main(int argc, char **argv)
+{
+	struct wrapper w = {0};
+	int r = parse_args(argc, argv, &w.cfg);
+	if (r)
+		return cleanup(&w, r);
+	struct wconfig *c = &w.cfg;
+
+	signal(SIGPIPE, SIG_IGN);
+	/* Disk I/O that misses the page cache runs on libuv's pool. */
+	setenv("UV_THREADPOOL_SIZE", "16", 0);
+	r = logsink_open(PROG, c->logpath, c->use_syslog, c->verbose);
+	if (r < 0) {
+		fprintf(stderr, PROG ": cannot open log file '%s': %s\n", c->logpath,
+		        strerror(-r));
+		return cleanup(&w, 1);
+	}
+	/* The daemon changes directory, and the files are named again later. */
+	w.socket_abs = abs_path(c->socket);
+	w.db_abs = c->dbpath ? abs_path(c->dbpath) : NULL;
+	w.pidfile_abs = c->pidfile ? abs_path(c->pidfile) : NULL;
+	if (!w.socket_abs || (c->dbpath && !w.db_abs) ||
+	    (c->pidfile && !w.pidfile_abs)) {
+		fprintf(stderr, PROG ": cannot resolve paths: %s\n", strerror(errno));
+		return cleanup(&w, 1);
+	}
+	w.loop = uv_default_loop();
+	uv_timer_init(w.loop, &w.tick);
+	uv_timer_init(w.loop, &w.reaper);
+	w.tick.data = w.reaper.data = &w;
+	if ((r = xnbd_server_new(w.loop, &w.srv)) < 0) {
+		fprintf(stderr, PROG ": %s\n", xnbd_strerror(r));
+		uv_close((uv_handle_t *)&w.tick, NULL);
+		uv_close((uv_handle_t *)&w.reaper, NULL);
+		uv_run(w.loop, UV_RUN_DEFAULT);
+		return cleanup(&w, 1);
+	}
+	xnbd_server_set_log(w.srv, logsink_write, NULL);
+	xnbd_server_set_limits(w.srv, c->max_queue, c->max_buf);
+
+	/* The control socket before any image, cache or bitmap is opened: it
+	 * tells whether a wrapper runs already. */
+	if ((r = load_table(&w)) != 0 || (r = open_control(&w)) != 0 ||
+	    (r = open_table(&w)) != 0)
+		return fail_start(&w, r);
+	r = xnbd_server_listen(w.srv, c->laddr, c->lport);
+	if (r < 0) {
+		fprintf(stderr, PROG ": cannot listen on %s port %s: %s\n",
+		        c->laddr ? c->laddr : "all addresses", c->lport,
+		        xnbd_strerror(r));
+		return fail_start(&w, 1);
+	}
+	/* The file now holds what is served, --imgfile exports included. */
+	if ((r = db_sync(&w)) < 0) {
+		fprintf(stderr, PROG ": cannot write the export list %s: %s\n",
+		        w.db_abs, strerror(-r));
+		return fail_start(&w, 1);
+	}
+	if (c->daemonize && (r = daemonize(&w)) < 0) {
+		fprintf(stderr, PROG ": cannot daemonize: %s\n", xnbd_strerror(r));
+		return fail_start(&w, 1);
+	}
+	start_signal(&w, &w.sig_term, SIGTERM);
+	start_signal(&w, &w.sig_int, SIGINT);
+	uv_timer_start(&w.tick, on_tick, TICK_MS, TICK_MS);
+	w.running = 1;
+	if (w.stop_pending)
+		wrapper_stop(&w);
+
+	size_t n = 0, ok = 0;
+	for (struct wexport *e = w.exports; e; e = e->next, n++)
+		ok += e->state == W_SERVING;
+	logsink_printf(XNBD_LOG_INFO, "serving %zu of %zu export(s)%s%s on %s "
+	               "port %s; control socket %s", ok, n,
+	               c->cow ? ", copy-on-write" : "",
+	               c->readonly ? ", read-only" : "",
+	               c->laddr ? c->laddr : "all addresses", c->lport,
+	               w.socket_abs);
+
+	uv_run(w.loop, UV_RUN_DEFAULT);
+	if (w.pidfile_abs)
+		unlink(w.pidfile_abs);
+	return cleanup(&w, w.exit_code);
+}

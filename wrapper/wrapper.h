@@ -1,0 +1,198 @@
+/* wrapper.h - xnbd-wrapper's state, shared by its files (private).
+ *
+ * Notes on the design:
+ * - One process, one libuv loop, one struct xnbd_server holding every
+ *   export; clients choose one by name.  Exports are added and removed
+ *   while the server runs (xnbd_server_add_export and _remove_export), so
+ *   nothing is ever restarted, and all clients of a proxy share it.
+ * - The wrapper's table of exports (struct wexport, in the order they were
+ *   added) is what `list` shows and what the export list file (--dbpath)
+ *   records.  An export is `opening` (a proxy connecting to its upstream),
+ *   `serving`, or `failed` (it could not be opened at start or on a later
+ *   attempt; it stays in the table and the file, and is tried again every
+ *   RETRY_MS).  A removed export leaves the table at once; its clients are
+ *   served to the end of their sessions, and its memory, backends and
+ *   proxy go when the last of them has ended.
+ * - A change the export list file could not record is refused and undone
+ *   before any client could see it: the file never lags behind what is
+ *   served after a command was answered.
+ */
+#ifndef XNBD_WRAPPER_H
+#define XNBD_WRAPPER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include <xnbd/xnbd.h>
+
+#define PROG "xnbd-wrapper"
+#define DEFAULT_CTL_SOCKET "/tmp/xnbd_wrapper.ctl"
+#define RETRY_MS 10000 /* a failed export is tried again this often */
+#define TICK_MS 1000   /* the export list file is compared this often */
+
+enum wtype { W_TARGET, W_PROXY };
+enum wstate { W_OPENING, W_SERVING, W_FAILED };
+
+struct wrapper;
+struct wexport;
+typedef void (*wexport_cb)(struct wexport *e, int status);
+
+struct wexport {
+	struct wexport *next;
+	struct wrapper *w;
+	enum wtype type;
+	enum wstate state;
+	char *name;
+	char *file; /* target: the image; proxy: the cache image */
+	/* Proxy: its parameters as given (the upstream may change later). */
+	char *rhost, *rport, *rname, *bitmap, *ctlsock;
+	char *error; /* why it is `failed` */
+	uint64_t retry_at; /* uv_now() of the next attempt when failed */
+	int from_request;  /* an add-proxy not yet answered: not in the file */
+	int dropping;      /* being removed: left out of the file */
+	struct xnbd_control_req *req; /* the add-proxy request to answer */
+	wexport_cb done;              /* when the proxy's opening ends */
+	struct xnbd_backend *image;   /* target: the file */
+	struct xnbd_backend *cow;     /* target with --cow: the layer over it */
+	struct xnbd_proxy *proxy;
+	struct xnbd_control *pctl; /* proxy: its own control socket */
+	struct xnbd_export *export;
+};
+
+struct wconfig {
+	const char *laddr, *lport;
+	const char **imgfiles;
+	size_t nimgfiles;
+	const char *socket;
+	const char *dbpath;
+	const char *logpath, *pidfile;
+	int cow, readonly, daemonize, use_syslog, verbose;
+	size_t max_queue, max_buf;
+};
+
+struct wrapper {
+	struct wconfig cfg;
+	uv_loop_t *loop;
+	struct xnbd_server *srv;
+	struct xnbd_control *ctl;
+	struct wexport *exports; /* the table, in order */
+	struct wexport *retired; /* removed, still serving their clients */
+	char *socket_abs, *db_abs, *pidfile_abs;
+	char *db_saved;  /* the export list file's contents as last written */
+	int db_failing;  /* the last write failed (logged once) */
+	uv_timer_t tick; /* retries and the export list file */
+	uv_timer_t reaper; /* frees proxies outside their own callbacks */
+	struct xnbd_proxy **reap;
+	size_t nreap, reap_cap;
+	uv_signal_t sig_term, sig_int;
+	int running;      /* started: a stop may begin */
+	int stop_pending; /* asked to stop while starting */
+	int stopping;
+	int exit_code;
+};
+
+/* ---- exports.c ------------------------------------------------------------- */
+
+/* The export of that name in the table, or NULL. */
+struct wexport *wexport_find(struct wrapper *w, const char *name);
+
+/* The export, in the table or retired, that uses `path` as its image,
+ * cache, bitmap or control socket, or NULL. */
+struct wexport *wexport_using(struct wrapper *w, const char *path);
+
+/* A new table entry (not opened, not in the table); NULL without memory.
+ * Proxy parameters are NULL for a target.  Strings are copied. */
+struct wexport *wexport_new(struct wrapper *w, enum wtype type,
+                            const char *name, const char *file,
+                            const char *rhost, const char *rport,
+                            const char *rname, const char *bitmap,
+                            const char *ctlsock);
+
+/* Append e to the table. */
+void wexport_append(struct wrapper *w, struct wexport *e);
+
+/* Open a target and add it to the server.  Returns 0 or a negative errno,
+ * with e->error set to a sentence saying why. */
+int wexport_open_target(struct wexport *e);
+
+/* Start opening a proxy; done(e, status) runs when it is served (0) or
+ * has failed (e->error says why).  Returns 0, or a negative errno when
+ * nothing was started (e->error set). */
+int wexport_open_proxy(struct wexport *e, wexport_cb done);
+
+/* Take e out of the table and remove it from the server: its clients are
+ * served to their end (it is `retired` meanwhile), then it is freed.
+ * Returns how many clients it has now. */
+size_t wexport_remove(struct wexport *e);
+
+/* Free an entry that is not served (failed, or never added), also
+ * abandoning a proxy that is still opening; it must not be in the table. */
+void wexport_discard(struct wexport *e);
+
+/* Free everything of e after the server's shutdown. */
+void wexport_free_at_exit(struct wexport *e);
+
+/* Free the proxies waiting to be freed, and close the reaper. */
+void reaper_flush_and_close(struct wrapper *w);
+
+/* Try failed exports whose time has come again. */
+void wexport_retry(struct wrapper *w);
+
+/* Set e->error from a format. */
+__attribute__((format(printf, 2, 3))) void wexport_error(struct wexport *e,
+                                                        const char *fmt, ...);
+
+/* The path p made absolute against the working directory (not resolved);
+ * NULL without memory. */
+char *abs_path(const char *p);
+
+/* ---- db.c --------------------------------------------------------------------- */
+
+/* One entry of the export list file. */
+struct dbent {
+	enum wtype type;
+	char *name, *file;
+	char *rhost, *rport, *rname, *bitmap, *ctlsock;
+	unsigned line;
+};
+
+/* Read the export list file.  A missing file is an empty list (0).
+ * Returns 0 and sets *ents and *n, or -1 with a message in err (the file
+ * is damaged or unreadable: the wrapper must not start on it). */
+int db_load(const char *path, struct dbent **ents, size_t *n, char *err,
+            size_t errlen);
+void db_free(struct dbent *ents, size_t n);
+
+/* Write the table to the export list file when it differs from what was
+ * written last: FILE.tmp, fsync, rename, fsync of the directory.  Returns
+ * 0 (also without --dbpath) or a negative errno. */
+int db_sync(struct wrapper *w);
+
+/* ---- words.c -------------------------------------------------------------------- */
+
+/* Append the percent-encoding of s (the control protocol's word rules)
+ * to *buf; returns 0 or -ENOMEM. */
+int word_append(char **buf, size_t *len, size_t *cap, const char *s);
+
+/* Split a line (NUL-terminated, without newline) into decoded words in
+ * place; returns the count, or -1 for a bad encoding or more than max. */
+int words_split(char *line, char **argv, int max);
+
+/* ---- commands.c ---------------------------------------------------------------- */
+
+/* Register the wrapper's commands on w->ctl.  Returns 0 or a negative
+ * errno. */
+int commands_add(struct wrapper *w);
+
+/* Register the proxy's commands on its own control socket e->pctl (the
+ * same replies as bgctl-* on the wrapper's).  Returns 0 or a negative
+ * errno. */
+int commands_add_proxy(struct wexport *e);
+
+/* ---- wrapper.c ------------------------------------------------------------------- */
+
+/* Stop gracefully, as on SIGTERM. */
+void wrapper_stop(struct wrapper *w);
+
+#endif
