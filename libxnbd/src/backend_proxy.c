@@ -106,7 +106,7 @@ struct pop {
 	struct persist_waiter pw;
 	uint8_t *bounce;
 	uint32_t nsub, used;
-	struct sub sub[];
+	struct sub *sub; /* nsub of them: after the op, or (CACHE) allocated */
 };
 
 struct xnbd_proxy_job {
@@ -545,6 +545,8 @@ static void cache_slot_release(struct xnbd_proxy *p)
 static void op_free(struct pop *op)
 {
 	free(op->bounce);
+	if (op->sub != (struct sub *)(op + 1))
+		free(op->sub);
 	free(op);
 }
 
@@ -802,7 +804,8 @@ static void op_run(struct pop *op)
 		case XNBD_IO_READ:
 		case XNBD_IO_CACHE:
 			if (io->type == XNBD_IO_CACHE && !op->bounce &&
-			    !(op->bounce = malloc(CACHE_ROUND))) {
+			    (!(op->bounce = malloc(CACHE_ROUND)) ||
+			     !(op->sub = calloc(ROUND_SUBS, sizeof(*op->sub))))) {
 				op->status = -ENOMEM;
 				continue;
 			}
@@ -835,6 +838,26 @@ static void op_run(struct pop *op)
 	}
 }
 
+/* How many sub-I/Os a round of a read of blocks b0..b1 would use, at
+ * most ROUND_SUBS: a run per change of state, absent runs split at
+ * MAX_SEG, and the two edge blocks on their own. */
+static uint32_t read_subs(const struct xnbd_proxy *p, uint64_t b0,
+                          uint64_t b1)
+{
+	uint32_t n = 2;
+	uint64_t run = 0;
+	bool prev = false;
+	for (uint64_t b = b0; b <= b1 && n < ROUND_SUBS; b++) {
+		bool have = present(p, b);
+		if (b == b0 || have != prev || (!have && ++run * BS >= MAX_SEG)) {
+			n++;
+			run = 0;
+		}
+		prev = have;
+	}
+	return n < ROUND_SUBS ? n : ROUND_SUBS;
+}
+
 static int submit_op(struct xnbd_proxy *p, struct xnbd_io *io,
                      struct xnbd_client *own)
 {
@@ -855,15 +878,20 @@ static int submit_op(struct xnbd_proxy *p, struct xnbd_io *io,
 		if (!fetch && io->type == XNBD_IO_CACHE)
 			return XNBD_IO_COMPLETED;
 	}
+	/* Sub-I/Os a round may need: a write's two edge fetches and its
+	 * middle; a read's runs (fewer only means more rounds); a CACHE op's
+	 * come with its slot, so the queued ones cost a small op each. */
 	uint32_t nsub = 3;
-	if (io->type == XNBD_IO_READ || io->type == XNBD_IO_CACHE) {
-		nsub = fetch ? ROUND_SUBS : 1;
-		if (!fetch && p->switched)
-			nsub = ROUND_SUBS; /* absent runs may alternate with present */
-	}
+	if (io->type == XNBD_IO_READ)
+		nsub = read_subs(p, b0, b1);
+	else if (io->type == XNBD_IO_CACHE)
+		nsub = 0;
 	struct pop *op = calloc(1, sizeof(*op) + nsub * sizeof(struct sub));
 	if (!op)
 		return -ENOMEM;
+	op->sub = nsub ? (struct sub *)(op + 1) : NULL;
+	if (io->type == XNBD_IO_CACHE)
+		nsub = ROUND_SUBS;
 	op->p = p;
 	op->io = io;
 	op->own = own;
