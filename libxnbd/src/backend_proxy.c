@@ -674,6 +674,10 @@ static bool round_start(struct pop *op)
 			buf = op->bounce + bounce_used;
 			bounce_used += len;
 		} else if (edge_b) {
+			if (!op->bounce && !(op->bounce = malloc(2 * BS))) {
+				op->status = -ENOMEM;
+				break;
+			}
 			buf = op->bounce + (b == op->b0 ? 0 : BS);
 			edge = true;
 		} else {
@@ -713,6 +717,10 @@ static void write_stage(struct pop *op)
 				continue;
 			if (zflags & XNBD_IO_FAST_ZERO) {
 				op->status = -ENOTSUP; /* a fetch is not fast */
+				return;
+			}
+			if (!op->bounce && !(op->bounce = malloc(2 * BS))) {
+				op->status = -ENOMEM;
 				return;
 			}
 			struct sub *s = sub_take(op, SUB_FETCH, b * BS, block_len(p, b),
@@ -900,15 +908,9 @@ static int submit_op(struct xnbd_proxy *p, struct xnbd_io *io,
 	op->b1 = b1;
 	op->cursor = b0;
 	xnbd_list_init(&op->link);
-	size_t bounce = 0;
-	/* A CACHE op's round buffer comes with its slot (op_run), so CACHE
-	 * requests queued for a slot cost no buffer. */
-	if (is_write(io->type) || (io->type == XNBD_IO_READ && fetch))
-		bounce = 2 * BS;
-	if (bounce && !(op->bounce = malloc(bounce))) {
-		free(op);
-		return -ENOMEM;
-	}
+	/* Bounce memory is taken when needed: a read's or write's two edge
+	 * blocks when they must be fetched, a CACHE op's round buffer with its
+	 * slot (op_run), so queued requests cost only their op. */
 	int done = 0;
 	op->inline_done = &done;
 	bool go = true;

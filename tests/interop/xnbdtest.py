@@ -608,3 +608,18 @@ class RawClient:
             self.s.close()
         except OSError:
             pass
+
+
+# ---- other processes -----------------------------------------------------------
+
+
+def track(proc):
+    """Have a subprocess.Popen (a peer server, say) stopped by PID when the
+    test ends, as the servers are; returns it."""
+    _live.append(proc)
+    return proc
+
+
+def stop_process(proc):
+    """SIGTERM a tracked process (SIGKILL 5 s later) and reap it."""
+    _stop_quietly(proc)
