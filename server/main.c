@@ -679,6 +679,16 @@ export:
 	                                    (c->oldstyle ? XNBD_SERVER_OLDSTYLE : 0));
 	xnbd_server_set_limits(a.server, c->max_queue, c->max_buf);
 	xnbd_server_on_client_end(a.server, on_client_end, &a);
+	/* From the moment a client or a tool can see us, a stop signal must
+	 * take the graceful path: hold such signals until the handlers are in
+	 * place (they are delivered then). */
+	sigset_t held;
+	sigemptyset(&held);
+	sigaddset(&held, SIGTERM);
+	sigaddset(&held, SIGINT);
+	sigaddset(&held, SIGUSR1);
+	sigaddset(&held, SIGUSR2);
+	sigprocmask(SIG_BLOCK, &held, NULL);
 	if (a.proxy && (r = open_control(&a)) != 0)
 		return finish(&a, r);
 
@@ -710,6 +720,7 @@ export:
 	start_signal(&a, &a.sig_int, on_stop_signal, SIGINT);
 	start_signal(&a, &a.sig_usr1, on_usr1, SIGUSR1);
 	start_signal(&a, &a.sig_usr2, on_usr2, SIGUSR2);
+	sigprocmask(SIG_UNBLOCK, &held, NULL);
 
 	if (!c->inetd && c->connected_fd < 0)
 		logsink_printf(XNBD_LOG_INFO, "serving %s (%llu bytes%s%s) on %s port %s",

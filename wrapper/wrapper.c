@@ -512,6 +512,13 @@ int main(int argc, char **argv)
 	xnbd_server_set_log(w.srv, logsink_write, NULL);
 	xnbd_server_set_limits(w.srv, c->max_queue, c->max_buf);
 
+	/* Stop signals wait for their handlers (installed below), so a stop
+	 * sent as soon as the socket or port appears is a graceful one. */
+	sigset_t held;
+	sigemptyset(&held);
+	sigaddset(&held, SIGTERM);
+	sigaddset(&held, SIGINT);
+	sigprocmask(SIG_BLOCK, &held, NULL);
 	/* The control socket before any image, cache or bitmap is opened: it
 	 * tells whether a wrapper runs already. */
 	if ((r = load_table(&w)) != 0 || (r = open_control(&w)) != 0 ||
@@ -536,6 +543,7 @@ int main(int argc, char **argv)
 	}
 	start_signal(&w, &w.sig_term, SIGTERM);
 	start_signal(&w, &w.sig_int, SIGINT);
+	sigprocmask(SIG_UNBLOCK, &held, NULL);
 	uv_timer_start(&w.tick, on_tick, TICK_MS, TICK_MS);
 	w.running = 1;
 	if (w.stop_pending)
