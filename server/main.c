@@ -58,6 +58,9 @@ struct app {
 	char *image_abs;
 	char *cache_abs, *bitmap_abs, *ctl_abs;
 	int stopping;
+	int started;        /* serving: signals act */
+	int stop_requested; /* a stop signal came while starting */
+	int released;       /* signal handles unreferenced */
 	int server_done;
 	int exit_code;
 };
@@ -307,20 +310,41 @@ static int parse_args(int argc, char **argv, struct config *c)
 
 /* ---- signals and shutdown ------------------------------------------------ */
 
+/* Let the loop end: the signal handlers stay installed (unreferenced)
+ * until finish() removes them. */
+static void release_signals(struct app *a)
+{
+	a->released = 1;
+	uv_unref((uv_handle_t *)&a->sig_term);
+	uv_unref((uv_handle_t *)&a->sig_int);
+	uv_unref((uv_handle_t *)&a->sig_usr1);
+	uv_unref((uv_handle_t *)&a->sig_usr2);
+}
+
+/* Remove the handlers and ignore those signals from now on: we are exiting,
+ * and a late SIGTERM must not kill us with the default action (the exit
+ * status would lie). */
 static void close_signals(struct app *a)
 {
+	if (!a->sig_term.data)
+		return;
 	uv_close((uv_handle_t *)&a->sig_term, NULL);
 	uv_close((uv_handle_t *)&a->sig_int, NULL);
 	uv_close((uv_handle_t *)&a->sig_usr1, NULL);
 	uv_close((uv_handle_t *)&a->sig_usr2, NULL);
+	a->sig_term.data = NULL;
+	signal(SIGTERM, SIG_IGN);
+	signal(SIGINT, SIG_IGN);
+	signal(SIGUSR1, SIG_IGN);
+	signal(SIGUSR2, SIG_IGN);
 }
 
 static void maybe_finish(struct app *a)
 {
 	if (a->server_done &&
 	    !(a->backend && xnbd_backend_snapshot_running(a->backend)) &&
-	    !uv_is_closing((uv_handle_t *)&a->sig_term))
-		close_signals(a);
+	    !a->released)
+		release_signals(a);
 }
 
 static void on_server_down(struct xnbd_server *s, void *ud)
@@ -353,6 +377,11 @@ static void stop(struct app *a)
 static void on_stop_signal(uv_signal_t *h, int signum)
 {
 	struct app *a = h->data;
+	if (!a->started) {
+		/* Starting: stop once started (or give up waiting upstream). */
+		a->stop_requested = 1;
+		return;
+	}
 	logsink_printf(XNBD_LOG_INFO, "%s received: stopping after requests in "
 	               "flight", strsignal(signum));
 	stop(a);
@@ -373,7 +402,7 @@ static void on_snapshot_done(struct xnbd_backend *b, int status,
 static void on_usr1(uv_signal_t *h, int signum)
 {
 	struct app *a = h->data;
-	if (a->stopping)
+	if (a->stopping || !a->started)
 		return;
 	char path[PATH_MAX];
 	snprintf(path, sizeof(path), "%s.snapshot.%lld", a->image_abs,
@@ -389,6 +418,8 @@ static void on_usr1(uv_signal_t *h, int signum)
 static void on_usr2(uv_signal_t *h, int signum)
 {
 	struct app *a = h->data;
+	if (!a->started)
+		return;
 	if (!a->proxy) {
 		logsink_printf(XNBD_LOG_NOTICE,
 		               "SIGUSR2 ignored: only a proxy switches to target mode");
@@ -471,6 +502,8 @@ static void on_failed_server_down(struct xnbd_server *s, void *ud)
 /* Release everything (also after a failed start) and return `code`. */
 static int finish(struct app *a, int code)
 {
+	if (a->loop && a->sig_term.data && !a->released)
+		release_signals(a); /* a failed start: let the loops below end */
 	if (a->server && !a->server_done) {
 		/* Started but never run: close its handles before freeing. */
 		int down = 0;
@@ -493,6 +526,10 @@ static int finish(struct app *a, int code)
 	if (a->backend != a->image)
 		xnbd_backend_free(a->backend);
 	xnbd_backend_free(a->image);
+	if (a->loop) {
+		close_signals(a);
+		uv_run(a->loop, UV_RUN_NOWAIT);
+	}
 	if (a->loop && uv_loop_close(a->loop) != 0 && code == 0)
 		code = 1;
 	free(a->image_abs);
@@ -552,8 +589,14 @@ static int open_proxy(struct app *a)
 		        xnbd_strerror(r));
 		return 1;
 	}
-	while (!a->proxy_opened && uv_run(a->loop, UV_RUN_ONCE))
+	while (!a->proxy_opened && !a->stop_requested &&
+	       uv_run(a->loop, UV_RUN_ONCE))
 		;
+	if (a->stop_requested && a->proxy_opened != 1) {
+		logsink_printf(XNBD_LOG_INFO, "stopped while connecting to %s:%s",
+		               c->rhost, c->rport);
+		return 0x100; /* exit 0, having served nothing */
+	}
 	if (a->proxy_opened != 1) {
 		logsink_printf(XNBD_LOG_ERR, "cannot start the proxy of %s:%s",
 		               c->rhost, c->rport);
@@ -621,10 +664,17 @@ int main(int argc, char **argv)
 	}
 
 	a.loop = uv_default_loop();
+	/* Signals are handled from the start, so that none is ever left to its
+	 * default action while a thread of ours could receive it; a stop during
+	 * the start is carried out once started. */
+	start_signal(&a, &a.sig_term, on_stop_signal, SIGTERM);
+	start_signal(&a, &a.sig_int, on_stop_signal, SIGINT);
+	start_signal(&a, &a.sig_usr1, on_usr1, SIGUSR1);
+	start_signal(&a, &a.sig_usr2, on_usr2, SIGUSR2);
 	if (c->mode == MODE_PROXY) {
 		r = open_proxy(&a);
 		if (r)
-			return finish(&a, r);
+			return finish(&a, r == 0x100 ? 0 : r);
 		goto export;
 	}
 	a.image_abs = realpath(c->image, NULL);
@@ -679,16 +729,6 @@ export:
 	                                    (c->oldstyle ? XNBD_SERVER_OLDSTYLE : 0));
 	xnbd_server_set_limits(a.server, c->max_queue, c->max_buf);
 	xnbd_server_on_client_end(a.server, on_client_end, &a);
-	/* From the moment a client or a tool can see us, a stop signal must
-	 * take the graceful path: hold such signals until the handlers are in
-	 * place (they are delivered then). */
-	sigset_t held;
-	sigemptyset(&held);
-	sigaddset(&held, SIGTERM);
-	sigaddset(&held, SIGINT);
-	sigaddset(&held, SIGUSR1);
-	sigaddset(&held, SIGUSR2);
-	sigprocmask(SIG_BLOCK, &held, NULL);
 	if (a.proxy && (r = open_control(&a)) != 0)
 		return finish(&a, r);
 
@@ -716,11 +756,9 @@ export:
 		return finish(&a, 1);
 	}
 
-	start_signal(&a, &a.sig_term, on_stop_signal, SIGTERM);
-	start_signal(&a, &a.sig_int, on_stop_signal, SIGINT);
-	start_signal(&a, &a.sig_usr1, on_usr1, SIGUSR1);
-	start_signal(&a, &a.sig_usr2, on_usr2, SIGUSR2);
-	sigprocmask(SIG_UNBLOCK, &held, NULL);
+	a.started = 1;
+	if (a.stop_requested)
+		stop(&a);
 
 	if (!c->inetd && c->connected_fd < 0)
 		logsink_printf(XNBD_LOG_INFO, "serving %s (%llu bytes%s%s) on %s port %s",

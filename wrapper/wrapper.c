@@ -218,8 +218,9 @@ static void on_server_down(struct xnbd_server *s, void *ud)
 	}
 	xnbd_server_free(w->srv);
 	w->srv = NULL;
-	uv_close((uv_handle_t *)&w->sig_term, NULL);
-	uv_close((uv_handle_t *)&w->sig_int, NULL);
+	/* The signal handlers stay until the very end (see signals_close). */
+	uv_unref((uv_handle_t *)&w->sig_term);
+	uv_unref((uv_handle_t *)&w->sig_int);
 	uv_close((uv_handle_t *)&w->tick, NULL);
 	/* The reaper closes once it has freed what it holds. */
 	reaper_flush_and_close(w);
@@ -431,8 +432,24 @@ static void on_failed_server_down(struct xnbd_server *s, void *ud)
 	*(int *)ud = 1;
 }
 
+/* Remove the signal handlers and ignore those signals from now on: we are
+ * exiting, and a late SIGTERM must not kill us with the default action
+ * (the exit status would lie). */
+static void signals_close(struct wrapper *w)
+{
+	if (!w->loop || w->signals_closed || !w->sig_term.data)
+		return;
+	w->signals_closed = 1;
+	uv_close((uv_handle_t *)&w->sig_term, NULL);
+	uv_close((uv_handle_t *)&w->sig_int, NULL);
+	signal(SIGTERM, SIG_IGN);
+	signal(SIGINT, SIG_IGN);
+	uv_run(w->loop, UV_RUN_NOWAIT);
+}
+
 static int cleanup(struct wrapper *w, int code)
 {
+	signals_close(w);
 	if (w->loop && uv_loop_close(w->loop) != 0 && code == 0)
 		code = 1;
 	free(w->socket_abs);
@@ -461,6 +478,7 @@ static int fail_start(struct wrapper *w, int code)
 	xnbd_server_free(w->srv);
 	uv_close((uv_handle_t *)&w->tick, NULL);
 	reaper_flush_and_close(w);
+	signals_close(w);
 	uv_run(w->loop, UV_RUN_DEFAULT);
 	return cleanup(w, code);
 }
@@ -502,23 +520,22 @@ int main(int argc, char **argv)
 	uv_timer_init(w.loop, &w.tick);
 	uv_timer_init(w.loop, &w.reaper);
 	w.tick.data = w.reaper.data = &w;
+	/* Stop signals are handled from the start (a stop during the start is
+	 * carried out once started), and never left to their default action
+	 * while a thread of ours could receive them. */
+	start_signal(&w, &w.sig_term, SIGTERM);
+	start_signal(&w, &w.sig_int, SIGINT);
 	if ((r = xnbd_server_new(w.loop, &w.srv)) < 0) {
 		fprintf(stderr, PROG ": %s\n", xnbd_strerror(r));
 		uv_close((uv_handle_t *)&w.tick, NULL);
 		uv_close((uv_handle_t *)&w.reaper, NULL);
+		signals_close(&w);
 		uv_run(w.loop, UV_RUN_DEFAULT);
 		return cleanup(&w, 1);
 	}
 	xnbd_server_set_log(w.srv, logsink_write, NULL);
 	xnbd_server_set_limits(w.srv, c->max_queue, c->max_buf);
 
-	/* Stop signals wait for their handlers (installed below), so a stop
-	 * sent as soon as the socket or port appears is a graceful one. */
-	sigset_t held;
-	sigemptyset(&held);
-	sigaddset(&held, SIGTERM);
-	sigaddset(&held, SIGINT);
-	sigprocmask(SIG_BLOCK, &held, NULL);
 	/* The control socket before any image, cache or bitmap is opened: it
 	 * tells whether a wrapper runs already. */
 	if ((r = load_table(&w)) != 0 || (r = open_control(&w)) != 0 ||
@@ -541,9 +558,6 @@ int main(int argc, char **argv)
 		fprintf(stderr, PROG ": cannot daemonize: %s\n", xnbd_strerror(r));
 		return fail_start(&w, 1);
 	}
-	start_signal(&w, &w.sig_term, SIGTERM);
-	start_signal(&w, &w.sig_int, SIGINT);
-	sigprocmask(SIG_UNBLOCK, &held, NULL);
 	uv_timer_start(&w.tick, on_tick, TICK_MS, TICK_MS);
 	w.running = 1;
 	if (w.stop_pending)

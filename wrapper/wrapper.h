@@ -88,6 +88,7 @@ struct wrapper {
 	uv_signal_t sig_term, sig_int;
 	int running;      /* started: a stop may begin */
 	int stop_pending; /* asked to stop while starting */
+	int signals_closed;
 	int stopping;
 	int exit_code;
 };
