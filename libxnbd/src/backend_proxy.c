@@ -119,6 +119,7 @@ struct xnbd_proxy_job {
 	struct xnbd_client *own;
 	uint64_t cursor;
 	unsigned running;
+	unsigned passes;
 	bool cancel;
 	bool started;
 	int err;
@@ -427,8 +428,11 @@ static void upq_pump(struct xnbd_proxy *p)
 		p->upq_len--;
 		op->pending--;
 		fetch_send(op, s);
+		bool requeued = !xnbd_list_empty(&s->link);
 		if (op->pending == 0)
 			op_run(op);
+		if (requeued)
+			break; /* the upstream cannot take it: wait for it */
 	}
 }
 
@@ -484,6 +488,10 @@ static void fetch_send(struct pop *op, struct sub *s)
 				op->status = r < 0 ? r : -EIO;
 			return;
 		}
+		/* A connection that refuses requests is gone, whether or not its
+		 * disconnect callback has run yet: wait for the next one. */
+		if (r == -ENOTCONN)
+			p->up_ok = false;
 	}
 	/* Wait for the upstream; the sub stays pending meanwhile. */
 	op->pending++;
@@ -1110,10 +1118,9 @@ int xnbd_proxy_reconnect(struct xnbd_proxy *p, const char *host,
 	int r;
 	if ((r = dupstr(&p->try_host, host)) < 0 ||
 	    (r = dupstr(&p->try_port, port)) < 0 ||
-	    (r = dupstr(&p->try_name, name)) < 0)
-		return r;
-	r = try_connect(p, host, port, name ? name : "");
-	if (r < 0) {
+	    (r = dupstr(&p->try_name, name)) < 0 ||
+	    (r = try_connect(p, host, port, name ? name : "")) < 0) {
+		/* Nothing started: the automatic retries go on. */
 		if (!p->up_ok)
 			uv_timer_start(&p->retry_timer, retry_timer_cb, p->retry_ms, 0);
 		return r;
@@ -1129,6 +1136,7 @@ int xnbd_proxy_reconnect(struct xnbd_proxy *p, const char *host,
 /* ---- switch --------------------------------------------------------------------------------------- */
 
 static void job_end(struct xnbd_proxy_job *job, int status);
+static void xnbd_proxy_job_cancel_connecting(struct xnbd_proxy_job *job);
 
 int xnbd_proxy_switch(struct xnbd_proxy *p, int force)
 {
@@ -1140,6 +1148,16 @@ int xnbd_proxy_switch(struct xnbd_proxy *p, int force)
 	if (missing && !force)
 		return -EBUSY;
 	p->switched = true;
+	/* Fills stop first: letting the upstream go below completes their
+	 * fetches inline, and they must not start new ones. */
+	xnbd_list_for_each(l, &p->jobs)
+	{
+		struct xnbd_proxy_job *j =
+		    xnbd_container_of(l, struct xnbd_proxy_job, link);
+		if (!j->err)
+			j->err = -EALREADY;
+		j->cancel = true;
+	}
 	plog(p, XNBD_LOG_NOTICE,
 	     "switched to target mode on %s%s (%" PRIu64 " blocks missing%s)",
 	     p->cache_path, force && missing ? ", forced" : "", missing,
@@ -1164,15 +1182,16 @@ int xnbd_proxy_switch(struct xnbd_proxy *p, int force)
 		xnbd_client_free(c); /* fetches in flight end as after a switch */
 	}
 	upq_pump(p);
-	/* Fills have nothing left to do; each ends when its fetches have. */
+	/* Fills that are idle end now; the others when their fetches have. */
 	struct xnbd_list *l = p->jobs.next, *n;
 	for (; l != &p->jobs; l = n) {
 		n = l->next;
 		struct xnbd_proxy_job *j =
 		    xnbd_container_of(l, struct xnbd_proxy_job, link);
-		if (!j->err)
-			j->err = -EALREADY;
-		xnbd_proxy_job_cancel(j);
+		if (j->running == 0 && j->started)
+			job_end(j, j->err);
+		else if (j->own && !j->started)
+			xnbd_proxy_job_cancel_connecting(j);
 	}
 	return 0;
 }
@@ -1256,7 +1275,12 @@ static void job_next(struct xnbd_proxy_job *job, unsigned k)
 		return;
 	}
 	if (xnbd_bitmap_count(p->bm) < p->nblocks) {
-		/* Not reached in practice: blocks behind the cursor stay cached. */
+		/* Blocks behind the cursor stay cached, so this is not reached
+		 * while the proxy fetches; after a switch nothing is fetched. */
+		if (p->switched || job->passes++ >= 2) {
+			job_end(job, p->switched ? -EALREADY : -EIO);
+			return;
+		}
 		job->cursor = 0;
 		job_next(job, k);
 		return;
@@ -1269,10 +1293,13 @@ static void job_kick(uv_work_t *w, int status);
 static void job_start(struct xnbd_proxy_job *job)
 {
 	job->started = true;
+	/* Held across the loop: a slot whose work all finished inline must
+	 * not end (and free) the job under the loop's feet. */
+	job->running++;
 	for (unsigned k = 0; k < FILL_OPS && !job->cancel && !job->err; k++)
 		job_next(job, k);
-	if (job->running == 0 && (job->cancel || job->err))
-		return; /* job_next ended it */
+	if (--job->running == 0)
+		job_next(job, 0); /* nothing under way: finish it there */
 }
 
 static void job_connected(struct xnbd_client *c, int status, void *ud)
@@ -1365,21 +1392,25 @@ static void job_kick(uv_work_t *w, int status)
 	job_start(job);
 }
 
+/* End a fill whose own connection is still being made (its connect
+ * callback will not run). */
+static void xnbd_proxy_job_cancel_connecting(struct xnbd_proxy_job *job)
+{
+	xnbd_client_free(job->own);
+	job->own = NULL;
+	job->started = true;
+	job_end(job, job->err ? job->err : -ECANCELED);
+}
+
 void xnbd_proxy_job_cancel(struct xnbd_proxy_job *job)
 {
 	if (!job || job->cancel)
 		return;
 	job->cancel = true;
-	int st = job->err ? job->err : -ECANCELED;
-	if (job->running == 0 && job->started) {
-		job_end(job, st);
-	} else if (job->own && !job->started) {
-		/* Still connecting: its callback will not run now. */
-		xnbd_client_free(job->own);
-		job->own = NULL;
-		job->started = true;
-		job_end(job, st);
-	}
+	if (job->running == 0 && job->started)
+		job_end(job, job->err ? job->err : -ECANCELED);
+	else if (job->own && !job->started)
+		xnbd_proxy_job_cancel_connecting(job);
 }
 
 /* ---- sync -------------------------------------------------------------------------------------------------- */
@@ -1711,8 +1742,14 @@ void xnbd_proxy_free(struct xnbd_proxy *p)
 	}
 	if (p->trying) {
 		struct xnbd_client *c = p->trying;
+		xnbd_proxy_cb cb = p->try_cb;
+		void *ud = p->try_ud;
 		p->trying = NULL;
+		p->trying_user = false;
+		p->try_cb = NULL;
 		xnbd_client_free(c);
+		if (cb)
+			cb(p, -ECANCELED, ud); /* a user's reconnect gets its answer */
 	}
 	if (p->up) {
 		struct xnbd_client *c = p->up;

@@ -32,6 +32,8 @@
 /* Requests in flight at once.  The table never moves: libuv holds
  * pointers to the write requests in it. */
 #define MAX_SLOTS 1024U
+/* Separate ranges one structured read may be delivered in at a time. */
+#define COV_MAX 16U
 
 enum state { C_IDLE, C_RESOLVING, C_CONNECTING, C_HANDSHAKE, C_READY, C_DEAD };
 
@@ -52,6 +54,13 @@ struct slot {
 	bool writing; /* uv_write not finished */
 	int err;
 	uint64_t covered; /* READ bytes delivered (structured) */
+	/* The byte ranges delivered so far, disjoint, sorted and merged: a
+	 * chunk that overlaps one is a protocol error, so no byte of the
+	 * buffer can be left unwritten by a server that repeats a chunk. */
+	struct {
+		uint64_t a, b;
+	} cov[COV_MAX];
+	uint32_t ncov;
 	uv_write_t w;
 	uint8_t hdr[XNBD_REQUEST_SIZE];
 };
@@ -119,6 +128,37 @@ static void slot_complete(struct xnbd_client *c, struct slot *s, int err)
 	c->in_flight--;
 	slot_maybe_free(c, s);
 	xnbd__io_complete(&c->base, io);
+}
+
+/* Record that [a, b) of a read was delivered; -1 if some of it was
+ * already, or if the ranges are too scattered to track. */
+static int cover(struct slot *s, uint64_t a, uint64_t b)
+{
+	uint32_t i = 0;
+	while (i < s->ncov && s->cov[i].b < a)
+		i++;
+	if (i < s->ncov && s->cov[i].a < b)
+		return -1; /* overlaps range i */
+	bool join_prev = i > 0 && s->cov[i - 1].b == a;
+	bool join_next = i < s->ncov && s->cov[i].a == b;
+	if (join_prev && join_next) {
+		s->cov[i - 1].b = s->cov[i].b;
+		memmove(&s->cov[i], &s->cov[i + 1],
+		        (s->ncov - i - 1) * sizeof(s->cov[0]));
+		s->ncov--;
+	} else if (join_prev) {
+		s->cov[i - 1].b = b;
+	} else if (join_next) {
+		s->cov[i].a = a;
+	} else {
+		if (s->ncov == COV_MAX)
+			return -1;
+		memmove(&s->cov[i + 1], &s->cov[i], (s->ncov - i) * sizeof(s->cov[0]));
+		s->cov[i].a = a;
+		s->cov[i].b = b;
+		s->ncov++;
+	}
+	return 0;
 }
 
 static struct slot *slot_get(struct xnbd_client *c)
@@ -235,6 +275,7 @@ static int client_submit(struct xnbd_backend *b, struct xnbd_io *io)
 	s->io = io;
 	s->err = 0;
 	s->covered = 0;
+	s->ncov = 0;
 	s->writing = true;
 	s->w.data = s;
 	int r = uv_write(&s->w, (uv_stream_t *)&c->tcp, bufs, nbufs, req_write_cb);
@@ -349,6 +390,10 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 			if (off < io->offset || n == 0 || n > io->length ||
 			    off - io->offset > io->length - n) {
 				die(c, -EPROTO, "data chunk outside the request");
+				return -1;
+			}
+			if (cover(s, off - io->offset, off - io->offset + n) < 0) {
+				die(c, -EPROTO, "data chunks overlap (or are too scattered)");
 				return -1;
 			}
 			s->covered += n;
