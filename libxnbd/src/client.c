@@ -135,7 +135,7 @@ static void slot_complete(struct xnbd_client *c, struct slot *s, int err)
 static int cover(struct slot *s, uint64_t a, uint64_t b)
 {
 	uint32_t i = 0;
-	while (i < s->ncov && s->cov[i].b < a)
+	while (i < s->ncov && s->cov[i].b <= a)
 		i++;
 	if (i < s->ncov && s->cov[i].a < b)
 		return -1; /* overlaps range i */
