@@ -4,20 +4,18 @@
  *
  * Exit status: 0 when the server did what was asked, 1 when it refused or
  * failed (its message on standard error), 2 for a usage error. */
-#include <errno.h>
 #include <getopt.h>
-#include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include <xnbd/xnbd.h>
 
+#include "ctlout.h"
+#include "frontend.h"
+
 #define PROG "xnbd-bgctl"
-#define EXIT_USAGE 2
 
 enum cmd { C_NONE, C_QUERY, C_CACHE_ALL, C_CACHE_ALL2, C_SWITCH, C_RECONNECT };
 
@@ -56,23 +54,11 @@ static void usage(FILE *f)
 	    "Exit status: 0 done, 1 refused or failed, 2 usage error.  See xnbd-bgctl(1).\n");
 }
 
-__attribute__((format(printf, 1, 2))) static int fail_usage(const char *fmt,
-                                                            ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	fprintf(stderr, PROG ": ");
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fprintf(stderr, "\nTry '" PROG " --help'.\n");
-	return EXIT_USAGE;
-}
-
 static int set_cmd(struct opts *o, enum cmd c, const char *name)
 {
 	if (o->cmd != C_NONE && (o->cmd != c || strcmp(o->cmd_name, name)))
-		return fail_usage("%s", "give one command: --query, --cache-all, "
-		                        "--cache-all2, --switch or --reconnect");
+		return fail_usage(PROG, "%s", "give one command: --query, --cache-all, "
+		                              "--cache-all2, --switch or --reconnect");
 	o->cmd = c;
 	o->cmd_name = name;
 	return 0;
@@ -142,21 +128,21 @@ static int parse(int argc, char **argv, struct opts *o)
 			usage(stdout);
 			exit(0);
 		case O_VERSION:
-			printf(PROG " %s (libxnbd %s)\n", XNBD_BGCTL_VERSION, xnbd_version());
-			exit(0);
+			print_version(PROG, XNBD_BGCTL_VERSION);
 		default:
-			return fail_usage("unknown or incomplete option '%s'",
+			return fail_usage(PROG, "unknown or incomplete option '%s'",
 			                  argv[optind - 1]);
 		}
 		if (r)
 			return r;
 	}
 	if (o->cmd == C_NONE)
-		return fail_usage("%s", "a command is required: --query, --cache-all, "
-		                        "--cache-all2, --switch or --reconnect");
+		return fail_usage(PROG, "%s", "a command is required: --query, "
+		                              "--cache-all, --cache-all2, --switch or "
+		                              "--reconnect");
 	int want = o->cmd == C_RECONNECT ? 3 : 1;
 	if (argc - optind != want)
-		return fail_usage("%s %s", o->cmd_name,
+		return fail_usage(PROG, "%s %s", o->cmd_name,
 		                  want == 3 ? "takes CTLSOCK RHOST RPORT"
 		                            : "takes one argument, CTLSOCK");
 	o->sock = argv[optind];
@@ -165,118 +151,22 @@ static int parse(int argc, char **argv, struct opts *o)
 		o->rport = argv[optind + 2];
 	}
 	if (o->json && o->cmd != C_QUERY)
-		return fail_usage("%s", "--json goes with --query");
+		return fail_usage(PROG, "%s", "--json goes with --query");
 	if (o->progress && o->cmd != C_CACHE_ALL && o->cmd != C_CACHE_ALL2)
-		return fail_usage("%s", "--progress goes with --cache-all");
+		return fail_usage(PROG, "%s", "--progress goes with --cache-all");
 	if (o->force && o->cmd != C_SWITCH)
-		return fail_usage("%s", "--force goes with --switch");
+		return fail_usage(PROG, "%s", "--force goes with --switch");
 	if (o->exportname && o->cmd != C_RECONNECT)
-		return fail_usage("%s", "--exportname goes with --reconnect");
+		return fail_usage(PROG, "%s", "--exportname goes with --reconnect");
 	return 0;
 }
 
 /* ---- query ---------------------------------------------------------------- */
 
-struct kv {
-	char *key, *value;
-};
-
-struct kvs {
-	struct kv *v;
-	size_t n, cap;
-};
-
-static int collect(const struct xnbd_ctl_line *l, void *ud)
-{
-	struct kvs *k = ud;
-	if (strcmp(l->kind, "info") != 0)
-		return 0;
-	if (k->n == k->cap) {
-		size_t cap = k->cap ? 2 * k->cap : 32;
-		struct kv *v = realloc(k->v, cap * sizeof(*v));
-		if (!v)
-			return 1;
-		k->v = v;
-		k->cap = cap;
-	}
-	k->v[k->n].key = strdup(l->key);
-	k->v[k->n].value = strdup(l->value);
-	if (!k->v[k->n].key || !k->v[k->n].value)
-		return 1;
-	k->n++;
-	return 0;
-}
-
+/* The value of key in the reply, or NULL. */
 static const char *get(const struct kvs *k, const char *key)
 {
-	for (size_t i = 0; i < k->n; i++)
-		if (strcmp(k->v[i].key, key) == 0)
-			return k->v[i].value;
-	return NULL;
-}
-
-static void json_string(const char *s)
-{
-	putchar('"');
-	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-		if (*p == '"' || *p == '\\')
-			printf("\\%c", *p);
-		else if (*p < 0x20)
-			printf("\\u%04x", *p);
-		else
-			putchar(*p);
-	}
-	putchar('"');
-}
-
-/* A value that is a plain decimal number goes out as a JSON number; the
- * keys that are always numbers are listed, so a path of digits stays a
- * string. */
-static int numeric_key(const char *key)
-{
-	static const char *const keys[] = {
-	    "size",           "block-size",      "blocks",         "cached-blocks",
-	    "cached-percent", "waiting-requests", "clients",       "queued-requests",
-	    "max-queue-size", "buffered-bytes",  "max-buf-size",
-	};
-	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
-		if (strcmp(key, keys[i]) == 0)
-			return 1;
-	return 0;
-}
-
-static int is_number(const char *s)
-{
-	int digits = 0, dot = 0;
-	for (; *s; s++) {
-		if (*s >= '0' && *s <= '9')
-			digits++;
-		else if (*s == '.' && !dot && digits)
-			dot = 1;
-		else
-			return 0;
-	}
-	return digits > 0;
-}
-
-static void print_json(const struct kvs *k)
-{
-	printf("{");
-	for (size_t i = 0; i < k->n; i++) {
-		printf(i ? ", " : "");
-		json_string(k->v[i].key);
-		printf(": ");
-		if (numeric_key(k->v[i].key) && is_number(k->v[i].value))
-			printf("%s", k->v[i].value);
-		else
-			json_string(k->v[i].value);
-	}
-	printf("}\n");
-}
-
-static const char *or_dash(const char *s)
-{
-	return s ? s : "-";
+	return kvs_field(k, 0, k->n, key);
 }
 
 static void human_size(char *buf, size_t n, const char *bytes)
@@ -332,68 +222,9 @@ static void print_human(const struct kvs *k)
 	}
 }
 
-/* ---- cache-all progress -------------------------------------------------- */
-
-struct prog {
-	int enabled, tty, drawn;
-	double last_pct;
-	uint64_t last_ms;
-};
-
-static uint64_t now_ms(void)
-{
-	struct timeval tv;
-	gettimeofday(&tv, NULL);
-	return (uint64_t)tv.tv_sec * 1000 + (uint64_t)tv.tv_usec / 1000;
-}
-
-static int on_progress(const struct xnbd_ctl_line *l, void *ud)
-{
-	struct prog *p = ud;
-	if (!p->enabled || strcmp(l->kind, "progress") != 0 || l->total == 0)
-		return 0;
-	double pct = (double)l->done * 100.0 / (double)l->total;
-	if (p->tty) {
-		int width = 40, fill = (int)(pct / 100.0 * width);
-		char bar[41];
-		memset(bar, '#', (size_t)fill);
-		memset(bar + fill, '-', (size_t)(width - fill));
-		bar[width] = 0;
-		printf("\r[%s] %6.2f%% %" PRIu64 "/%" PRIu64 " blocks", bar, pct,
-		       l->done, l->total);
-		fflush(stdout);
-		p->drawn = 1;
-		return 0;
-	}
-	/* Without a terminal: a line a second at most, and the last one. */
-	uint64_t t = now_ms();
-	if (l->done != l->total && t - p->last_ms < 1000)
-		return 0;
-	p->last_ms = t;
-	p->last_pct = pct;
-	printf("cached %" PRIu64 " of %" PRIu64 " blocks (%.2f%%)\n", l->done,
-	       l->total, pct);
-	fflush(stdout);
-	return 0;
-}
-
 /* ---- main ------------------------------------------------------------------ */
 
-static const char *open_error(int r)
-{
-	switch (r) {
-	case -ENOENT:
-		return "no such socket (is the proxy running?)";
-	case -ECONNREFUSED:
-		return "nobody listens there (is the proxy running?)";
-	case -EPROTO:
-		return "not an xNBD control socket";
-	case -EPROTONOSUPPORT:
-		return "the server speaks another control protocol version";
-	default:
-		return strerror(-r);
-	}
-}
+static const struct ctl_peer peer = {PROG, "the proxy", "server"};
 
 int main(int argc, char **argv)
 {
@@ -404,7 +235,7 @@ int main(int argc, char **argv)
 	struct xnbd_ctl *c;
 	r = xnbd_ctl_open(o.sock, &c);
 	if (r < 0) {
-		fprintf(stderr, PROG ": %s: %s\n", o.sock, open_error(r));
+		ctl_open_failed(&peer, o.sock, r);
 		return 1;
 	}
 	const char *av[5];
@@ -416,7 +247,7 @@ int main(int argc, char **argv)
 	switch (o.cmd) {
 	case C_QUERY:
 		av[ac++] = "query";
-		cb = collect;
+		cb = kvs_collect;
 		ud = &k;
 		break;
 	case C_CACHE_ALL:
@@ -424,6 +255,7 @@ int main(int argc, char **argv)
 		av[ac++] = o.cmd == C_CACHE_ALL ? "cache-all" : "cache-all2";
 		pg.enabled = o.progress;
 		pg.tty = isatty(STDOUT_FILENO);
+		pg.bar = 1;
 		cb = on_progress;
 		ud = &pg;
 		break;
@@ -447,24 +279,16 @@ int main(int argc, char **argv)
 	if (pg.drawn)
 		printf("\n");
 	if (r == 0 && o.cmd == C_QUERY) {
-		if (o.json)
-			print_json(&k);
-		else
+		if (o.json) {
+			json_object(&k, 0, k.n);
+			printf("\n");
+		} else {
 			print_human(&k);
+		}
 	}
-	for (size_t i = 0; i < k.n; i++) {
-		free(k.v[i].key);
-		free(k.v[i].value);
-	}
-	free(k.v);
+	kvs_free(&k);
 	if (r < 0) {
-		if (msg)
-			fprintf(stderr, PROG ": %s: %s\n", o.cmd_name, msg);
-		else if (r == -ECONNRESET)
-			fprintf(stderr, PROG ": %s: the server closed the connection "
-			                "before answering\n", o.cmd_name);
-		else
-			fprintf(stderr, PROG ": %s: %s\n", o.cmd_name, strerror(-r));
+		ctl_call_failed(&peer, o.cmd_name, r, msg);
 		free(msg);
 		return 1;
 	}

@@ -1,11 +1,9 @@
 /* main.c - xnbd-server: command line, daemon and signal glue around
  * libxnbd's server engine.  Everything about NBD lives in the library. */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,33 +13,25 @@
 
 #include <xnbd/xnbd.h>
 
+#include "frontend.h"
 #include "logsink.h"
 
 #define PROG "xnbd-server"
-#define EXIT_USAGE 2
 
 enum mode { MODE_NONE, MODE_TARGET, MODE_COW, MODE_PROXY };
 
 struct config {
+	struct serve_opts serve;
 	enum mode mode;
 	const char *image;
-	const char *lport;
-	const char *laddr;
-	const char *logpath;
-	const char *pidfile;
 	const char *overlay;
 	const char *rhost, *rport, *cache, *bitmap, *ctlsock; /* --proxy */
 	const char *exportname;
 	int clear_bitmap;
-	int use_syslog;
 	int readonly;
-	int daemonize;
 	int inetd;
 	int connected_fd;
 	int oldstyle;
-	int verbose;
-	size_t max_queue;
-	size_t max_buf;
 };
 
 struct app {
@@ -107,77 +97,31 @@ static void usage(FILE *f)
 	    "See xnbd-server(8).\n");
 }
 
-__attribute__((format(printf, 1, 2))) static int fail_usage(const char *fmt,
-                                                            ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	fprintf(stderr, PROG ": ");
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fprintf(stderr, "\nTry '" PROG " --help'.\n");
-	return EXIT_USAGE;
-}
-
-/* A size: digits with an optional K, M or G (powers of 1024). */
-static int parse_size(const char *s, size_t *out)
-{
-	char *end;
-	errno = 0;
-	if (!*s || *s == '-')
-		return -1;
-	unsigned long long v = strtoull(s, &end, 10);
-	if (errno || end == s)
-		return -1;
-	unsigned shift = 0;
-	if (*end == 'K' || *end == 'k')
-		shift = 10;
-	else if (*end == 'M' || *end == 'm')
-		shift = 20;
-	else if (*end == 'G' || *end == 'g')
-		shift = 30;
-	if (shift)
-		end++;
-	if (*end || (shift && v > (ULLONG_MAX >> shift)))
-		return -1;
-	*out = (size_t)(v << shift);
-	return 0;
-}
-
 static int parse_args(int argc, char **argv, struct config *c)
 {
 	enum {
-		O_TARGET = 256, O_COW, O_PROXY, O_LPORT, O_LADDR, O_READONLY,
-		O_DAEMONIZE, O_PIDFILE, O_INETD, O_CONNFD, O_LOGPATH, O_SYSLOG,
-		O_MAXQ, O_MAXBUF, O_OLDSTYLE, O_VERBOSE, O_HELP, O_VERSION,
-		O_EXPORTNAME, O_CLEARBITMAP, O_OVERLAY,
+		O_TARGET = O_SERVE_END, O_COW, O_PROXY, O_READONLY, O_INETD,
+		O_CONNFD, O_OLDSTYLE, O_HELP, O_VERSION, O_EXPORTNAME,
+		O_CLEARBITMAP, O_OVERLAY,
 	};
 	static const struct option opts[] = {
 		{"target", no_argument, NULL, O_TARGET},
 		{"cow-target", no_argument, NULL, O_COW},
 		{"proxy", no_argument, NULL, O_PROXY},
-		{"lport", required_argument, NULL, O_LPORT},
-		{"laddr", required_argument, NULL, O_LADDR},
+		SERVE_OPTIONS,
 		{"readonly", no_argument, NULL, O_READONLY},
-		{"daemonize", no_argument, NULL, O_DAEMONIZE},
-		{"pidfile", required_argument, NULL, O_PIDFILE},
 		{"inetd", no_argument, NULL, O_INETD},
 		{"connected-fd", required_argument, NULL, O_CONNFD},
-		{"logpath", required_argument, NULL, O_LOGPATH},
-		{"syslog", no_argument, NULL, O_SYSLOG},
-		{"max-queue-size", required_argument, NULL, O_MAXQ},
-		{"max-buf-size", required_argument, NULL, O_MAXBUF},
 		{"oldstyle", no_argument, NULL, O_OLDSTYLE},
 		{"cow-overlay", required_argument, NULL, O_OVERLAY},
-		{"verbose", no_argument, NULL, O_VERBOSE},
 		{"target-exportname", required_argument, NULL, O_EXPORTNAME},
 		{"clear-bitmap", no_argument, NULL, O_CLEARBITMAP},
 		{"help", no_argument, NULL, O_HELP},
 		{"version", no_argument, NULL, O_VERSION},
 		{NULL, 0, NULL, 0},
 	};
-	int o;
-	c->lport = "8520";
+	int o, r;
+	c->serve.lport = "8520";
 	c->connected_fd = -1;
 	opterr = 0;
 	while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -189,30 +133,13 @@ static int parse_args(int argc, char **argv, struct config *c)
 			              : o == O_COW  ? MODE_COW
 			                            : MODE_PROXY;
 			if (c->mode != MODE_NONE && c->mode != m)
-				return fail_usage("%s", "choose one of --target, --cow-target "
-				                        "and --proxy");
+				return fail_usage(PROG, "%s", "choose one of --target, "
+				                              "--cow-target and --proxy");
 			c->mode = m;
 			break;
 		}
-		case O_LPORT: {
-			char *end;
-			long p = strtol(optarg, &end, 10);
-			if (*end || end == optarg || p < 1 || p > 65535)
-				return fail_usage("invalid port '%s' (1 to 65535)", optarg);
-			c->lport = optarg;
-			break;
-		}
-		case O_LADDR:
-			c->laddr = optarg;
-			break;
 		case O_READONLY:
 			c->readonly = 1;
-			break;
-		case O_DAEMONIZE:
-			c->daemonize = 1;
-			break;
-		case O_PIDFILE:
-			c->pidfile = optarg;
 			break;
 		case O_INETD:
 			c->inetd = 1;
@@ -221,32 +148,15 @@ static int parse_args(int argc, char **argv, struct config *c)
 			char *end;
 			long fd = strtol(optarg, &end, 10);
 			if (*end || end == optarg || fd < 0 || fd > INT_MAX)
-				return fail_usage("invalid descriptor '%s'", optarg);
+				return fail_usage(PROG, "invalid descriptor '%s'", optarg);
 			c->connected_fd = (int)fd;
 			break;
 		}
-		case O_LOGPATH:
-			c->logpath = optarg;
-			break;
-		case O_SYSLOG:
-			c->use_syslog = 1;
-			break;
-		case O_MAXQ:
-			if (parse_size(optarg, &c->max_queue))
-				return fail_usage("invalid queue size '%s'", optarg);
-			break;
-		case O_MAXBUF:
-			if (parse_size(optarg, &c->max_buf))
-				return fail_usage("invalid buffer size '%s'", optarg);
-			break;
 		case O_OLDSTYLE:
 			c->oldstyle = 1;
 			break;
 		case O_OVERLAY:
 			c->overlay = optarg;
-			break;
-		case O_VERBOSE:
-			c->verbose = 1;
 			break;
 		case O_EXPORTNAME:
 			c->exportname = optarg;
@@ -258,53 +168,55 @@ static int parse_args(int argc, char **argv, struct config *c)
 			usage(stdout);
 			exit(0);
 		case O_VERSION:
-			printf(PROG " %s (libxnbd %s)\n", XNBD_SERVER_VERSION,
-			       xnbd_version());
-			exit(0);
-		default:
-			return fail_usage("unknown or incomplete option '%s'",
-			                  argv[optind - 1]);
+			print_version(PROG, XNBD_SERVER_VERSION);
+		default: /* one both servers take, or none we know */
+			if ((r = serve_option(PROG, o, optarg, argv[optind - 1],
+			                      &c->serve)) != 0)
+				return r;
+			break;
 		}
 	}
 	if (c->mode == MODE_NONE)
-		return fail_usage("%s", "a mode is required: --target, --cow-target "
-		                        "or --proxy");
+		return fail_usage(PROG, "%s", "a mode is required: --target, "
+		                              "--cow-target or --proxy");
 	if (c->overlay && c->mode != MODE_COW)
-		return fail_usage("%s", "--cow-overlay goes with --cow-target");
+		return fail_usage(PROG, "%s", "--cow-overlay goes with --cow-target");
 	if (c->mode != MODE_PROXY && (c->exportname || c->clear_bitmap))
-		return fail_usage("%s", c->exportname
-		                            ? "--target-exportname goes with --proxy"
-		                            : "--clear-bitmap goes with --proxy");
+		return fail_usage(PROG, "%s",
+		                  c->exportname
+		                      ? "--target-exportname goes with --proxy"
+		                      : "--clear-bitmap goes with --proxy");
 	if (c->mode == MODE_PROXY) {
 		if (optind + 5 != argc)
-			return fail_usage("%s", "--proxy takes five arguments: RHOST RPORT "
-			                        "CACHE_IMAGE BITMAP CTLSOCK");
+			return fail_usage(PROG, "%s", "--proxy takes five arguments: "
+			                              "RHOST RPORT CACHE_IMAGE BITMAP "
+			                              "CTLSOCK");
 		c->rhost = argv[optind];
 		c->rport = argv[optind + 1];
 		c->cache = argv[optind + 2];
 		c->bitmap = argv[optind + 3];
 		c->ctlsock = argv[optind + 4];
 		c->image = c->cache;
-		char *end;
-		long p = strtol(c->rport, &end, 10);
-		if (*end || end == c->rport || p < 1 || p > 65535)
-			return fail_usage("invalid upstream port '%s' (1 to 65535)",
+		if (parse_port(c->rport))
+			return fail_usage(PROG, "invalid upstream port '%s' (1 to 65535)",
 			                  c->rport);
 		if (!*c->rhost || !*c->cache || !*c->bitmap || !*c->ctlsock)
-			return fail_usage("%s", "empty argument to --proxy");
+			return fail_usage(PROG, "%s", "empty argument to --proxy");
 	} else {
 		if (optind + 1 != argc)
-			return fail_usage("%s", optind >= argc
-			                            ? "the disk image is missing"
-			                            : "exactly one disk image is expected");
+			return fail_usage(PROG, "%s",
+			                  optind >= argc
+			                      ? "the disk image is missing"
+			                      : "exactly one disk image is expected");
 		c->image = argv[optind];
 	}
 	if (c->inetd && c->connected_fd >= 0)
-		return fail_usage("%s", "--inetd and --connected-fd exclude each other");
-	if ((c->inetd || c->connected_fd >= 0) && c->daemonize)
-		return fail_usage("%s", "--daemonize needs a listening server");
-	if (c->pidfile && !c->daemonize)
-		return fail_usage("%s", "--pidfile goes with --daemonize");
+		return fail_usage(PROG, "%s",
+		                  "--inetd and --connected-fd exclude each other");
+	if ((c->inetd || c->connected_fd >= 0) && c->serve.daemonize)
+		return fail_usage(PROG, "%s", "--daemonize needs a listening server");
+	if (c->serve.pidfile && !c->serve.daemonize)
+		return fail_usage(PROG, "%s", "--pidfile goes with --daemonize");
 	return 0;
 }
 
@@ -328,15 +240,11 @@ static void close_signals(struct app *a)
 {
 	if (!a->sig_term.data)
 		return;
-	uv_close((uv_handle_t *)&a->sig_term, NULL);
-	uv_close((uv_handle_t *)&a->sig_int, NULL);
-	uv_close((uv_handle_t *)&a->sig_usr1, NULL);
-	uv_close((uv_handle_t *)&a->sig_usr2, NULL);
+	close_signal(&a->sig_term);
+	close_signal(&a->sig_int);
+	close_signal(&a->sig_usr1);
+	close_signal(&a->sig_usr2);
 	a->sig_term.data = NULL;
-	signal(SIGTERM, SIG_IGN);
-	signal(SIGINT, SIG_IGN);
-	signal(SIGUSR1, SIG_IGN);
-	signal(SIGUSR2, SIG_IGN);
 }
 
 static void maybe_finish(struct app *a)
@@ -446,58 +354,7 @@ static void on_client_end(struct xnbd_server *s, void *ud)
 		stop(a);
 }
 
-/* ---- daemon ------------------------------------------------------------------ */
-
-/* Fork; the parent exits 0 once the child is set up. */
-static int daemonize(struct app *a)
-{
-	int p[2];
-	if (pipe(p))
-		return -errno;
-	pid_t pid = fork();
-	if (pid < 0)
-		return -errno;
-	if (pid > 0) {
-		char c;
-		close(p[1]);
-		ssize_t n = read(p[0], &c, 1);
-		_exit(n == 1 ? 0 : 1);
-	}
-	close(p[0]);
-	setsid();
-	int r = uv_loop_fork(a->loop);
-	if (r < 0)
-		return r;
-	if (a->cfg.pidfile) {
-		FILE *f = fopen(a->cfg.pidfile, "we");
-		if (!f)
-			return -errno;
-		fprintf(f, "%d\n", (int)getpid());
-		if (fclose(f))
-			return -errno;
-	}
-	int null = open("/dev/null", O_RDWR);
-	if (null >= 0) {
-		dup2(null, 0);
-		dup2(null, 1);
-		if (!logsink_uses_stderr())
-			dup2(null, 2);
-		if (null > 2)
-			close(null);
-	}
-	if (chdir("/"))
-		return -errno;
-	(void)!write(p[1], "r", 1);
-	close(p[1]);
-	return 0;
-}
-
 /* ---- main -------------------------------------------------------------------- */
-
-static void on_failed_server_down(struct xnbd_server *s, void *ud)
-{
-	*(int *)ud = 1;
-}
 
 /* Release everything (also after a failed start) and return `code`. */
 static int finish(struct app *a, int code)
@@ -506,11 +363,7 @@ static int finish(struct app *a, int code)
 		release_signals(a); /* a failed start: let the loops below end */
 	if (a->server && !a->server_done) {
 		/* Started but never run: close its handles before freeing. */
-		int down = 0;
-		if (xnbd_server_shutdown(a->server, 0, on_failed_server_down, &down) ==
-		    0)
-			while (!down && uv_run(a->loop, UV_RUN_ONCE))
-				;
+		close_server_now(a->loop, a->server);
 	}
 	xnbd_control_free(a->control);
 	a->control = NULL;
@@ -539,22 +392,6 @@ static int finish(struct app *a, int code)
 	return code;
 }
 
-/* An absolute path for p (which may not exist yet): the daemon changes
- * directory, and the control socket is removed by name at exit. */
-static char *abs_path(const char *p)
-{
-	if (p[0] == '/')
-		return strdup(p);
-	char cwd[PATH_MAX];
-	if (!getcwd(cwd, sizeof(cwd)))
-		return NULL;
-	size_t n = strlen(cwd) + strlen(p) + 2;
-	char *r = malloc(n);
-	if (r)
-		snprintf(r, n, "%s/%s", cwd, p);
-	return r;
-}
-
 static void on_proxy_open(struct xnbd_proxy *p, int status, void *ud)
 {
 	struct app *a = ud;
@@ -574,6 +411,8 @@ static int open_proxy(struct app *a)
 	xnbd_proxy_set_log(a->proxy, logsink_write, NULL);
 	unsigned flags = (c->clear_bitmap ? XNBD_PROXY_CLEAR_BITMAP : 0) |
 	                 (c->readonly ? XNBD_PROXY_READONLY : 0);
+	/* Absolute paths (which may not exist yet): the daemon changes
+	 * directory, and the control socket is removed by name at exit. */
 	a->cache_abs = abs_path(c->cache);
 	a->bitmap_abs = abs_path(c->bitmap);
 	a->ctl_abs = abs_path(c->ctlsock);
@@ -633,14 +472,6 @@ static int open_control(struct app *a)
 	return 0;
 }
 
-static void start_signal(struct app *a, uv_signal_t *h, uv_signal_cb cb,
-                         int signum)
-{
-	uv_signal_init(a->loop, h);
-	h->data = a;
-	uv_signal_start(h, cb, signum);
-}
-
 int main(int argc, char **argv)
 {
 	struct app a = {0};
@@ -648,6 +479,7 @@ int main(int argc, char **argv)
 	if (r)
 		return r;
 	struct config *c = &a.cfg;
+	const struct serve_opts *s = &c->serve;
 	int cow = 0;
 
 	signal(SIGPIPE, SIG_IGN);
@@ -655,10 +487,10 @@ int main(int argc, char **argv)
 	setenv("UV_THREADPOOL_SIZE", "16", 0);
 
 	/* Under inetd, standard error may be the client's socket. */
-	int to_syslog = c->use_syslog || (c->inetd && !c->logpath);
-	r = logsink_open(PROG, c->logpath, to_syslog, c->verbose);
+	int to_syslog = s->use_syslog || (c->inetd && !s->logpath);
+	r = logsink_open(PROG, s->logpath, to_syslog, s->verbose);
 	if (r < 0) {
-		fprintf(stderr, PROG ": cannot open log file '%s': %s\n", c->logpath,
+		fprintf(stderr, PROG ": cannot open log file '%s': %s\n", s->logpath,
 		        strerror(-r));
 		return 1;
 	}
@@ -667,10 +499,10 @@ int main(int argc, char **argv)
 	/* Signals are handled from the start, so that none is ever left to its
 	 * default action while a thread of ours could receive it; a stop during
 	 * the start is carried out once started. */
-	start_signal(&a, &a.sig_term, on_stop_signal, SIGTERM);
-	start_signal(&a, &a.sig_int, on_stop_signal, SIGINT);
-	start_signal(&a, &a.sig_usr1, on_usr1, SIGUSR1);
-	start_signal(&a, &a.sig_usr2, on_usr2, SIGUSR2);
+	start_signal(a.loop, &a.sig_term, on_stop_signal, SIGTERM, &a);
+	start_signal(a.loop, &a.sig_int, on_stop_signal, SIGINT, &a);
+	start_signal(a.loop, &a.sig_usr1, on_usr1, SIGUSR1, &a);
+	start_signal(a.loop, &a.sig_usr2, on_usr2, SIGUSR2, &a);
 	if (c->mode == MODE_PROXY) {
 		r = open_proxy(&a);
 		if (r)
@@ -727,7 +559,7 @@ export:
 	xnbd_server_set_log(a.server, logsink_write, NULL);
 	xnbd_server_set_flags(a.server, XNBD_SERVER_ANY_NAME |
 	                                    (c->oldstyle ? XNBD_SERVER_OLDSTYLE : 0));
-	xnbd_server_set_limits(a.server, c->max_queue, c->max_buf);
+	xnbd_server_set_limits(a.server, s->max_queue, s->max_buf);
 	xnbd_server_on_client_end(a.server, on_client_end, &a);
 	if (a.proxy && (r = open_control(&a)) != 0)
 		return finish(&a, r);
@@ -741,17 +573,12 @@ export:
 			               xnbd_strerror(r));
 			return finish(&a, 1);
 		}
-	} else {
-		r = xnbd_server_listen(a.server, c->laddr, c->lport);
-		if (r < 0) {
-			fprintf(stderr, PROG ": cannot listen on %s port %s: %s\n",
-			        c->laddr ? c->laddr : "all addresses", c->lport,
-			        xnbd_strerror(r));
-			return finish(&a, 1);
-		}
+	} else if (serve_listen(PROG, a.server, s) < 0) {
+		return finish(&a, 1);
 	}
 
-	if (c->daemonize && (r = daemonize(&a)) < 0) {
+	if (s->daemonize &&
+	    (r = daemonize(a.loop, s->pidfile, logsink_uses_stderr())) < 0) {
 		fprintf(stderr, PROG ": cannot daemonize: %s\n", xnbd_strerror(r));
 		return finish(&a, 1);
 	}
@@ -766,10 +593,10 @@ export:
 		               (unsigned long long)xnbd_backend_size(a.backend),
 		               cow ? ", copy-on-write" : a.proxy ? ", proxy" : "",
 		               c->readonly ? ", read-only" : "",
-		               c->laddr ? c->laddr : "all addresses", c->lport);
+		               s->laddr ? s->laddr : "all addresses", s->lport);
 
 	uv_run(a.loop, UV_RUN_DEFAULT);
-	if (a.cfg.pidfile)
-		unlink(a.cfg.pidfile);
+	if (s->pidfile)
+		unlink(s->pidfile);
 	return finish(&a, a.exit_code);
 }

@@ -7,18 +7,17 @@
  * failed (its message on standard error), 2 for a usage error. */
 #include <errno.h>
 #include <getopt.h>
-#include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include <xnbd/xnbd.h>
 
+#include "ctlout.h"
+#include "frontend.h"
+
 #define PROG "xnbd-wrapper-ctl"
-#define EXIT_USAGE 2
 #define DEFAULT_CTL_SOCKET "/tmp/xnbd_wrapper.ctl" /* as xnbd-wrapper's */
 
 enum cmd {
@@ -85,18 +84,6 @@ static void usage(FILE *f)
 	    "See xnbd-wrapper-ctl(8).\n");
 }
 
-__attribute__((format(printf, 1, 2))) static int fail_usage(const char *fmt,
-                                                            ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	fprintf(stderr, PROG ": ");
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fprintf(stderr, "\nTry '" PROG " --help'.\n");
-	return EXIT_USAGE;
-}
-
 static int parse(int argc, char **argv, struct opts *o)
 {
 	enum {
@@ -142,160 +129,41 @@ static int parse(int argc, char **argv, struct opts *o)
 			usage(stdout);
 			exit(0);
 		case O_VERSION:
-			printf(PROG " %s (libxnbd %s)\n", XNBD_WRAPPER_VERSION,
-			       xnbd_version());
-			exit(0);
+			print_version(PROG, XNBD_WRAPPER_VERSION);
 		default:
 			if (c >= O_CMD && c < O_CMD + (int)NCOMMANDS) {
 				if (o->ci >= 0 && o->ci != c - O_CMD)
-					return fail_usage("%s", "give one command");
+					return fail_usage(PROG, "%s", "give one command");
 				o->ci = c - O_CMD;
 				break;
 			}
-			return fail_usage("unknown or incomplete option '%s'",
+			return fail_usage(PROG, "unknown or incomplete option '%s'",
 			                  argv[optind - 1]);
 		}
 	}
 	if (o->ci < 0)
-		return fail_usage("%s", "a command is required, such as --list");
+		return fail_usage(PROG, "%s", "a command is required, such as --list");
 	enum cmd cmd = commands[o->ci].cmd;
 	int want = commands[o->ci].nargs;
 	if (argc - optind != want)
-		return fail_usage("--%s takes %d argument%s, not %d",
+		return fail_usage(PROG, "--%s takes %d argument%s, not %d",
 		                  commands[o->ci].option, want, want == 1 ? "" : "s",
 		                  argc - optind);
 	o->args = argv + optind;
 	if (o->json && cmd != C_LIST && cmd != C_QUERY)
-		return fail_usage("%s", "--json goes with --list or --bgctl-query");
+		return fail_usage(PROG, "%s",
+		                  "--json goes with --list or --bgctl-query");
 	if (o->force && cmd != C_SWITCH)
-		return fail_usage("%s", "--force goes with --bgctl-switch");
+		return fail_usage(PROG, "%s", "--force goes with --bgctl-switch");
 	if (o->progress && cmd != C_CACHE_ALL && cmd != C_CACHE_ALL2)
-		return fail_usage("%s", "--progress goes with --bgctl-cache-all");
+		return fail_usage(PROG, "%s", "--progress goes with --bgctl-cache-all");
 	if (o->exportname && cmd != C_ADD_PROXY && cmd != C_RECONNECT)
-		return fail_usage("%s", "--target-exportname goes with --add-proxy or "
-		                        "--bgctl-reconnect");
+		return fail_usage(PROG, "%s", "--target-exportname goes with "
+		                              "--add-proxy or --bgctl-reconnect");
 	return 0;
 }
 
 /* ---- replies -------------------------------------------------------------- */
-
-struct kv {
-	char *key, *value;
-};
-
-struct kvs {
-	struct kv *v;
-	size_t n, cap;
-	int oom;
-};
-
-static int collect(const struct xnbd_ctl_line *l, void *ud)
-{
-	struct kvs *k = ud;
-	if (strcmp(l->kind, "info") != 0)
-		return 0;
-	if (k->n == k->cap) {
-		size_t cap = k->cap ? 2 * k->cap : 32;
-		struct kv *v = realloc(k->v, cap * sizeof(*v));
-		if (!v) {
-			k->oom = 1;
-			return 1;
-		}
-		k->v = v;
-		k->cap = cap;
-	}
-	k->v[k->n].key = strdup(l->key);
-	k->v[k->n].value = strdup(l->value);
-	k->n++;
-	if (!k->v[k->n - 1].key || !k->v[k->n - 1].value) {
-		k->oom = 1;
-		return 1;
-	}
-	return 0;
-}
-
-static void kvs_free(struct kvs *k)
-{
-	for (size_t i = 0; i < k->n; i++) {
-		free(k->v[i].key);
-		free(k->v[i].value);
-	}
-	free(k->v);
-}
-
-static void json_string(const char *s)
-{
-	putchar('"');
-	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-		if (*p == '"' || *p == '\\')
-			printf("\\%c", *p);
-		else if (*p < 0x20)
-			printf("\\u%04x", *p);
-		else
-			putchar(*p);
-	}
-	putchar('"');
-}
-
-/* Keys whose values are numbers; any other value stays a string, so that
- * a name or a path made of digits is not mistaken for one. */
-static int numeric_key(const char *key)
-{
-	static const char *const keys[] = {
-	    "size",           "block-size",       "blocks",  "cached-blocks",
-	    "cached-percent", "waiting-requests", "clients", "queued-requests",
-	    "max-queue-size", "buffered-bytes",   "max-buf-size",
-	};
-	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
-		if (strcmp(key, keys[i]) == 0)
-			return 1;
-	return 0;
-}
-
-static int is_number(const char *s)
-{
-	int digits = 0, dot = 0;
-	for (; *s; s++) {
-		if (*s >= '0' && *s <= '9')
-			digits++;
-		else if (*s == '.' && !dot && digits)
-			dot = 1;
-		else
-			return 0;
-	}
-	return digits > 0;
-}
-
-/* The pairs [from, to) as one JSON object. */
-static void json_object(const struct kvs *k, size_t from, size_t to)
-{
-	printf("{");
-	for (size_t i = from; i < to; i++) {
-		printf(i > from ? ", " : "");
-		json_string(k->v[i].key);
-		printf(": ");
-		if (numeric_key(k->v[i].key) && is_number(k->v[i].value))
-			printf("%s", k->v[i].value);
-		else
-			json_string(k->v[i].value);
-	}
-	printf("}");
-}
-
-/* The value of key in the export that starts at `from`, or NULL. */
-static const char *field(const struct kvs *k, size_t from, size_t to,
-                         const char *key)
-{
-	for (size_t i = from; i < to; i++)
-		if (strcmp(k->v[i].key, key) == 0)
-			return k->v[i].value;
-	return NULL;
-}
-
-static const char *or_dash(const char *s)
-{
-	return s ? s : "-";
-}
 
 /* `list`: each export is a group of lines starting with `export`. */
 static void print_list(const struct kvs *k, int json)
@@ -334,30 +202,30 @@ static void print_list(const struct kvs *k, int json)
 	       "CLIENTS", "FILE");
 	for (size_t e = 0; e < n; e++) {
 		size_t a = starts[e], b = starts[e + 1];
-		const char *type = or_dash(field(k, a, b, "type"));
-		const char *cow = field(k, a, b, "cow");
-		const char *ro = field(k, a, b, "readonly");
+		const char *type = or_dash(kvs_field(k, a, b, "type"));
+		const char *cow = kvs_field(k, a, b, "cow");
+		const char *ro = kvs_field(k, a, b, "readonly");
 		printf("%-*s  %-6s  %-7s  %7s  %s%s%s\n", wname, k->v[a].value, type,
-		       or_dash(field(k, a, b, "state")),
-		       or_dash(field(k, a, b, "clients")),
-		       or_dash(field(k, a, b, "file")),
+		       or_dash(kvs_field(k, a, b, "state")),
+		       or_dash(kvs_field(k, a, b, "clients")),
+		       or_dash(kvs_field(k, a, b, "file")),
 		       cow && strcmp(cow, "yes") == 0 ? " (copy-on-write)" : "",
 		       ro && strcmp(ro, "yes") == 0 ? " (read-only)" : "");
 		if (strcmp(type, "proxy") == 0) {
-			const char *ps = field(k, a, b, "proxy-state");
+			const char *ps = kvs_field(k, a, b, "proxy-state");
 			printf("%*s  proxy of %s port %s export \"%s\"%s%s%s, bitmap %s, "
 			       "control %s\n",
-			       wname, "", or_dash(field(k, a, b, "upstream-host")),
-			       or_dash(field(k, a, b, "upstream-port")),
-			       field(k, a, b, "upstream-export")
-			           ? field(k, a, b, "upstream-export")
+			       wname, "", or_dash(kvs_field(k, a, b, "upstream-host")),
+			       or_dash(kvs_field(k, a, b, "upstream-port")),
+			       kvs_field(k, a, b, "upstream-export")
+			           ? kvs_field(k, a, b, "upstream-export")
 			           : "",
 			       ps ? " (" : "", ps ? ps : "", ps ? ")" : "",
-			       or_dash(field(k, a, b, "bitmap")),
-			       or_dash(field(k, a, b, "control")));
+			       or_dash(kvs_field(k, a, b, "bitmap")),
+			       or_dash(kvs_field(k, a, b, "control")));
 		}
-		if (field(k, a, b, "error"))
-			printf("%*s  error: %s\n", wname, "", field(k, a, b, "error"));
+		if (kvs_field(k, a, b, "error"))
+			printf("%*s  error: %s\n", wname, "", kvs_field(k, a, b, "error"));
 	}
 	free(starts);
 }
@@ -373,78 +241,9 @@ static void print_pairs(const struct kvs *k, int json)
 		printf("%-18s %s\n", k->v[i].key, k->v[i].value);
 }
 
-/* ---- cache-all progress ----------------------------------------------------- */
-
-struct prog {
-	int enabled, tty, drawn;
-	uint64_t last_ms;
-};
-
-static uint64_t now_ms(void)
-{
-	struct timeval tv;
-	gettimeofday(&tv, NULL);
-	return (uint64_t)tv.tv_sec * 1000 + (uint64_t)tv.tv_usec / 1000;
-}
-
-static int on_progress(const struct xnbd_ctl_line *l, void *ud)
-{
-	struct prog *p = ud;
-	if (!p->enabled || strcmp(l->kind, "progress") != 0 || l->total == 0)
-		return 0;
-	double pct = (double)l->done * 100.0 / (double)l->total;
-	if (p->tty) {
-		printf("\r%6.2f%% %" PRIu64 "/%" PRIu64 " blocks", pct, l->done,
-		       l->total);
-		fflush(stdout);
-		p->drawn = 1;
-		return 0;
-	}
-	/* Without a terminal: a line a second at most, and the last one. */
-	uint64_t t = now_ms();
-	if (l->done != l->total && t - p->last_ms < 1000)
-		return 0;
-	p->last_ms = t;
-	printf("cached %" PRIu64 " of %" PRIu64 " blocks (%.2f%%)\n", l->done,
-	       l->total, pct);
-	fflush(stdout);
-	return 0;
-}
-
 /* ---- main ------------------------------------------------------------------------ */
 
-static const char *open_error(int r)
-{
-	switch (r) {
-	case -ENOENT:
-		return "no such socket (is xnbd-wrapper running?)";
-	case -ECONNREFUSED:
-		return "nobody listens there (is xnbd-wrapper running?)";
-	case -EPROTO:
-		return "not an xNBD control socket";
-	case -EPROTONOSUPPORT:
-		return "the wrapper speaks another control protocol version";
-	default:
-		return strerror(-r);
-	}
-}
-
-/* An absolute path for p (which may not exist): the wrapper resolves
- * relative paths against its own directory, not ours. */
-static char *abs_path(const char *p)
-{
-	if (p[0] == '/' || p[0] == '\0')
-		return strdup(p);
-	char *cwd = getcwd(NULL, 0);
-	if (!cwd)
-		return NULL;
-	size_t n = strlen(cwd) + strlen(p) + 2;
-	char *r = malloc(n);
-	if (r)
-		snprintf(r, n, "%s/%s", cwd, p);
-	free(cwd);
-	return r;
-}
+static const struct ctl_peer peer = {PROG, "xnbd-wrapper", "wrapper"};
 
 int main(int argc, char **argv)
 {
@@ -453,7 +252,8 @@ int main(int argc, char **argv)
 	if (r)
 		return r;
 	enum cmd cmd = commands[o.ci].cmd;
-	const char *name = commands[o.ci].option;
+	char name[32]; /* the command as typed, for messages */
+	snprintf(name, sizeof(name), "--%s", commands[o.ci].option);
 
 	/* The request: the command word, its arguments, then the options that
 	 * become arguments. */
@@ -462,7 +262,10 @@ int main(int argc, char **argv)
 	int ac = 0, no = 0;
 	av[ac++] = commands[o.ci].word;
 	for (int i = 0; i < commands[o.ci].nargs; i++) {
-		if (commands[o.ci].paths & (1U << i)) {
+		/* An absolute path for a relative one (which may not exist): the
+		 * wrapper resolves relative paths against its own directory, not
+		 * ours.  An empty one goes as it is, for the wrapper to refuse. */
+		if ((commands[o.ci].paths & (1U << i)) && *o.args[i]) {
 			char *a = abs_path(o.args[i]);
 			if (!a) {
 				fprintf(stderr, PROG ": %s\n", strerror(errno));
@@ -482,14 +285,14 @@ int main(int argc, char **argv)
 	struct xnbd_ctl *c;
 	r = xnbd_ctl_open(o.sock, &c);
 	if (r < 0) {
-		fprintf(stderr, PROG ": %s: %s\n", o.sock, open_error(r));
+		ctl_open_failed(&peer, o.sock, r);
 		for (int i = 0; i < no; i++)
 			free(owned[i]);
 		return 1;
 	}
 	struct kvs k = {0};
 	struct prog pg = {0};
-	xnbd_ctl_line_cb cb = collect;
+	xnbd_ctl_line_cb cb = kvs_collect;
 	void *ud = &k;
 	if (cmd == C_CACHE_ALL || cmd == C_CACHE_ALL2) {
 		pg.enabled = o.progress;
@@ -507,13 +310,7 @@ int main(int argc, char **argv)
 	if (r == 0 && k.oom)
 		r = -ENOMEM;
 	if (r < 0) {
-		if (msg)
-			fprintf(stderr, PROG ": --%s: %s\n", name, msg);
-		else if (r == -ECONNRESET)
-			fprintf(stderr, PROG ": --%s: the wrapper closed the connection "
-			                "before answering\n", name);
-		else
-			fprintf(stderr, PROG ": --%s: %s\n", name, strerror(-r));
+		ctl_call_failed(&peer, name, r, msg);
 		free(msg);
 		kvs_free(&k);
 		return 1;

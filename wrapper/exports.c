@@ -6,25 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "logsink.h"
 #include "wrapper.h"
-
-char *abs_path(const char *p)
-{
-	if (p[0] == '/')
-		return strdup(p);
-	char *cwd = getcwd(NULL, 0);
-	if (!cwd)
-		return NULL;
-	size_t n = strlen(cwd) + strlen(p) + 2;
-	char *r = malloc(n);
-	if (r)
-		snprintf(r, n, "%s/%s", cwd, p);
-	free(cwd);
-	return r;
-}
 
 void wexport_error(struct wexport *e, const char *fmt, ...)
 {

@@ -4,11 +4,8 @@
  * export table is exports.c, the commands commands.c, the export list
  * file db.c. */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
-#include <limits.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,8 +13,6 @@
 
 #include "logsink.h"
 #include "wrapper.h"
-
-#define EXIT_USAGE 2
 
 static void usage(FILE *f)
 {
@@ -51,71 +46,25 @@ static void usage(FILE *f)
 	    "See xnbd-wrapper(8).\n");
 }
 
-__attribute__((format(printf, 1, 2))) static int fail_usage(const char *fmt,
-                                                            ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	fprintf(stderr, PROG ": ");
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fprintf(stderr, "\nTry '" PROG " --help'.\n");
-	return EXIT_USAGE;
-}
-
-/* A size: digits with an optional K, M or G (powers of 1024). */
-static int parse_size(const char *s, size_t *out)
-{
-	char *end;
-	errno = 0;
-	if (!*s || *s == '-')
-		return -1;
-	unsigned long long v = strtoull(s, &end, 10);
-	if (errno || end == s)
-		return -1;
-	unsigned shift = 0;
-	if (*end == 'K' || *end == 'k')
-		shift = 10;
-	else if (*end == 'M' || *end == 'm')
-		shift = 20;
-	else if (*end == 'G' || *end == 'g')
-		shift = 30;
-	if (shift)
-		end++;
-	if (*end || (shift && v > (ULLONG_MAX >> shift)))
-		return -1;
-	*out = (size_t)(v << shift);
-	return 0;
-}
-
 static int parse_args(int argc, char **argv, struct wconfig *c)
 {
 	enum {
-		O_IMGFILE = 256, O_COW, O_READONLY, O_LPORT, O_LADDR, O_SOCKET,
-		O_DBPATH, O_DAEMONIZE, O_PIDFILE, O_LOGPATH, O_SYSLOG, O_MAXQ,
-		O_MAXBUF, O_VERBOSE, O_HELP, O_VERSION,
+		O_IMGFILE = O_SERVE_END, O_COW, O_READONLY, O_SOCKET, O_DBPATH,
+		O_HELP, O_VERSION,
 	};
 	static const struct option opts[] = {
 		{"imgfile", required_argument, NULL, O_IMGFILE},
 		{"cow", no_argument, NULL, O_COW},
 		{"readonly", no_argument, NULL, O_READONLY},
-		{"lport", required_argument, NULL, O_LPORT},
-		{"laddr", required_argument, NULL, O_LADDR},
 		{"socket", required_argument, NULL, O_SOCKET},
 		{"dbpath", required_argument, NULL, O_DBPATH},
-		{"daemonize", no_argument, NULL, O_DAEMONIZE},
-		{"pidfile", required_argument, NULL, O_PIDFILE},
-		{"logpath", required_argument, NULL, O_LOGPATH},
-		{"syslog", no_argument, NULL, O_SYSLOG},
-		{"max-queue-size", required_argument, NULL, O_MAXQ},
-		{"max-buf-size", required_argument, NULL, O_MAXBUF},
-		{"verbose", no_argument, NULL, O_VERBOSE},
+		SERVE_OPTIONS,
 		{"help", no_argument, NULL, O_HELP},
 		{"version", no_argument, NULL, O_VERSION},
 		{NULL, 0, NULL, 0},
 	};
-	int o;
-	c->lport = "8520";
+	int o, r;
+	c->serve.lport = "8520";
 	c->socket = DEFAULT_CTL_SOCKET;
 	opterr = 0;
 	while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -137,76 +86,42 @@ static int parse_args(int argc, char **argv, struct wconfig *c)
 		case O_READONLY:
 			c->readonly = 1;
 			break;
-		case O_LPORT: {
-			char *end;
-			long p = strtol(optarg, &end, 10);
-			if (*end || end == optarg || p < 1 || p > 65535)
-				return fail_usage("invalid port '%s' (1 to 65535)", optarg);
-			c->lport = optarg;
-			break;
-		}
-		case O_LADDR:
-			c->laddr = optarg;
-			break;
 		case O_SOCKET:
 			if (!*optarg)
-				return fail_usage("%s", "empty --socket path");
+				return fail_usage(PROG, "%s", "empty --socket path");
 			c->socket = optarg;
 			break;
 		case O_DBPATH:
 			if (!*optarg)
-				return fail_usage("%s", "empty --dbpath");
+				return fail_usage(PROG, "%s", "empty --dbpath");
 			c->dbpath = optarg;
-			break;
-		case O_DAEMONIZE:
-			c->daemonize = 1;
-			break;
-		case O_PIDFILE:
-			c->pidfile = optarg;
-			break;
-		case O_LOGPATH:
-			c->logpath = optarg;
-			break;
-		case O_SYSLOG:
-			c->use_syslog = 1;
-			break;
-		case O_MAXQ:
-			if (parse_size(optarg, &c->max_queue))
-				return fail_usage("invalid queue size '%s'", optarg);
-			break;
-		case O_MAXBUF:
-			if (parse_size(optarg, &c->max_buf))
-				return fail_usage("invalid buffer size '%s'", optarg);
-			break;
-		case O_VERBOSE:
-			c->verbose = 1;
 			break;
 		case O_HELP:
 			usage(stdout);
 			exit(0);
 		case O_VERSION:
-			printf(PROG " %s (libxnbd %s)\n", XNBD_WRAPPER_VERSION,
-			       xnbd_version());
-			exit(0);
-		default:
-			return fail_usage("unknown or incomplete option '%s'",
-			                  argv[optind - 1]);
+			print_version(PROG, XNBD_WRAPPER_VERSION);
+		default: /* one both servers take, or none we know */
+			if ((r = serve_option(PROG, o, optarg, argv[optind - 1],
+			                      &c->serve)) != 0)
+				return r;
+			break;
 		}
 	}
 	if (optind != argc)
-		return fail_usage("unexpected argument '%s' (images are given with "
-		                  "--imgfile)", argv[optind]);
-	if (c->pidfile && !c->daemonize)
-		return fail_usage("%s", "--pidfile goes with --daemonize");
+		return fail_usage(PROG, "unexpected argument '%s' (images are given "
+		                  "with --imgfile)", argv[optind]);
+	if (c->serve.pidfile && !c->serve.daemonize)
+		return fail_usage(PROG, "%s", "--pidfile goes with --daemonize");
 	return 0;
 }
 
 /* ---- stopping ------------------------------------------------------------------ */
 
-static void on_server_down(struct xnbd_server *s, void *ud)
+/* Free the control socket, the exports and the server, and close the
+ * timers: after the server's shutdown, or a start that failed. */
+static void free_all(struct wrapper *w)
 {
-	struct wrapper *w = ud;
-	logsink_printf(XNBD_LOG_INFO, "server stopped");
 	/* Control sockets first (fills in progress stop), then the exports;
 	 * proxies sync their caches and bitmaps as they go. */
 	xnbd_control_free(w->ctl);
@@ -218,12 +133,19 @@ static void on_server_down(struct xnbd_server *s, void *ud)
 	}
 	xnbd_server_free(w->srv);
 	w->srv = NULL;
-	/* The signal handlers stay until the very end (see signals_close). */
-	uv_unref((uv_handle_t *)&w->sig_term);
-	uv_unref((uv_handle_t *)&w->sig_int);
 	uv_close((uv_handle_t *)&w->tick, NULL);
 	/* The reaper closes once it has freed what it holds. */
 	reaper_flush_and_close(w);
+}
+
+static void on_server_down(struct xnbd_server *s, void *ud)
+{
+	struct wrapper *w = ud;
+	logsink_printf(XNBD_LOG_INFO, "server stopped");
+	/* The signal handlers stay until the very end (see signals_close). */
+	uv_unref((uv_handle_t *)&w->sig_term);
+	uv_unref((uv_handle_t *)&w->sig_int);
+	free_all(w);
 }
 
 void wrapper_stop(struct wrapper *w)
@@ -254,52 +176,6 @@ static void on_tick(uv_timer_t *t)
 	struct wrapper *w = t->data;
 	wexport_retry(w);
 	db_sync(w);
-}
-
-/* ---- daemon ------------------------------------------------------------------------ */
-
-/* Fork; the parent exits 0 once the child is set up. */
-static int daemonize(struct wrapper *w)
-{
-	int p[2];
-	if (pipe(p))
-		return -errno;
-	pid_t pid = fork();
-	if (pid < 0)
-		return -errno;
-	if (pid > 0) {
-		char c;
-		close(p[1]);
-		ssize_t n = read(p[0], &c, 1);
-		_exit(n == 1 ? 0 : 1);
-	}
-	close(p[0]);
-	setsid();
-	int r = uv_loop_fork(w->loop);
-	if (r < 0)
-		return r;
-	if (w->pidfile_abs) {
-		FILE *f = fopen(w->pidfile_abs, "we");
-		if (!f)
-			return -errno;
-		fprintf(f, "%d\n", (int)getpid());
-		if (fclose(f))
-			return -errno;
-	}
-	int null = open("/dev/null", O_RDWR);
-	if (null >= 0) {
-		dup2(null, 0);
-		dup2(null, 1);
-		if (!logsink_uses_stderr())
-			dup2(null, 2);
-		if (null > 2)
-			close(null);
-	}
-	if (chdir("/"))
-		return -errno;
-	(void)!write(p[1], "r", 1);
-	close(p[1]);
-	return 0;
 }
 
 /* ---- start-up --------------------------------------------------------------------- */
@@ -427,11 +303,6 @@ static int open_control(struct wrapper *w)
 	return 0;
 }
 
-static void on_failed_server_down(struct xnbd_server *s, void *ud)
-{
-	*(int *)ud = 1;
-}
-
 /* Remove the signal handlers and ignore those signals from now on: we are
  * exiting, and a late SIGTERM must not kill us with the default action
  * (the exit status would lie). */
@@ -440,10 +311,8 @@ static void signals_close(struct wrapper *w)
 	if (!w->loop || w->signals_closed || !w->sig_term.data)
 		return;
 	w->signals_closed = 1;
-	uv_close((uv_handle_t *)&w->sig_term, NULL);
-	uv_close((uv_handle_t *)&w->sig_int, NULL);
-	signal(SIGTERM, SIG_IGN);
-	signal(SIGINT, SIG_IGN);
+	close_signal(&w->sig_term);
+	close_signal(&w->sig_int);
 	uv_run(w->loop, UV_RUN_NOWAIT);
 }
 
@@ -464,30 +333,11 @@ static int cleanup(struct wrapper *w, int code)
 /* Release everything after a failed start and return `code`. */
 static int fail_start(struct wrapper *w, int code)
 {
-	int down = 0;
-	if (xnbd_server_shutdown(w->srv, 0, on_failed_server_down, &down) == 0)
-		while (!down && uv_run(w->loop, UV_RUN_ONCE))
-			;
-	xnbd_control_free(w->ctl);
-	w->ctl = NULL;
-	while (w->exports) {
-		struct wexport *e = w->exports;
-		w->exports = e->next;
-		wexport_free_at_exit(e);
-	}
-	xnbd_server_free(w->srv);
-	uv_close((uv_handle_t *)&w->tick, NULL);
-	reaper_flush_and_close(w);
+	close_server_now(w->loop, w->srv);
+	free_all(w);
 	signals_close(w);
 	uv_run(w->loop, UV_RUN_DEFAULT);
 	return cleanup(w, code);
-}
-
-static void start_signal(struct wrapper *w, uv_signal_t *h, int signum)
-{
-	uv_signal_init(w->loop, h);
-	h->data = w;
-	uv_signal_start(h, on_stop_signal, signum);
 }
 
 int main(int argc, char **argv)
@@ -497,22 +347,23 @@ int main(int argc, char **argv)
 	if (r)
 		return cleanup(&w, r);
 	struct wconfig *c = &w.cfg;
+	const struct serve_opts *s = &c->serve;
 
 	signal(SIGPIPE, SIG_IGN);
 	/* Disk I/O that misses the page cache runs on libuv's pool. */
 	setenv("UV_THREADPOOL_SIZE", "16", 0);
-	r = logsink_open(PROG, c->logpath, c->use_syslog, c->verbose);
+	r = logsink_open(PROG, s->logpath, s->use_syslog, s->verbose);
 	if (r < 0) {
-		fprintf(stderr, PROG ": cannot open log file '%s': %s\n", c->logpath,
+		fprintf(stderr, PROG ": cannot open log file '%s': %s\n", s->logpath,
 		        strerror(-r));
 		return cleanup(&w, 1);
 	}
 	/* The daemon changes directory, and the files are named again later. */
 	w.socket_abs = abs_path(c->socket);
 	w.db_abs = c->dbpath ? abs_path(c->dbpath) : NULL;
-	w.pidfile_abs = c->pidfile ? abs_path(c->pidfile) : NULL;
+	w.pidfile_abs = s->pidfile ? abs_path(s->pidfile) : NULL;
 	if (!w.socket_abs || (c->dbpath && !w.db_abs) ||
-	    (c->pidfile && !w.pidfile_abs)) {
+	    (s->pidfile && !w.pidfile_abs)) {
 		fprintf(stderr, PROG ": cannot resolve paths: %s\n", strerror(errno));
 		return cleanup(&w, 1);
 	}
@@ -523,8 +374,8 @@ int main(int argc, char **argv)
 	/* Stop signals are handled from the start (a stop during the start is
 	 * carried out once started), and never left to their default action
 	 * while a thread of ours could receive them. */
-	start_signal(&w, &w.sig_term, SIGTERM);
-	start_signal(&w, &w.sig_int, SIGINT);
+	start_signal(w.loop, &w.sig_term, on_stop_signal, SIGTERM, &w);
+	start_signal(w.loop, &w.sig_int, on_stop_signal, SIGINT, &w);
 	if ((r = xnbd_server_new(w.loop, &w.srv)) < 0) {
 		fprintf(stderr, PROG ": %s\n", xnbd_strerror(r));
 		uv_close((uv_handle_t *)&w.tick, NULL);
@@ -534,27 +385,23 @@ int main(int argc, char **argv)
 		return cleanup(&w, 1);
 	}
 	xnbd_server_set_log(w.srv, logsink_write, NULL);
-	xnbd_server_set_limits(w.srv, c->max_queue, c->max_buf);
+	xnbd_server_set_limits(w.srv, s->max_queue, s->max_buf);
 
 	/* The control socket before any image, cache or bitmap is opened: it
 	 * tells whether a wrapper runs already. */
 	if ((r = load_table(&w)) != 0 || (r = open_control(&w)) != 0 ||
 	    (r = open_table(&w)) != 0)
 		return fail_start(&w, r);
-	r = xnbd_server_listen(w.srv, c->laddr, c->lport);
-	if (r < 0) {
-		fprintf(stderr, PROG ": cannot listen on %s port %s: %s\n",
-		        c->laddr ? c->laddr : "all addresses", c->lport,
-		        xnbd_strerror(r));
+	if (serve_listen(PROG, w.srv, s) < 0)
 		return fail_start(&w, 1);
-	}
 	/* The file now holds what is served, --imgfile exports included. */
 	if ((r = db_sync(&w)) < 0) {
 		fprintf(stderr, PROG ": cannot write the export list %s: %s\n",
 		        w.db_abs, strerror(-r));
 		return fail_start(&w, 1);
 	}
-	if (c->daemonize && (r = daemonize(&w)) < 0) {
+	if (s->daemonize &&
+	    (r = daemonize(w.loop, w.pidfile_abs, logsink_uses_stderr())) < 0) {
 		fprintf(stderr, PROG ": cannot daemonize: %s\n", xnbd_strerror(r));
 		return fail_start(&w, 1);
 	}
@@ -570,7 +417,7 @@ int main(int argc, char **argv)
 	               "port %s; control socket %s", ok, n,
 	               c->cow ? ", copy-on-write" : "",
 	               c->readonly ? ", read-only" : "",
-	               c->laddr ? c->laddr : "all addresses", c->lport,
+	               s->laddr ? s->laddr : "all addresses", s->lport,
 	               w.socket_abs);
 
 	uv_run(w.loop, UV_RUN_DEFAULT);

@@ -26,6 +26,8 @@
 
 #include <xnbd/xnbd.h>
 
+#include "frontend.h"
+
 #define PROG "xnbd-wrapper"
 #define DEFAULT_CTL_SOCKET "/tmp/xnbd_wrapper.ctl"
 #define RETRY_MS 10000 /* a failed export is tried again this often */
@@ -61,14 +63,12 @@ struct wexport {
 };
 
 struct wconfig {
-	const char *laddr, *lport;
+	struct serve_opts serve;
 	const char **imgfiles;
 	size_t nimgfiles;
 	const char *socket;
 	const char *dbpath;
-	const char *logpath, *pidfile;
-	int cow, readonly, daemonize, use_syslog, verbose;
-	size_t max_queue, max_buf;
+	int cow, readonly;
 };
 
 struct wrapper {
@@ -143,10 +143,6 @@ void wexport_retry(struct wrapper *w);
 /* Set e->error from a format. */
 __attribute__((format(printf, 2, 3))) void wexport_error(struct wexport *e,
                                                         const char *fmt, ...);
-
-/* The path p made absolute against the working directory (not resolved);
- * NULL without memory. */
-char *abs_path(const char *p);
 
 /* ---- db.c --------------------------------------------------------------------- */
 
