@@ -71,7 +71,10 @@ struct xnbd_client {
 	uv_tcp_t tcp;
 	uv_getaddrinfo_t gai;
 	uv_connect_t conn;
-	bool handle_init;
+	uv_timer_t timer; /* the time limit of connecting and negotiating */
+	uint64_t timeout_ms;
+	bool handle_init; /* tcp and timer initialised, not both closed yet */
+	int nhandles;
 	bool freeing;
 	enum state state;
 	enum hs_step hs;
@@ -183,9 +186,19 @@ static void free_now(struct xnbd_client *c)
 static void close_cb(uv_handle_t *h)
 {
 	struct xnbd_client *c = h->data;
+	if (--c->nhandles > 0)
+		return;
 	c->handle_init = false;
 	if (c->freeing)
 		free_now(c);
+}
+
+static void close_handles(struct xnbd_client *c)
+{
+	if (!c->handle_init || uv_is_closing((uv_handle_t *)&c->tcp))
+		return;
+	uv_close((uv_handle_t *)&c->tcp, close_cb);
+	uv_close((uv_handle_t *)&c->timer, close_cb);
 }
 
 static void fail_all(struct xnbd_client *c, int err)
@@ -206,8 +219,7 @@ static void die(struct xnbd_client *c, int err, const char *why)
 	c->state = C_DEAD;
 	if (why)
 		clog_(c, XNBD_LOG_WARNING, "upstream connection: %s", why);
-	if (c->handle_init && !uv_is_closing((uv_handle_t *)&c->tcp))
-		uv_close((uv_handle_t *)&c->tcp, close_cb);
+	close_handles(c);
 	fail_all(c, c->freeing ? -ECANCELED : -ECONNRESET);
 	if (was != C_READY && c->connect_cb) {
 		xnbd_client_cb cb = c->connect_cb;
@@ -519,6 +531,7 @@ static int send_export_name(struct xnbd_client *c, size_t prefix)
 static void ready(struct xnbd_client *c)
 {
 	c->state = C_READY;
+	uv_timer_stop(&c->timer);
 	unsigned caps = 0;
 	uint16_t f = c->tflags;
 	if (f & XNBD_FLAG_READ_ONLY)
@@ -725,6 +738,19 @@ static void on_connect(uv_connect_t *req, int status)
 		die(c, r, uv_strerror(r));
 }
 
+static void on_timeout(uv_timer_t *t)
+{
+	struct xnbd_client *c = t->data;
+	if (c->state != C_CONNECTING && c->state != C_HANDSHAKE)
+		return;
+	char why[96];
+	unsigned long long ms = (unsigned long long)c->timeout_ms;
+	snprintf(why, sizeof(why), "no %s within %llu %s",
+	         c->state == C_CONNECTING ? "connection" : "handshake",
+	         ms % 1000 ? ms : ms / 1000, ms % 1000 ? "ms" : "s");
+	die(c, -ETIMEDOUT, why);
+}
+
 static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 {
 	struct xnbd_client *c = req->data;
@@ -743,8 +769,12 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 		return;
 	}
 	uv_tcp_init(c->loop, &c->tcp);
-	c->tcp.data = c;
+	uv_timer_init(c->loop, &c->timer);
+	c->tcp.data = c->timer.data = c;
 	c->handle_init = true;
+	c->nhandles = 2;
+	if (c->timeout_ms)
+		uv_timer_start(&c->timer, on_timeout, c->timeout_ms, 0);
 	c->state = C_CONNECTING;
 	c->conn.data = c;
 	int r = uv_tcp_connect(&c->conn, &c->tcp, res->ai_addr, on_connect);
@@ -812,6 +842,7 @@ int xnbd_client_new(uv_loop_t *loop, struct xnbd_client **out)
 	}
 	c->nslots = MAX_SLOTS;
 	c->free_head = 0;
+	c->timeout_ms = XNBD_CLIENT_CONNECT_TIMEOUT_MS;
 	c->loop = loop;
 	c->base.ops = &client_ops;
 	c->base.loop = loop;
@@ -823,6 +854,14 @@ void xnbd_client_set_log(struct xnbd_client *c, xnbd_log_fn fn, void *ud)
 {
 	c->log = fn;
 	c->log_ud = ud;
+}
+
+int xnbd_client_set_connect_timeout(struct xnbd_client *c, uint64_t ms)
+{
+	if (c->state != C_IDLE)
+		return -EALREADY;
+	c->timeout_ms = ms;
+	return 0;
 }
 
 void xnbd_client_on_disconnect(struct xnbd_client *c, xnbd_client_cb cb,
@@ -879,8 +918,8 @@ void xnbd_client_free(struct xnbd_client *c)
 	}
 	if (c->state != C_DEAD)
 		die(c, -ECANCELED, NULL);
-	else if (c->handle_init && !uv_is_closing((uv_handle_t *)&c->tcp))
-		uv_close((uv_handle_t *)&c->tcp, close_cb);
+	else
+		close_handles(c);
 	if (!c->handle_init)
 		free_now(c);
 }

@@ -20,6 +20,12 @@
  *   -U`).  A read EOF is taken as the client gone only when the socket
  *   also reports a hang-up (the client closed it); otherwise the buffered
  *   requests are answered and the connection closed after the last reply.
+ * - xnbd_control_finish() never runs a handler: the connection's next
+ *   request is dispatched from the loop (an idle handle, kept only while
+ *   connections wait for it), so a handler may finish another request
+ *   (or its own, later) and go on using its state, whatever the clients
+ *   have queued.  Only a handler that finishes inline, inside dispatch,
+ *   returns to a loop that takes the next line.
  * - The gone callback runs from the connection's close callback, never
  *   inside a call of the handler's: a connection is freed once its handle
  *   is closed and its request, if any, finished.  The control server is
@@ -74,6 +80,8 @@ struct xnbd_control_req {
 
 struct conn {
 	struct xnbd_list link; /* ctl->conns */
+	struct xnbd_list ready_link; /* ctl->ready when `queued` */
+	bool queued;
 	struct xnbd_control *ctl;
 	uv_pipe_t pipe;
 	uv_write_t wreq;
@@ -106,6 +114,9 @@ struct xnbd_control {
 	dev_t dev;
 	ino_t ino;
 	struct xnbd_list conns;
+	struct xnbd_list ready; /* connections whose next line waits */
+	uv_idle_t kick;         /* dispatches them from the loop */
+	bool kick_open;         /* initialised and its close callback not run */
 	bool freeing;
 };
 
@@ -130,6 +141,7 @@ int xnbd_control_new(uv_loop_t *loop, struct xnbd_control **out)
 	}
 	ctl->loop = loop;
 	xnbd_list_init(&ctl->conns);
+	xnbd_list_init(&ctl->ready);
 	*out = ctl;
 	return 0;
 }
@@ -341,6 +353,39 @@ int xnbd_control_progress(struct xnbd_control_req *req, uint64_t done,
 
 static void conn_maybe_free(struct conn *c);
 
+static void kick_cb(uv_idle_t *h)
+{
+	struct xnbd_control *ctl = h->data;
+	/* Those queued meanwhile wait for the next turn of the loop. */
+	struct xnbd_list now;
+	xnbd_list_init(&now);
+	xnbd_list_splice(&now, &ctl->ready);
+	while (!xnbd_list_empty(&now)) {
+		struct conn *c = xnbd_container_of(now.next, struct conn, ready_link);
+		xnbd_list_remove(&c->ready_link);
+		c->queued = false;
+		conn_process(c);
+	}
+	if (xnbd_list_empty(&ctl->ready))
+		uv_idle_stop(&ctl->kick);
+}
+
+/* Have c's next request dispatched from the loop. */
+static void conn_queue(struct conn *c)
+{
+	struct xnbd_control *ctl = c->ctl;
+	if (c->queued || c->closing)
+		return;
+	if (!ctl->kick_open) {
+		uv_idle_init(ctl->loop, &ctl->kick);
+		ctl->kick.data = ctl;
+		ctl->kick_open = true;
+	}
+	c->queued = true;
+	xnbd_list_insert(ctl->ready.prev, &c->ready_link); /* at the end */
+	uv_idle_start(&ctl->kick, kick_cb);
+}
+
 void xnbd_control_finish(struct xnbd_control_req *req, int status,
                          const char *message)
 {
@@ -360,8 +405,8 @@ void xnbd_control_finish(struct xnbd_control_req *req, int status,
 	req->gone_ud = NULL;
 	if (c->handle_closed)
 		conn_maybe_free(c);
-	else
-		conn_process(c);
+	else if (!c->dispatching)
+		conn_queue(c); /* dispatch's loop goes on otherwise */
 }
 
 /* The built-in command: one `info command NAME` per command, sorted. */
@@ -522,6 +567,8 @@ static void conn_maybe_free(struct conn *c)
 		return;
 	struct xnbd_control *ctl = c->ctl;
 	xnbd_list_remove(&c->link);
+	if (c->queued)
+		xnbd_list_remove(&c->ready_link);
 	xnbd__buf_free(&c->out);
 	xnbd__buf_free(&c->wr);
 	free(c);
@@ -715,10 +762,22 @@ int xnbd_control_listen(struct xnbd_control *ctl, const char *path)
 
 /* ---- teardown --------------------------------------------------------------------- */
 
+static void kick_close_cb(uv_handle_t *h)
+{
+	struct xnbd_control *ctl = h->data;
+	ctl->kick_open = false;
+	ctl_maybe_free(ctl);
+}
+
 static void ctl_maybe_free(struct xnbd_control *ctl)
 {
 	if (!ctl->freeing || ctl->listener_open || !xnbd_list_empty(&ctl->conns))
 		return;
+	if (ctl->kick_open) {
+		if (!uv_is_closing((uv_handle_t *)&ctl->kick))
+			uv_close((uv_handle_t *)&ctl->kick, kick_close_cb);
+		return;
+	}
 	for (size_t i = 0; i < ctl->ncmds; i++)
 		free(ctl->cmds[i].name);
 	free(ctl->cmds);

@@ -333,6 +333,42 @@ static void cmd_flood(struct xnbd_control_req *req, int argc, char **argv,
 	xnbd_control_finish(req, 0, NULL);
 }
 
+/* later: finished by `release` on another connection.  mark: counts. */
+static struct xnbd_control_req *later_req;
+static int marks;
+
+static void cmd_later(struct xnbd_control_req *req, int argc, char **argv,
+                      void *ud)
+{
+	later_req = req;
+}
+
+static void cmd_mark(struct xnbd_control_req *req, int argc, char **argv,
+                     void *ud)
+{
+	marks++;
+	xnbd_control_finish(req, 0, NULL);
+}
+
+/* release: finish the `later` request; report whether a handler ran
+ * inside that call (the request queued behind it must wait for the loop,
+ * or a caller still using its state after finishing would be surprised). */
+static void cmd_release(struct xnbd_control_req *req, int argc, char **argv,
+                        void *ud)
+{
+	if (!later_req) {
+		xnbd_control_finish(req, -ENOENT, "nothing to release");
+		return;
+	}
+	int before = marks;
+	xnbd_control_finish(later_req, 0, NULL);
+	later_req = NULL;
+	char b[16];
+	snprintf(b, sizeof(b), "%d", marks - before);
+	xnbd_control_info(req, "inside", b);
+	xnbd_control_finish(req, 0, NULL);
+}
+
 static void stop_cb(uv_async_t *a)
 {
 	xnbd_control_free(S.ctl);
@@ -358,6 +394,12 @@ static void server_start(void)
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "keys", cmd_keys, NULL), 0);
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "flood", cmd_flood, NULL), 0);
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "size", cmd_size, NULL), 0);
+	ck_assert_int_eq(xnbd_control_add(S.ctl, "later", cmd_later, NULL), 0);
+	ck_assert_int_eq(xnbd_control_add(S.ctl, "mark", cmd_mark, NULL), 0);
+	ck_assert_int_eq(xnbd_control_add(S.ctl, "release", cmd_release, NULL),
+	                 0);
+	later_req = NULL;
+	marks = 0;
 	ck_assert_int_eq(xnbd_control_listen(S.ctl, path), 0);
 	ck_assert_int_eq(uv_async_init(&S.loop, &S.stop, stop_cb), 0);
 	ck_assert_int_eq(pthread_create(&S.thread, NULL, loop_thread, NULL), 0);
@@ -591,7 +633,8 @@ START_TEST(help_lists_every_command)
 	ck_assert_str_eq(cap_text(&cap),
 	                 "i command count\ni command echo\ni command fail\n"
 	                 "i command flood\ni command hang\ni command help\n"
-	                 "i command keys\ni command size\n");
+	                 "i command keys\ni command later\ni command mark\n"
+	                 "i command release\ni command size\n");
 	free(cap.text);
 	xnbd_ctl_close(c);
 	server_stop();
@@ -729,13 +772,35 @@ START_TEST(pipelined_requests_are_answered_in_order)
 	RAW_EXPECT(fd, "info arg b");
 	RAW_EXPECT(fd, "ok");
 	RAW_EXPECT(fd, "error EBUSY busy%20right%20now,%20try%20later");
-	for (int i = 0; i < 8; i++) {
+	for (int i = 0; i < 11; i++) {
 		char b[256];
 		ck_assert_int_gt(raw_line(fd, b, sizeof(b)), 0);
 		ck_assert(strncmp(b, "info command ", 13) == 0);
 	}
 	RAW_EXPECT(fd, "ok");
 	close(fd);
+	server_stop();
+}
+END_TEST
+
+START_TEST(finish_never_runs_the_next_request_inline)
+{
+	server_start();
+	int a = raw_open();
+	RAW_SEND(a, "later\nmark\nmark\n");
+	int b = raw_open();
+	/* `later` must be waiting before it is released. */
+	RAW_SEND(b, "echo sync\n");
+	RAW_EXPECT(b, "info arg sync");
+	RAW_EXPECT(b, "ok");
+	RAW_SEND(b, "release\n");
+	RAW_EXPECT(b, "info inside 0");
+	RAW_EXPECT(b, "ok");
+	RAW_EXPECT(a, "ok"); /* later */
+	RAW_EXPECT(a, "ok"); /* mark */
+	RAW_EXPECT(a, "ok"); /* mark */
+	close(a);
+	close(b);
 	server_stop();
 }
 END_TEST
@@ -1236,6 +1301,7 @@ int main(void)
 	tcase_add_test(tc, registration_is_checked);
 	tcase_add_test(tc, greeting_and_words_travel_unharmed);
 	tcase_add_test(tc, deferred_request_streams_progress);
+	tcase_add_test(tc, finish_never_runs_the_next_request_inline);
 	tcase_add_test(tc, errors_carry_name_and_message);
 	tcase_add_test(tc, help_lists_every_command);
 	tcase_add_test(tc, info_keys_and_sizes_are_checked);

@@ -38,11 +38,23 @@ XNBD_EXPORT void xnbd_client_set_log(struct xnbd_client *c, xnbd_log_fn fn,
  * cb runs once with 0 when transmission may start, or with a negative
  * errno: -ECONNREFUSED and other socket errors, -ENOENT (no such export
  * or host), -EPROTO (the server broke the protocol), -ENOTSUP (it offers
- * nothing this client speaks).  Returns 0, or -EALREADY if connecting or
+ * nothing this client speaks), -ETIMEDOUT (no connection or no complete
+ * handshake within the connect timeout).  Returns 0, or -EALREADY if connecting or
  * connected, or another negative errno (then cb is not called). */
 XNBD_EXPORT int xnbd_client_connect(struct xnbd_client *c, const char *host,
                                     const char *port, const char *name,
                                     xnbd_client_cb cb, void *user_data);
+
+/* The default of xnbd_client_set_connect_timeout(). */
+#define XNBD_CLIENT_CONNECT_TIMEOUT_MS 30000U
+
+/* The time a connection and its handshake may take, from the end of the
+ * name lookup, before xnbd_client_connect()'s callback gets -ETIMEDOUT:
+ * a server that accepts connections but never speaks must not make the
+ * caller wait forever.  XNBD_CLIENT_CONNECT_TIMEOUT_MS unless set; 0 is
+ * no limit.  Set it before connecting (-EALREADY otherwise). */
+XNBD_EXPORT int xnbd_client_set_connect_timeout(struct xnbd_client *c,
+                                                uint64_t ms);
 
 /* Have cb called when an established connection is lost or closed by the
  * server, after every request in flight has completed with an error. */

@@ -112,7 +112,9 @@ XNBD_EXPORT int xnbd_control_progress(struct xnbd_control_req *req,
  * `error ERRNO-NAME MESSAGE` with status a negative errno and `message`
  * a human-readable sentence (NULL: strerror's; shortened if the line
  * cannot hold it).  An errno the protocol has no name for is sent as EIO.
- * Frees the request. */
+ * Frees the request.  Never runs a handler: the connection's next request
+ * is dispatched from the loop, so the caller may go on using its own state
+ * (and finish other requests) after this returns. */
 XNBD_EXPORT void xnbd_control_finish(struct xnbd_control_req *req, int status,
                                      const char *message);
 
