@@ -121,6 +121,11 @@ static void cmd_add_target(struct xnbd_control_req *r, int argc, char **argv,
 		return;
 	}
 	const char *name = argv[1];
+	const char *why = wexport_bad_name(name);
+	if (why) {
+		xnbd_control_finish(r, -EINVAL, why);
+		return;
+	}
 	if (wexport_find(w, name)) {
 		refuse(r, -EEXIST, "an export named '%s' exists already", name);
 		return;
@@ -131,6 +136,12 @@ static void cmd_add_target(struct xnbd_control_req *r, int argc, char **argv,
 	free(abs);
 	if (!real) {
 		refuse(r, err, "cannot open image %s: %s", argv[2], strerror(-err));
+		return;
+	}
+	const char *own = wrapper_file(w, real);
+	if (own) {
+		refuse(r, -EBUSY, "%s is %s", real, own);
+		free(real);
 		return;
 	}
 	/* Two targets may share an image; a proxy's files are its own. */
@@ -171,23 +182,30 @@ static void proxy_added(struct wexport *e, int status)
 	struct wrapper *w = e->w;
 	struct xnbd_control_req *r = e->req;
 	e->req = NULL;
+	/* Finishing never runs another command (a queued removal of this very
+	 * export waits for the loop), but e goes first all the same. */
 	if (status < 0) {
 		logsink_printf(XNBD_LOG_WARNING, "export '%s' not added: %s", e->name,
 		               e->error);
-		xnbd_control_finish(r, status, e->error);
+		char *msg = e->error ? strdup(e->error) : NULL;
 		wexport_remove(e);
+		if (r)
+			xnbd_control_finish(r, status, msg);
+		free(msg);
 		return;
 	}
 	e->from_request = 0;
 	int err = db_sync(w);
 	if (err < 0) {
 		wexport_remove(e); /* no client can have come yet */
-		refuse_db(r, w, err, "the export is not added");
+		if (r)
+			refuse_db(r, w, err, "the export is not added");
 		return;
 	}
 	logsink_printf(XNBD_LOG_INFO, "export '%s' added: proxy of %s:%s, cache %s",
 	               e->name, e->rhost, e->rport, e->file);
-	xnbd_control_finish(r, 0, NULL);
+	if (r)
+		xnbd_control_finish(r, 0, NULL);
 }
 
 static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
@@ -200,8 +218,18 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 		return;
 	}
 	const char *name = argv[1];
+	const char *why = wexport_bad_name(name);
+	if (why) {
+		xnbd_control_finish(r, -EINVAL, why);
+		return;
+	}
 	if (wexport_find(w, name)) {
 		refuse(r, -EEXIST, "an export named '%s' exists already", name);
+		return;
+	}
+	if (argc == 8 && strlen(argv[7]) > XNBD_MAX_STRING) {
+		xnbd_control_finish(r, -EINVAL, "export names are at most 4096 bytes "
+		                                "long");
 		return;
 	}
 	if (!*argv[2] || !valid_port(argv[3])) {
@@ -215,7 +243,18 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 			refuse(r, *argv[4 + i] ? -ENOMEM : -EINVAL, "empty path");
 			goto out;
 		}
+	/* sockaddr_un's sun_path holds 108 bytes with the final NUL. */
+	if (strlen(paths[2]) >= 108) {
+		refuse(r, -ENAMETOOLONG, "the control socket path %s is longer than "
+		       "a Unix socket address allows (107 bytes)", paths[2]);
+		goto out;
+	}
 	for (int i = 0; i < 3; i++) {
+		const char *own = wrapper_file(w, paths[i]);
+		if (own) {
+			refuse(r, -EBUSY, "%s is %s", paths[i], own);
+			goto out;
+		}
 		for (int j = 0; j < i; j++)
 			if (strcmp(paths[i], paths[j]) == 0) {
 				refuse(r, -EINVAL, "the cache, the bitmap and the control "

@@ -57,6 +57,55 @@ struct wexport *wexport_using(struct wrapper *w, const char *path)
 	return found;
 }
 
+const char *wexport_clash(const struct wexport *a, const struct wexport *b)
+{
+	if (a != b && a->type == W_TARGET && b->type == W_TARGET)
+		return NULL;
+	const char *va[] = {a->file, a->bitmap, a->ctlsock};
+	const char *vb[] = {b->file, b->bitmap, b->ctlsock};
+	for (int j = 0; j < 3; j++) {
+		if (!vb[j])
+			continue;
+		char *real = realpath(vb[j], NULL);
+		for (int i = a == b ? j + 1 : 0; i < 3; i++)
+			if (va[i] && same_path(va[i], vb[j], real)) {
+				free(real);
+				return va[i];
+			}
+		free(real);
+	}
+	return NULL;
+}
+
+const char *wexport_bad_name(const char *name)
+{
+	if (strlen(name) > XNBD_MAX_STRING)
+		return "export names are at most 4096 bytes long";
+	if (!utf8_valid(name))
+		return "export names must be UTF-8 text";
+	return NULL;
+}
+
+const char *wrapper_file(struct wrapper *w, const char *path)
+{
+	const struct {
+		const char *path, *what;
+	} own[] = {
+		{w->db_abs, "the export list"},
+		{w->db_tmp_abs, "the export list's temporary file"},
+		{w->socket_abs, "the wrapper's control socket"},
+		{w->pidfile_abs, "the wrapper's pid file"},
+		{w->log_abs, "the wrapper's log file"},
+	};
+	char *real = realpath(path, NULL);
+	const char *what = NULL;
+	for (size_t i = 0; i < sizeof(own) / sizeof(own[0]) && !what; i++)
+		if (own[i].path && same_path(own[i].path, path, real))
+			what = own[i].what;
+	free(real);
+	return what;
+}
+
 static void entry_free(struct wexport *e)
 {
 	free(e->name);

@@ -122,8 +122,15 @@ static int parse_args(int argc, char **argv, struct wconfig *c)
  * timers: after the server's shutdown, or a start that failed. */
 static void free_all(struct wrapper *w)
 {
-	/* Control sockets first (fills in progress stop), then the exports;
-	 * proxies sync their caches and bitmaps as they go. */
+	/* An add-proxy still waiting for its upstream is answered while its
+	 * connection is open; then the control sockets go (fills in progress
+	 * stop), then the exports: proxies sync their caches and bitmaps as
+	 * they go. */
+	for (struct wexport *e = w->exports; e; e = e->next)
+		if (e->req) {
+			xnbd_control_finish(e->req, -ESHUTDOWN, "the wrapper is stopping");
+			e->req = NULL;
+		}
 	xnbd_control_free(w->ctl);
 	w->ctl = NULL;
 	while (w->exports) {
@@ -180,6 +187,8 @@ static void on_tick(uv_timer_t *t)
 
 /* ---- start-up --------------------------------------------------------------------- */
 
+static int check_table(struct wrapper *w);
+
 /* The table from the export list file, then --imgfile exports (one that
  * the file has already, same name and same file, is the same export);
  * nothing is opened yet.  Returns 0 or an exit code. */
@@ -234,18 +243,70 @@ static int load_table(struct wrapper *w)
 				fprintf(stderr, PROG ": out of memory\n");
 				return 1;
 			}
+			e->from_imgfile = 1;
 			wexport_append(w, e);
 		}
 		free(real);
 	}
+	return check_table(w);
+}
+
+/* The table may be served: names are valid, no export uses a file of
+ * the wrapper's or a file another export may not share.  Returns 0 or an
+ * exit code, after a message. */
+static int check_table(struct wrapper *w)
+{
+	for (struct wexport *e = w->exports; e; e = e->next) {
+		const char *origin = e->from_imgfile ? "--imgfile" : "the export list";
+		const char *why = wexport_bad_name(e->name);
+		if (why) {
+			fprintf(stderr, PROG ": %s: export '%s': %s\n", origin, e->name,
+			        why);
+			return 1;
+		}
+		const char *v[] = {e->file, e->bitmap, e->ctlsock};
+		for (int i = 0; i < 3; i++) {
+			const char *what = v[i] ? wrapper_file(w, v[i]) : NULL;
+			if (what) {
+				fprintf(stderr, PROG ": %s: export '%s' uses %s, %s\n", origin,
+				        e->name, v[i], what);
+				return 1;
+			}
+		}
+		for (struct wexport *o = w->exports; o; o = o->next) {
+			const char *path = wexport_clash(e, o);
+			if (path && o == e) {
+				fprintf(stderr, PROG ": %s: the proxy of export '%s' uses %s "
+				        "twice\n", origin, e->name, path);
+				return 1;
+			}
+			if (path) {
+				fprintf(stderr, PROG ": %s: exports '%s' and '%s' both use %s; "
+				        "a proxy's cache, bitmap and control socket are its "
+				        "own\n", origin, e->name, o->name, path);
+				return 1;
+			}
+			if (o == e)
+				break; /* each pair once */
+		}
+	}
 	return 0;
 }
 
-static void start_failed(struct wexport *e, int status)
+/* A proxy of the table is open, or has failed, at start or later. */
+static void start_done(struct wexport *e, int status)
 {
 	if (status < 0)
 		logsink_printf(XNBD_LOG_ERR, "export '%s' is not served: %s; trying "
 		               "again every %d s", e->name, e->error, RETRY_MS / 1000);
+	else if (e->w->running)
+		logsink_printf(XNBD_LOG_NOTICE, "export '%s' is served: its upstream "
+		               "answered", e->name);
+}
+
+static void start_wait_cb(uv_timer_t *t)
+{
+	(void)t; /* its end is the point */
 }
 
 /* Open the table and wait for the proxies.  A command-line image that
@@ -266,18 +327,31 @@ static int open_table(struct wrapper *w)
 			continue;
 		if (e->type == W_TARGET) {
 			if (wexport_open_target(e) < 0)
-				start_failed(e, -1);
-		} else if (wexport_open_proxy(e, start_failed) < 0) {
-			start_failed(e, -1);
+				start_done(e, -1);
+		} else if (wexport_open_proxy(e, start_done) < 0) {
+			start_done(e, -1);
 		}
 	}
+	/* Clients that come at once find the proxies whose upstreams answer
+	 * soon; one that does not (a host down, a server that never speaks)
+	 * must not keep the others from being served, nor a stop waiting. */
+	uv_timer_t *wait = &w->start_wait;
+	uv_timer_init(w->loop, wait);
+	uv_timer_start(wait, start_wait_cb, START_WAIT_MS, 0);
 	for (;;) {
 		int opening = 0;
 		for (struct wexport *e = w->exports; e; e = e->next)
 			opening |= e->state == W_OPENING;
-		if (!opening || !uv_run(w->loop, UV_RUN_ONCE))
+		if (!opening || w->stop_pending || !uv_is_active((uv_handle_t *)wait))
 			break;
+		uv_run(w->loop, UV_RUN_ONCE);
 	}
+	for (struct wexport *e = w->exports; e; e = e->next)
+		if (e->state == W_OPENING && !w->stop_pending)
+			logsink_printf(XNBD_LOG_WARNING, "export '%s': no answer from its "
+			               "upstream %s:%s yet; it is served once there is",
+			               e->name, e->rhost, e->rport);
+	uv_close((uv_handle_t *)wait, NULL);
 	return 0;
 }
 
@@ -323,7 +397,9 @@ static int cleanup(struct wrapper *w, int code)
 		code = 1;
 	free(w->socket_abs);
 	free(w->db_abs);
+	free(w->db_tmp_abs);
 	free(w->pidfile_abs);
+	free(w->log_abs);
 	free(w->db_saved);
 	free(w->reap);
 	free(w->cfg.imgfiles);
@@ -352,18 +428,15 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	/* Disk I/O that misses the page cache runs on libuv's pool. */
 	setenv("UV_THREADPOOL_SIZE", "16", 0);
-	r = logsink_open(PROG, s->logpath, s->use_syslog, s->verbose);
-	if (r < 0) {
-		fprintf(stderr, PROG ": cannot open log file '%s': %s\n", s->logpath,
-		        strerror(-r));
-		return cleanup(&w, 1);
-	}
 	/* The daemon changes directory, and the files are named again later. */
 	w.socket_abs = abs_path(c->socket);
 	w.db_abs = c->dbpath ? abs_path(c->dbpath) : NULL;
 	w.pidfile_abs = s->pidfile ? abs_path(s->pidfile) : NULL;
-	if (!w.socket_abs || (c->dbpath && !w.db_abs) ||
-	    (s->pidfile && !w.pidfile_abs)) {
+	w.log_abs = s->logpath ? abs_path(s->logpath) : NULL;
+	if (w.db_abs && asprintf(&w.db_tmp_abs, "%s.tmp", w.db_abs) < 0)
+		w.db_tmp_abs = NULL;
+	if (!w.socket_abs || (c->dbpath && (!w.db_abs || !w.db_tmp_abs)) ||
+	    (s->pidfile && !w.pidfile_abs) || (s->logpath && !w.log_abs)) {
 		fprintf(stderr, PROG ": cannot resolve paths: %s\n", strerror(errno));
 		return cleanup(&w, 1);
 	}
@@ -389,8 +462,16 @@ int main(int argc, char **argv)
 
 	/* The control socket before any image, cache or bitmap is opened: it
 	 * tells whether a wrapper runs already. */
-	if ((r = load_table(&w)) != 0 || (r = open_control(&w)) != 0 ||
-	    (r = open_table(&w)) != 0)
+	if ((r = load_table(&w)) != 0)
+		return fail_start(&w, r);
+	/* The log file once the table is known not to name it. */
+	r = logsink_open(PROG, s->logpath, s->use_syslog, s->verbose);
+	if (r < 0) {
+		fprintf(stderr, PROG ": cannot open log file '%s': %s\n", s->logpath,
+		        strerror(-r));
+		return fail_start(&w, 1);
+	}
+	if ((r = open_control(&w)) != 0 || (r = open_table(&w)) != 0)
 		return fail_start(&w, r);
 	if (serve_listen(PROG, w.srv, s) < 0)
 		return fail_start(&w, 1);

@@ -32,6 +32,9 @@
 #define DEFAULT_CTL_SOCKET "/tmp/xnbd_wrapper.ctl"
 #define RETRY_MS 10000 /* a failed export is tried again this often */
 #define TICK_MS 1000   /* the export list file is compared this often */
+/* At start, proxies have this long to reach their upstreams before the
+ * wrapper listens without them (they are served once they have). */
+#define START_WAIT_MS 5000
 
 enum wtype { W_TARGET, W_PROXY };
 enum wstate { W_OPENING, W_SERVING, W_FAILED };
@@ -53,6 +56,7 @@ struct wexport {
 	uint64_t retry_at; /* uv_now() of the next attempt when failed */
 	int from_request;  /* an add-proxy not yet answered: not in the file */
 	int dropping;      /* being removed: left out of the file */
+	int from_imgfile;  /* named by --imgfile (for messages) */
 	struct xnbd_control_req *req; /* the add-proxy request to answer */
 	wexport_cb done;              /* when the proxy's opening ends */
 	struct xnbd_backend *image;   /* target: the file */
@@ -78,10 +82,11 @@ struct wrapper {
 	struct xnbd_control *ctl;
 	struct wexport *exports; /* the table, in order */
 	struct wexport *retired; /* removed, still serving their clients */
-	char *socket_abs, *db_abs, *pidfile_abs;
+	char *socket_abs, *db_abs, *db_tmp_abs, *pidfile_abs, *log_abs;
 	char *db_saved;  /* the export list file's contents as last written */
 	int db_failing;  /* the last write failed (logged once) */
 	uv_timer_t tick; /* retries and the export list file */
+	uv_timer_t start_wait; /* the start's wait for the proxies */
 	uv_timer_t reaper; /* frees proxies outside their own callbacks */
 	struct xnbd_proxy **reap;
 	size_t nreap, reap_cap;
@@ -109,6 +114,20 @@ struct wexport *wexport_new(struct wrapper *w, enum wtype type,
                             const char *rhost, const char *rport,
                             const char *rname, const char *bitmap,
                             const char *ctlsock);
+
+/* If a and b may not both be in the table, the path they share (a proxy's
+ * cache, bitmap and control socket are its own; targets may share an
+ * image); with a == b, a path a proxy uses twice.  NULL otherwise. */
+const char *wexport_clash(const struct wexport *a, const struct wexport *b);
+
+/* Check a new export's name: NULL when it may be used, otherwise why not
+ * (a sentence). */
+const char *wexport_bad_name(const char *name);
+
+/* If path is one of the wrapper's own files (the export list and its
+ * temporary, the control socket, the pid file, the log file), what it
+ * is; NULL otherwise.  No export may use them. */
+const char *wrapper_file(struct wrapper *w, const char *path);
 
 /* Append e to the table. */
 void wexport_append(struct wrapper *w, struct wexport *e);
@@ -175,6 +194,10 @@ int word_append(char **buf, size_t *len, size_t *cap, const char *s);
 /* Split a line (NUL-terminated, without newline) into decoded words in
  * place; returns the count, or -1 for a bad encoding or more than max. */
 int words_split(char *line, char **argv, int max);
+
+/* Is s well-formed UTF-8 (no overlong forms, surrogates or code points
+ * past U+10FFFF)?  Export names must be (the NBD protocol's rule). */
+int utf8_valid(const char *s);
 
 /* ---- commands.c ---------------------------------------------------------------- */
 

@@ -486,4 +486,5 @@ def main():
         up.stop()
 
 
-xt.main(main)
+if __name__ == "__main__":
+    xt.main(main)
