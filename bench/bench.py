@@ -152,6 +152,10 @@ class Server:
         return "nbd://127.0.0.1:%d/%s" % (self.port, name)
 
     def start(self, extra=()):
+        if self.name == "upstream":
+            # The proxies' upstream itself, read directly: nothing to start.
+            self.port, self.pid = self.upstream_srv.port, self.upstream_srv.pid
+            return
         self.port = free_port()
         self.proc = subprocess.Popen(self.argv(self.port, list(extra)),
                                      stdout=subprocess.DEVNULL,
@@ -172,6 +176,8 @@ class Server:
             wait_port(self.port, self.proc)
 
     def stop(self):
+        if self.name == "upstream":
+            return
         if self.proc is None and self.pid:
             try:
                 os.kill(self.pid, signal.SIGTERM)
@@ -191,6 +197,20 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+def warm_memory(work, gib=4):
+    """Have the kernel touch a few GiB of page cache once, then free it.
+    In a virtual machine the first touch of guest memory costs a host page
+    fault: measured here, a proxy's first cold pass wrote its cache at
+    220 MiB/s, and 1480 MiB/s once the memory had been used.  That cost
+    would fall on whichever server ran first; this pays it up front."""
+    path = os.path.join(work, "warm")
+    block = b"\0" * 2**20
+    with open(path, "wb") as f:
+        for _ in range(gib * 1024):
+            f.write(block)
+    os.unlink(path)
 
 
 def available_servers(xnbd):
@@ -234,6 +254,27 @@ def nbdcopy_row(name, conns):
     return name, run
 
 
+def fill_row(name):
+    """Proxy modes: fill the whole cache.  xnbd-server by `xnbd-bgctl
+    --cache-all`; the peers' proxies by reading every block through them
+    (nbdcopy to null:, which fills nbdkit's cache filter); `upstream` is
+    nbdcopy straight from the upstream, the yardstick of the target."""
+    def run(uri, runtime, size, srv):
+        t0 = time.monotonic()
+        if srv.name == "xnbd-server":
+            ctl = os.path.join(srv.workdir, "proxy.cache.ctl")
+            subprocess.run([srv.bgctl, "--cache-all", ctl], check=True,
+                           capture_output=True)
+        else:
+            subprocess.run(["nbdcopy", uri, "null:"], check=True,
+                           capture_output=True)
+        mib = size / 2**20
+        return mib / (time.monotonic() - t0), "MiB/s", mib
+    run.with_server = True
+    run.proxy_only = True
+    return name, run
+
+
 def memory_row(name, extra):
     """Peak RSS of the server while a client floods 1 MiB writes at depth
     128; `extra` are xnbd-server options (peers run without them)."""
@@ -254,6 +295,7 @@ def memory_row(name, extra):
         return peak / 1024.0, "MiB peak RSS", 0
     run.extra = extra
     run.memory = True
+    run.with_server = True
     return name, run
 
 
@@ -266,6 +308,7 @@ ROWS = dict([
     fio_row("rand-rw70-4K-qd32", "randrw", "4k", 32, mix=70),
     nbdcopy_row("nbdcopy-null-1conn", 1),
     nbdcopy_row("nbdcopy-null-4conn", 4),
+    fill_row("fill-cache-whole-image"),
     memory_row("mem-flood-1M-qd128", []),
     memory_row("mem-flood-1M-qd128-maxbuf64M", ["--max-buf-size", "64M"]),
 ])
@@ -277,7 +320,8 @@ def main():
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--runtime", type=float, default=None)
     ap.add_argument("--size", default="1G")
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated rows (default: all of the mode)")
     ap.add_argument("--servers", default=None)
     ap.add_argument("--mode", choices=["target", "cow", "proxy", "proxy-warm"],
                     default="target",
@@ -287,7 +331,12 @@ def main():
                     "through the proxy first)")
     ap.add_argument("--xnbd", default=os.path.join(HERE, "..", "build",
                                                    "server", "xnbd-server"))
+    ap.add_argument("--bgctl", default=None,
+                    help="xnbd-bgctl (default: next to --xnbd's build)")
     args = ap.parse_args()
+    bgctl = args.bgctl or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(args.xnbd))), "bgctl",
+        "xnbd-bgctl")
     runs = args.runs or (1 if args.short else 5)
     runtime = args.runtime or (1.0 if args.short else 8.0)
     mult = {"K": 2**10, "M": 2**20, "G": 2**30}
@@ -301,7 +350,14 @@ def main():
     proxy = args.mode.startswith("proxy")
     if proxy:
         servers = [n for n in servers if n != "nbd-server"]  # cannot proxy
-    rows = [r for r in args.rows.split(",") if r]
+        servers.append("upstream")
+    rows = [r for r in args.rows.split(",") if r] if args.rows else \
+        [r for r in ROWS if proxy or not getattr(ROWS[r], "proxy_only", False)]
+    for r in rows:
+        if r not in ROWS:
+            ap.error("unknown row %s (rows: %s)" % (r, ",".join(ROWS)))
+        if getattr(ROWS[r], "proxy_only", False) and not proxy:
+            ap.error("row %s needs --mode proxy" % r)
     work = tempfile.mkdtemp(prefix="xnbd-bench-")
     try:
         image = os.path.join(work, "bench.img")
@@ -310,6 +366,8 @@ def main():
             for _ in range(size // 2**20):
                 f.write(block)
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
+        if not args.short:
+            warm_memory(work)
         upstream = None
         if proxy:
             upstream = Server("xnbd-server", image, work, args.xnbd, "target")
@@ -319,20 +377,25 @@ def main():
             for i in range(runs):
                 fn = ROWS[row]
                 memory = getattr(fn, "memory", False)
+                with_server = getattr(fn, "with_server", False)
                 for name in servers:
                     extra = getattr(fn, "extra", [])
                     if extra and name != "xnbd-server":
                         continue  # the option is ours alone
+                    if name == "upstream" and memory:
+                        continue  # the proxies' memory, not the upstream's
                     srv = Server(name, image, work, args.xnbd, args.mode)
                     srv.upstream = upstream.port if upstream else None
+                    srv.upstream_srv = upstream
+                    srv.bgctl = bgctl
                     srv.start(extra if name == "xnbd-server" else ())
                     try:
                         time.sleep(0.1)
-                        if args.mode == "proxy-warm":
+                        if args.mode == "proxy-warm" and name != "upstream":
                             subprocess.run(["nbdcopy", srv.uri(), "null:"],
                                            check=True)
                         c0 = cpu_seconds(srv.pid)
-                        if memory:
+                        if with_server:
                             value, unit, amount = fn(srv.uri(), runtime, size,
                                                      srv)
                         else:
@@ -357,9 +420,11 @@ def main():
 
 
 def report(rows, servers, results, runtime):
+    direct = "upstream" in servers
     print("| row | " + " | ".join(servers) +
-          " | xnbd / best peer | xnbd work per CPU-s / best peer's |")
-    print("|---" * (len(servers) + 3) + "|")
+          " | xnbd / best peer | xnbd work per CPU-s / best peer's |" +
+          (" xnbd / upstream read directly |" if direct else ""))
+    print("|---" * (len(servers) + 3 + direct) + "|")
     for row in rows:
         cells = []
         med = {}
@@ -378,14 +443,19 @@ def report(rows, servers, results, runtime):
             eff[name] = statistics.median(e)
             cells.append("%.0f (%.0f-%.0f) %s, %.0f/CPU-s" %
                          (med[name], min(v), max(v), unit, eff[name]))
-        peers = [n for n in servers if n != "xnbd-server" and n in med]
+        peers = [n for n in servers
+                 if n not in ("xnbd-server", "upstream") and n in med]
+        up = "-"
+        if direct and "xnbd-server" in med and med.get("upstream"):
+            up = "%.2f" % (med["xnbd-server"] / med["upstream"])
         ratio = eff_ratio = "-"
         if unit.startswith("MiB peak"):
             if "xnbd-server" in med and peers:
                 ratio = "%.2f (lower is better)" % (
                     med["xnbd-server"] / min(med[n] for n in peers))
             cells = [c.split(",")[0] for c in cells]
-            print("| %s | %s | %s | - |" % (row, " | ".join(cells), ratio))
+            print("| %s | %s | %s | - |%s" % (row, " | ".join(cells), ratio,
+                                              " - |" if direct else ""))
             continue
         if "xnbd-server" in med and peers:
             best = max(med[n] for n in peers)
@@ -393,8 +463,9 @@ def report(rows, servers, results, runtime):
             best_eff = max(eff[n] for n in peers)
             eff_ratio = "%.2f" % (eff["xnbd-server"] / best_eff) \
                 if best_eff else "-"
-        print("| %s | %s | %s | %s |" % (row, " | ".join(cells), ratio,
-                                          eff_ratio))
+        print("| %s | %s | %s | %s |%s" % (row, " | ".join(cells), ratio,
+                                            eff_ratio,
+                                            " %s |" % up if direct else ""))
 
 
 if __name__ == "__main__":
