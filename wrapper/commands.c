@@ -68,7 +68,13 @@ static void cmd_list(struct xnbd_control_req *r, int argc, char **argv,
 	}
 	for (struct wexport *e = w->exports; e; e = e->next) {
 		int serving = e->state == W_SERVING;
-		xnbd_control_info(r, "export", e->name);
+		/* One line that cannot be sent would make the rest lie. */
+		int st = xnbd_control_info(r, "export", e->name);
+		if (st < 0) {
+			xnbd_control_finish(r, st, "an export's name does not fit a "
+			                           "reply line");
+			return;
+		}
 		xnbd_control_info(r, "type", e->type == W_TARGET ? "target" : "proxy");
 		xnbd_control_info(r, "state", state_name(e->state));
 		xnbd_control_info(r, "file", e->file);
@@ -141,6 +147,11 @@ static void cmd_add_target(struct xnbd_control_req *r, int argc, char **argv,
 	const char *own = wrapper_file(w, real);
 	if (own) {
 		refuse(r, -EBUSY, "%s is %s", real, own);
+		free(real);
+		return;
+	}
+	if (word_len(real) > MAX_WORD) {
+		refuse(r, -ENAMETOOLONG, "the path %.64s... is too long", real);
 		free(real);
 		return;
 	}
@@ -238,11 +249,21 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 		return;
 	}
 	char *paths[3] = {NULL, NULL, NULL};
-	for (int i = 0; i < 3; i++)
-		if (!*argv[4 + i] || !(paths[i] = abs_path(argv[4 + i]))) {
+	for (int i = 0; i < 3; i++) {
+		char *abs = *argv[4 + i] ? abs_path(argv[4 + i]) : NULL;
+		/* Canonical, so that two spellings of one file are one file. */
+		paths[i] = abs ? canon_path(abs) : NULL;
+		free(abs);
+		if (!paths[i]) {
 			refuse(r, *argv[4 + i] ? -ENOMEM : -EINVAL, "empty path");
 			goto out;
 		}
+		if (word_len(paths[i]) > MAX_WORD) {
+			refuse(r, -ENAMETOOLONG, "the path %.64s... is too long",
+			       paths[i]);
+			goto out;
+		}
+	}
 	/* sockaddr_un's sun_path holds 108 bytes with the final NUL. */
 	if (strlen(paths[2]) >= 108) {
 		refuse(r, -ENAMETOOLONG, "the control socket path %s is longer than "
@@ -276,6 +297,12 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 	                                paths[1], paths[2]);
 	if (!e) {
 		xnbd_control_finish(r, -ENOMEM, NULL);
+		goto out;
+	}
+	if (wexport_clash(e, e)) { /* hard links to one file */
+		refuse(r, -EINVAL, "the cache, the bitmap and the control socket "
+		                   "must be three different files");
+		wexport_discard(e);
 		goto out;
 	}
 	/* In the table (the name is taken, `list` shows it opening), not in

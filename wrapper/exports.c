@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "logsink.h"
 #include "wrapper.h"
@@ -29,31 +30,56 @@ struct wexport *wexport_find(struct wrapper *w, const char *name)
 	return NULL;
 }
 
-/* Is a equal to b, or do both name the same existing file? */
-static int same_path(const char *a, const char *b, const char *b_real)
+char *canon_path(const char *path)
+{
+	char *r = realpath(path, NULL);
+	if (r || errno != ENOENT)
+		return r ? r : strdup(path);
+	/* Not there yet (a cache or bitmap made at open): its directory's
+	 * real path and its own name. */
+	const char *slash = strrchr(path, '/');
+	const char *base = slash ? slash + 1 : path;
+	char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path))
+	                  : strdup(".");
+	char *rdir = dir ? realpath(dir, NULL) : NULL;
+	free(dir);
+	if (!rdir || !*base || strcmp(base, ".") == 0 || strcmp(base, "..") == 0) {
+		free(rdir);
+		return strdup(path);
+	}
+	char *out = NULL;
+	if (asprintf(&out, "%s/%s", strcmp(rdir, "/") == 0 ? "" : rdir, base) < 0)
+		out = NULL;
+	free(rdir);
+	return out;
+}
+
+/* Do a and b name one file: the same canonical path, or (hard links) the
+ * same inode? */
+static int same_file(const char *a, const char *b)
 {
 	if (strcmp(a, b) == 0)
 		return 1;
-	if (!b_real)
-		return 0;
-	char *a_real = realpath(a, NULL);
-	int same = a_real && strcmp(a_real, b_real) == 0;
-	free(a_real);
+	char *ca = canon_path(a), *cb = canon_path(b);
+	int same = ca && cb && strcmp(ca, cb) == 0;
+	free(ca);
+	free(cb);
+	struct stat sa, sb;
+	if (!same && stat(a, &sa) == 0 && stat(b, &sb) == 0)
+		same = sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 	return same;
 }
 
 struct wexport *wexport_using(struct wrapper *w, const char *path)
 {
-	char *real = realpath(path, NULL);
 	struct wexport *lists[] = {w->exports, w->retired}, *found = NULL;
 	for (int l = 0; l < 2 && !found; l++)
 		for (struct wexport *e = lists[l]; e && !found; e = e->next) {
 			const char *v[] = {e->file, e->bitmap, e->ctlsock};
 			for (int i = 0; i < 3 && !found; i++)
-				if (v[i] && same_path(v[i], path, real))
+				if (v[i] && same_file(v[i], path))
 					found = e;
 		}
-	free(real);
 	return found;
 }
 
@@ -66,13 +92,9 @@ const char *wexport_clash(const struct wexport *a, const struct wexport *b)
 	for (int j = 0; j < 3; j++) {
 		if (!vb[j])
 			continue;
-		char *real = realpath(vb[j], NULL);
 		for (int i = a == b ? j + 1 : 0; i < 3; i++)
-			if (va[i] && same_path(va[i], vb[j], real)) {
-				free(real);
+			if (va[i] && same_file(va[i], vb[j]))
 				return va[i];
-			}
-		free(real);
 	}
 	return NULL;
 }
@@ -83,6 +105,9 @@ const char *wexport_bad_name(const char *name)
 		return "export names are at most 4096 bytes long";
 	if (!utf8_valid(name))
 		return "export names must be UTF-8 text";
+	if (word_len(name) > MAX_WORD)
+		return "the export name is too long for the control protocol's "
+		       "lines once encoded";
 	return NULL;
 }
 
@@ -97,13 +122,10 @@ const char *wrapper_file(struct wrapper *w, const char *path)
 		{w->pidfile_abs, "the wrapper's pid file"},
 		{w->log_abs, "the wrapper's log file"},
 	};
-	char *real = realpath(path, NULL);
-	const char *what = NULL;
-	for (size_t i = 0; i < sizeof(own) / sizeof(own[0]) && !what; i++)
-		if (own[i].path && same_path(own[i].path, path, real))
-			what = own[i].what;
-	free(real);
-	return what;
+	for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++)
+		if (own[i].path && same_file(own[i].path, path))
+			return own[i].what;
+	return NULL;
 }
 
 static void entry_free(struct wexport *e)

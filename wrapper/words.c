@@ -13,6 +13,14 @@ static int escaped(unsigned char c)
 	return c <= 0x20 || c == '%' || c >= 0x7f;
 }
 
+size_t word_len(const char *s)
+{
+	size_t n = 0;
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+		n += escaped(*p) ? 3 : 1;
+	return n;
+}
+
 int word_append(char **buf, size_t *len, size_t *cap, const char *s)
 {
 	size_t need = *len + strlen(s) * 3 + 2;

@@ -266,6 +266,11 @@ static int check_table(struct wrapper *w)
 		}
 		const char *v[] = {e->file, e->bitmap, e->ctlsock};
 		for (int i = 0; i < 3; i++) {
+			if (v[i] && word_len(v[i]) > MAX_WORD) {
+				fprintf(stderr, PROG ": %s: export '%s': the path %.64s... is "
+				        "too long\n", origin, e->name, v[i]);
+				return 1;
+			}
 			const char *what = v[i] ? wrapper_file(w, v[i]) : NULL;
 			if (what) {
 				fprintf(stderr, PROG ": %s: export '%s' uses %s, %s\n", origin,

@@ -120,6 +120,11 @@ struct wexport *wexport_new(struct wrapper *w, enum wtype type,
  * image); with a == b, a path a proxy uses twice.  NULL otherwise. */
 const char *wexport_clash(const struct wexport *a, const struct wexport *b);
 
+/* The canonical absolute form of an absolute path: realpath() of the
+ * file, or of its directory when the file does not exist yet, plus its
+ * name.  Malloc'd; NULL without memory. */
+char *canon_path(const char *path);
+
 /* Check a new export's name: NULL when it may be used, otherwise why not
  * (a sentence). */
 const char *wexport_bad_name(const char *name);
@@ -194,6 +199,13 @@ int word_append(char **buf, size_t *len, size_t *cap, const char *s);
 /* Split a line (NUL-terminated, without newline) into decoded words in
  * place; returns the count, or -1 for a bad encoding or more than max. */
 int words_split(char *line, char **argv, int max);
+
+/* The length of s percent-encoded as a word. */
+size_t word_len(const char *s);
+
+/* Names and paths must fit a reply line (8192 bytes with its key) once
+ * encoded: at most this many bytes. */
+#define MAX_WORD 8000U
 
 /* Is s well-formed UTF-8 (no overlong forms, surrogates or code points
  * past U+10FFFF)?  Export names must be (the NBD protocol's rule). */

@@ -19,8 +19,15 @@ struct xnbd__backend_ops {
 	                xnbd_snapshot_cb cb, void *ud);
 	void (*snapshot_cancel)(struct xnbd_backend *b);
 	int (*snapshot_running)(const struct xnbd_backend *b);
+	/* Stop waiting: requests held for something that may never come (a
+	 * proxy's lost upstream) fail now, and later ones fail instead of
+	 * waiting.  The server calls it when a shutdown's grace period is
+	 * over, so a stop always ends.  Completes nothing inside the call
+	 * (what fails, fails from the loop).  Optional. */
+	void (*abort)(struct xnbd_backend *b);
 	void (*free)(struct xnbd_backend *b);
 };
+
 
 struct xnbd_backend {
 	const struct xnbd__backend_ops *ops;
@@ -29,6 +36,12 @@ struct xnbd_backend {
 	unsigned caps;
 	size_t in_flight;
 };
+
+static inline void xnbd__backend_abort(struct xnbd_backend *b)
+{
+	if (b && b->ops->abort)
+		b->ops->abort(b);
+}
 
 /* A file backend over an open descriptor, which it takes over on success
  * (flags: XNBD_OPEN_*). */

@@ -149,6 +149,7 @@ struct xnbd_proxy {
 	bool opened;
 	bool freeing;
 	bool freed;
+	bool giving_up; /* aborted: nothing waits for the upstream any more */
 	unsigned up_inflight;
 	struct xnbd_list upq; /* struct sub waiting to be sent upstream */
 	uint64_t upq_len;
@@ -227,6 +228,8 @@ static bool is_write(uint32_t type)
 /* ---- the upstream's clients go away from the loop, never inside their own
  * callbacks ------------------------------------------------------------------ */
 
+static void upq_pump(struct xnbd_proxy *p);
+
 static void reap_cb(uv_idle_t *h)
 {
 	struct xnbd_proxy *p = h->data;
@@ -234,6 +237,8 @@ static void reap_cb(uv_idle_t *h)
 		xnbd_client_free(p->reap[i]);
 	p->nreap = 0;
 	uv_idle_stop(h);
+	if (p->giving_up)
+		upq_pump(p); /* what waited for the upstream fails now */
 }
 
 static void reap_client(struct xnbd_proxy *p, struct xnbd_client *c)
@@ -418,7 +423,7 @@ static bool connection_error(int st)
  * inside the op machine of an op whose fetch waits here. */
 static void upq_pump(struct xnbd_proxy *p)
 {
-	while ((p->switched || p->freeing ||
+	while ((p->switched || p->freeing || (p->giving_up && !p->up_ok) ||
 	        (p->up_ok && p->up_inflight < MAX_UP)) &&
 	       !xnbd_list_empty(&p->upq)) {
 		struct sub *s = xnbd_container_of(p->upq.next, struct sub, link);
@@ -467,6 +472,11 @@ static void fetch_send(struct pop *op, struct sub *s)
 	}
 	if (p->switched) {
 		fetch_switched(op, s);
+		return;
+	}
+	if (p->giving_up && !p->up_ok && !op->own) {
+		if (!op->status)
+			op->status = -ESHUTDOWN;
 		return;
 	}
 	if (op->own) {
@@ -951,9 +961,25 @@ static void proxy_backend_free(struct xnbd_backend *b)
 	(void)b; /* the proxy is freed with xnbd_proxy_free() */
 }
 
+static void proxy_abort(struct xnbd_backend *b)
+{
+	struct xnbd_proxy *p = (struct xnbd_proxy *)b;
+	if (p->giving_up || p->freeing)
+		return;
+	p->giving_up = true;
+	if (p->upq_len)
+		plog(p, XNBD_LOG_WARNING,
+		     "giving up %" PRIu64 " fetch(es) waiting for the upstream",
+		     p->upq_len);
+	/* From the loop: the caller walks its sessions, which our failures
+	 * could free. */
+	uv_idle_start(&p->reaper, reap_cb);
+}
+
 static const struct xnbd__backend_ops proxy_ops = {
 	.name = "proxy",
 	.submit = proxy_submit,
+	.abort = proxy_abort,
 	.free = proxy_backend_free,
 };
 

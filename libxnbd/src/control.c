@@ -14,7 +14,10 @@
  *   the next lines gather in the second buffer, so a reply of many lines
  *   costs a few writes and no allocation per line.  A client that does not
  *   read only gets its `progress` lines dropped (each one supersedes the
- *   last); `info` and final lines are always kept.
+ *   last); `info` and final lines are always kept.  While more than that
+ *   waits, no further request of the connection is dispatched (nor, once
+ *   its receive buffer is full, read), so a client that sends without
+ *   reading costs bounded memory.
  * - End of stream from the client is not always goodbye: a client may shut
  *   down its sending side and wait for the reply (`printf 'query\n' | nc
  *   -U`).  A read EOF is taken as the client gone only when the socket
@@ -217,6 +220,15 @@ int xnbd_control_add(struct xnbd_control *ctl, const char *command,
 /* ---- output ------------------------------------------------------------------------ */
 
 static void write_cb(uv_write_t *w, int status);
+static void conn_queue(struct conn *c);
+
+/* Has the client left more than OUT_SOFT_LIMIT of replies unread?  Then
+ * no further request of its is dispatched (and, its receive buffer full,
+ * none is read) until it reads: memory stays bounded whatever it sends. */
+static bool conn_backlogged(const struct conn *c)
+{
+	return c->out.len + c->wr.len > OUT_SOFT_LIMIT;
+}
 
 /* Hand the pending lines to libuv unless a write is in flight; close the
  * connection when it is ending and everything has been written. */
@@ -260,6 +272,9 @@ static void write_cb(uv_write_t *w, int status)
 	if (c->closing)
 		return; /* what was not written is dropped with the handle */
 	conn_flush(c);
+	/* Requests held back while the client did not read go on now. */
+	if (!c->req.active && c->rlen && !conn_backlogged(c))
+		conn_queue(c);
 }
 
 /* Append one line made of n words, each encoded, then a newline.
@@ -342,7 +357,7 @@ int xnbd_control_progress(struct xnbd_control_req *req, uint64_t done,
 	struct conn *c = req->c;
 	if (c->closing)
 		return -EPIPE;
-	if (c->out.len + c->wr.len > OUT_SOFT_LIMIT)
+	if (conn_backlogged(c))
 		return 0;
 	char d[24], t[24];
 	snprintf(d, sizeof(d), "%llu", (unsigned long long)done);
@@ -531,7 +546,8 @@ static void conn_process(struct conn *c)
 	if (c->dispatching)
 		return; /* a handler finished at once: the loop below goes on */
 	c->dispatching = true;
-	while (!c->req.active && !c->closing && !c->ending) {
+	while (!c->req.active && !c->closing && !c->ending &&
+	       !conn_backlogged(c)) {
 		char *nl = memchr(c->rbuf, '\n', c->rlen);
 		if (!nl) {
 			if (c->rlen == sizeof(c->rbuf)) {

@@ -1729,6 +1729,15 @@ static void grace_cb(uv_timer_t *t)
 		n = l->next;
 		session_close(xnbd_container_of(l, struct session, link), NULL);
 	}
+	/* A closed session is freed once its requests are answered: backends
+	 * must stop holding them for what may never come (a proxy's lost
+	 * upstream), or the shutdown would never end. */
+	for (l = srv->sessions.next; l != &srv->sessions; l = n) {
+		n = l->next;
+		struct session *s = xnbd_container_of(l, struct session, link);
+		if (s->export)
+			xnbd__backend_abort(s->export->backend);
+	}
 }
 
 int xnbd_server_shutdown(struct xnbd_server *srv, unsigned grace_ms,

@@ -10,6 +10,9 @@
    connection (the fill restarted forever inside the switch).
 4. SIGTERM while a --reconnect is still connecting (the request was never
    answered and leaked).
+5. SIGTERM while a client's read waits for a lost upstream: the grace
+   period closed the connection, but the session waited for the read
+   forever, so the server never exited (and never synced its bitmap).
 """
 import os
 import subprocess
@@ -123,6 +126,44 @@ def main():
         xt.check(rc.returncode == 1 and err.strip(),
                  "the reconnect gets an answer or a clear end: %r" % err)
         silent.close()
+
+        # 5. A stop while a read waits for a lost upstream ends after the
+        #    grace period (10 s); cached blocks stay cached.
+        up5, uport = nbdkit(["pattern", "size=64M"])
+        p = t.proxy(uport, name="five")
+        h = p.connect()
+        xt.check_bytes(h.pread(65536, 0), pattern(0, 65536), "a cached read")
+        h.flush()
+        xt._stop_quietly(up5)
+        res = {}
+
+        def rd5():
+            try:
+                res["data"] = h.pread(4096, 32 * xt.MiB)
+            except Exception as e:  # noqa: BLE001 - reported below
+                res["error"] = e
+        th = threading.Thread(target=rd5, daemon=True)
+        th.start()
+        time.sleep(0.5)
+        xt.check(th.is_alive(), "the read waits for the upstream")
+        t0 = time.time()
+        xt.check_eq(p.stop(timeout=30), 0, "exit status of a stop with a read "
+                    "waiting for the upstream")
+        took = time.time() - t0
+        xt.log("stopped after %.1f s" % took)
+        xt.check(took < 20, "the stop took %.1f s" % took)
+        th.join(5)
+        xt.check("data" not in res, "the waiting read got no data")
+        xt.check("giving up 1 fetch" in p.log_text(),
+                 "the log says what was given up")
+        # The block read before the stop is still cached.
+        up6, _ = nbdkit(["pattern", "size=64M"], port=uport)
+        p = t.proxy(uport, name="five")
+        q = xt.query(p.ctl)
+        xt.check(int(q["cached-blocks"]) >= 16,
+                 "cached blocks after the restart: %r" % q)
+        xt.check_eq(p.stop(), 0, "proxy exit status")
+        xt._stop_quietly(up6)
 
 
 xt.main(main)

@@ -15,7 +15,10 @@
   twice or for two exports, an --imgfile that is a proxy's cache, and any
   export using the wrapper's own files (export list, its temporary, log,
   pid file) are refused; so are export names that are not UTF-8 or are too
-  long, and control socket paths too long for a socket, before connecting.
+  long (also once percent-encoded for a reply line), and control socket
+  paths too long for a socket, before connecting.
+- One cache spelled two ways (./, ../, a symlinked directory, a hard
+  link) was two files to the checks: two proxies shared one cache.
   (The pid file is in the same list; it goes with --daemonize, which this
   test does not use.)
 """
@@ -248,6 +251,33 @@ def refused_files_and_names(t, img):
              "overlong UTF-8 name: %r" % (r,))
     r = w.ctl("--add-target", "n" * 4097, img, rc=1)
     xt.check("4096" in r.stderr, "overlong name: %r" % r.stderr)
+    # UTF-8 that fits 4096 bytes but not a reply line once encoded.
+    r = w.ctl("--add-target", "\u00e9" * 2000, img, rc=1)
+    xt.check("too long" in r.stderr, "name too long encoded: %r" % r.stderr)
+    # One cache spelled two ways (and through a symlinked directory) is one
+    # file: the second proxy is refused before its upstream even answers.
+    os.mkdir(t.join("fd"))
+    os.symlink(t.join("fd"), t.join("fl"))
+    w.ctl("--add-proxy", "pa", "127.0.0.1", srv.port, t.join("fd/c.img"),
+          t.join("fd/a.bm"), t.join("fd/a.sock"))
+    for spelling in (t.join("fd/./c.img"), t.join("fl/c.img"),
+                     t.join("fd/../fd/c.img")):
+        r = w.ctl("--add-proxy", "pb", "127.0.0.1", srv.port, spelling,
+                  t.join("fd/b.bm"), t.join("fd/b.sock"), rc=1)
+        xt.check("in use by export 'pa'" in r.stderr,
+                 "cache %s: %r" % (spelling, r.stderr))
+    r = w.ctl("--add-proxy", "pb", "127.0.0.1", srv.port, t.join("fd/b.img"),
+              t.join("fl/b.img"), t.join("fd/b.sock"), rc=1)
+    xt.check("three different files" in r.stderr, "cache = bitmap: %r"
+             % r.stderr)
+    os.link(img, t.join("img.hardlink"))
+    w.ctl("--add-target", "hl", img)
+    r = w.ctl("--add-proxy", "pb", "127.0.0.1", srv.port,
+              t.join("fd/b.img"), t.join("img.hardlink"), t.join("fd/b.sock"),
+              rc=1)
+    xt.check("in use by export" in r.stderr, "hard link: %r" % r.stderr)
+    w.ctl("--remove-by-exportname", "pa")
+    w.ctl("--remove-by-exportname", "hl")
     r = w.ctl("--add-target", "caf\u00e9", img)  # UTF-8 is fine
     xt.check_eq(sorted(w.exports()), ["caf\u00e9", "q"], "exports")
     with open(db, "rb") as f:

@@ -191,9 +191,12 @@ static bool wait_for(atomic_int *v, int want)
 }
 
 /* echo WORD...: one `info arg WORD` per word. */
+static atomic_int echo_calls;
+
 static void cmd_echo(struct xnbd_control_req *req, int argc, char **argv,
                      void *ud)
 {
+	atomic_fetch_add(&echo_calls, 1);
 	ck_assert_ptr_null(argv[argc]);
 	for (int i = 1; i < argc; i++) {
 		int r = xnbd_control_info(req, "arg", argv[i]);
@@ -400,6 +403,7 @@ static void server_start(void)
 	                 0);
 	later_req = NULL;
 	marks = 0;
+	atomic_store(&echo_calls, 0);
 	ck_assert_int_eq(xnbd_control_listen(S.ctl, path), 0);
 	ck_assert_int_eq(uv_async_init(&S.loop, &S.stop, stop_cb), 0);
 	ck_assert_int_eq(pthread_create(&S.thread, NULL, loop_thread, NULL), 0);
@@ -801,6 +805,60 @@ START_TEST(finish_never_runs_the_next_request_inline)
 	RAW_EXPECT(a, "ok"); /* mark */
 	close(a);
 	close(b);
+	server_stop();
+}
+END_TEST
+
+/* A client that sends and never reads: the server stops taking its
+ * requests once about 64 KiB of replies wait, instead of buffering them
+ * all; once the client reads, every request is answered. */
+START_TEST(client_that_does_not_read_is_not_buffered_for)
+{
+	server_start();
+	int fd = raw_open();
+	static char line[7002];
+	memcpy(line, "echo ", 5);
+	memset(line + 5, 'w', sizeof(line) - 6);
+	line[sizeof(line) - 1] = '\n';
+	int flags = fcntl(fd, F_GETFL);
+	fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+	int sent = 0;
+	size_t off = 0;
+	for (int idle = 0; idle < 300 && sent < 2000;) {
+		ssize_t r = send(fd, line + off, sizeof(line) - off, MSG_NOSIGNAL);
+		if (r < 0) {
+			ck_assert(errno == EAGAIN);
+			idle++;
+			usleep(1000);
+			continue;
+		}
+		idle = 0;
+		off += (size_t)r;
+		if (off == sizeof(line)) {
+			off = 0;
+			sent++;
+		}
+	}
+	/* 7 KiB a reply: the socket's buffers hold some, 64 KiB wait in the
+	 * server; far fewer than the 2000 a server that never stops takes. */
+	int dispatched = atomic_load(&echo_calls);
+	ck_assert_int_lt(dispatched, 400);
+	ck_assert_int_lt(sent, 2000);
+	/* Reading now lets everything through, in order. */
+	if (off) {
+		fcntl(fd, F_SETFL, flags);
+		raw_send(fd, line + off, sizeof(line) - off);
+		sent++;
+	}
+	fcntl(fd, F_SETFL, flags);
+	static char b[8192];
+	for (int i = 0; i < sent; i++) {
+		ck_assert_int_gt(raw_line(fd, b, sizeof(b)), 0);
+		ck_assert(strncmp(b, "info arg www", 12) == 0);
+		RAW_EXPECT(fd, "ok");
+	}
+	ck_assert_int_eq(atomic_load(&echo_calls), sent);
+	close(fd);
 	server_stop();
 }
 END_TEST
@@ -1302,6 +1360,7 @@ int main(void)
 	tcase_add_test(tc, greeting_and_words_travel_unharmed);
 	tcase_add_test(tc, deferred_request_streams_progress);
 	tcase_add_test(tc, finish_never_runs_the_next_request_inline);
+	tcase_add_test(tc, client_that_does_not_read_is_not_buffered_for);
 	tcase_add_test(tc, errors_carry_name_and_message);
 	tcase_add_test(tc, help_lists_every_command);
 	tcase_add_test(tc, info_keys_and_sizes_are_checked);
