@@ -119,7 +119,7 @@ static int parse(char *buf, size_t len, const char *path, struct dbent **ents,
 		if (strcmp(av[0], "end") == 0) {
 			char *e;
 			unsigned long cnt = ac == 2 ? strtoul(av[1], &e, 10) : 0;
-			if (ac != 2 || *e || cnt != n) {
+			if (ac != 2 || !*av[1] || *e || cnt != n) {
 				bad(err, errlen, path, lineno,
 				    "the 'end' line does not count the %zu entries above it",
 				    n);
@@ -166,6 +166,15 @@ static int parse(char *buf, size_t len, const char *path, struct dbent **ents,
 			goto fail;
 		}
 		struct dbent *d = &v[n - 1];
+		if (type == W_PROXY) {
+			char *pe;
+			long port = strtol(d->rport, &pe, 10);
+			if (!*d->rhost || !*d->rport || *pe || port < 1 || port > 65535) {
+				bad(err, errlen, path, lineno, "invalid upstream '%s' port '%s' "
+				    "(1 to 65535)", d->rhost, d->rport);
+				goto fail;
+			}
+		}
 		const char *paths[] = {d->file, d->bitmap, d->ctlsock};
 		for (int i = 0; i < (type == W_TARGET ? 1 : 3); i++)
 			if (paths[i][0] != '/') {

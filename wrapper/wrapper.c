@@ -126,6 +126,10 @@ static void free_all(struct wrapper *w)
 	 * connection is open; then the control sockets go (fills in progress
 	 * stop), then the exports: proxies sync their caches and bitmaps as
 	 * they go. */
+	/* A reconnect or a switch during the stop's grace period (not after
+	 * a failed start: the file stays as it was). */
+	if (w->running)
+		db_sync(w);
 	for (struct wexport *e = w->exports; e; e = e->next)
 		if (e->req) {
 			xnbd_control_finish(e->req, -ESHUTDOWN, "the wrapper is stopping");

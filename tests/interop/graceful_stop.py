@@ -100,7 +100,13 @@ def raw_in_flight(t, pat):
     flush = c.send_request(xt.CMD_FLUSH)
     time.sleep(0.3)                       # let the server take them all in
     srv.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    # Once the server has taken the signal (on a loaded machine that can
+    # take longer than any fixed sleep), its listener is closed.
+    end = time.time() + 10
+    while "stopping after requests in flight" not in srv.log_text() and \
+            time.time() < end:
+        time.sleep(0.02)
+    time.sleep(0.1)
     # no new connections while stopping (listener closed)
     try:
         s2 = srv.sock(timeout=2)

@@ -279,6 +279,20 @@ def refused_files_and_names(t, img):
     w.ctl("--remove-by-exportname", "pa")
     w.ctl("--remove-by-exportname", "hl")
     r = w.ctl("--add-target", "caf\u00e9", img)  # UTF-8 is fine
+    # A file name that is not UTF-8 is fine for a file; --json stays JSON.
+    odd = os.path.join(t.path.encode(), b"odd\xff.img")
+    with open(odd, "wb") as f:
+        f.write(b"\0" * 65536)
+    r = subprocess.run([WCTL, "--socket", w.sock, "--add-target", "odd", odd],
+                       capture_output=True)
+    xt.check(r.returncode == 0, "add-target of a non-UTF-8 file: %r" % (r,))
+    r = subprocess.run([WCTL, "--socket", w.sock, "--list", "--json"],
+                       capture_output=True)
+    import json
+    listed = {e["export"]: e for e in json.loads(r.stdout.decode("utf-8"))}
+    xt.check(listed["odd"]["file"].endswith("odd\ufffd.img"),
+             "a non-UTF-8 byte in --json: %r" % listed["odd"]["file"])
+    w.ctl("--remove-by-exportname", "odd")
     xt.check_eq(sorted(w.exports()), ["caf\u00e9", "q"], "exports")
     with open(db, "rb") as f:
         before = f.read()
@@ -321,6 +335,16 @@ def refused_files_and_names(t, img):
     dbt = db_with("target t %s" % img)
     start_fails(["--dbpath", dbt, "--imgfile", dbt], "the export list")
     start_fails(["--dbpath", db_with("target n%C3%28 " + img)], "UTF-8")
+    start_fails(["--dbpath", db_with(
+        "proxy a 127.0.0.1 abc %%20 %s %s %s" % (c, b, s))], "invalid upstream")
+    start_fails(["--dbpath", db_with(
+        "proxy a  10809 %%20 %s %s %s" % (c, b, s))], "invalid upstream")
+    dbe = db_with("target t %s" % img)
+    with open(dbe) as f:
+        text = f.read().replace("end 1", "end ")
+    with open(dbe, "w") as f:
+        f.write(text)
+    start_fails(["--dbpath", dbe], "does not count")
     with open(db, "rb") as f:
         xt.check(f.read() == before, "a refused start changed the list")
 
