@@ -82,6 +82,15 @@ def silent_upstream():
     return s, s.getsockname()[1]
 
 
+def wait_opening(w, name):
+    """Wait until the export is in the table, opening."""
+    end = time.time() + 10
+    while name not in w.exports():
+        xt.check(time.time() < end, "%s never listed" % name)
+        time.sleep(0.02)
+    xt.check_eq(w.exports()[name]["state"], "opening", name + "'s state")
+
+
 def alive(w):
     xt.check(w.proc.poll() is None,
              "the wrapper died (%s)\n%s" % (w.proc.returncode, w.log_text()[-3000:]))
@@ -110,11 +119,7 @@ def remove_opening_with_queued_removal(t, img):
     a = Ctl(w.sock)
     a.send("add-proxy p 127.0.0.1 %d %s %s %s\nremove-by-exportname q\n"
            % (port, t.join("b.cache"), t.join("b.bitmap"), t.join("b.pctl")))
-    end = time.time() + 10
-    while "p" not in w.exports():
-        xt.check(time.time() < end, "p never listed as opening")
-        time.sleep(0.02)
-    xt.check_eq(w.exports()["p"]["state"], "opening", "p's state")
+    wait_opening(w, "p")
     w.ctl("--add-target", "q", img)  # after p in the table
     b = Ctl(w.sock)
     b.send("remove-by-exportname p\n")
@@ -137,10 +142,7 @@ def waiting_add_answered_at_stop(t):
     a = Ctl(w.sock)
     a.send("add-proxy p 127.0.0.1 %d %s %s %s\n"
            % (port, t.join("c.cache"), t.join("c.bitmap"), t.join("c.pctl")))
-    end = time.time() + 10
-    while "p" not in w.exports():
-        xt.check(time.time() < end, "p never listed as opening")
-        time.sleep(0.02)
+    wait_opening(w, "p")
     w.ctl("--shutdown")
     r = a.reply()
     xt.check(r[-1].startswith("error ESHUTDOWN "), "waiting add-proxy: %r" % r)

@@ -6,6 +6,7 @@
 #include <check.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -74,16 +75,25 @@ static void run_until(struct result *r, double limit)
 	}
 }
 
-START_TEST(silent_server_times_out)
+/* A client connecting to the silent listener with a time limit of ms
+ * (none set when ms is UINT64_MAX: the default applies). */
+static struct xnbd_client *start(struct result *r, uint64_t ms)
 {
 	struct xnbd_client *c;
-	struct result r = {0};
 	ck_assert_int_eq(xnbd_client_new(&loop, &c), 0);
-	ck_assert_int_eq(xnbd_client_set_connect_timeout(c, 200), 0);
-	double t0 = now();
+	if (ms != UINT64_MAX)
+		ck_assert_int_eq(xnbd_client_set_connect_timeout(c, ms), 0);
 	ck_assert_int_eq(xnbd_client_connect(c, "127.0.0.1", port, "", connected,
-	                                     &r),
+	                                     r),
 	                 0);
+	return c;
+}
+
+START_TEST(silent_server_times_out)
+{
+	struct result r = {0};
+	double t0 = now();
+	struct xnbd_client *c = start(&r, 200);
 	/* The limit is for the next connection, not this one. */
 	ck_assert_int_eq(xnbd_client_set_connect_timeout(c, 0), -EALREADY);
 	run_until(&r, 5);
@@ -101,13 +111,8 @@ END_TEST
 /* Half a greeting, then silence: still the time limit. */
 START_TEST(half_greeting_times_out)
 {
-	struct xnbd_client *c;
 	struct result r = {0};
-	ck_assert_int_eq(xnbd_client_new(&loop, &c), 0);
-	ck_assert_int_eq(xnbd_client_set_connect_timeout(c, 300), 0);
-	ck_assert_int_eq(xnbd_client_connect(c, "127.0.0.1", port, "", connected,
-	                                     &r),
-	                 0);
+	struct xnbd_client *c = start(&r, 300);
 	int fd = -1;
 	double end = now() + 5;
 	while (fd < 0 && now() < end) {
@@ -130,13 +135,8 @@ END_TEST
 /* Without a limit the client waits as long as the server is silent. */
 START_TEST(no_limit_waits)
 {
-	struct xnbd_client *c;
 	struct result r = {0};
-	ck_assert_int_eq(xnbd_client_new(&loop, &c), 0);
-	ck_assert_int_eq(xnbd_client_set_connect_timeout(c, 0), 0);
-	ck_assert_int_eq(xnbd_client_connect(c, "127.0.0.1", port, "", connected,
-	                                     &r),
-	                 0);
+	struct xnbd_client *c = start(&r, 0);
 	run_until(&r, 0.5);
 	ck_assert_int_eq(r.calls, 0);
 	/* Freed while it waits: its callback is never called. */
@@ -150,14 +150,10 @@ END_TEST
  * connection is reported as such long before it. */
 START_TEST(refused_is_not_a_timeout)
 {
-	struct xnbd_client *c;
 	struct result r = {0};
 	close(lfd);
 	lfd = -1;
-	ck_assert_int_eq(xnbd_client_new(&loop, &c), 0);
-	ck_assert_int_eq(xnbd_client_connect(c, "127.0.0.1", port, "", connected,
-	                                     &r),
-	                 0);
+	struct xnbd_client *c = start(&r, UINT64_MAX);
 	run_until(&r, 5);
 	ck_assert_int_eq(r.calls, 1);
 	ck_assert_int_eq(r.status, -ECONNREFUSED);
