@@ -2,7 +2,8 @@
 """Side-by-side benchmark of xnbd-server against nbdkit, qemu-nbd and
 nbd-server on one image, over loopback.
 
-Runs are interleaved (A B C D A B C D ...) so drift hits every server alike.
+Runs are interleaved, each starting with the next server (A B C D, B C D A,
+...), so drift and the cost of fresh memory hit every server alike.
 For each row it prints the median (min-max) of each server, the ratio of
 xnbd-server to the best peer, and the work done per server CPU-second
 (server CPU = utime+stime of the server and its reaped children, from
@@ -199,20 +200,6 @@ class Server:
         self.proc = None
 
 
-def warm_memory(work, gib=4):
-    """Have the kernel touch a few GiB of page cache once, then free it.
-    In a virtual machine the first touch of guest memory costs a host page
-    fault: measured here, a proxy's first cold pass wrote its cache at
-    220 MiB/s, and 1480 MiB/s once the memory had been used.  That cost
-    would fall on whichever server ran first; this pays it up front."""
-    path = os.path.join(work, "warm")
-    block = b"\0" * 2**20
-    with open(path, "wb") as f:
-        for _ in range(gib * 1024):
-            f.write(block)
-    os.unlink(path)
-
-
 def available_servers(xnbd):
     out = []
     for name, tool in (("xnbd-server", xnbd), ("nbdkit", "nbdkit"),
@@ -366,8 +353,6 @@ def main():
             for _ in range(size // 2**20):
                 f.write(block)
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
-        if not args.short:
-            warm_memory(work)
         upstream = None
         if proxy:
             upstream = Server("xnbd-server", image, work, args.xnbd, "target")
@@ -378,7 +363,11 @@ def main():
                 fn = ROWS[row]
                 memory = getattr(fn, "memory", False)
                 with_server = getattr(fn, "with_server", False)
-                for name in servers:
+                # Each run starts with the next server (A B C, B C A, ...):
+                # whoever runs first after a pause gets fresh memory, which
+                # costs more on a virtual machine (see README.md).
+                for name in servers[i % len(servers):] + \
+                        servers[:i % len(servers)]:
                     extra = getattr(fn, "extra", [])
                     if extra and name != "xnbd-server":
                         continue  # the option is ours alone
