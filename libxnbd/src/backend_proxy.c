@@ -56,6 +56,7 @@
 #define MAX_SEG (1U << 20)         /* longest upstream read */
 #define ROUND_SUBS 64U             /* sub-I/Os of one round */
 #define CACHE_ROUND (1U << 20)     /* bounce bytes of a CACHE round */
+#define DIRECT_MIN (128U * 1024U)  /* smallest store written with O_DIRECT */
 #define MAX_CACHE_OPS 8U           /* CACHE requests fetching at once */
 #define FILL_OPS 4U                /* CACHE requests of a background fill */
 #define FILL_CHUNK (1U << 20)      /* bytes each of them covers */
@@ -141,6 +142,13 @@ struct xnbd_proxy {
 	uint64_t nblocks;
 	int cache_fd;
 	struct xnbd_backend *cache;
+	/* The same file opened with O_DIRECT, for the large aligned stores of
+	 * CACHE requests and fills (NULL where the file system refuses it). */
+	struct xnbd_backend *cache_direct;
+	/* CACHE bounce buffers kept for the next CACHE requests: a fresh
+	 * 1 MiB mapping a request costs 256 page faults. */
+	uint8_t *bounce_pool[MAX_CACHE_OPS + FILL_OPS];
+	unsigned nbounce;
 	struct xnbd_bitmap *bm;
 	/* upstream */
 	struct xnbd_client *up;
@@ -446,7 +454,15 @@ static void fetch_store(struct pop *op, struct sub *s)
 {
 	struct xnbd_proxy *p = op->p;
 	s->phase = 1;
-	sub_send(op, s, p->cache, XNBD_IO_WRITE, 0);
+	/* A CACHE request's data is not wanted by anybody now: written past
+	 * the page cache, it costs no copy into fresh page-cache memory and
+	 * evicts nothing (a migration's fill of a whole disk would otherwise
+	 * push out the host's page cache).  Reads of the file stay coherent:
+	 * the kernel drops cached pages a direct write covers. */
+	bool direct = p->cache_direct && op->io->type == XNBD_IO_CACHE &&
+	              s->len > DIRECT_MIN && s->len % BS == 0 &&
+	              s->off % BS == 0 && (uintptr_t)s->buf % BS == 0;
+	sub_send(op, s, direct ? p->cache_direct : p->cache, XNBD_IO_WRITE, 0);
 }
 
 /* After a switch nothing more comes from upstream: a fetch for a read
@@ -562,7 +578,12 @@ static void cache_slot_release(struct xnbd_proxy *p)
 
 static void op_free(struct pop *op)
 {
-	free(op->bounce);
+	struct xnbd_proxy *p = op->p;
+	if (op->bounce && op->io->type == XNBD_IO_CACHE &&
+	    p->nbounce < sizeof(p->bounce_pool) / sizeof(p->bounce_pool[0]))
+		p->bounce_pool[p->nbounce++] = op->bounce;
+	else
+		free(op->bounce);
 	if (op->sub != (struct sub *)(op + 1))
 		free(op->sub);
 	free(op);
@@ -829,9 +850,13 @@ static void op_run(struct pop *op)
 		switch (io->type) {
 		case XNBD_IO_READ:
 		case XNBD_IO_CACHE:
-			if (io->type == XNBD_IO_CACHE && !op->bounce &&
-			    (!(op->bounce = malloc(CACHE_ROUND)) ||
-			     !(op->sub = calloc(ROUND_SUBS, sizeof(*op->sub))))) {
+			if (io->type == XNBD_IO_CACHE && !op->bounce && p->nbounce)
+				op->bounce = p->bounce_pool[--p->nbounce];
+			if (io->type == XNBD_IO_CACHE &&
+			    ((!op->bounce &&
+			      posix_memalign((void **)&op->bounce, BS, CACHE_ROUND)) ||
+			     (op->stage == 0 &&
+			      !(op->sub = calloc(ROUND_SUBS, sizeof(*op->sub)))))) {
 				op->status = -ENOMEM;
 				continue;
 			}
@@ -1514,6 +1539,17 @@ static int open_cache(struct xnbd_proxy *p, uint64_t size)
 	}
 	p->cache = b;
 	p->cache_fd = fd;
+	/* The same open file, for direct stores: by its descriptor, not its
+	 * path, which may have been replaced meanwhile. */
+	char self[64];
+	snprintf(self, sizeof(self), "/proc/self/fd/%d", fd);
+	int dfd = S_ISREG(st.st_mode) ? open(self, O_RDWR | O_DIRECT | O_CLOEXEC)
+	                              : -1;
+	if (dfd >= 0 && xnbd__backend_file_from_fd(p->loop, dfd, 0,
+	                                           &p->cache_direct) < 0) {
+		close(dfd);
+		p->cache_direct = NULL;
+	}
 	return 0;
 }
 
@@ -1557,6 +1593,8 @@ static void open_connected(struct xnbd_client *c, int status, void *ud)
 		if (r < 0) {
 			xnbd_backend_free(p->cache);
 			p->cache = NULL;
+			xnbd_backend_free(p->cache_direct);
+			p->cache_direct = NULL;
 		}
 	}
 	if (r < 0) {
@@ -1731,6 +1769,9 @@ static void free_now(struct xnbd_proxy *p)
 		xnbd_client_free(p->reap[i]);
 	p->nreap = 0;
 	xnbd_bitmap_close(p->bm);
+	while (p->nbounce)
+		free(p->bounce_pool[--p->nbounce]);
+	xnbd_backend_free(p->cache_direct);
 	xnbd_backend_free(p->cache);
 	free(p->host);
 	free(p->port);
