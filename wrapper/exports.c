@@ -54,49 +54,102 @@ char *canon_path(const char *path)
 	return out;
 }
 
+void fileid_make(const char *path, struct fileid *id)
+{
+	memset(id, 0, sizeof(*id));
+	if (!path)
+		return;
+	id->path = path;
+	id->canon = canon_path(path);
+	struct stat st;
+	if (stat(path, &st) == 0) {
+		id->have_ino = 1;
+		id->dev = st.st_dev;
+		id->ino = st.st_ino;
+	}
+}
+
+void fileid_free(struct fileid *id)
+{
+	free(id->canon);
+	id->canon = NULL;
+}
+
 /* Do a and b name one file: the same canonical path, or (hard links) the
  * same inode? */
+static int fileid_same(const struct fileid *a, const struct fileid *b)
+{
+	if (!a->path || !b->path)
+		return 0;
+	if (strcmp(a->path, b->path) == 0)
+		return 1;
+	if (a->canon && b->canon && strcmp(a->canon, b->canon) == 0)
+		return 1;
+	return a->have_ino && b->have_ino && a->dev == b->dev && a->ino == b->ino;
+}
+
 static int same_file(const char *a, const char *b)
 {
-	if (strcmp(a, b) == 0)
-		return 1;
-	char *ca = canon_path(a), *cb = canon_path(b);
-	int same = ca && cb && strcmp(ca, cb) == 0;
-	free(ca);
-	free(cb);
-	struct stat sa, sb;
-	if (!same && stat(a, &sa) == 0 && stat(b, &sb) == 0)
-		same = sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+	struct fileid ia, ib;
+	fileid_make(a, &ia);
+	fileid_make(b, &ib);
+	int same = fileid_same(&ia, &ib);
+	fileid_free(&ia);
+	fileid_free(&ib);
 	return same;
+}
+
+void wexport_ids(const struct wexport *e, struct fileid ids[3])
+{
+	fileid_make(e->file, &ids[0]);
+	fileid_make(e->bitmap, &ids[1]);
+	fileid_make(e->ctlsock, &ids[2]);
+}
+
+const char *wexport_clash_ids(const struct wexport *a,
+                              const struct fileid ia[3],
+                              const struct wexport *b,
+                              const struct fileid ib[3])
+{
+	if (a != b && a->type == W_TARGET && b->type == W_TARGET)
+		return NULL;
+	for (int j = 0; j < 3; j++)
+		for (int i = a == b ? j + 1 : 0; i < 3; i++)
+			if (fileid_same(&ia[i], &ib[j]))
+				return ia[i].path;
+	return NULL;
 }
 
 struct wexport *wexport_using(struct wrapper *w, const char *path)
 {
+	struct fileid id;
+	fileid_make(path, &id);
 	struct wexport *lists[] = {w->exports, w->retired}, *found = NULL;
 	for (int l = 0; l < 2 && !found; l++)
 		for (struct wexport *e = lists[l]; e && !found; e = e->next) {
-			const char *v[] = {e->file, e->bitmap, e->ctlsock};
+			struct fileid ids[3];
+			wexport_ids(e, ids);
 			for (int i = 0; i < 3 && !found; i++)
-				if (v[i] && same_file(v[i], path))
+				if (fileid_same(&ids[i], &id))
 					found = e;
+			for (int i = 0; i < 3; i++)
+				fileid_free(&ids[i]);
 		}
+	fileid_free(&id);
 	return found;
 }
 
 const char *wexport_clash(const struct wexport *a, const struct wexport *b)
 {
-	if (a != b && a->type == W_TARGET && b->type == W_TARGET)
-		return NULL;
-	const char *va[] = {a->file, a->bitmap, a->ctlsock};
-	const char *vb[] = {b->file, b->bitmap, b->ctlsock};
-	for (int j = 0; j < 3; j++) {
-		if (!vb[j])
-			continue;
-		for (int i = a == b ? j + 1 : 0; i < 3; i++)
-			if (va[i] && same_file(va[i], vb[j]))
-				return va[i];
+	struct fileid ia[3], ib[3];
+	wexport_ids(a, ia);
+	wexport_ids(b, ib);
+	const char *path = wexport_clash_ids(a, ia, b, ib);
+	for (int i = 0; i < 3; i++) {
+		fileid_free(&ia[i]);
+		fileid_free(&ib[i]);
 	}
-	return NULL;
+	return path;
 }
 
 const char *wexport_bad_name(const char *name)

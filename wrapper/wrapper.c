@@ -260,46 +260,66 @@ static int load_table(struct wrapper *w)
  * exit code, after a message. */
 static int check_table(struct wrapper *w)
 {
-	for (struct wexport *e = w->exports; e; e = e->next) {
+	size_t n = 0;
+	for (struct wexport *e = w->exports; e; e = e->next)
+		n++;
+	/* Each path looked up once: a list of hundreds stays quick. */
+	struct fileid (*ids)[3] = calloc(n ? n : 1, sizeof(*ids));
+	if (!ids) {
+		fprintf(stderr, PROG ": out of memory\n");
+		return 1;
+	}
+	size_t k = 0;
+	for (struct wexport *e = w->exports; e; e = e->next)
+		wexport_ids(e, ids[k++]);
+	int code = 0;
+	size_t ei = 0;
+	for (struct wexport *e = w->exports; e && !code; e = e->next, ei++) {
 		const char *origin = e->from_imgfile ? "--imgfile" : "the export list";
 		const char *why = wexport_bad_name(e->name);
 		if (why) {
 			fprintf(stderr, PROG ": %s: export '%s': %s\n", origin, e->name,
 			        why);
-			return 1;
+			code = 1;
+			break;
 		}
 		const char *v[] = {e->file, e->bitmap, e->ctlsock};
-		for (int i = 0; i < 3; i++) {
+		for (int i = 0; i < 3 && !code; i++) {
 			if (v[i] && word_len(v[i]) > MAX_WORD) {
 				fprintf(stderr, PROG ": %s: export '%s': the path %.64s... is "
 				        "too long\n", origin, e->name, v[i]);
-				return 1;
+				code = 1;
+				break;
 			}
 			const char *what = v[i] ? wrapper_file(w, v[i]) : NULL;
 			if (what) {
 				fprintf(stderr, PROG ": %s: export '%s' uses %s, %s\n", origin,
 				        e->name, v[i], what);
-				return 1;
+				code = 1;
 			}
 		}
-		for (struct wexport *o = w->exports; o; o = o->next) {
-			const char *path = wexport_clash(e, o);
+		size_t oi = 0;
+		for (struct wexport *o = w->exports; o && !code; o = o->next, oi++) {
+			const char *path = wexport_clash_ids(e, ids[ei], o, ids[oi]);
 			if (path && o == e) {
 				fprintf(stderr, PROG ": %s: the proxy of export '%s' uses %s "
 				        "twice\n", origin, e->name, path);
-				return 1;
-			}
-			if (path) {
+				code = 1;
+			} else if (path) {
 				fprintf(stderr, PROG ": %s: exports '%s' and '%s' both use %s; "
 				        "a proxy's cache, bitmap and control socket are its "
 				        "own\n", origin, e->name, o->name, path);
-				return 1;
+				code = 1;
 			}
 			if (o == e)
 				break; /* each pair once */
 		}
 	}
-	return 0;
+	for (size_t i = 0; i < n; i++)
+		for (int j = 0; j < 3; j++)
+			fileid_free(&ids[i][j]);
+	free(ids);
+	return code;
 }
 
 /* A proxy of the table is open, or has failed, at start or later. */
@@ -345,6 +365,7 @@ static int open_table(struct wrapper *w)
 	 * soon; one that does not (a host down, a server that never speaks)
 	 * must not keep the others from being served, nor a stop waiting. */
 	uv_timer_t *wait = &w->start_wait;
+	uv_update_time(w->loop); /* the checks above may have taken a while */
 	uv_timer_init(w->loop, wait);
 	uv_timer_start(wait, start_wait_cb, START_WAIT_MS, 0);
 	for (;;) {

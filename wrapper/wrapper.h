@@ -22,6 +22,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <uv.h>
 
 #include <xnbd/xnbd.h>
@@ -124,6 +125,28 @@ const char *wexport_clash(const struct wexport *a, const struct wexport *b);
  * file, or of its directory when the file does not exist yet, plus its
  * name.  Malloc'd; NULL without memory. */
 char *canon_path(const char *path);
+
+/* What a path names, for comparing many paths: the path, its canonical
+ * form, and its device and inode when it exists. */
+struct fileid {
+	const char *path; /* not owned; NULL: no file */
+	char *canon;
+	int have_ino;
+	dev_t dev;
+	ino_t ino;
+};
+void fileid_make(const char *path, struct fileid *id);
+void fileid_free(struct fileid *id);
+
+/* The ids of e's image (cache), bitmap and control socket. */
+void wexport_ids(const struct wexport *e, struct fileid ids[3]);
+
+/* wexport_clash() on ids made beforehand (a long list is checked with
+ * each path looked up once, not once per pair). */
+const char *wexport_clash_ids(const struct wexport *a,
+                              const struct fileid ia[3],
+                              const struct wexport *b,
+                              const struct fileid ib[3]);
 
 /* Check a new export's name: NULL when it may be used, otherwise why not
  * (a sentence). */

@@ -245,6 +245,15 @@ static void reap_cb(uv_idle_t *h)
 		xnbd_client_free(p->reap[i]);
 	p->nreap = 0;
 	uv_idle_stop(h);
+	if (p->giving_up && p->up && (p->up_inflight || p->upq_len)) {
+		/* An upstream that is connected but does not answer would hold
+		 * its fetches for ever: let it go; they fail below. */
+		struct xnbd_client *c = p->up;
+		p->up = NULL;
+		p->up_ok = false;
+		xnbd_client_on_disconnect(c, NULL, NULL);
+		xnbd_client_free(c); /* its fetches complete with -ECANCELED */
+	}
 	if (p->giving_up)
 		upq_pump(p); /* what waited for the upstream fails now */
 }
@@ -454,12 +463,19 @@ static void fetch_store(struct pop *op, struct sub *s)
 {
 	struct xnbd_proxy *p = op->p;
 	s->phase = 1;
-	/* A CACHE request's data is not wanted by anybody now: written past
-	 * the page cache, it costs no copy into fresh page-cache memory and
-	 * evicts nothing (a migration's fill of a whole disk would otherwise
-	 * push out the host's page cache).  Reads of the file stay coherent:
-	 * the kernel drops cached pages a direct write covers. */
-	bool direct = p->cache_direct && op->io->type == XNBD_IO_CACHE &&
+	/* Fetched data goes into the cache past the page cache: a CACHE
+	 * request's is wanted by nobody now, and a read's was just handed to
+	 * its client (whose own cache holds it; caching it again here would
+	 * cache it twice).  So a migration's fill of a whole disk does not
+	 * push out the host's page cache, and no copy into fresh page-cache
+	 * memory is paid.  Reads of cached blocks stay buffered, so blocks
+	 * read again are cached by the host as usual; they stay coherent:
+	 * the kernel drops cached pages a direct write covers.  Large aligned
+	 * stores only; the rest (and a write's merged edge blocks) go through
+	 * the page cache. */
+	uint32_t t = op->io->type;
+	bool direct = p->cache_direct &&
+	              (t == XNBD_IO_CACHE || t == XNBD_IO_READ) && !s->edge &&
 	              s->len > DIRECT_MIN && s->len % BS == 0 &&
 	              s->off % BS == 0 && (uintptr_t)s->buf % BS == 0;
 	sub_send(op, s, direct ? p->cache_direct : p->cache, XNBD_IO_WRITE, 0);

@@ -273,7 +273,8 @@ static void write_cb(uv_write_t *w, int status)
 		return; /* what was not written is dropped with the handle */
 	conn_flush(c);
 	/* Requests held back while the client did not read go on now. */
-	if (!c->req.active && c->rlen && !conn_backlogged(c))
+	if (!c->req.active && (c->rlen || (c->eof && !c->ending)) &&
+	    !conn_backlogged(c))
 		conn_queue(c);
 }
 

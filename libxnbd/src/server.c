@@ -498,9 +498,16 @@ static int req_buf(struct req *q, size_t n)
 		return 0;
 	free(q->buf);
 	q->buf_cap = 0;
-	/* Never smaller than a page: most requests are small and alike. */
+	/* Never smaller than a page: most requests are small and alike.
+	 * Large ones are page-aligned, so a backend may use them for direct
+	 * I/O (a proxy stores fetched blocks with O_DIRECT). */
 	size_t cap = n < 4096 ? 4096 : n;
-	q->buf = malloc(cap);
+	if (cap >= 128 * 1024) {
+		void *m;
+		q->buf = posix_memalign(&m, 4096, cap) ? NULL : m;
+	} else {
+		q->buf = malloc(cap);
+	}
 	if (!q->buf)
 		return -ENOMEM;
 	q->buf_cap = cap;

@@ -13,8 +13,11 @@
 5. SIGTERM while a client's read waits for a lost upstream: the grace
    period closed the connection, but the session waited for the read
    forever, so the server never exited (and never synced its bitmap).
+6. The same with an upstream that is connected but silent (stopped with
+   SIGSTOP): its fetch in flight held the stop as well.
 """
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -164,6 +167,38 @@ def main():
                  "cached blocks after the restart: %r" % q)
         xt.check_eq(p.stop(), 0, "proxy exit status")
         xt._stop_quietly(up6)
+
+        # 6. A stop while a read waits for an upstream that is connected
+        #    but does not answer.
+        img7 = t.image("seven.img", 8 * xt.MiB, os.urandom(8 * xt.MiB))
+        up7 = t.server(img7)
+        p = t.proxy(up7.port, name="six")
+        h = p.connect()
+        h.pread(4096, 0)
+        up7.signal(signal.SIGSTOP)
+        res = {}
+
+        def rd6():
+            try:
+                res["data"] = h.pread(4096, 4 * xt.MiB)
+            except Exception as e:  # noqa: BLE001 - reported below
+                res["error"] = e
+        th = threading.Thread(target=rd6, daemon=True)
+        th.start()
+        time.sleep(0.5)
+        xt.check(th.is_alive(), "the read waits for the silent upstream")
+        t0 = time.time()
+        try:
+            xt.check_eq(p.stop(timeout=30), 0, "exit status of a stop with a "
+                        "read waiting for a silent upstream")
+        finally:
+            up7.signal(signal.SIGCONT)
+        took = time.time() - t0
+        xt.log("stopped after %.1f s" % took)
+        xt.check(took < 20, "the stop took %.1f s" % took)
+        th.join(5)
+        xt.check("data" not in res, "the waiting read got no data")
+        up7.stop()
 
 
 xt.main(main)

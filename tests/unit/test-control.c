@@ -326,6 +326,19 @@ static void cmd_keys(struct xnbd_control_req *req, int argc, char **argv,
 	xnbd_control_finish(req, 0, NULL);
 }
 
+/* lines N: N info lines of 1000 bytes, then ok. */
+static void cmd_lines(struct xnbd_control_req *req, int argc, char **argv,
+                      void *ud)
+{
+	char v[1001];
+	memset(v, 'v', 1000);
+	v[1000] = '\0';
+	int n = atoi(argv[1]);
+	for (int i = 0; i < n; i++)
+		ck_assert_int_eq(xnbd_control_info(req, "l", v), 0);
+	xnbd_control_finish(req, 0, NULL);
+}
+
 /* flood N: N progress lines at once, then ok. */
 static void cmd_flood(struct xnbd_control_req *req, int argc, char **argv,
                       void *ud)
@@ -398,6 +411,7 @@ static void server_start(void)
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "flood", cmd_flood, NULL), 0);
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "size", cmd_size, NULL), 0);
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "later", cmd_later, NULL), 0);
+	ck_assert_int_eq(xnbd_control_add(S.ctl, "lines", cmd_lines, NULL), 0);
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "mark", cmd_mark, NULL), 0);
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "release", cmd_release, NULL),
 	                 0);
@@ -637,7 +651,8 @@ START_TEST(help_lists_every_command)
 	ck_assert_str_eq(cap_text(&cap),
 	                 "i command count\ni command echo\ni command fail\n"
 	                 "i command flood\ni command hang\ni command help\n"
-	                 "i command keys\ni command later\ni command mark\n"
+	                 "i command keys\ni command later\ni command lines\n"
+	                 "i command mark\n"
 	                 "i command release\ni command size\n");
 	free(cap.text);
 	xnbd_ctl_close(c);
@@ -776,7 +791,7 @@ START_TEST(pipelined_requests_are_answered_in_order)
 	RAW_EXPECT(fd, "info arg b");
 	RAW_EXPECT(fd, "ok");
 	RAW_EXPECT(fd, "error EBUSY busy%20right%20now,%20try%20later");
-	for (int i = 0; i < 11; i++) {
+	for (int i = 0; i < 12; i++) {
 		char b[256];
 		ck_assert_int_gt(raw_line(fd, b, sizeof(b)), 0);
 		ck_assert(strncmp(b, "info command ", 13) == 0);
@@ -858,6 +873,27 @@ START_TEST(client_that_does_not_read_is_not_buffered_for)
 		RAW_EXPECT(fd, "ok");
 	}
 	ck_assert_int_eq(atomic_load(&echo_calls), sent);
+	close(fd);
+	server_stop();
+}
+END_TEST
+
+/* A client that sends a request, shuts its sending side and reads the
+ * reply (400 KB) only later: after the last line the server must still
+ * close.  The EOF was once forgotten when the reply ended in a backlog,
+ * and the client waited for ever. */
+START_TEST(half_closed_client_gets_eof_after_a_large_reply)
+{
+	server_start();
+	int fd = raw_open();
+	RAW_SEND(fd, "lines 400\n");
+	ck_assert_int_eq(shutdown(fd, SHUT_WR), 0);
+	usleep(300 * 1000); /* the reply piles up unread meanwhile */
+	static char b[8192];
+	for (int i = 0; i < 400; i++)
+		ck_assert_int_eq(raw_line(fd, b, sizeof(b)), 1007); /* info l V */
+	RAW_EXPECT(fd, "ok");
+	ck_assert_int_eq(raw_line(fd, b, sizeof(b)), -1); /* EOF, no timeout */
 	close(fd);
 	server_stop();
 }
@@ -1361,6 +1397,7 @@ int main(void)
 	tcase_add_test(tc, deferred_request_streams_progress);
 	tcase_add_test(tc, finish_never_runs_the_next_request_inline);
 	tcase_add_test(tc, client_that_does_not_read_is_not_buffered_for);
+	tcase_add_test(tc, half_closed_client_gets_eof_after_a_large_reply);
 	tcase_add_test(tc, errors_carry_name_and_message);
 	tcase_add_test(tc, help_lists_every_command);
 	tcase_add_test(tc, info_keys_and_sizes_are_checked);
