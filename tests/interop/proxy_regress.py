@@ -49,6 +49,31 @@ def pattern(off, length):
     return bytes(out[s:s + length])
 
 
+def stop_with_waiting_read(p, h, off, why):
+    """Start a read of an uncached block at off that waits for the
+    upstream, stop the proxy: it must exit 0 within the grace period and
+    a little more, and the read must get no data."""
+    res = {}
+
+    def rd():
+        try:
+            res["data"] = h.pread(4096, off)
+        except Exception as e:  # noqa: BLE001 - reported below
+            res["error"] = e
+    th = threading.Thread(target=rd, daemon=True)
+    th.start()
+    time.sleep(0.5)
+    xt.check(th.is_alive(), "the read waits for %s" % why)
+    t0 = time.time()
+    xt.check_eq(p.stop(timeout=30), 0, "exit status of a stop with a read "
+                "waiting for %s" % why)
+    took = time.time() - t0
+    xt.log("stopped after %.1f s" % took)
+    xt.check(took < 20, "the stop took %.1f s" % took)
+    th.join(5)
+    xt.check("data" not in res, "the waiting read got no data")
+
+
 def main():
     nbd = xt.need_nbd()
     xt.need_tools("nbdkit")
@@ -138,25 +163,7 @@ def main():
         xt.check_bytes(h.pread(65536, 0), pattern(0, 65536), "a cached read")
         h.flush()
         xt._stop_quietly(up5)
-        res = {}
-
-        def rd5():
-            try:
-                res["data"] = h.pread(4096, 32 * xt.MiB)
-            except Exception as e:  # noqa: BLE001 - reported below
-                res["error"] = e
-        th = threading.Thread(target=rd5, daemon=True)
-        th.start()
-        time.sleep(0.5)
-        xt.check(th.is_alive(), "the read waits for the upstream")
-        t0 = time.time()
-        xt.check_eq(p.stop(timeout=30), 0, "exit status of a stop with a read "
-                    "waiting for the upstream")
-        took = time.time() - t0
-        xt.log("stopped after %.1f s" % took)
-        xt.check(took < 20, "the stop took %.1f s" % took)
-        th.join(5)
-        xt.check("data" not in res, "the waiting read got no data")
+        stop_with_waiting_read(p, h, 32 * xt.MiB, "a lost upstream")
         xt.check("giving up 1 fetch" in p.log_text(),
                  "the log says what was given up")
         # The block read before the stop is still cached.
@@ -176,28 +183,10 @@ def main():
         h = p.connect()
         h.pread(4096, 0)
         up7.signal(signal.SIGSTOP)
-        res = {}
-
-        def rd6():
-            try:
-                res["data"] = h.pread(4096, 4 * xt.MiB)
-            except Exception as e:  # noqa: BLE001 - reported below
-                res["error"] = e
-        th = threading.Thread(target=rd6, daemon=True)
-        th.start()
-        time.sleep(0.5)
-        xt.check(th.is_alive(), "the read waits for the silent upstream")
-        t0 = time.time()
         try:
-            xt.check_eq(p.stop(timeout=30), 0, "exit status of a stop with a "
-                        "read waiting for a silent upstream")
+            stop_with_waiting_read(p, h, 4 * xt.MiB, "a silent upstream")
         finally:
             up7.signal(signal.SIGCONT)
-        took = time.time() - t0
-        xt.log("stopped after %.1f s" % took)
-        xt.check(took < 20, "the stop took %.1f s" % took)
-        th.join(5)
-        xt.check("data" not in res, "the waiting read got no data")
         up7.stop()
 
 

@@ -113,13 +113,22 @@ def pipelined_failing_add_and_remove(t):
     xt.check_eq(w.stop(), 0, "wrapper exit status")
 
 
-def remove_opening_with_queued_removal(t, img):
-    w = Wrapper(t, sock="b.ctl")
+def opening_proxy(t, w, tag, then=""):
+    """Send add-proxy p (a silent upstream) on a new control connection,
+    with the lines `then` pipelined behind it; wait until p is opening.
+    Returns the connection and the upstream's socket."""
     up, port = silent_upstream()
     a = Ctl(w.sock)
-    a.send("add-proxy p 127.0.0.1 %d %s %s %s\nremove-by-exportname q\n"
-           % (port, t.join("b.cache"), t.join("b.bitmap"), t.join("b.pctl")))
+    a.send("add-proxy p 127.0.0.1 %d %s %s %s\n%s"
+           % (port, t.join(tag + ".cache"), t.join(tag + ".bitmap"),
+              t.join(tag + ".pctl"), then))
     wait_opening(w, "p")
+    return a, up
+
+
+def remove_opening_with_queued_removal(t, img):
+    w = Wrapper(t, sock="b.ctl")
+    a, up = opening_proxy(t, w, "b", "remove-by-exportname q\n")
     w.ctl("--add-target", "q", img)  # after p in the table
     b = Ctl(w.sock)
     b.send("remove-by-exportname p\n")
@@ -138,11 +147,7 @@ def remove_opening_with_queued_removal(t, img):
 
 def waiting_add_answered_at_stop(t):
     w = Wrapper(t, sock="c.ctl")
-    up, port = silent_upstream()
-    a = Ctl(w.sock)
-    a.send("add-proxy p 127.0.0.1 %d %s %s %s\n"
-           % (port, t.join("c.cache"), t.join("c.bitmap"), t.join("c.pctl")))
-    wait_opening(w, "p")
+    a, up = opening_proxy(t, w, "c")
     w.ctl("--shutdown")
     r = a.reply()
     xt.check(r[-1].startswith("error ESHUTDOWN "), "waiting add-proxy: %r" % r)
