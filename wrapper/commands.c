@@ -276,12 +276,6 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 			refuse(r, -EBUSY, "%s is %s", paths[i], own);
 			goto out;
 		}
-		for (int j = 0; j < i; j++)
-			if (strcmp(paths[i], paths[j]) == 0) {
-				refuse(r, -EINVAL, "the cache, the bitmap and the control "
-				                   "socket must be three different files");
-				goto out;
-			}
 		struct wexport *u = wexport_using(w, paths[i]);
 		if (u) {
 			refuse(r, -EBUSY, "%s is in use by export '%s'%s", paths[i],
@@ -299,7 +293,7 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 		xnbd_control_finish(r, -ENOMEM, NULL);
 		goto out;
 	}
-	if (wexport_clash(e, e)) { /* hard links to one file */
+	if (wexport_clash(e, e)) { /* one file, however spelled or linked */
 		refuse(r, -EINVAL, "the cache, the bitmap and the control socket "
 		                   "must be three different files");
 		wexport_discard(e);

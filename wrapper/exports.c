@@ -154,10 +154,10 @@ const char *wexport_clash(const struct wexport *a, const struct wexport *b)
 
 const char *wexport_bad_name(const char *name)
 {
-	if (strlen(name) > XNBD_MAX_STRING)
-		return "export names are at most 4096 bytes long";
-	if (!utf8_valid(name))
-		return "export names must be UTF-8 text";
+	if (xnbd_export_name_check(name) < 0)
+		return strlen(name) > XNBD_MAX_STRING
+		           ? "export names are at most 4096 bytes long"
+		           : "export names must be UTF-8 text";
 	if (word_len(name) > MAX_WORD)
 		return "the export name is too long for the control protocol's "
 		       "lines once encoded";

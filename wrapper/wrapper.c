@@ -122,12 +122,12 @@ static int parse_args(int argc, char **argv, struct wconfig *c)
  * timers: after the server's shutdown, or a start that failed. */
 static void free_all(struct wrapper *w)
 {
-	/* An add-proxy still waiting for its upstream is answered while its
-	 * connection is open; then the control sockets go (fills in progress
-	 * stop), then the exports: proxies sync their caches and bitmaps as
-	 * they go. */
-	/* A reconnect or a switch during the stop's grace period (not after
-	 * a failed start: the file stays as it was). */
+	/* The export list records a reconnect or a switch made during the
+	 * stop's grace period (not after a failed start: the file stays as it
+	 * was).  An add-proxy still waiting for its upstream is answered while
+	 * its connection is open; then the control sockets go (fills in
+	 * progress stop), then the exports: proxies sync their caches and
+	 * bitmaps as they go. */
 	if (w->running)
 		db_sync(w);
 	for (struct wexport *e = w->exports; e; e = e->next)

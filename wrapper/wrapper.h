@@ -230,9 +230,6 @@ size_t word_len(const char *s);
  * encoded: at most this many bytes. */
 #define MAX_WORD 8000U
 
-/* Is s well-formed UTF-8 (no overlong forms, surrogates or code points
- * past U+10FFFF)?  Export names must be (the NBD protocol's rule). */
-int utf8_valid(const char *s);
 
 /* ---- commands.c ---------------------------------------------------------------- */
 

@@ -28,7 +28,6 @@ struct xnbd__backend_ops {
 	void (*free)(struct xnbd_backend *b);
 };
 
-
 struct xnbd_backend {
 	const struct xnbd__backend_ops *ops;
 	uv_loop_t *loop;

@@ -56,7 +56,7 @@
 #define MAX_SEG (1U << 20)         /* longest upstream read */
 #define ROUND_SUBS 64U             /* sub-I/Os of one round */
 #define CACHE_ROUND (1U << 20)     /* bounce bytes of a CACHE round */
-#define DIRECT_MIN (128U * 1024U)  /* smallest store written with O_DIRECT */
+#define DIRECT_MIN (128U * 1024U)  /* stores larger than this: O_DIRECT */
 #define MAX_CACHE_OPS 8U           /* CACHE requests fetching at once */
 #define FILL_OPS 4U                /* CACHE requests of a background fill */
 #define FILL_CHUNK (1U << 20)      /* bytes each of them covers */
@@ -142,8 +142,8 @@ struct xnbd_proxy {
 	uint64_t nblocks;
 	int cache_fd;
 	struct xnbd_backend *cache;
-	/* The same file opened with O_DIRECT, for the large aligned stores of
-	 * CACHE requests and fills (NULL where the file system refuses it). */
+	/* The same file opened with O_DIRECT, for large aligned stores of
+	 * fetched blocks (NULL where the file system refuses it). */
 	struct xnbd_backend *cache_direct;
 	/* CACHE bounce buffers kept for the next CACHE requests: a fresh
 	 * 1 MiB mapping a request costs 256 page faults. */
@@ -592,6 +592,21 @@ static void cache_slot_release(struct xnbd_proxy *p)
 	}
 }
 
+/* A CACHE op's bounce buffer (aligned for direct stores, from the pool
+ * when one is there) and its sub-I/Os. */
+static int cache_op_buffers(struct xnbd_proxy *p, struct pop *op)
+{
+	void *m;
+	if (p->nbounce)
+		op->bounce = p->bounce_pool[--p->nbounce];
+	else if (posix_memalign(&m, BS, CACHE_ROUND) == 0)
+		op->bounce = m;
+	else
+		return -ENOMEM;
+	op->sub = calloc(ROUND_SUBS, sizeof(*op->sub));
+	return op->sub ? 0 : -ENOMEM;
+}
+
 static void op_free(struct pop *op)
 {
 	struct xnbd_proxy *p = op->p;
@@ -866,13 +881,8 @@ static void op_run(struct pop *op)
 		switch (io->type) {
 		case XNBD_IO_READ:
 		case XNBD_IO_CACHE:
-			if (io->type == XNBD_IO_CACHE && !op->bounce && p->nbounce)
-				op->bounce = p->bounce_pool[--p->nbounce];
-			if (io->type == XNBD_IO_CACHE &&
-			    ((!op->bounce &&
-			      posix_memalign((void **)&op->bounce, BS, CACHE_ROUND)) ||
-			     (op->stage == 0 &&
-			      !(op->sub = calloc(ROUND_SUBS, sizeof(*op->sub)))))) {
+			if (io->type == XNBD_IO_CACHE && op->stage == 0 &&
+			    cache_op_buffers(p, op) < 0) {
 				op->status = -ENOMEM;
 				continue;
 			}

@@ -73,8 +73,7 @@ struct xnbd_client {
 	uv_connect_t conn;
 	uv_timer_t timer; /* the time limit of connecting and negotiating */
 	uint64_t timeout_ms;
-	bool handle_init; /* tcp and timer initialised, not both closed yet */
-	int nhandles;
+	int nhandles; /* tcp and timer: initialised, close callback not run */
 	bool freeing;
 	enum state state;
 	enum hs_step hs;
@@ -186,16 +185,13 @@ static void free_now(struct xnbd_client *c)
 static void close_cb(uv_handle_t *h)
 {
 	struct xnbd_client *c = h->data;
-	if (--c->nhandles > 0)
-		return;
-	c->handle_init = false;
-	if (c->freeing)
+	if (--c->nhandles == 0 && c->freeing)
 		free_now(c);
 }
 
 static void close_handles(struct xnbd_client *c)
 {
-	if (!c->handle_init || uv_is_closing((uv_handle_t *)&c->tcp))
+	if (!c->nhandles || uv_is_closing((uv_handle_t *)&c->tcp))
 		return;
 	uv_close((uv_handle_t *)&c->tcp, close_cb);
 	uv_close((uv_handle_t *)&c->timer, close_cb);
@@ -756,7 +752,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 	struct xnbd_client *c = req->data;
 	if (c->freeing || c->state != C_RESOLVING) {
 		uv_freeaddrinfo(res);
-		if (c->freeing && !c->handle_init)
+		if (c->freeing && !c->nhandles)
 			free_now(c);
 		return;
 	}
@@ -771,7 +767,6 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 	uv_tcp_init(c->loop, &c->tcp);
 	uv_timer_init(c->loop, &c->timer);
 	c->tcp.data = c->timer.data = c;
-	c->handle_init = true;
 	c->nhandles = 2;
 	if (c->timeout_ms)
 		uv_timer_start(&c->timer, on_timeout, c->timeout_ms, 0);
@@ -920,6 +915,6 @@ void xnbd_client_free(struct xnbd_client *c)
 		die(c, -ECANCELED, NULL);
 	else
 		close_handles(c);
-	if (!c->handle_init)
+	if (!c->nhandles)
 		free_now(c);
 }

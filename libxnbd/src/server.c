@@ -45,6 +45,7 @@
 #define MAX_EXTENTS 2048U
 #define HOLE_GRAIN (64U * 1024U) /* granularity of hole detection in reads */
 #define KEEP_BUF_MAX (1024U * 1024U) /* larger buffers are not kept */
+#define ALIGN_BUF_MIN (128U * 1024U) /* buffers this large: page-aligned */
 #define FREE_REQS_MAX 64U
 
 struct xnbd_export {
@@ -227,10 +228,38 @@ static void export_refresh(struct xnbd_export *e)
 	e->hs.handle = e;
 }
 
+int xnbd_export_name_check(const char *name)
+{
+	if (!name || strlen(name) > XNBD_MAX_STRING)
+		return -EINVAL;
+	for (const unsigned char *p = (const unsigned char *)name; *p;) {
+		unsigned c = *p++, v, min;
+		int more;
+		if (c < 0x80)
+			continue;
+		if (c >= 0xc2 && c <= 0xdf)
+			more = 1, min = 0x80, v = c & 0x1f;
+		else if (c >= 0xe0 && c <= 0xef)
+			more = 2, min = 0x800, v = c & 0x0f;
+		else if (c >= 0xf0 && c <= 0xf4)
+			more = 3, min = 0x10000, v = c & 0x07;
+		else
+			return -EINVAL;
+		for (; more; more--, p++) {
+			if ((*p & 0xc0) != 0x80) /* also stops at the NUL */
+				return -EINVAL;
+			v = v << 6 | (*p & 0x3fU);
+		}
+		if (v < min || v > 0x10ffff || (v >= 0xd800 && v <= 0xdfff))
+			return -EINVAL;
+	}
+	return 0;
+}
+
 int xnbd_export_new(const char *name, struct xnbd_backend *backend,
                     unsigned flags, struct xnbd_export **out)
 {
-	if (!name || !backend || strlen(name) > XNBD_MAX_STRING)
+	if (!backend || xnbd_export_name_check(name) < 0)
 		return -EINVAL;
 	struct xnbd_export *e = calloc(1, sizeof(*e));
 	if (!e)
@@ -502,7 +531,7 @@ static int req_buf(struct req *q, size_t n)
 	 * Large ones are page-aligned, so a backend may use them for direct
 	 * I/O (a proxy stores fetched blocks with O_DIRECT). */
 	size_t cap = n < 4096 ? 4096 : n;
-	if (cap >= 128 * 1024) {
+	if (cap >= ALIGN_BUF_MIN) {
 		void *m;
 		q->buf = posix_memalign(&m, 4096, cap) ? NULL : m;
 	} else {

@@ -235,6 +235,37 @@ static struct xnbd_export *add(const char *name)
 	return e;
 }
 
+/* Export names are UTF-8 of at most 4096 bytes; xnbd_export_new refuses
+ * what xnbd_export_name_check refuses. */
+START_TEST(export_names_are_checked)
+{
+	static const char *const good[] = {
+	    "", "disk", "caf\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x92\xbe",
+	    "\xef\xbf\xbf", "\xf4\x8f\xbf\xbf"};
+	static const char *const bad[] = {
+	    "\xff", "a\x80", "\xc0\x80",         /* stray, overlong NUL */
+	    "\xe0\x80\x80", "\xf0\x80\x80\x80", /* overlong */
+	    "\xed\xa0\x80",                      /* a surrogate */
+	    "\xf4\x90\x80\x80",                  /* past U+10FFFF */
+	    "\xc3", "x\xe2\x82"};                 /* cut short */
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+		ck_assert_msg(xnbd_export_name_check(good[i]) == 0, "good %zu", i);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		ck_assert_msg(xnbd_export_name_check(bad[i]) == -EINVAL, "bad %zu", i);
+		struct xnbd_export *e = NULL;
+		ck_assert_int_eq(xnbd_export_new(bad[i], backend, 0, &e), -EINVAL);
+	}
+	static char name[4098];
+	memset(name, 'n', 4096);
+	ck_assert_int_eq(xnbd_export_name_check(name), 0);
+	name[4096] = 'n';
+	ck_assert_int_eq(xnbd_export_name_check(name), -EINVAL);
+	ck_assert_int_eq(xnbd_export_name_check(NULL), -EINVAL);
+	stop_server();
+	teardown();
+}
+END_TEST
+
 START_TEST(removed_export_serves_its_clients_to_the_end)
 {
 	struct xnbd_export *a = add("a"), *b = add("b");
@@ -337,6 +368,7 @@ static Suite *suite(void)
 	Suite *s = suite_create("server");
 	TCase *tc = tcase_create("exports");
 	tcase_add_checked_fixture(tc, setup, NULL);
+	tcase_add_test(tc, export_names_are_checked);
 	tcase_add_test(tc, removed_export_serves_its_clients_to_the_end);
 	tcase_add_test(tc, removal_without_clients_calls_back_later);
 	tcase_add_test(tc, shutdown_waits_for_removal_callbacks);

@@ -39,8 +39,9 @@ XNBD_EXPORT void xnbd_client_set_log(struct xnbd_client *c, xnbd_log_fn fn,
  * errno: -ECONNREFUSED and other socket errors, -ENOENT (no such export
  * or host), -EPROTO (the server broke the protocol), -ENOTSUP (it offers
  * nothing this client speaks), -ETIMEDOUT (no connection or no complete
- * handshake within the connect timeout).  Returns 0, or -EALREADY if connecting or
- * connected, or another negative errno (then cb is not called). */
+ * handshake within the connect timeout).  Returns 0, or -EALREADY if
+ * connecting or connected, or another negative errno (then cb is not
+ * called). */
 XNBD_EXPORT int xnbd_client_connect(struct xnbd_client *c, const char *host,
                                     const char *port, const char *name,
                                     xnbd_client_cb cb, void *user_data);

@@ -27,10 +27,15 @@ struct xnbd_export;
 /* Flags of xnbd_export_new(). */
 #define XNBD_EXPORT_READONLY (1U << 0) /* advertise and enforce read-only */
 
+/* May `name` name an export?  0, or -EINVAL when it is longer than 4096
+ * bytes or is not well-formed UTF-8 (the NBD protocol's rules; overlong
+ * forms, surrogates and code points past U+10FFFF are refused). */
+XNBD_EXPORT int xnbd_export_name_check(const char *name);
+
 /* Create an export named `name` (copied; "" is the default export) over
  * `backend`.  The export does not own the backend: free the export first,
- * then the backend.  Returns 0, -EINVAL (name longer than 4096 bytes),
- * or -ENOMEM. */
+ * then the backend.  Returns 0, -EINVAL (a name xnbd_export_name_check()
+ * refuses), or -ENOMEM. */
 XNBD_EXPORT int xnbd_export_new(const char *name, struct xnbd_backend *backend,
                                 unsigned flags, struct xnbd_export **out);
 
