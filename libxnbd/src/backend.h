@@ -10,6 +10,8 @@
 #ifndef XNBD_BACKEND_PRIV_H
 #define XNBD_BACKEND_PRIV_H
 
+#include <errno.h>
+
 #include "xnbd/backend.h"
 
 struct xnbd__backend_ops {
@@ -25,6 +27,14 @@ struct xnbd__backend_ops {
 	 * over, so a stop always ends.  Completes nothing inside the call
 	 * (what fails, fails from the loop).  Optional. */
 	void (*abort)(struct xnbd_backend *b);
+	/* May a READ of [off, off+len) be sent straight from a descriptor, now,
+	 * without the loop thread waiting on a disk (the range is in the page
+	 * cache)?  Then set *fd and *fd_off and return 0: the server sends the
+	 * bytes later, from the loop thread, with sendfile().  The descriptor
+	 * stays open as long as the backend.  Any other answer means "read it
+	 * through submit".  Optional.  The range is within the image. */
+	int (*read_fd)(struct xnbd_backend *b, uint64_t off, uint64_t len,
+	               int *fd, uint64_t *fd_off);
 	void (*free)(struct xnbd_backend *b);
 };
 
@@ -40,6 +50,15 @@ static inline void xnbd__backend_abort(struct xnbd_backend *b)
 {
 	if (b && b->ops->abort)
 		b->ops->abort(b);
+}
+
+static inline int xnbd__backend_read_fd(struct xnbd_backend *b, uint64_t off,
+                                        uint64_t len, int *fd,
+                                        uint64_t *fd_off)
+{
+	if (!b->ops->read_fd || len == 0)
+		return -EOPNOTSUPP;
+	return b->ops->read_fd(b, off, len, fd, fd_off);
 }
 
 /* A file backend over an open descriptor, which it takes over on success

@@ -489,9 +489,23 @@ static void cow_free(struct xnbd_backend *b)
 	free(c);
 }
 
+/* Reads take no lock (see the notes at the top): a range served by one
+ * layer may be sent straight from that layer's file. */
+static int cow_read_fd(struct xnbd_backend *b, uint64_t off, uint64_t len,
+                       int *fd, uint64_t *fd_off)
+{
+	struct cow *c = (struct cow *)b;
+	uint64_t span;
+	if (count_runs(c, off, len, 1, &span) != 1 || span != len)
+		return -EAGAIN;
+	return xnbd__backend_read_fd(bit_get(c, off / BS) ? c->overlay : c->lower,
+	                             off, len, fd, fd_off);
+}
+
 static const struct xnbd__backend_ops cow_ops = {
 	.name = "cow",
 	.submit = cow_submit,
+	.read_fd = cow_read_fd,
 	.free = cow_free,
 };
 

@@ -8,6 +8,11 @@
  *   cache or refuses with EAGAIN; whatever is left goes to libuv's thread
  *   pool.  Flushes, FUA writes, trims, zeroing and extent queries always
  *   go to the pool.
+ * - Reads the server may send straight from the descriptor (sendfile, no
+ *   copy through user space) are those cachestat(2) finds wholly in the
+ *   page cache: sendfile cannot be told not to wait for a disk, and the
+ *   loop thread must not.  Where cachestat is missing (Linux before 6.5)
+ *   or refused, every read goes through submit as before.
  * - Snapshots: a reflink (FICLONE) where the file system has one, else a
  *   copy-before-write.  While a copy runs every write goes through the
  *   pool, and before it changes a chunk that the copier has not reached it
@@ -26,6 +31,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -65,6 +71,8 @@ struct file_backend {
 	atomic_bool nowait_write;
 	atomic_bool punch_ok;
 	atomic_bool zero_range_ok;
+	bool cachestat_ok; /* loop thread only */
+	uint64_t page;
 	struct snapshot *snap; /* running snapshot, loop thread only */
 };
 
@@ -359,6 +367,42 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 	return XNBD_IO_PENDING;
 }
 
+/* cachestat(2), Linux 6.5; glibc 2.36 has no wrapper and no constants. */
+#ifndef SYS_cachestat
+#define SYS_cachestat 451 /* the same number on every architecture */
+#endif
+struct cachestat_range_ {
+	uint64_t off, len;
+};
+struct cachestat_ {
+	uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted,
+	    nr_recently_evicted;
+};
+
+static int file_read_fd(struct xnbd_backend *b, uint64_t off, uint64_t len,
+                        int *fd, uint64_t *fd_off)
+{
+	struct file_backend *fb = (struct file_backend *)b;
+	if (!fb->cachestat_ok)
+		return -EOPNOTSUPP;
+	struct cachestat_range_ r = {off, len};
+	struct cachestat_ cs;
+	if (syscall(SYS_cachestat, fb->fd, &r, &cs, 0) < 0) {
+		int e = errno;
+		/* ENOSYS: an older kernel; EPERM: since Linux 6.14 only for files
+		 * the caller may write or owns.  Neither changes later. */
+		if (e == ENOSYS || e == EPERM || e == EOPNOTSUPP || e == EINVAL)
+			fb->cachestat_ok = false;
+		return -e;
+	}
+	uint64_t pages = (off + len + fb->page - 1) / fb->page - off / fb->page;
+	if (cs.nr_cache < pages)
+		return -EAGAIN;
+	*fd = fb->fd;
+	*fd_off = off;
+	return 0;
+}
+
 /* ---- snapshots ------------------------------------------------------------ */
 
 static void snapshot_free(struct snapshot *s)
@@ -559,6 +603,7 @@ static const struct xnbd__backend_ops file_ops = {
 	.snapshot = file_snapshot,
 	.snapshot_cancel = file_snapshot_cancel,
 	.snapshot_running = file_snapshot_running,
+	.read_fd = file_read_fd,
 	.free = file_free,
 };
 
@@ -615,6 +660,9 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 	atomic_init(&fb->nowait_write, true);
 	atomic_init(&fb->punch_ok, true);
 	atomic_init(&fb->zero_range_ok, true);
+	fb->cachestat_ok = true;
+	long ps = sysconf(_SC_PAGESIZE);
+	fb->page = ps > 0 ? (uint64_t)ps : 4096;
 
 	/* FAST_ZERO is always offered: where the file system cannot punch or
 	 * zero a range, such a request fails at once with ENOTSUP, which is

@@ -11,6 +11,13 @@
  *   session's output list and the session on the server's dirty list; a
  *   uv_check handle, which runs once per loop iteration after all I/O
  *   callbacks, sends each dirty session's replies in one vectored write.
+ * - Large reads the backend finds in the page cache are not read at all
+ *   when they are asked for: the reply's data is a file segment, sent with
+ *   sendfile() when its turn comes, so the bytes go from the page cache to
+ *   the socket without a copy through user space (see read_fd in
+ *   backend.h).  The session writes its socket itself (writev, sendfile),
+ *   and waits for room with a poll handle on a duplicate of the socket's
+ *   descriptor, since libuv's stream has no way to send from a file.
  * - Backpressure: a session stops parsing and reading while it (or the
  *   whole server) has too many requests or bytes queued, and resumes when
  *   replies have been written.
@@ -29,7 +36,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "xnbd/server.h"
@@ -47,6 +57,8 @@
 #define KEEP_BUF_MAX (1024U * 1024U) /* larger buffers are not kept */
 #define ALIGN_BUF_MIN (128U * 1024U) /* buffers this large: page-aligned */
 #define FREE_REQS_MAX 64U
+#define SENDFILE_MIN (64U * 1024U) /* smaller reads: copied and batched */
+#define WRITE_IOV_MAX 512U
 
 struct xnbd_export {
 	char *name;
@@ -68,9 +80,11 @@ struct listener {
 	struct xnbd_server *srv;
 };
 
-/* A piece of a reply: bytes of the request's header area or of its data. */
+/* A piece of a reply: bytes of the request's header area, of its data
+ * buffer, or of a file (at off in req.src_fd). */
+enum { SEG_HDR, SEG_DATA, SEG_FILE };
 struct seg {
-	uint32_t from_data; /* 0: hdr buffer, 1: data buffer */
+	uint32_t kind;
 	uint32_t len;
 	uint64_t off;
 };
@@ -85,6 +99,8 @@ struct req {
 	uint8_t *buf; /* READ/WRITE data */
 	size_t buf_cap;
 	uint32_t have; /* WRITE payload bytes received */
+	int src_fd;    /* READ: >= 0 when the data is sent from this file */
+	uint64_t src_off;
 	struct xnbd_extent *extents; /* 2 * MAX_EXTENTS: one half a context */
 	uint32_t n_ext[XNBD__CTX_COUNT]; /* BLOCK_STATUS: extents per context */
 	uint32_t ctx_left; /* BLOCK_STATUS: contexts still to ask about */
@@ -93,12 +109,6 @@ struct req {
 	struct seg *xsegs; /* when more than 8 are needed */
 	uint32_t nsegs, xsegs_cap;
 	size_t charged; /* bytes counted against the buffer bounds */
-};
-
-struct wbatch {
-	uv_write_t w;
-	struct xnbd_list reqs;
-	struct session *s;
 };
 
 enum sess_state {
@@ -139,9 +149,19 @@ struct session {
 	size_t queued;   /* requests received and not yet released */
 	size_t buffered; /* bytes charged by those requests */
 	size_t writes_pending; /* handshake and batch writes with libuv */
-	uv_buf_t *iov;
-	size_t iov_cap;
+	/* Output of the transmission phase, written by the session itself. */
+	int fd;          /* the stream's descriptor */
+	bool is_sock;    /* sendmsg and MSG_MORE work on it */
+	bool sendfile_ok; /* large cached reads go out with sendfile */
+	bool wblocked;   /* the socket is full: waiting on wpoll */
+	bool wpoll_init; /* wpoll (on wfd, a dup of fd) is initialised */
+	bool wpoll_closed;
+	uv_poll_t wpoll;
+	int wfd;
+	uint32_t wseg;   /* write cursor: segment of the first request in out */
+	uint32_t woff;   /* and bytes of it already written */
 	char peer[64];
+	struct iovec iov[WRITE_IOV_MAX];
 };
 
 struct xnbd_server {
@@ -498,6 +518,7 @@ static struct req *req_get(struct session *s)
 	xnbd__buf_reset(&q->hdr);
 	q->nsegs = 0;
 	q->have = 0;
+	q->src_fd = -1;
 	q->charged = 0;
 	s->queued++;
 	s->srv->queued++;
@@ -612,7 +633,7 @@ static void req_release(struct req *q)
 	}
 }
 
-static void seg_add(struct req *q, bool from_data, uint64_t off, size_t len)
+static void seg_add(struct req *q, uint32_t kind, uint64_t off, size_t len)
 {
 	struct seg *sg;
 	if (q->nsegs < 8) {
@@ -631,7 +652,7 @@ static void seg_add(struct req *q, bool from_data, uint64_t off, size_t len)
 		}
 		sg = &q->xsegs[x];
 	}
-	sg->from_data = from_data;
+	sg->kind = kind;
 	sg->off = off;
 	sg->len = (uint32_t)len;
 	q->nsegs++;
@@ -648,7 +669,7 @@ static uint8_t *hdr_push(struct req *q, size_t n)
 	size_t off = q->hdr.len;
 	uint8_t *p = xnbd__buf_push(&q->hdr, n);
 	if (p)
-		seg_add(q, false, off, n);
+		seg_add(q, SEG_HDR, off, n);
 	return p;
 }
 
@@ -705,7 +726,10 @@ static void chunk_data(struct req *q, uint64_t rel, uint64_t len, bool last)
 	                   XNBD_REPLY_TYPE_OFFSET_DATA, q->r.cookie,
 	                   (uint32_t)(8 + len));
 	xnbd__put64(p + 20, q->r.offset + rel);
-	seg_add(q, true, rel, len);
+	if (q->src_fd >= 0)
+		seg_add(q, SEG_FILE, q->src_off + rel, len);
+	else
+		seg_add(q, SEG_DATA, rel, len);
 }
 
 static void chunk_hole(struct req *q, uint64_t rel, uint64_t len, bool last)
@@ -726,7 +750,10 @@ static void reply_read(struct req *q)
 	uint32_t len = q->r.length;
 	if (!q->s->tx.structured) {
 		reply_simple(q, 0);
-		seg_add(q, true, 0, len);
+		if (q->src_fd >= 0)
+			seg_add(q, SEG_FILE, q->src_off, len);
+		else
+			seg_add(q, SEG_DATA, 0, len);
 		return;
 	}
 	if (len == 0) {
@@ -736,7 +763,8 @@ static void reply_read(struct req *q)
 			                   q->r.cookie, 0);
 		return;
 	}
-	if (q->r.flags & XNBD_CMD_FLAG_DF) {
+	/* Data sent from a file is not looked at: it goes as one chunk. */
+	if ((q->r.flags & XNBD_CMD_FLAG_DF) || q->src_fd >= 0) {
 		chunk_data(q, 0, len, true);
 		return;
 	}
@@ -877,7 +905,18 @@ static void req_submit(struct req *q)
 	    (q->r.flags & XNBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_EXTENTS;
 	io->done = io_done;
 	io->user_data = q;
-	int r;
+	int r, fd;
+	uint64_t fd_off;
+	if (io->type == XNBD_IO_READ && q->s->sendfile_ok &&
+	    io->length >= SENDFILE_MIN &&
+	    xnbd__backend_read_fd(q->s->export->backend, io->offset, io->length,
+	                          &fd, &fd_off) == 0) {
+		/* Answered now; the data is read when the reply is sent. */
+		q->src_fd = fd;
+		q->src_off = fd_off;
+		req_finish(q, 0);
+		return;
+	}
 	if (io->type == XNBD_IO_BLOCK_STATUS) {
 		q->ctx_left = q->s->tx.contexts;
 		io->extents = NULL;
@@ -1035,106 +1074,219 @@ static void replies_written(struct session *s, struct xnbd_list *reqs,
 	session_maybe_free(s);
 }
 
-static void batch_write_cb(uv_write_t *w, int status)
+static void wpoll_cb(uv_poll_t *p, int status, int events);
+static void session_flush(struct session *s);
+
+/* The socket is full: flush again once it has room. */
+static int wait_writable(struct session *s)
 {
-	struct wbatch *b = w->data;
-	struct session *s = b->s;
-	s->writes_pending--;
-	replies_written(s, &b->reqs, status);
-	free(b);
+	if (!s->wpoll_init) {
+		/* libuv allows one watcher per descriptor, and the stream has
+		 * it; the duplicate shares the socket. */
+		int d = fcntl(s->fd, F_DUPFD_CLOEXEC, 0);
+		if (d < 0)
+			return -errno;
+		int r = uv_poll_init(s->srv->loop, &s->wpoll, d);
+		if (r < 0) {
+			close(d);
+			return r;
+		}
+		s->wpoll.data = s;
+		s->wfd = d;
+		s->wpoll_init = true;
+	}
+	int r = uv_poll_start(&s->wpoll, UV_WRITABLE, wpoll_cb);
+	if (r == 0)
+		s->wblocked = true;
+	return r;
 }
 
-/* Move all of `from` onto `to`, which is initialised first. */
-static void list_move_all(struct xnbd_list *to, struct xnbd_list *from)
+static void wpoll_cb(uv_poll_t *p, int status, int events)
 {
-	xnbd_list_init(to);
-	if (xnbd_list_empty(from))
+	(void)events;
+	struct session *s = p->data;
+	uv_poll_stop(p);
+	s->wblocked = false;
+	if (status < 0) {
+		session_close(s, uv_strerror(status));
 		return;
-	to->next = from->next;
-	to->prev = from->prev;
-	to->next->prev = to;
-	to->prev->next = to;
-	xnbd_list_init(from);
+	}
+	session_flush(s);
 }
 
-/* Send every finished reply of the session in one vectored write. */
+/* The first request of the output list, and the segment the cursor is at
+ * (skipping empty ones and moving finished requests to `done`); NULL
+ * when the list is empty. */
+static struct req *out_head(struct session *s, struct xnbd_list *done,
+                            struct seg **sg)
+{
+	while (!xnbd_list_empty(&s->out)) {
+		struct req *q = xnbd_container_of(s->out.next, struct req, link);
+		while (s->wseg < q->nsegs && seg_at(q, s->wseg)->len == 0)
+			s->wseg++;
+		if (s->wseg < q->nsegs) {
+			*sg = seg_at(q, s->wseg);
+			return q;
+		}
+		xnbd_list_remove(&q->link);
+		xnbd_list_insert(done->prev, &q->link);
+		s->wseg = 0;
+		s->woff = 0;
+	}
+	return NULL;
+}
+
+/* n bytes from the cursor on are written. */
+static void out_advance(struct session *s, size_t n, struct xnbd_list *done)
+{
+	struct seg *sg;
+	struct req *q;
+	while (n && (q = out_head(s, done, &sg))) {
+		size_t left = sg->len - s->woff;
+		if (n < left) {
+			s->woff += (uint32_t)n;
+			return;
+		}
+		n -= left;
+		s->woff = 0;
+		s->wseg++;
+	}
+	(void)out_head(s, done, &sg);
+}
+
+/* Gather memory segments from the cursor on, up to a file segment.
+ * Returns the number of iovecs; *file_next says a file segment follows. */
+static size_t out_gather(struct session *s, size_t *bytes, bool *file_next)
+{
+	size_t k = 0, total = 0;
+	*file_next = false;
+	uint32_t si = s->wseg, off = s->woff;
+	xnbd_list_for_each(l, &s->out)
+	{
+		struct req *q = xnbd_container_of(l, struct req, link);
+		for (; si < q->nsegs; si++, off = 0) {
+			struct seg *sg = seg_at(q, si);
+			if (sg->kind == SEG_FILE) {
+				*file_next = true;
+				goto out;
+			}
+			if (sg->len == off)
+				continue;
+			if (k == WRITE_IOV_MAX)
+				goto out;
+			uint8_t *base = sg->kind == SEG_DATA ? q->buf : q->hdr.data;
+			s->iov[k].iov_base = base + sg->off + off;
+			s->iov[k].iov_len = sg->len - off;
+			total += sg->len - off;
+			k++;
+		}
+		si = 0;
+	}
+out:
+	*bytes = total;
+	return k;
+}
+
+/* sendfile() cannot serve this descriptor pair: read the rest of the
+ * segment into the request's buffer (the READ has one of its full length)
+ * and send it from there.  The data is in the page cache, or was moments
+ * ago. */
+static int seg_materialize(struct session *s, struct req *q, struct seg *sg)
+{
+	uint32_t done = s->woff;
+	uint64_t rel = sg->off - q->src_off; /* where the segment is in the read */
+	int r = req_buf(q, q->r.length);
+	if (r < 0)
+		return r;
+	uint8_t *p = q->buf + rel + done;
+	uint64_t left = sg->len - done, at = sg->off + done;
+	while (left) {
+		ssize_t n = pread(q->src_fd, p, left, (off_t)at);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -EIO; /* the image shrank under us */
+		p += n;
+		at += (uint64_t)n;
+		left -= (uint64_t)n;
+	}
+	sg->kind = SEG_DATA;
+	sg->off = rel;
+	return 0;
+}
+
+/* Write finished replies until they are all out or the socket is full;
+ * release each request as soon as its reply is out. */
 static void session_flush(struct session *s)
 {
 	if (s->state == S_CLOSING || xnbd_list_empty(&s->out)) {
 		session_check_drained(s);
 		return;
 	}
-	size_t n = 0;
-	xnbd_list_for_each(l, &s->out)
-	{
-		struct req *q = xnbd_container_of(l, struct req, link);
-		n += q->nsegs;
-	}
-	if (n > s->iov_cap) {
-		size_t cap = s->iov_cap ? s->iov_cap : 64;
-		while (cap < n)
-			cap *= 2;
-		uv_buf_t *iov = realloc(s->iov, cap * sizeof(*iov));
-		if (!iov) {
-			session_close(s, "out of memory");
-			return;
-		}
-		s->iov = iov;
-		s->iov_cap = cap;
-	}
-	size_t k = 0;
-	xnbd_list_for_each(l, &s->out)
-	{
-		struct req *q = xnbd_container_of(l, struct req, link);
-		for (uint32_t i = 0; i < q->nsegs; i++) {
-			struct seg *sg = seg_at(q, i);
-			uint8_t *base = sg->from_data ? q->buf : q->hdr.data;
-			s->iov[k++] = uv_buf_init((char *)base + sg->off, sg->len);
-		}
-	}
-
-	/* Write what the socket takes now; queue only the rest.  When it all
-	 * goes out at once (the common case), no write request, allocation,
-	 * callback or poll change is needed. */
+	/* Waiting for room, or for a handshake reply still with libuv (hs_write_cb
+	 * flushes when it is out). */
+	if (s->wblocked || s->writes_pending)
+		return;
 	struct xnbd_list done;
-	uv_buf_t *iov = s->iov;
-	int w = uv_try_write(&s->h.stream, iov, (unsigned)k);
-	if (w > 0) {
-		size_t left = (size_t)w;
-		while (k && left >= iov->len) {
-			left -= iov->len;
-			iov++;
-			k--;
+	xnbd_list_init(&done);
+	int err = 0;
+	struct seg *sg;
+	struct req *q;
+	while ((q = out_head(s, &done, &sg))) {
+		ssize_t n;
+		size_t want;
+		if (sg->kind == SEG_FILE) {
+			off_t off = (off_t)(sg->off + s->woff);
+			want = sg->len - s->woff;
+			n = sendfile(s->fd, q->src_fd, &off, want);
+			if (n == 0) {
+				err = -EIO;
+				slog(s->srv, XNBD_LOG_ERR,
+				     "%s: the image ends before offset %llu", s->peer,
+				     (unsigned long long)off);
+				break;
+			}
+			if (n < 0 && (errno == EINVAL || errno == ENOSYS ||
+			              errno == EOPNOTSUPP || errno == ESPIPE)) {
+				s->sendfile_ok = false;
+				err = seg_materialize(s, q, sg);
+				if (err)
+					break;
+				continue;
+			}
+		} else {
+			bool file_next;
+			size_t k = out_gather(s, &want, &file_next);
+			if (file_next && s->is_sock) {
+				/* The file's bytes follow at once: no segment of its own
+				 * for the header. */
+				struct msghdr m = {.msg_iov = s->iov, .msg_iovlen = k};
+				n = sendmsg(s->fd, &m, MSG_MORE | MSG_NOSIGNAL);
+			} else {
+				n = writev(s->fd, s->iov, (int)k);
+			}
 		}
-		if (k) {
-			iov->base += left;
-			iov->len -= left;
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				err = wait_writable(s);
+				break;
+			}
+			err = -errno;
+			break;
 		}
-	} else if (w != UV_EAGAIN && w != UV_ENOSYS) {
-		list_move_all(&done, &s->out);
-		replies_written(s, &done, w);
-		return;
+		out_advance(s, (size_t)n, &done);
+		if ((size_t)n < want) {
+			/* A short write: the socket is full. */
+			if (!xnbd_list_empty(&s->out))
+				err = wait_writable(s);
+			break;
+		}
 	}
-	if (k == 0) {
-		list_move_all(&done, &s->out);
-		replies_written(s, &done, 0);
-		return;
-	}
-	struct wbatch *b = malloc(sizeof(*b));
-	if (!b) {
-		session_close(s, "out of memory");
-		return;
-	}
-	b->s = s;
-	b->w.data = b;
-	list_move_all(&b->reqs, &s->out);
-	int r = uv_write(&b->w, &s->h.stream, iov, (unsigned)k, batch_write_cb);
-	if (r < 0) {
-		replies_written(s, &b->reqs, r);
-		free(b);
-		return;
-	}
-	s->writes_pending++;
+	replies_written(s, &done, err);
 }
 
 static void check_cb(uv_check_t *h)
@@ -1351,6 +1503,8 @@ static void hs_write_cb(uv_write_t *w, int status)
 	s->writes_pending--;
 	if (status < 0 && s->state != S_CLOSING)
 		session_close(s, uv_strerror(status));
+	if (!xnbd_list_empty(&s->out) && s->state != S_CLOSING)
+		session_mark_dirty(s); /* replies waited for this one */
 	session_check_drained(s);
 	session_maybe_free(s);
 }
@@ -1384,6 +1538,13 @@ static void enter_transmission(struct session *s, struct xnbd_export *e,
 {
 	s->export = e;
 	e->clients++;
+	uv_os_fd_t fd = -1;
+	uv_fileno(&s->h.handle, &fd);
+	s->fd = fd;
+	int type;
+	socklen_t tl = sizeof(type);
+	s->is_sock = getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) == 0;
+	s->sendfile_ok = !(s->srv->flags & XNBD_SERVER_NO_SENDFILE);
 	s->tx.size = e->hs.size;
 	s->tx.tflags = tflags;
 	s->tx.structured = structured;
@@ -1516,7 +1677,6 @@ static void session_free(struct session *s)
 	xnbd_list_remove(&s->link);
 	srv->nsessions--;
 	free(s->rbuf);
-	free(s->iov);
 	free(s);
 	if (e && --e->clients == 0 && e->removing)
 		removal_due(srv, e);
@@ -1528,8 +1688,16 @@ static void session_free(struct session *s)
 static void session_maybe_free(struct session *s)
 {
 	if (s->state == S_CLOSING && s->handle_closed && s->queued == 0 &&
-	    s->writes_pending == 0)
+	    s->writes_pending == 0 && (!s->wpoll_init || s->wpoll_closed))
 		session_free(s);
+}
+
+static void wpoll_close_cb(uv_handle_t *h)
+{
+	struct session *s = h->data;
+	close(s->wfd);
+	s->wpoll_closed = true;
+	session_maybe_free(s);
 }
 
 static void session_close_cb(uv_handle_t *h)
@@ -1567,6 +1735,9 @@ static void session_close(struct session *s, const char *why)
 	}
 	s->skip = 0;
 	s->reading = false;
+	s->wblocked = false;
+	if (s->wpoll_init)
+		uv_close((uv_handle_t *)&s->wpoll, wpoll_close_cb);
 	uv_close(&s->h.handle, session_close_cb);
 }
 

@@ -6,11 +6,14 @@
  * server with xnbd_server_serve_fd(); the test drives the loop itself. */
 #include <check.h>
 #include <errno.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -363,6 +366,111 @@ START_TEST(shutdown_waits_for_removal_callbacks)
 }
 END_TEST
 
+/* A 1 MiB READ whose reply cannot all go out at once (small socket
+ * buffers, a client that does not read yet), then the image shrinks to
+ * nothing before the client reads: how many bytes of the reply arrive?
+ * Every byte that does arrive must be right. */
+static size_t read_while_image_shrinks(unsigned flags)
+{
+	enum { BIG = 2 * 1024 * 1024, N = 1024 * 1024, OFF = 4096 };
+	char path[64];
+	snprintf(path, sizeof(path), "/tmp/xnbd-test-server-big.XXXXXX");
+	int fd = mkstemp(path);
+	ck_assert_int_ge(fd, 0);
+	uint8_t *pat = malloc(BIG);
+	ck_assert_ptr_nonnull(pat);
+	for (size_t i = 0; i < BIG; i++)
+		pat[i] = (uint8_t)(i * 7 + i / 4096);
+	ck_assert_int_eq(write(fd, pat, BIG), BIG);
+	close(fd);
+	struct xnbd_backend *b;
+	ck_assert_int_eq(xnbd_backend_file_open(&loop, path, 0, &b), 0);
+	struct xnbd_export *e;
+	ck_assert_int_eq(xnbd_export_new("big", b, 0, &e), 0);
+	ck_assert_int_eq(xnbd_server_add_export(srv, e), 0);
+	xnbd_server_set_flags(srv, flags);
+
+	int sv[2], small = 16384;
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+	setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+	setsockopt(sv[0], SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+	ck_assert_int_eq(xnbd_server_serve_fd(srv, sv[1], 0), 0);
+	uint8_t g[18], f[4];
+	recv_n(sv[0], g, sizeof(g));
+	put32(f, XNBD_FLAG_C_FIXED_NEWSTYLE | XNBD_FLAG_C_NO_ZEROES);
+	send_all(sv[0], f, 4);
+	ck_assert_uint_eq(go(sv[0], "big"), XNBD_REP_ACK);
+
+	uint8_t q[28];
+	put32(q, XNBD_MAGIC_REQUEST);
+	q[4] = q[5] = q[6] = 0;
+	q[7] = XNBD_CMD_READ;
+	put64(q + 8, 7);
+	put64(q + 16, OFF);
+	put32(q + 24, N);
+	send_all(sv[0], q, sizeof(q));
+	/* Until the reply has started and the socket is full. */
+	int avail = 0;
+	double end = now() + 5;
+	while (avail == 0 && now() < end) {
+		uv_run(&loop, UV_RUN_NOWAIT);
+		ioctl(sv[0], FIONREAD, &avail);
+	}
+	ck_assert_int_gt(avail, 0);
+	spin(20);
+	ck_assert_int_eq(truncate(path, 0), 0);
+
+	uint8_t *got = malloc(16 + N);
+	ck_assert_ptr_nonnull(got);
+	size_t have = 0;
+	end = now() + 5;
+	while (have < 16 + N && now() < end) {
+		uv_run(&loop, UV_RUN_NOWAIT);
+		ssize_t k = recv(sv[0], got + have, 16 + N - have, MSG_DONTWAIT);
+		if (k == 0)
+			break; /* the server closed the connection */
+		if (k > 0)
+			have += (size_t)k;
+	}
+	ck_assert_uint_ge(have, 16);
+	ck_assert_uint_eq(get32(got), XNBD_MAGIC_SIMPLE_REPLY);
+	ck_assert_uint_eq(get32(got + 4), 0);
+	for (size_t i = 16; i < have; i++)
+		ck_assert_msg(got[i] == pat[OFF + i - 16], "byte %zu of the reply",
+		              i - 16);
+	close(sv[0]);
+	struct calls calls = {0};
+	ck_assert_int_eq(xnbd_server_remove_export(srv, e, on_removed, &calls), 0);
+	while (!calls.removed && now() < end + 5)
+		uv_run(&loop, UV_RUN_NOWAIT);
+	ck_assert_int_eq(calls.removed, 1);
+	xnbd_export_free(e);
+	xnbd_backend_free(b);
+	unlink(path);
+	free(got);
+	free(pat);
+	return have;
+}
+
+/* Large reads in the page cache go out with sendfile(), which reads the
+ * image when the reply's turn comes: a reply cut off by the image
+ * shrinking ends the connection rather than carry bytes the server does
+ * not have.  With XNBD_SERVER_NO_SENDFILE the data is read first (the
+ * whole reply arrives). */
+START_TEST(large_reads_and_the_sendfile_flag)
+{
+	ck_assert_uint_eq(read_while_image_shrinks(XNBD_SERVER_NO_SENDFILE),
+	                  16 + 1024 * 1024);
+	/* Without cachestat(2) (Linux before 6.5) nothing is sent from a file. */
+	bool cachestat = syscall(451, -1, NULL, NULL, 0) < 0 && errno != ENOSYS;
+	size_t n = read_while_image_shrinks(0);
+	if (cachestat)
+		ck_assert_uint_lt(n, 16 + 1024 * 1024);
+	stop_server();
+	teardown();
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("server");
@@ -372,6 +480,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, removed_export_serves_its_clients_to_the_end);
 	tcase_add_test(tc, removal_without_clients_calls_back_later);
 	tcase_add_test(tc, shutdown_waits_for_removal_callbacks);
+	tcase_add_test(tc, large_reads_and_the_sendfile_flag);
 	tcase_set_timeout(tc, 30);
 	suite_add_tcase(s, tc);
 	return s;

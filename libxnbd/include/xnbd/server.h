@@ -60,6 +60,11 @@ XNBD_EXPORT void xnbd_server_set_log(struct xnbd_server *s, xnbd_log_fn fn,
 /* Serve the first export whatever name a client asks for, as the original
  * xnbd-server did; NBD_OPT_LIST still lists the real names. */
 #define XNBD_SERVER_ANY_NAME (1U << 1)
+/* Never send read data with sendfile(); by default, reads of 64 KiB or
+ * more that are in the page cache go from the page cache to the socket
+ * without a copy through the server.  (For comparisons and tests; the
+ * server falls back to copying by itself where sendfile cannot work.) */
+#define XNBD_SERVER_NO_SENDFILE (1U << 2)
 
 /* Set XNBD_SERVER_* flags; they apply to clients that connect later. */
 XNBD_EXPORT void xnbd_server_set_flags(struct xnbd_server *s, unsigned flags);
