@@ -315,7 +315,8 @@ def main():
                     help="serve the image plainly, through a CoW layer, or "
                     "as a caching proxy of an xnbd-server --target upstream "
                     "(proxy: cold cache; proxy-warm: the whole image read "
-                    "through the proxy first)")
+                    "through the proxy first, and xnbd-server's cache file "
+                    "read into the page cache)")
     ap.add_argument("--xnbd", default=os.path.join(HERE, "..", "build",
                                                    "server", "xnbd-server"))
     ap.add_argument("--bgctl", default=None,
@@ -383,6 +384,13 @@ def main():
                         if args.mode == "proxy-warm" and name != "upstream":
                             subprocess.run(["nbdcopy", srv.uri(), "null:"],
                                            check=True)
+                            if name == "xnbd-server":
+                                # Fetched blocks were stored past the page
+                                # cache (O_DIRECT); put them in it, as the
+                                # upstream's image is.
+                                subprocess.run(
+                                    ["cat", os.path.join(work, "proxy.cache")],
+                                    stdout=subprocess.DEVNULL, check=True)
                         c0 = cpu_seconds(srv.pid)
                         if with_server:
                             value, unit, amount = fn(srv.uri(), runtime, size,

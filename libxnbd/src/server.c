@@ -1108,6 +1108,11 @@ static void wpoll_cb(uv_poll_t *p, int status, int events)
 	uv_poll_stop(p);
 	s->wblocked = false;
 	if (status < 0) {
+		/* libuv says EBADF for any POLLERR; the socket knows better. */
+		int e = 0;
+		socklen_t l = sizeof(e);
+		if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &e, &l) == 0 && e)
+			status = -e;
 		session_close(s, uv_strerror(status));
 		return;
 	}
@@ -1601,6 +1606,7 @@ static struct session *session_new(struct xnbd_server *srv)
 		return NULL;
 	}
 	s->srv = srv;
+	s->fd = -1;
 	xnbd_list_init(&s->out);
 	xnbd_list_init(&s->free_reqs);
 	xnbd_list_init(&s->dirty_link);
