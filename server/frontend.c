@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "frontend.h"
@@ -207,4 +208,13 @@ void close_server_now(uv_loop_t *loop, struct xnbd_server *s)
 	if (xnbd_server_shutdown(s, 0, on_server_down_now, &down) == 0)
 		while (!down && uv_run(loop, UV_RUN_ONCE))
 			;
+}
+
+void raise_fd_limit(void)
+{
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		(void)setrlimit(RLIMIT_NOFILE, &rl);
+	}
 }

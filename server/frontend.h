@@ -80,6 +80,10 @@ void start_signal(uv_loop_t *loop, uv_signal_t *h, uv_signal_cb cb,
 /* Remove h's handler and ignore its signal from now on. */
 void close_signal(uv_signal_t *h);
 
+/* Raise the soft limit on open descriptors to the hard limit: each
+ * client costs one, or two while its socket is full. */
+void raise_fd_limit(void);
+
 /* Shut down a server that was started but never run at once, closing its
  * handles, so that it can be freed. */
 void close_server_now(uv_loop_t *loop, struct xnbd_server *s);

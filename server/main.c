@@ -483,6 +483,7 @@ int main(int argc, char **argv)
 	int cow = 0;
 
 	signal(SIGPIPE, SIG_IGN);
+	raise_fd_limit();
 	/* Disk I/O that misses the page cache runs on libuv's pool. */
 	setenv("UV_THREADPOOL_SIZE", "16", 0);
 

@@ -456,6 +456,7 @@ int main(int argc, char **argv)
 	const struct serve_opts *s = &c->serve;
 
 	signal(SIGPIPE, SIG_IGN);
+	raise_fd_limit();
 	/* Disk I/O that misses the page cache runs on libuv's pool. */
 	setenv("UV_THREADPOOL_SIZE", "16", 0);
 	/* The daemon changes directory, and the files are named again later. */

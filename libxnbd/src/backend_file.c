@@ -369,7 +369,11 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 
 /* cachestat(2), Linux 6.5; glibc 2.36 has no wrapper and no constants. */
 #ifndef SYS_cachestat
-#define SYS_cachestat 451 /* the same number on every architecture */
+#if defined(__alpha__)
+#define SYS_cachestat 561
+#else
+#define SYS_cachestat 451 /* every other architecture */
+#endif
 #endif
 struct cachestat_range_ {
 	uint64_t off, len;

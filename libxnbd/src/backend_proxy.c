@@ -1034,8 +1034,11 @@ static int proxy_read_fd(struct xnbd_backend *b, uint64_t off, uint64_t len,
 {
 	struct xnbd_proxy *p = (struct xnbd_proxy *)b;
 	uint64_t b0 = off / BS, b1 = (off + len - 1) / BS;
-	if (xnbd_bitmap_next_clear(p->bm, b0) <= b1)
-		return -EAGAIN;
+	/* The range's own blocks only (at most 8192): a search for the next
+	 * clear bit would walk a warm bitmap to its end. */
+	for (uint64_t i = b0; i <= b1; i++)
+		if (!present(p, i))
+			return -EAGAIN;
 	return xnbd__backend_read_fd(p->cache, off, len, fd, fd_off);
 }
 

@@ -1084,8 +1084,13 @@ static int wait_writable(struct session *s)
 		/* libuv allows one watcher per descriptor, and the stream has
 		 * it; the duplicate shares the socket. */
 		int d = fcntl(s->fd, F_DUPFD_CLOEXEC, 0);
-		if (d < 0)
-			return -errno;
+		if (d < 0) {
+			int e = errno;
+			slog(s->srv, XNBD_LOG_ERR,
+			     "%s: no descriptor to wait for room in the socket: %s",
+			     s->peer, strerror(e));
+			return -e;
+		}
 		int r = uv_poll_init(s->srv->loop, &s->wpoll, d);
 		if (r < 0) {
 			close(d);

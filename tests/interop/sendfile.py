@@ -19,7 +19,9 @@ that:
    running, answers reads past the new end with an error, and serves the
    image again once it is back.
 """
+import ctypes
 import os
+import platform
 import random
 import socket
 import struct
@@ -33,6 +35,20 @@ import xnbdtest as xt  # noqa: E402
 from xnbdtest import MiB, check, check_bytes, check_eq  # noqa: E402
 
 SIZE = 64 * MiB
+
+
+def cachestat_works(path):
+    """Does cachestat(2) (Linux 6.5) answer for this file?  Without it
+    the server sends nothing with sendfile."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr = 561 if platform.machine() == "alpha" else 451
+    fd = os.open(path, os.O_RDWR)
+    try:
+        rng = (ctypes.c_uint64 * 2)(0, 4096)
+        cs = (ctypes.c_uint64 * 5)()
+        return libc.syscall(nr, fd, ctypes.byref(rng), ctypes.byref(cs), 0) == 0
+    finally:
+        os.close(fd)
 
 
 def conn(srv, structured, rcvbuf=None):
@@ -152,7 +168,7 @@ def mixed_paths(srv, img, model, rng):
     xt.log("reads from the page cache and from the disk interleave correctly")
 
 
-def shrinking_image(d, srv, img, model):
+def shrinking_image(d, srv, img, model, sendfile):
     c = conn(srv, False, rcvbuf=4096)
     reqs = []
     for i in range(48):
@@ -163,10 +179,15 @@ def shrinking_image(d, srv, img, model):
     c.s.settimeout(20)
     whole = errors = 0
     closed = False
+    want = {ck: (off, n) for ck, off, n in reqs}
     try:
-        for ck, off, n in reqs:
-            r = c.read_reply({ck: n})
-            check_eq(r["cookie"], ck, "cookie after the image shrank")
+        for _ in reqs:
+            # Reads that went through the thread pool may finish out of
+            # order.
+            r = c.read_reply({ck: n for ck, (off, n) in want.items()})
+            check(r["cookie"] in want, "reply for cookie %d after the image "
+                  "shrank" % r["cookie"])
+            off, n = want.pop(r["cookie"])
             if r["error"]:
                 errors += 1  # read through the pool after it shrank: EIO
                 continue
@@ -182,13 +203,15 @@ def shrinking_image(d, srv, img, model):
     xt.log("image shrank under waiting replies: %d whole replies, %d "
            "errors, connection %s" % (whole, errors,
                                       "closed" if closed else "open"))
-    # Replies were waiting, so some data was still to be read from the
-    # image: the connection must end, and for that reason.
-    check(closed, "the connection went on after the image shrank under "
-          "replies whose data was still to be sent")
-    check("image ends before" in srv.log_text(),
-          "the log does not say why the connection ended:\n" +
-          srv.log_text()[-2000:])
+    if sendfile:
+        # Replies were waiting with their data still in the image (this is
+        # also what shows that sendfile was used): the connection must end,
+        # and for that reason.
+        check(closed, "the connection went on after the image shrank under "
+              "replies whose data was still to be sent")
+        check("image ends before" in srv.log_text(),
+              "the log does not say why the connection ended:\n" +
+              srv.log_text()[-2000:])
     check(srv.alive(), "the server died when the image shrank")
     c = conn(srv, True)
     err, _ = c.read(5 * MiB, 1 * MiB)
@@ -214,11 +237,15 @@ def test():
         model[10 * MiB:12 * MiB] = bytes(2 * MiB)
         img = d.image("disk.img", SIZE, bytes(model))
         warm(img, 0, SIZE)
+        sendfile = cachestat_works(img)
+        if not sendfile:
+            xt.log("cachestat(2) is missing: the server copies every read, "
+                   "and only that path is tested")
         srv = d.server(img)
         for structured in (False, True):
             slow_reader(srv, model, structured, rng)
         mixed_paths(srv, img, model, rng)
-        shrinking_image(d, srv, img, model)
+        shrinking_image(d, srv, img, model, sendfile)
         check_eq(srv.stop(), 0, "exit status after SIGTERM")
 
 
