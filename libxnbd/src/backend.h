@@ -61,6 +61,10 @@ static inline int xnbd__backend_read_fd(struct xnbd_backend *b, uint64_t off,
 	return b->ops->read_fd(b, off, len, fd, fd_off);
 }
 
+/* Is every page of [off, off+len) of fd in the page cache?  1 or 0, or a
+ * negative errno (-ENOSYS before Linux 6.5). */
+int xnbd__fd_cached(int fd, uint64_t off, uint64_t len);
+
 /* A file backend over an open descriptor, which it takes over on success
  * (flags: XNBD_OPEN_*). */
 int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,

@@ -72,7 +72,6 @@ struct file_backend {
 	atomic_bool punch_ok;
 	atomic_bool zero_range_ok;
 	bool cachestat_ok; /* loop thread only */
-	uint64_t page;
 	struct snapshot *snap; /* running snapshot, loop thread only */
 };
 
@@ -383,24 +382,36 @@ struct cachestat_ {
 	    nr_recently_evicted;
 };
 
+int xnbd__fd_cached(int fd, uint64_t off, uint64_t len)
+{
+	static uint64_t page;
+	if (!page) {
+		long ps = sysconf(_SC_PAGESIZE);
+		page = ps > 0 ? (uint64_t)ps : 4096;
+	}
+	struct cachestat_range_ r = {off, len};
+	struct cachestat_ cs;
+	if (syscall(SYS_cachestat, fd, &r, &cs, 0) < 0)
+		return -errno;
+	uint64_t pages = (off + len + page - 1) / page - off / page;
+	return cs.nr_cache >= pages;
+}
+
 static int file_read_fd(struct xnbd_backend *b, uint64_t off, uint64_t len,
                         int *fd, uint64_t *fd_off)
 {
 	struct file_backend *fb = (struct file_backend *)b;
 	if (!fb->cachestat_ok)
 		return -EOPNOTSUPP;
-	struct cachestat_range_ r = {off, len};
-	struct cachestat_ cs;
-	if (syscall(SYS_cachestat, fb->fd, &r, &cs, 0) < 0) {
-		int e = errno;
+	int r = xnbd__fd_cached(fb->fd, off, len);
+	if (r < 0) {
 		/* ENOSYS: an older kernel; EPERM: since Linux 6.14 only for files
 		 * the caller may write or owns.  Neither changes later. */
-		if (e == ENOSYS || e == EPERM || e == EOPNOTSUPP || e == EINVAL)
+		if (r == -ENOSYS || r == -EPERM || r == -EOPNOTSUPP || r == -EINVAL)
 			fb->cachestat_ok = false;
-		return -e;
+		return r;
 	}
-	uint64_t pages = (off + len + fb->page - 1) / fb->page - off / fb->page;
-	if (cs.nr_cache < pages)
+	if (!r)
 		return -EAGAIN;
 	*fd = fb->fd;
 	*fd_off = off;
@@ -665,8 +676,6 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 	atomic_init(&fb->punch_ok, true);
 	atomic_init(&fb->zero_range_ok, true);
 	fb->cachestat_ok = true;
-	long ps = sysconf(_SC_PAGESIZE);
-	fb->page = ps > 0 ? (uint64_t)ps : 4096;
 
 	/* FAST_ZERO is always offered: where the file system cannot punch or
 	 * zero a range, such a request fails at once with ENOTSUP, which is

@@ -101,6 +101,11 @@ struct req {
 	uint32_t have; /* WRITE payload bytes received */
 	int src_fd;    /* READ: >= 0 when the data is sent from this file */
 	uint64_t src_off;
+	/* Loading the rest of a file segment into buf on the pool. */
+	uv_work_t load;
+	uint8_t *load_dst;
+	uint64_t load_at, load_left, load_rel;
+	int load_status;
 	struct xnbd_extent *extents; /* 2 * MAX_EXTENTS: one half a context */
 	uint32_t n_ext[XNBD__CTX_COUNT]; /* BLOCK_STATUS: extents per context */
 	uint32_t ctx_left; /* BLOCK_STATUS: contexts still to ask about */
@@ -160,6 +165,7 @@ struct session {
 	int wfd;
 	uint32_t wseg;   /* write cursor: segment of the first request in out */
 	uint32_t woff;   /* and bytes of it already written */
+	struct req *loading; /* its file segment is being read on the pool */
 	char peer[64];
 	struct iovec iov[WRITE_IOV_MAX];
 };
@@ -1197,19 +1203,16 @@ out:
 	return k;
 }
 
-/* sendfile() cannot serve this descriptor pair: read the rest of the
- * segment into the request's buffer (the READ has one of its full length)
- * and send it from there.  The data is in the page cache, or was moments
- * ago. */
-static int seg_materialize(struct session *s, struct req *q, struct seg *sg)
+/* The rest of the file segment at the cursor must be read into the
+ * request's buffer (the READ has one of its full length) and sent from
+ * there: sendfile() cannot serve the descriptor pair, or the pages left
+ * the page cache while the reply waited (a slow client), and sendfile
+ * would make the loop wait for the disk.  The read runs on the pool;
+ * the session writes nothing meanwhile (it counts as a pending write). */
+static int read_rest(struct req *q)
 {
-	uint32_t done = s->woff;
-	uint64_t rel = sg->off - q->src_off; /* where the segment is in the read */
-	int r = req_buf(q, q->r.length);
-	if (r < 0)
-		return r;
-	uint8_t *p = q->buf + rel + done;
-	uint64_t left = sg->len - done, at = sg->off + done;
+	uint8_t *p = q->load_dst;
+	uint64_t left = q->load_left, at = q->load_at;
 	while (left) {
 		ssize_t n = pread(q->src_fd, p, left, (off_t)at);
 		if (n < 0 && errno == EINTR)
@@ -1217,14 +1220,78 @@ static int seg_materialize(struct session *s, struct req *q, struct seg *sg)
 		if (n < 0)
 			return -errno;
 		if (n == 0)
-			return -EIO; /* the image shrank under us */
+			return -ENODATA; /* the image shrank under us */
 		p += n;
 		at += (uint64_t)n;
 		left -= (uint64_t)n;
 	}
-	sg->kind = SEG_DATA;
-	sg->off = rel;
 	return 0;
+}
+
+static void load_work(uv_work_t *w)
+{
+	struct req *q = w->data;
+	q->load_status = read_rest(q);
+}
+
+static void load_loaded(struct session *s, struct req *q)
+{
+	struct seg *sg = seg_at(q, s->wseg);
+	sg->kind = SEG_DATA;
+	sg->off = q->load_rel;
+}
+
+static void load_done(uv_work_t *w, int status)
+{
+	struct req *q = w->data;
+	struct session *s = q->s;
+	s->loading = NULL;
+	s->writes_pending--;
+	if (status == UV_ECANCELED)
+		q->load_status = -ECANCELED;
+	if (s->state == S_CLOSING) {
+		req_release(q); /* session_close left it to us */
+		session_maybe_free(s);
+		return;
+	}
+	if (q->load_status == -ENODATA) {
+		slog(s->srv, XNBD_LOG_ERR, "%s: the image ends before offset %llu",
+		     s->peer, (unsigned long long)(q->load_at + q->load_left));
+		session_close(s, "a reply's data is gone");
+		return;
+	}
+	if (q->load_status < 0) {
+		slog(s->srv, XNBD_LOG_ERR, "%s: reading the image at offset %llu: %s",
+		     s->peer, (unsigned long long)q->load_at,
+		     strerror(-q->load_status));
+		session_close(s, "a reply's data could not be read");
+		return;
+	}
+	load_loaded(s, q);
+	session_flush(s);
+}
+
+/* Start loading the segment at the cursor.  Returns 0 when the load runs
+ * (or, without a pool, ran here), or a negative errno. */
+static int load_segment(struct session *s, struct req *q, struct seg *sg)
+{
+	int r = req_buf(q, q->r.length);
+	if (r < 0)
+		return r;
+	q->load_rel = sg->off - q->src_off; /* where the segment is in the read */
+	q->load_dst = q->buf + q->load_rel + s->woff;
+	q->load_at = sg->off + s->woff;
+	q->load_left = sg->len - s->woff;
+	q->load.data = q;
+	if (uv_queue_work(s->srv->loop, &q->load, load_work, load_done) == 0) {
+		s->loading = q;
+		s->writes_pending++;
+		return 0;
+	}
+	r = read_rest(q);
+	if (r == 0)
+		load_loaded(s, q);
+	return r;
 }
 
 /* Write finished replies until they are all out or the socket is full;
@@ -1250,6 +1317,13 @@ static void session_flush(struct session *s)
 		if (sg->kind == SEG_FILE) {
 			off_t off = (off_t)(sg->off + s->woff);
 			want = sg->len - s->woff;
+			if (xnbd__fd_cached(q->src_fd, (uint64_t)off, want) == 0) {
+				/* Evicted while the reply waited. */
+				err = load_segment(s, q, sg);
+				if (err || s->loading)
+					break;
+				continue;
+			}
 			n = sendfile(s->fd, q->src_fd, &off, want);
 			if (n == 0) {
 				err = -EIO;
@@ -1261,8 +1335,8 @@ static void session_flush(struct session *s)
 			if (n < 0 && (errno == EINVAL || errno == ENOSYS ||
 			              errno == EOPNOTSUPP || errno == ESPIPE)) {
 				s->sendfile_ok = false;
-				err = seg_materialize(s, q, sg);
-				if (err)
+				err = load_segment(s, q, sg);
+				if (err || s->loading)
 					break;
 				continue;
 			}
@@ -1734,7 +1808,9 @@ static void session_close(struct session *s, const char *why)
 	while (!xnbd_list_empty(&s->out)) {
 		struct req *q = xnbd_container_of(s->out.next, struct req, link);
 		xnbd_list_remove(&q->link);
-		req_release(q);
+		xnbd_list_init(&q->link);
+		if (q != s->loading) /* that one is released by load_done */
+			req_release(q);
 	}
 	if (s->cur) {
 		req_release(s->cur);

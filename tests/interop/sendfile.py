@@ -13,7 +13,10 @@ that:
 2. Reads of ranges in the page cache and of ranges evicted from it (which
    take the copy path through the thread pool) interleaved in one
    pipeline: every reply carries its own data, in the order sent.
-3. The image shrinking under the server while such replies wait: the
+3. The image's pages leaving the page cache while such replies wait (a
+   slow client): the server reads the rest on its thread pool instead of
+   letting sendfile wait for the disk, and every reply is still right.
+4. The image shrinking under the server while such replies wait: the
    server must not send bytes it does not have.  The client either gets
    whole, correct replies or a closed connection; the server keeps
    running, answers reads past the new end with an error, and serves the
@@ -168,6 +171,23 @@ def mixed_paths(srv, img, model, rng):
     xt.log("reads from the page cache and from the disk interleave correctly")
 
 
+def evicted_while_waiting(srv, img, model, rng):
+    for structured in (False, True):
+        c = conn(srv, structured, rcvbuf=4096)
+        reqs = []
+        for i in range(48):
+            n = rng.choice((64 * 1024, 1 * MiB, 1 * MiB + 5))
+            off = rng.randrange(SIZE - n)
+            reqs.append((c.send_request(xt.CMD_READ, off, n), off, n))
+        time.sleep(0.5)  # the replies wait for room in the socket
+        evict(img, 0, SIZE)
+        read_replies(c, reqs, model, "evicted while waiting (%s)"
+                     % ("structured" if structured else "simple"))
+        c.close()
+        warm(img, 0, SIZE)
+    xt.log("replies whose pages were evicted while they waited are right")
+
+
 def shrinking_image(d, srv, img, model, sendfile):
     c = conn(srv, False, rcvbuf=4096)
     reqs = []
@@ -245,6 +265,7 @@ def test():
         for structured in (False, True):
             slow_reader(srv, model, structured, rng)
         mixed_paths(srv, img, model, rng)
+        evicted_while_waiting(srv, img, model, rng)
         shrinking_image(d, srv, img, model, sendfile)
         check_eq(srv.stop(), 0, "exit status after SIGTERM")
 
