@@ -61,6 +61,10 @@ static inline int xnbd__backend_read_fd(struct xnbd_backend *b, uint64_t off,
 	return b->ops->read_fd(b, off, len, fd, fd_off);
 }
 
+/* pread all of [off, off+len) of fd into buf, across short reads and
+ * EINTR: 0, -ENODATA if the file ends first, or a negative errno. */
+int xnbd__pread_full(int fd, void *buf, uint64_t len, uint64_t off);
+
 /* Is every page of [off, off+len) of fd in the page cache?  1 or 0, or a
  * negative errno (-ENOSYS before Linux 6.5). */
 int xnbd__fd_cached(int fd, uint64_t off, uint64_t len);

@@ -79,7 +79,7 @@ static const unsigned char zero_chunk[64 * 1024];
 
 /* ---- blocking helpers, run on worker threads ----------------------------- */
 
-static int full_pread(int fd, void *buf, uint64_t len, uint64_t off)
+int xnbd__pread_full(int fd, void *buf, uint64_t len, uint64_t off)
 {
 	uint8_t *p = buf;
 	while (len) {
@@ -90,12 +90,18 @@ static int full_pread(int fd, void *buf, uint64_t len, uint64_t off)
 			return -errno;
 		}
 		if (n == 0)
-			return -EIO; /* the image shrank under us */
+			return -ENODATA; /* the image shrank under us */
 		p += n;
 		off += (uint64_t)n;
 		len -= (uint64_t)n;
 	}
 	return 0;
+}
+
+static int full_pread(int fd, void *buf, uint64_t len, uint64_t off)
+{
+	int r = xnbd__pread_full(fd, buf, len, off);
+	return r == -ENODATA ? -EIO : r;
 }
 
 static int full_pwrite(int fd, const void *buf, uint64_t len, uint64_t off,

@@ -1211,21 +1211,7 @@ out:
  * the session writes nothing meanwhile (it counts as a pending write). */
 static int read_rest(struct req *q)
 {
-	uint8_t *p = q->load_dst;
-	uint64_t left = q->load_left, at = q->load_at;
-	while (left) {
-		ssize_t n = pread(q->src_fd, p, left, (off_t)at);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			return -ENODATA; /* the image shrank under us */
-		p += n;
-		at += (uint64_t)n;
-		left -= (uint64_t)n;
-	}
-	return 0;
+	return xnbd__pread_full(q->src_fd, q->load_dst, q->load_left, q->load_at);
 }
 
 static void load_work(uv_work_t *w)
