@@ -101,11 +101,7 @@ struct req {
 	uint32_t have; /* WRITE payload bytes received */
 	int src_fd;    /* READ: >= 0 when the data is sent from this file */
 	uint64_t src_off;
-	/* Loading the rest of a file segment into buf on the pool. */
-	uv_work_t load;
-	uint8_t *load_dst;
-	uint64_t load_at, load_left, load_rel;
-	int load_status;
+	uint32_t src_resumes; /* the session's wresumes when it was checked */
 	struct xnbd_extent *extents; /* 2 * MAX_EXTENTS: one half a context */
 	uint32_t n_ext[XNBD__CTX_COUNT]; /* BLOCK_STATUS: extents per context */
 	uint32_t ctx_left; /* BLOCK_STATUS: contexts still to ask about */
@@ -165,7 +161,17 @@ struct session {
 	int wfd;
 	uint32_t wseg;   /* write cursor: segment of the first request in out */
 	uint32_t woff;   /* and bytes of it already written */
-	struct req *loading; /* its file segment is being read on the pool */
+	/* Times the writer went on after a stop (room in the socket, a load,
+	 * a handshake write): a file segment checked before the last one may
+	 * have left the page cache while it waited. */
+	uint32_t wresumes;
+	/* At most one file segment at a time is read into its request's
+	 * buffer on the pool, while the writer waits. */
+	struct req *loading;
+	uv_work_t load;
+	uint8_t *load_dst;
+	uint64_t load_at, load_left, load_rel;
+	int load_status;
 	char peer[64];
 	struct iovec iov[WRITE_IOV_MAX];
 };
@@ -920,6 +926,7 @@ static void req_submit(struct req *q)
 		/* Answered now; the data is read when the reply is sent. */
 		q->src_fd = fd;
 		q->src_off = fd_off;
+		q->src_resumes = q->s->wresumes;
 		req_finish(q, 0);
 		return;
 	}
@@ -1118,6 +1125,7 @@ static void wpoll_cb(uv_poll_t *p, int status, int events)
 	struct session *s = p->data;
 	uv_poll_stop(p);
 	s->wblocked = false;
+	s->wresumes++;
 	if (status < 0) {
 		/* libuv says EBADF for any POLLERR; the socket knows better. */
 		int e = 0;
@@ -1209,47 +1217,49 @@ out:
  * the page cache while the reply waited (a slow client), and sendfile
  * would make the loop wait for the disk.  The read runs on the pool;
  * the session writes nothing meanwhile (it counts as a pending write). */
-static int read_rest(struct req *q)
+static int read_rest(struct session *s)
 {
-	return xnbd__pread_full(q->src_fd, q->load_dst, q->load_left, q->load_at);
+	return xnbd__pread_full(s->loading->src_fd, s->load_dst, s->load_left,
+	                        s->load_at);
 }
 
 static void load_work(uv_work_t *w)
 {
-	struct req *q = w->data;
-	q->load_status = read_rest(q);
+	struct session *s = w->data;
+	s->load_status = read_rest(s);
 }
 
 static void load_loaded(struct session *s, struct req *q)
 {
 	struct seg *sg = seg_at(q, s->wseg);
 	sg->kind = SEG_DATA;
-	sg->off = q->load_rel;
+	sg->off = s->load_rel;
 }
 
 static void load_done(uv_work_t *w, int status)
 {
-	struct req *q = w->data;
-	struct session *s = q->s;
+	struct session *s = w->data;
+	struct req *q = s->loading;
 	s->loading = NULL;
 	s->writes_pending--;
+	s->wresumes++;
 	if (status == UV_ECANCELED)
-		q->load_status = -ECANCELED;
+		s->load_status = -ECANCELED;
 	if (s->state == S_CLOSING) {
 		req_release(q); /* session_close left it to us */
 		session_maybe_free(s);
 		return;
 	}
-	if (q->load_status == -ENODATA) {
+	if (s->load_status == -ENODATA) {
 		slog(s->srv, XNBD_LOG_ERR, "%s: the image ends before offset %llu",
-		     s->peer, (unsigned long long)(q->load_at + q->load_left));
+		     s->peer, (unsigned long long)(s->load_at + s->load_left));
 		session_close(s, "a reply's data is gone");
 		return;
 	}
-	if (q->load_status < 0) {
+	if (s->load_status < 0) {
 		slog(s->srv, XNBD_LOG_ERR, "%s: reading the image at offset %llu: %s",
-		     s->peer, (unsigned long long)q->load_at,
-		     strerror(-q->load_status));
+		     s->peer, (unsigned long long)s->load_at,
+		     strerror(-s->load_status));
 		session_close(s, "a reply's data could not be read");
 		return;
 	}
@@ -1264,17 +1274,18 @@ static int load_segment(struct session *s, struct req *q, struct seg *sg)
 	int r = req_buf(q, q->r.length);
 	if (r < 0)
 		return r;
-	q->load_rel = sg->off - q->src_off; /* where the segment is in the read */
-	q->load_dst = q->buf + q->load_rel + s->woff;
-	q->load_at = sg->off + s->woff;
-	q->load_left = sg->len - s->woff;
-	q->load.data = q;
-	if (uv_queue_work(s->srv->loop, &q->load, load_work, load_done) == 0) {
-		s->loading = q;
+	s->load_rel = sg->off - q->src_off; /* where the segment is in the read */
+	s->load_dst = q->buf + s->load_rel + s->woff;
+	s->load_at = sg->off + s->woff;
+	s->load_left = sg->len - s->woff;
+	s->load.data = s;
+	s->loading = q;
+	if (uv_queue_work(s->srv->loop, &s->load, load_work, load_done) == 0) {
 		s->writes_pending++;
 		return 0;
 	}
-	r = read_rest(q);
+	r = read_rest(s);
+	s->loading = NULL;
 	if (r == 0)
 		load_loaded(s, q);
 	return r;
@@ -1303,7 +1314,8 @@ static void session_flush(struct session *s)
 		if (sg->kind == SEG_FILE) {
 			off_t off = (off_t)(sg->off + s->woff);
 			want = sg->len - s->woff;
-			if (xnbd__fd_cached(q->src_fd, (uint64_t)off, want) == 0) {
+			if (q->src_resumes != s->wresumes &&
+			    xnbd__fd_cached(q->src_fd, (uint64_t)off, want) == 0) {
 				/* Evicted while the reply waited. */
 				err = load_segment(s, q, sg);
 				if (err || s->loading)
@@ -1573,6 +1585,7 @@ static void hs_write_cb(uv_write_t *w, int status)
 	s->writes_pending--;
 	if (status < 0 && s->state != S_CLOSING)
 		session_close(s, uv_strerror(status));
+	s->wresumes++;
 	if (!xnbd_list_empty(&s->out) && s->state != S_CLOSING)
 		session_mark_dirty(s); /* replies waited for this one */
 	session_check_drained(s);
