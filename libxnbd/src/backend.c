@@ -38,7 +38,7 @@ static unsigned cap_needed(uint32_t type)
 	}
 }
 
-int xnbd_backend_submit(struct xnbd_backend *b, struct xnbd_io *io)
+static int check_io(struct xnbd_backend *b, struct xnbd_io *io)
 {
 	if (io->type > XNBD_IO_BLOCK_STATUS)
 		return -EINVAL;
@@ -64,7 +64,29 @@ int xnbd_backend_submit(struct xnbd_backend *b, struct xnbd_io *io)
 		return -ENOTSUP;
 	io->status = 0;
 	io->n_extents = 0;
-	int r = b->ops->submit(b, io);
+	return 0;
+}
+
+int xnbd_backend_submit(struct xnbd_backend *b, struct xnbd_io *io)
+{
+	int r = check_io(b, io);
+	if (r < 0)
+		return r;
+	r = b->ops->submit(b, io);
+	if (r == XNBD_IO_PENDING)
+		b->in_flight++;
+	return r;
+}
+
+int xnbd__backend_submit_pipe(struct xnbd_backend *b, struct xnbd_io *io,
+                              int pipe_fd)
+{
+	if (!b->ops->write_pipe || io->type != XNBD_IO_WRITE || pipe_fd < 0)
+		return -EOPNOTSUPP;
+	int r = check_io(b, io);
+	if (r < 0)
+		return r;
+	r = b->ops->write_pipe(b, io, pipe_fd);
 	if (r == XNBD_IO_PENDING)
 		b->in_flight++;
 	return r;

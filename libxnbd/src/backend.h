@@ -11,6 +11,7 @@
 #define XNBD_BACKEND_PRIV_H
 
 #include <errno.h>
+#include <stdbool.h>
 
 #include "xnbd/backend.h"
 
@@ -35,6 +36,16 @@ struct xnbd__backend_ops {
 	 * through submit".  Optional.  The range is within the image. */
 	int (*read_fd)(struct xnbd_backend *b, uint64_t off, uint64_t len,
 	               int *fd, uint64_t *fd_off);
+	/* A WRITE whose data is in a pipe, not in io->buf: the pipe (its
+	 * non-blocking read end, pipe_fd) holds exactly io->length bytes,
+	 * which the backend moves into the image with splice() (one copy, no
+	 * pass through user space).  io->buf points at io->length bytes the
+	 * backend may use to copy through where splice cannot.  The pipe is
+	 * the caller's and stays open until the I/O completes; it is empty
+	 * after a success.  Returns as submit.  Optional: stacked backends
+	 * need the bytes in memory. */
+	int (*write_pipe)(struct xnbd_backend *b, struct xnbd_io *io,
+	                  int pipe_fd);
 	void (*free)(struct xnbd_backend *b);
 };
 
@@ -60,6 +71,17 @@ static inline int xnbd__backend_read_fd(struct xnbd_backend *b, uint64_t off,
 		return -EOPNOTSUPP;
 	return b->ops->read_fd(b, off, len, fd, fd_off);
 }
+
+/* Can a WRITE be submitted from a pipe (xnbd__backend_submit_pipe)? */
+static inline bool xnbd__backend_takes_pipe(const struct xnbd_backend *b)
+{
+	return b->ops->write_pipe && !(b->caps & XNBD_CAP_READ_ONLY);
+}
+
+/* xnbd_backend_submit() for a WRITE whose data is in a pipe (see
+ * write_pipe above); -EOPNOTSUPP when the backend cannot take it. */
+int xnbd__backend_submit_pipe(struct xnbd_backend *b, struct xnbd_io *io,
+                              int pipe_fd);
 
 /* pread all of [off, off+len) of fd into buf, across short reads and
  * EINTR: 0, -ENODATA if the file ends first, or a negative errno. */

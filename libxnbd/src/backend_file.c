@@ -13,6 +13,11 @@
  *   page cache: sendfile cannot be told not to wait for a disk, and the
  *   loop thread must not.  Where cachestat is missing (Linux before 6.5)
  *   or refused, every read goes through submit as before.
+ * - Large writes may come in a pipe the server spliced from the socket
+ *   (write_pipe): a pool thread splices the pipe into the file, so the
+ *   data is copied once, into the page cache, never through user space.
+ *   Where the file refuses splice, the pipe is read into the request's
+ *   buffer and written as usual.
  * - Snapshots: a reflink (FICLONE) where the file system has one, else a
  *   copy-before-write.  While a copy runs every write goes through the
  *   pool, and before it changes a chunk that the copier has not reached it
@@ -124,6 +129,40 @@ static int full_pwrite(int fd, const void *buf, uint64_t len, uint64_t off,
 		p += n;
 		off += (uint64_t)n;
 		len -= (uint64_t)n;
+	}
+	return 0;
+}
+
+/* Move len bytes from a non-blocking pipe holding them into fd at off;
+ * bounce (len bytes) is for file systems that refuse splice. */
+static int pipe_to_file(int fd, int pipe_fd, void *bounce, uint64_t len,
+                        uint64_t off)
+{
+	while (len) {
+		loff_t o = (loff_t)off;
+		ssize_t n = splice(pipe_fd, NULL, fd, &o, len, SPLICE_F_MOVE);
+		if (n > 0) {
+			off += (uint64_t)n;
+			len -= (uint64_t)n;
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n == 0 || errno == EAGAIN)
+			return -EIO; /* the pipe held less than it should */
+		if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP)
+			return -errno;
+		/* No splice into this file: copy through the buffer. */
+		uint8_t *p = bounce;
+		for (uint64_t got = 0; got < len;) {
+			ssize_t k = read(pipe_fd, p + got, len - got);
+			if (k < 0 && errno == EINTR)
+				continue;
+			if (k <= 0)
+				return -EIO;
+			got += (uint64_t)k;
+		}
+		return full_pwrite(fd, p, len, off, 0);
 	}
 	return 0;
 }
@@ -271,6 +310,12 @@ static void work_cb(uv_work_t *w)
 		break;
 	case XNBD_IO_WRITE:
 		copy_before_write(snap, io->offset, io->length);
+		if (io->priv.scratch) { /* the data is in a pipe */
+			r = pipe_to_file(fb->fd, (int)(io->priv.scratch - 1), io->buf,
+			                 io->length, io->offset);
+			r = sync_if_fua(fb, io, r);
+			break;
+		}
 		r = full_pwrite(fb->fd, (uint8_t *)io->buf + done, io->length - done,
 		                io->offset + done,
 		                (io->flags & XNBD_IO_FUA) ? RWF_DSYNC : 0);
@@ -319,12 +364,15 @@ static void after_work_cb(uv_work_t *w, int status)
 	xnbd__io_complete(&fb->base, io);
 }
 
+static int queue_io(struct file_backend *fb, struct xnbd_io *io);
+
 static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 {
 	struct file_backend *fb = (struct file_backend *)b;
 	io->priv.a = fb;
 	io->priv.b = NULL;
 	io->priv.done_bytes = 0;
+	io->priv.scratch = 0;
 
 	if (io->length == 0 && io->type != XNBD_IO_FLUSH) {
 		if (io->type == XNBD_IO_BLOCK_STATUS)
@@ -356,6 +404,26 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 		else if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
 			atomic_store(&fb->nowait_write, false);
 	}
+	return queue_io(fb, io);
+}
+
+static int file_write_pipe(struct xnbd_backend *b, struct xnbd_io *io,
+                           int pipe_fd)
+{
+	struct file_backend *fb = (struct file_backend *)b;
+	io->priv.a = fb;
+	io->priv.b = NULL;
+	io->priv.done_bytes = 0;
+	io->priv.scratch = (uint64_t)pipe_fd + 1;
+	if (io->length == 0)
+		return XNBD_IO_COMPLETED;
+	return queue_io(fb, io);
+}
+
+/* Hand an I/O to the pool. */
+static int queue_io(struct file_backend *fb, struct xnbd_io *io)
+{
+	struct xnbd_backend *b = &fb->base;
 	bool writes = io->type == XNBD_IO_WRITE || io->type == XNBD_IO_TRIM ||
 	              io->type == XNBD_IO_ZERO;
 	if (writes && fb->snap) {
@@ -625,6 +693,7 @@ static const struct xnbd__backend_ops file_ops = {
 	.snapshot_cancel = file_snapshot_cancel,
 	.snapshot_running = file_snapshot_running,
 	.read_fd = file_read_fd,
+	.write_pipe = file_write_pipe,
 	.free = file_free,
 };
 

@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <sys/ioctl.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -59,6 +60,13 @@
 #define FREE_REQS_MAX 64U
 #define SENDFILE_MIN (64U * 1024U) /* smaller reads: copied and batched */
 #define WRITE_IOV_MAX 512U
+/* WRITE payloads above SPLICE_MIN and up to PIPE_SIZE go to a plain image
+ * through a pipe (see splice_in).  Smaller ones are copied: the file
+ * backend writes those from the loop thread, without a pool hand-off. */
+#define SPLICE_MIN (128U * 1024U)
+#define PIPE_SIZE (1024U * 1024U)
+#define PIPES_MAX 16U   /* per session */
+#define SPLICE_GIVE_UP 4U /* payloads in a row that had to be copied */
 
 struct xnbd_export {
 	char *name;
@@ -99,6 +107,7 @@ struct req {
 	uint8_t *buf; /* READ/WRITE data */
 	size_t buf_cap;
 	uint32_t have; /* WRITE payload bytes received */
+	int pr, pw;    /* WRITE: the pipe its payload is spliced into, or -1 */
 	int src_fd;    /* READ: >= 0 when the data is sent from this file */
 	uint64_t src_off;
 	uint32_t src_resumes; /* the session's wresumes when it was checked */
@@ -165,6 +174,15 @@ struct session {
 	 * a handshake write): a file segment checked before the last one may
 	 * have left the page cache while it waited. */
 	uint32_t wresumes;
+	/* Large WRITE payloads are spliced from the socket into a pipe
+	 * (splice_in); meanwhile libuv does not read the socket, and the
+	 * session waits for input on wpoll. */
+	bool splice_ok;
+	bool wait_in;  /* waiting on wpoll for more of a spliced payload */
+	bool hdr_only; /* read no further than the next request header */
+	uint32_t splice_misses;
+	uint32_t npipes, npipes_free; /* open, and of those not in use */
+	int pipes[PIPES_MAX][2];
 	/* At most one file segment at a time is read into its request's
 	 * buffer on the pool, while the writer waits. */
 	struct req *loading;
@@ -530,6 +548,7 @@ static struct req *req_get(struct session *s)
 	xnbd__buf_reset(&q->hdr);
 	q->nsegs = 0;
 	q->have = 0;
+	q->pr = q->pw = -1;
 	q->src_fd = -1;
 	q->charged = 0;
 	s->queued++;
@@ -613,11 +632,61 @@ static void session_check_drained(struct session *s)
 	}
 }
 
+/* A pipe for a spliced payload: one the session keeps, or a new one. */
+static bool pipe_get(struct session *s, struct req *q)
+{
+	if (s->npipes_free) {
+		s->npipes_free--;
+		q->pr = s->pipes[s->npipes_free][0];
+		q->pw = s->pipes[s->npipes_free][1];
+		return true;
+	}
+	if (s->npipes >= PIPES_MAX)
+		return false;
+	int p[2];
+	if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+		return false;
+	/* Past the per-user pipe limits the kernel refuses to grow it. */
+	int cap = fcntl(p[1], F_SETPIPE_SZ, (int)PIPE_SIZE);
+	if (cap < (int)PIPE_SIZE) {
+		close(p[0]);
+		close(p[1]);
+		if (++s->splice_misses >= SPLICE_GIVE_UP)
+			s->splice_ok = false;
+		return false;
+	}
+	s->npipes++;
+	q->pr = p[0];
+	q->pw = p[1];
+	return true;
+}
+
+/* Give a request's pipe back to its session, or close it when it may hold
+ * bytes (a failed write) or the session is closing. */
+static void pipe_put(struct session *s, struct req *q)
+{
+	if (q->pr < 0)
+		return;
+	int left = 1;
+	if (s->state != S_CLOSING && s->npipes_free < PIPES_MAX &&
+	    ioctl(q->pr, FIONREAD, &left) == 0 && left == 0) {
+		s->pipes[s->npipes_free][0] = q->pr;
+		s->pipes[s->npipes_free][1] = q->pw;
+		s->npipes_free++;
+	} else {
+		close(q->pr);
+		close(q->pw);
+		s->npipes--;
+	}
+	q->pr = q->pw = -1;
+}
+
 static void req_release(struct req *q)
 {
 	struct session *s = q->s;
 	struct xnbd_server *srv = s->srv;
 	bool was_over = server_over_limits(srv);
+	pipe_put(s, q);
 	s->queued--;
 	srv->queued--;
 	s->buffered -= q->charged;
@@ -934,6 +1003,8 @@ static void req_submit(struct req *q)
 		q->ctx_left = q->s->tx.contexts;
 		io->extents = NULL;
 		r = status_next(q);
+	} else if (q->pr >= 0) {
+		r = xnbd__backend_submit_pipe(q->s->export->backend, io, q->pr);
 	} else {
 		r = xnbd_backend_submit(q->s->export->backend, io);
 	}
@@ -1023,6 +1094,13 @@ static void handle_request(struct session *s, const struct xnbd__request *r)
 			req_submit(q);
 			return;
 		}
+		/* A large write to a plain image: splice its payload (the buffer
+		 * stays, for falling back to copying). */
+		if (s->splice_ok && r->type == XNBD_CMD_WRITE &&
+		    !(r->flags & XNBD_CMD_FLAG_FUA) && r->length > SPLICE_MIN &&
+		    r->length <= PIPE_SIZE &&
+		    xnbd__backend_takes_pipe(s->export->backend))
+			pipe_get(s, q);
 		s->cur = q;
 		return;
 	}
@@ -1090,8 +1168,9 @@ static void replies_written(struct session *s, struct xnbd_list *reqs,
 static void wpoll_cb(uv_poll_t *p, int status, int events);
 static void session_flush(struct session *s);
 
-/* The socket is full: flush again once it has room. */
-static int wait_writable(struct session *s)
+/* wpoll watches for room in the socket (wblocked) and for input while a
+ * payload is spliced (wait_in). */
+static int wpoll_ensure(struct session *s)
 {
 	if (!s->wpoll_init) {
 		/* libuv allows one watcher per descriptor, and the stream has
@@ -1113,19 +1192,46 @@ static int wait_writable(struct session *s)
 		s->wfd = d;
 		s->wpoll_init = true;
 	}
-	int r = uv_poll_start(&s->wpoll, UV_WRITABLE, wpoll_cb);
-	if (r == 0)
-		s->wblocked = true;
+	return 0;
+}
+
+static int wpoll_update(struct session *s)
+{
+	int ev = (s->wblocked ? UV_WRITABLE : 0) | (s->wait_in ? UV_READABLE : 0);
+	if (!ev)
+		return uv_poll_stop(&s->wpoll);
+	return uv_poll_start(&s->wpoll, ev, wpoll_cb);
+}
+
+/* The socket is full: flush again once it has room. */
+static int wait_writable(struct session *s)
+{
+	int r = wpoll_ensure(s);
+	if (r < 0)
+		return r;
+	s->wblocked = true;
+	r = wpoll_update(s);
+	if (r < 0)
+		s->wblocked = false;
+	return r;
+}
+
+/* The socket has no more of a spliced payload yet: go on once it has. */
+static int wait_input(struct session *s)
+{
+	int r = wpoll_ensure(s);
+	if (r < 0)
+		return r;
+	s->wait_in = true;
+	r = wpoll_update(s);
+	if (r < 0)
+		s->wait_in = false;
 	return r;
 }
 
 static void wpoll_cb(uv_poll_t *p, int status, int events)
 {
-	(void)events;
 	struct session *s = p->data;
-	uv_poll_stop(p);
-	s->wblocked = false;
-	s->wresumes++;
 	if (status < 0) {
 		/* libuv says EBADF for any POLLERR; the socket knows better. */
 		int e = 0;
@@ -1135,7 +1241,23 @@ static void wpoll_cb(uv_poll_t *p, int status, int events)
 		session_close(s, uv_strerror(status));
 		return;
 	}
-	session_flush(s);
+	bool out = s->wblocked && (events & UV_WRITABLE);
+	bool in = s->wait_in && (events & UV_READABLE);
+	if (out) {
+		s->wblocked = false;
+		s->wresumes++;
+	}
+	if (in)
+		s->wait_in = false;
+	int r = wpoll_update(s);
+	if (r < 0) {
+		session_close(s, uv_strerror(r));
+		return;
+	}
+	if (in)
+		session_process(s);
+	if (out)
+		session_flush(s);
 }
 
 /* The first request of the output list, and the segment the cursor is at
@@ -1403,7 +1525,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
 	struct session *s = h->data;
 	s->direct = false;
-	if (s->cur && s->rpos == s->rlen &&
+	if (s->cur && s->cur->pr < 0 && s->rpos == s->rlen &&
 	    s->cur->r.length - s->cur->have >= DIRECT_MIN) {
 		s->direct = true;
 		*buf = uv_buf_init((char *)s->cur->buf + s->cur->have,
@@ -1418,7 +1540,13 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 	}
 	if (s->rpos == s->rlen)
 		s->rpos = s->rlen = 0;
-	*buf = uv_buf_init((char *)s->rbuf + s->rlen, RBUF_SIZE - s->rlen);
+	size_t room = RBUF_SIZE - s->rlen;
+	/* After a spliced payload, the next header may start another: read
+	 * no part of that one's payload into the buffer. */
+	if (s->hdr_only && s->rlen - s->rpos < XNBD_REQUEST_SIZE &&
+	    XNBD_REQUEST_SIZE - (s->rlen - s->rpos) < room)
+		room = XNBD_REQUEST_SIZE - (s->rlen - s->rpos);
+	*buf = uv_buf_init((char *)s->rbuf + s->rlen, room);
 }
 
 static void session_handshake_input(struct session *s);
@@ -1482,6 +1610,78 @@ static void session_read(struct session *s)
 	}
 }
 
+/* Splicing a payload cannot go on (the pipe is full, or the socket
+ * refuses): take what the pipe holds into the request's buffer; the rest
+ * is read as usual.  Returns -1 when the session was closed. */
+static int splice_abandon(struct session *s, struct req *q)
+{
+	for (uint32_t got = 0; got < q->have;) {
+		ssize_t k = read(q->pr, q->buf + got, q->have - got);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0) {
+			session_close(s, "a write's data went missing in its pipe");
+			return -1;
+		}
+		got += (uint32_t)k;
+	}
+	pipe_put(s, q);
+	if (++s->splice_misses >= SPLICE_GIVE_UP)
+		s->splice_ok = false;
+	return 0;
+}
+
+enum { SPLICED, SPLICE_WAIT, SPLICE_COPY, SPLICE_CLOSED };
+
+/* Move what the socket has of the payload of q (s->cur) into its pipe,
+ * without blocking: the bytes are not copied, the pipe takes the socket
+ * buffer's pages. */
+static int splice_in(struct session *s, struct req *q)
+{
+	bool retried = false;
+	while (q->have < q->r.length) {
+		ssize_t n = splice(s->fd, NULL, q->pw, NULL, q->r.length - q->have,
+		                   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+		if (n > 0) {
+			q->have += (uint32_t)n;
+			continue;
+		}
+		if (n == 0) {
+			slog(s->srv, XNBD_LOG_INFO, "%s: connection closed by client",
+			     s->peer);
+			session_close(s, NULL);
+			return SPLICE_CLOSED;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno == EAGAIN) {
+			/* The socket is empty, or the pipe is full: its slots hold
+			 * pieces of socket buffers, and small ones fill it early. */
+			int avail = 0;
+			if (ioctl(s->fd, FIONREAD, &avail) == 0 && avail == 0) {
+				int r = wait_input(s);
+				if (r == 0)
+					return SPLICE_WAIT;
+				session_close(s, uv_strerror(r));
+				return SPLICE_CLOSED;
+			}
+			if (!retried) {
+				retried = true;
+				continue;
+			}
+		} else if (errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
+			s->splice_ok = false; /* not with this stream */
+		} else {
+			session_close(s, strerror(errno));
+			return SPLICE_CLOSED;
+		}
+		return splice_abandon(s, q) < 0 ? SPLICE_CLOSED : SPLICE_COPY;
+	}
+	s->splice_misses = 0;
+	s->hdr_only = true;
+	return SPLICED;
+}
+
 /* Consume the receive buffer: payloads, then request headers. */
 static void session_process(struct session *s)
 {
@@ -1492,11 +1692,34 @@ static void session_process(struct session *s)
 			size_t n = q->r.length - q->have;
 			if (n > avail)
 				n = avail;
-			memcpy(q->buf + q->have, s->rbuf + s->rpos, n);
-			q->have += (uint32_t)n;
-			s->rpos += n;
-			if (q->have < q->r.length)
-				break;
+			while (q->pr >= 0 && n) {
+				/* Received with the header: into the pipe, in order. */
+				ssize_t k = write(q->pw, s->rbuf + s->rpos, n);
+				if (k < 0 && errno == EINTR)
+					continue;
+				if (k <= 0) {
+					if (splice_abandon(s, q) < 0)
+						return;
+					break;
+				}
+				q->have += (uint32_t)k;
+				s->rpos += (size_t)k;
+				n -= (size_t)k;
+			}
+			if (q->pr < 0) {
+				memcpy(q->buf + q->have, s->rbuf + s->rpos, n);
+				q->have += (uint32_t)n;
+				s->rpos += n;
+			}
+			if (q->have < q->r.length) {
+				if (q->pr < 0)
+					break;
+				int st = splice_in(s, q);
+				if (st == SPLICE_CLOSED)
+					return;
+				if (st != SPLICED)
+					break;
+			}
 			s->cur = NULL;
 			req_submit(q);
 			continue;
@@ -1520,6 +1743,7 @@ static void session_process(struct session *s)
 			return;
 		}
 		s->rpos += XNBD_REQUEST_SIZE;
+		s->hdr_only = false;
 		handle_request(s, &r);
 	}
 	if (s->state != S_TRANSMIT)
@@ -1533,7 +1757,9 @@ static void session_process(struct session *s)
 		s->rpos = 0;
 	}
 	bool need_input = s->cur || s->skip;
-	if (!need_input && (s->draining || session_over_limits(s)))
+	if (s->wait_in) /* wpoll reads on */
+		session_pause(s);
+	else if (!need_input && (s->draining || session_over_limits(s)))
 		session_pause(s);
 	else
 		session_read(s);
@@ -1628,6 +1854,7 @@ static void enter_transmission(struct session *s, struct xnbd_export *e,
 	socklen_t tl = sizeof(type);
 	s->is_sock = getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) == 0;
 	s->sendfile_ok = !(s->srv->flags & XNBD_SERVER_NO_SENDFILE);
+	s->splice_ok = s->is_sock && !(s->srv->flags & XNBD_SERVER_NO_SPLICE);
 	s->tx.size = e->hs.size;
 	s->tx.tflags = tflags;
 	s->tx.structured = structured;
@@ -1757,6 +1984,10 @@ static void session_free(struct session *s)
 		xnbd_list_remove(&q->link);
 		req_destroy(q);
 	}
+	for (uint32_t i = 0; i < s->npipes_free; i++) {
+		close(s->pipes[i][0]);
+		close(s->pipes[i][1]);
+	}
 	xnbd__hs_free(&s->hs);
 	xnbd_list_remove(&s->link);
 	srv->nsessions--;
@@ -1822,6 +2053,7 @@ static void session_close(struct session *s, const char *why)
 	s->skip = 0;
 	s->reading = false;
 	s->wblocked = false;
+	s->wait_in = false;
 	if (s->wpoll_init)
 		uv_close((uv_handle_t *)&s->wpoll, wpoll_close_cb);
 	uv_close(&s->h.handle, session_close_cb);

@@ -477,6 +477,110 @@ START_TEST(large_reads_and_the_sendfile_flag)
 }
 END_TEST
 
+/* Pipes open in this process. */
+static int count_pipes(void)
+{
+	int n = 0;
+	char link[64], path[64];
+	for (int fd = 0; fd < 1024; fd++) {
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+		ssize_t k = readlink(path, link, sizeof(link) - 1);
+		if (k > 0) {
+			link[k] = 0;
+			n += strncmp(link, "pipe:", 5) == 0;
+		}
+	}
+	return n;
+}
+
+/* Send all of p while running the loop (the server reads as we send). */
+static void send_pumped(int fd, const uint8_t *p, size_t n)
+{
+	double end = now() + 5;
+	while (n) {
+		ssize_t k = send(fd, p, n, MSG_DONTWAIT);
+		if (k > 0) {
+			p += k;
+			n -= (size_t)k;
+		}
+		uv_run(&loop, UV_RUN_NOWAIT);
+		ck_assert_msg(now() < end, "the server does not read");
+	}
+}
+
+/* Write 1 MiB at an unaligned offset and read the image file: how many
+ * pipes did the server open for it? */
+static int pipes_for_a_large_write(unsigned flags)
+{
+	enum { N = 1024 * 1024, OFF = 4097 };
+	setup();
+	char path[64];
+	snprintf(path, sizeof(path), "/tmp/xnbd-test-server-w.XXXXXX");
+	int fd = mkstemp(path);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(ftruncate(fd, 2 * N), 0);
+	close(fd);
+	struct xnbd_backend *b;
+	ck_assert_int_eq(xnbd_backend_file_open(&loop, path, 0, &b), 0);
+	struct xnbd_export *e;
+	ck_assert_int_eq(xnbd_export_new("", b, 0, &e), 0);
+	ck_assert_int_eq(xnbd_server_add_export(srv, e), 0);
+	xnbd_server_set_flags(srv, flags);
+	int sv[2];
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+	ck_assert_int_eq(xnbd_server_serve_fd(srv, sv[1], 0), 0);
+	uint8_t g[18], f[4];
+	recv_n(sv[0], g, sizeof(g));
+	put32(f, XNBD_FLAG_C_FIXED_NEWSTYLE | XNBD_FLAG_C_NO_ZEROES);
+	send_all(sv[0], f, 4);
+	ck_assert_uint_eq(go(sv[0], ""), XNBD_REP_ACK);
+	int before = count_pipes();
+
+	uint8_t *msg = malloc(28 + N);
+	ck_assert_ptr_nonnull(msg);
+	put32(msg, XNBD_MAGIC_REQUEST);
+	msg[4] = msg[5] = msg[6] = 0;
+	msg[7] = XNBD_CMD_WRITE;
+	put64(msg + 8, 9);
+	put64(msg + 16, OFF);
+	put32(msg + 24, N);
+	for (size_t i = 0; i < N; i++)
+		msg[28 + i] = (uint8_t)(i * 31 + i / 4096 + 1);
+	send_pumped(sv[0], msg, 28 + N);
+	uint8_t rep[16];
+	recv_n(sv[0], rep, sizeof(rep));
+	ck_assert_uint_eq(get32(rep), XNBD_MAGIC_SIMPLE_REPLY);
+	ck_assert_uint_eq(get32(rep + 4), 0);
+	int opened = count_pipes() - before;
+
+	uint8_t *got = malloc(N);
+	ck_assert_ptr_nonnull(got);
+	fd = open(path, O_RDONLY);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pread(fd, got, N, OFF), N);
+	close(fd);
+	ck_assert_msg(memcmp(got, msg + 28, N) == 0, "the image holds the write");
+	close(sv[0]);
+	stop_server();
+	xnbd_export_free(e);
+	xnbd_backend_free(b);
+	unlink(path);
+	teardown();
+	free(got);
+	free(msg);
+	return opened;
+}
+
+/* A large write's payload goes from the socket into a pipe and from the
+ * pipe into the image; XNBD_SERVER_NO_SPLICE copies it instead.  Both
+ * land the same bytes. */
+START_TEST(large_writes_and_the_splice_flag)
+{
+	ck_assert_int_eq(pipes_for_a_large_write(XNBD_SERVER_NO_SPLICE), 0);
+	ck_assert_int_eq(pipes_for_a_large_write(0), 2);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("server");
@@ -487,6 +591,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, removal_without_clients_calls_back_later);
 	tcase_add_test(tc, shutdown_waits_for_removal_callbacks);
 	tcase_add_test(tc, large_reads_and_the_sendfile_flag);
+	tcase_add_test(tc, large_writes_and_the_splice_flag);
 	tcase_set_timeout(tc, 30);
 	suite_add_tcase(s, tc);
 	return s;

@@ -65,6 +65,12 @@ XNBD_EXPORT void xnbd_server_set_log(struct xnbd_server *s, xnbd_log_fn fn,
  * without a copy through the server.  (For comparisons and tests; the
  * server falls back to copying by itself where sendfile cannot work.) */
 #define XNBD_SERVER_NO_SENDFILE (1U << 2)
+/* Never splice WRITE data; by default, the data of a large write (more
+ * than 128 KiB, up to 1 MiB, without FUA) to a plain file image goes from
+ * the socket into a pipe and from the pipe into the image, never through
+ * the server's memory.  (For comparisons and tests; the server falls back
+ * to copying by itself where splicing cannot work.) */
+#define XNBD_SERVER_NO_SPLICE (1U << 3)
 
 /* Set XNBD_SERVER_* flags; they apply to clients that connect later. */
 XNBD_EXPORT void xnbd_server_set_flags(struct xnbd_server *s, unsigned flags);

@@ -1,0 +1,257 @@
+#!/usr/bin/python3
+"""Large writes spliced from the socket into the image, and the copy path
+beside them.
+
+xnbd-server moves the data of a WRITE of more than 128 KiB and up to
+1 MiB (without FUA) to a plain image through a pipe: socket -> pipe on the
+loop thread, pipe -> file on a pool thread, never through its memory.  It
+reads no further than the next request header after such a write, waits
+for the rest of a payload that has not arrived yet, and falls back to
+copying when the pipe fills before the payload is in (the pipe's slots
+hold pieces of socket buffers, and small pieces fill it early).  This test
+checks what could go wrong with that:
+1. Pipelines of writes of every size around the bounds (128 KiB, one
+   byte more, 1 MiB, one byte more, several MiB), at unaligned offsets,
+   with small writes and reads between them, and more large writes in
+   flight than a session keeps pipes: every byte lands where it belongs.
+2. A payload that trickles in, its header split too: the server waits for
+   each piece and splices it on.
+3. A payload sent in hundreds of tiny pieces, which fill the pipe's slots
+   before the payload is in: the server takes what the pipe holds back and
+   copies the rest; later large writes on the same connection still work.
+4. A client that goes away in the middle of a payload (FIN, and reset):
+   nothing of it reaches the image, and the server serves others.
+5. FUA writes (copied, with RWF_DSYNC) among them; and the image file,
+   read directly once the server stopped, holds every write.
+6. A read-only export refuses large writes and stays in step with the
+   stream (their payloads are read and dropped, not spliced).
+"""
+import os
+import random
+import socket
+import struct
+import sys
+import time
+
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.environ.get("XNBD_TESTS_DIR") or
+                os.path.dirname(os.path.abspath(__file__)))
+import xnbdtest as xt  # noqa: E402
+from xnbdtest import MiB, check, check_bytes, check_eq  # noqa: E402
+
+SIZE = 64 * MiB
+KiB = 1024
+
+
+def conn(srv, structured=False, nodelay=False):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(30)
+    if nodelay:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.connect((srv.addr, srv.port))
+    return xt.RawClient(s).handshake(structured=structured)
+
+
+def header(cookie, cmd, off, n, flags=0):
+    return struct.pack(">IHHQQI", xt.REQUEST_MAGIC, flags, cmd, cookie, off, n)
+
+
+def disjoint_ranges(rng, sizes, size):
+    """Non-overlapping [off, off+n) for each n in sizes, unaligned."""
+    out = []
+    while len(out) < len(sizes):
+        n = sizes[len(out)]
+        off = rng.randrange(0, size - n)
+        if all(off + n <= o or o + m <= off for o, m in out):
+            out.append((off, n))
+    return out
+
+
+def verify(c, model, ranges, what):
+    for off, n in ranges:
+        err, data = c.read(off, n)
+        check_eq(err, 0, "%s: read error at %d+%d" % (what, off, n))
+        check_bytes(data, bytes(model[off:off + n]), what, off)
+
+
+def pipelines(srv, model, rng):
+    """Batches of disjoint writes of every size around the bounds, sent
+    back to back and answered together; small writes and reads of other
+    ranges between them."""
+    c = conn(srv, structured=True)
+    sizes = [128 * KiB, 128 * KiB + 1, 300 * KiB + 7, 512 * KiB, 1 * MiB - 1,
+             1 * MiB, 1 * MiB + 1, 3 * MiB + 513, 4096, 513]
+    for batch in range(6):
+        ranges = disjoint_ranges(rng, sizes + [1 * MiB] * 20, SIZE)
+        rng.shuffle(ranges)
+        stream = bytearray()
+        cookies = {}
+        for i, (off, n) in enumerate(ranges):
+            data = rng.randbytes(n)
+            model[off:off + n] = data
+            cookie = 1000 * batch + i + 1
+            cookies[cookie] = (off, n)
+            stream += header(cookie, xt.CMD_WRITE, off, n) + data
+        # One send: headers and payloads back to back, as a busy client
+        # sends them; 26 large writes in flight, more than a session's
+        # pipes.
+        c.s.sendall(stream)
+        for _ in ranges:
+            r = c.read_reply()
+            check(r["cookie"] in cookies, "reply for an unknown cookie %r"
+                  % r["cookie"])
+            check_eq(r["error"], 0, "write %d+%d" % cookies.pop(r["cookie"]))
+        verify(c, model, ranges, "pipeline %d" % batch)
+    c.close()
+    xt.log("pipelines of large and small writes land where they belong")
+
+
+def trickle(srv, model, rng):
+    """Header and payload in pieces, with pauses: the server waits for
+    each and splices it on.  Large reads are queued first through a tiny
+    receive buffer, so the server also waits for room in the socket
+    meanwhile."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.settimeout(30)
+    s.connect((srv.addr, srv.port))
+    c = xt.RawClient(s).handshake()
+    for k, n in enumerate((200 * KiB, 1 * MiB, 777 * KiB)):
+        ranges = disjoint_ranges(rng, [n] + [1 * MiB] * 6, SIZE)
+        off = ranges[0][0]
+        reads = {}
+        for i, (roff, rn) in enumerate(ranges[1:]):
+            cookie = 100 * (k + 1) + i
+            c.send_request(xt.CMD_READ, roff, rn, cookie=cookie)
+            reads[cookie] = (roff, rn)
+        data = rng.randbytes(n)
+        msg = header(k + 1, xt.CMD_WRITE, off, n) + data
+        cut = rng.randrange(1, 28)  # inside the header
+        c.s.sendall(msg[:cut])
+        time.sleep(0.05)
+        pos = cut
+        pieces = 0
+        while pos < len(msg):
+            step = rng.randrange(1, 40000)
+            c.s.sendall(msg[pos:pos + step])
+            pos += step
+            pieces += 1
+            if pieces % 8 == 0:
+                time.sleep(0.01)
+        lengths = {ck: rn for ck, (roff, rn) in reads.items()}
+        for _ in range(len(reads) + 1):
+            r = c.read_reply(lengths)
+            if r["cookie"] == k + 1:
+                check_eq(r["error"], 0, "trickled write reply")
+                continue
+            check(r["cookie"] in reads, "reply for an unknown cookie")
+            roff, rn = reads.pop(r["cookie"])
+            check_eq(r["error"], 0, "read while a write trickled in")
+            check_bytes(r["data"], bytes(model[roff:roff + rn]),
+                        "read while a write trickled in", roff)
+        model[off:off + n] = data
+        verify(c, model, [(off, n)], "trickled write %d" % k)
+    c.close()
+    xt.log("payloads that trickle in are waited for and land whole")
+
+
+def tiny_pieces(srv, model, rng):
+    """600 KiB in 700-byte pieces, each sent alone: each becomes a pipe
+    slot of its own, and the slots run out long before the payload is
+    in.  Then ordinary large writes on the same connection."""
+    c = conn(srv, nodelay=True)
+    for k in range(2):
+        n = 600 * KiB
+        off = rng.randrange(0, SIZE - n)
+        data = rng.randbytes(n)
+        c.s.sendall(header(k + 1, xt.CMD_WRITE, off, n))
+        for pos in range(0, n, 700):
+            c.s.sendall(data[pos:pos + 700])
+            time.sleep(0.0002)
+        r = c.read_reply()
+        check_eq((r["cookie"], r["error"]), (k + 1, 0), "tiny-piece write")
+        model[off:off + n] = data
+        verify(c, model, [(off, n)], "tiny-piece write %d" % k)
+    ranges = disjoint_ranges(rng, [1 * MiB] * 4, SIZE)
+    for i, (off, n) in enumerate(ranges):
+        data = rng.randbytes(n)
+        model[off:off + n] = data
+        err, _ = c.command(xt.CMD_WRITE, off, n, data=data)
+        check_eq(err, 0, "write after the tiny pieces")
+    verify(c, model, ranges, "writes after the tiny pieces")
+    c.close()
+    xt.log("payloads in tiny pieces are copied whole; later writes still work")
+
+
+def gone_mid_payload(srv, model, rng):
+    """The client sends part of a payload and goes away: none of it may
+    reach the image."""
+    for reset in (False, True):
+        c = conn(srv)
+        n = 1 * MiB
+        off = rng.randrange(0, SIZE - n)
+        c.s.sendall(header(1, xt.CMD_WRITE, off, n) + rng.randbytes(n // 2))
+        time.sleep(0.2)
+        if reset:
+            c.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                           struct.pack("ii", 1, 0))
+        c.close()
+        time.sleep(0.2)
+        check(srv.alive(), "the server died when a client left mid-payload")
+        c2 = conn(srv)
+        verify(c2, model, [(off, n)], "range of an unfinished write")
+        # The same range, written whole by another client.
+        data = rng.randbytes(n)
+        model[off:off + n] = data
+        err, _ = c2.command(xt.CMD_WRITE, off, n, data=data)
+        check_eq(err, 0, "write after a client left mid-payload")
+        verify(c2, model, [(off, n)], "range written after")
+        c2.close()
+    xt.log("a payload cut short by FIN or reset changes nothing")
+
+
+def fua_and_readonly(d, model, rng):
+    """FUA writes take the copy path (RWF_DSYNC); a read-only export
+    refuses large writes and stays in sync with the stream."""
+    img = d.image("ro.img", 4 * MiB, bytes(model[:4 * MiB]))
+    srv = d.server(img, ["--readonly"])
+    c = conn(srv)
+    for _ in range(3):
+        err, _ = c.command(xt.CMD_WRITE, 0, 1 * MiB, data=rng.randbytes(1 * MiB))
+        check(err != 0, "a read-only export accepted a write")
+    verify(c, model, [(0, 4 * MiB)], "read-only image after refused writes")
+    c.close()
+    check_eq(srv.stop(), 0, "read-only server's exit status")
+    xt.log("refused large writes keep the stream in sync")
+
+
+def test():
+    rng = random.Random(int(os.environ.get("XNBD_SEED", "20261203")))
+    xt.log("seed %s" % os.environ.get("XNBD_SEED", "20261203"))
+    with xt.TestDir() as d:
+        model = bytearray(rng.randbytes(SIZE))
+        img = d.image("disk.img", SIZE, bytes(model))
+        srv = d.server(img)
+        pipelines(srv, model, rng)
+        trickle(srv, model, rng)
+        tiny_pieces(srv, model, rng)
+        gone_mid_payload(srv, model, rng)
+        # FUA: copied and synced; the data is the same either way.
+        c = conn(srv)
+        off, n = 5 * MiB + 3, 1 * MiB
+        data = rng.randbytes(n)
+        model[off:off + n] = data
+        err, _ = c.command(xt.CMD_WRITE, off, n, flags=xt.CMD_FLAG_FUA,
+                           data=data)
+        check_eq(err, 0, "FUA write")
+        c.close()
+        check_eq(srv.stop(), 0, "exit status after SIGTERM")
+        with open(img, "rb") as f:
+            check_bytes(f.read(), bytes(model), "image file after the test")
+        xt.log("the image file holds every write")
+        fua_and_readonly(d, model, rng)
+
+
+if __name__ == "__main__":
+    xt.main(test)
