@@ -65,7 +65,10 @@
  * backend writes those from the loop thread, without a pool hand-off. */
 #define SPLICE_MIN (128U * 1024U)
 #define PIPE_SIZE (1024U * 1024U)
-#define PIPES_MAX 16U   /* per session */
+#define PIPES_MAX 16U   /* per session, in use */
+/* Kept open while unused: each counts PIPE_SIZE against the user's pipe
+ * page limit (pipe-user-pages-soft), full or not. */
+#define PIPES_KEEP 2U
 #define SPLICE_GIVE_UP 4U /* payloads in a row that had to be copied */
 
 struct xnbd_export {
@@ -182,7 +185,7 @@ struct session {
 	bool hdr_only; /* read no further than the next request header */
 	uint32_t splice_misses;
 	uint32_t npipes, npipes_free; /* open, and of those not in use */
-	int pipes[PIPES_MAX][2];
+	int pipes[PIPES_KEEP][2];
 	/* At most one file segment at a time is read into its request's
 	 * buffer on the pool, while the writer waits. */
 	struct req *loading;
@@ -668,7 +671,7 @@ static void pipe_put(struct session *s, struct req *q)
 	if (q->pr < 0)
 		return;
 	int left = 1;
-	if (s->state != S_CLOSING && s->npipes_free < PIPES_MAX &&
+	if (s->state != S_CLOSING && s->npipes_free < PIPES_KEEP &&
 	    ioctl(q->pr, FIONREAD, &left) == 0 && left == 0) {
 		s->pipes[s->npipes_free][0] = q->pr;
 		s->pipes[s->npipes_free][1] = q->pw;
@@ -1639,6 +1642,15 @@ enum { SPLICED, SPLICE_WAIT, SPLICE_COPY, SPLICE_CLOSED };
 static int splice_in(struct session *s, struct req *q)
 {
 	bool retried = false;
+	if (s->wait_in) {
+		/* Entered from elsewhere than wpoll (a resume): wait anew only if
+		 * the socket has nothing. */
+		s->wait_in = false;
+		if (wpoll_update(s) < 0) {
+			session_close(s, "cannot stop waiting for input");
+			return SPLICE_CLOSED;
+		}
+	}
 	while (q->have < q->r.length) {
 		ssize_t n = splice(s->fd, NULL, q->pw, NULL, q->r.length - q->have,
 		                   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
@@ -1659,11 +1671,26 @@ static int splice_in(struct session *s, struct req *q)
 			 * pieces of socket buffers, and small ones fill it early. */
 			int avail = 0;
 			if (ioctl(s->fd, FIONREAD, &avail) == 0 && avail == 0) {
-				int r = wait_input(s);
-				if (r == 0)
+				/* Nothing to read, or the end of the stream: a full pipe
+				 * hides the end from splice, and a readable socket that
+				 * never gives anything would spin the loop. */
+				char c;
+				ssize_t k = recv(s->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+				if (k == 0) {
+					slog(s->srv, XNBD_LOG_INFO,
+					     "%s: connection closed by client", s->peer);
+					session_close(s, NULL);
+					return SPLICE_CLOSED;
+				}
+				if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK &&
+				    errno != EINTR) {
+					session_close(s, strerror(errno));
+					return SPLICE_CLOSED;
+				}
+				if (k < 0 && wait_input(s) == 0)
 					return SPLICE_WAIT;
-				session_close(s, uv_strerror(r));
-				return SPLICE_CLOSED;
+				/* Bytes came meanwhile, or no way to wait for them
+				 * here: one more try, then the copy path (libuv). */
 			}
 			if (!retried) {
 				retried = true;

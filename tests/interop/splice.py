@@ -21,9 +21,12 @@ checks what could go wrong with that:
    copies the rest; later large writes on the same connection still work.
 4. A client that goes away in the middle of a payload (FIN, and reset):
    nothing of it reaches the image, and the server serves others.
-5. FUA writes (copied, with RWF_DSYNC) among them; and the image file,
+5. The same, with the pipe full when the client's FIN comes: the server
+   sees the end of the stream and closes (before, it spun on a socket
+   that splice could not read).
+6. FUA writes (copied, with RWF_DSYNC) among them; and the image file,
    read directly once the server stopped, holds every write.
-6. A read-only export refuses large writes and stays in step with the
+7. A read-only export refuses large writes and stays in step with the
    stream (their payloads are read and dropped, not spliced).
 """
 import os
@@ -74,11 +77,26 @@ def verify(c, model, ranges, what):
         check_bytes(data, bytes(model[off:off + n]), what, off)
 
 
+def pipes_open(srv):
+    """Pipes the server has open (both ends of one count once)."""
+    ids = set()
+    d = "/proc/%d/fd" % srv.pid
+    for fd in os.listdir(d):
+        try:
+            t = os.readlink(os.path.join(d, fd))
+        except OSError:
+            continue
+        if t.startswith("pipe:"):
+            ids.add(t)
+    return len(ids)
+
+
 def pipelines(srv, model, rng):
     """Batches of disjoint writes of every size around the bounds, sent
     back to back and answered together; small writes and reads of other
     ranges between them."""
     c = conn(srv, structured=True)
+    idle = pipes_open(srv)
     sizes = [128 * KiB, 128 * KiB + 1, 300 * KiB + 7, 512 * KiB, 1 * MiB - 1,
              1 * MiB, 1 * MiB + 1, 3 * MiB + 513, 4096, 513]
     for batch in range(6):
@@ -102,6 +120,11 @@ def pipelines(srv, model, rng):
                   % r["cookie"])
             check_eq(r["error"], 0, "write %d+%d" % cookies.pop(r["cookie"]))
         verify(c, model, ranges, "pipeline %d" % batch)
+        # All answered: the session keeps at most 2 pipes open for the
+        # next writes (each one counts 1 MiB against the user's pipe
+        # limit, empty or not), and closes those it used beyond.
+        kept = pipes_open(srv) - idle
+        check(kept <= 2, "an idle session keeps %d pipes open" % kept)
     c.close()
     xt.log("pipelines of large and small writes land where they belong")
 
@@ -184,6 +207,48 @@ def tiny_pieces(srv, model, rng):
     xt.log("payloads in tiny pieces are copied whole; later writes still work")
 
 
+def server_cpu(srv):
+    with open("/proc/%d/stat" % srv.pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def full_pipe_then_eof(srv, model, rng):
+    """A payload in about as many tiny pieces as the pipe has slots, each
+    spliced alone, then the client's FIN: with the pipe full, splice
+    cannot see the end of the stream, and the server must still find it
+    (not wait on a socket that is readable forever, spinning) and close
+    the connection.  The counts around 256 make sure one of them fills
+    the pipe exactly, whatever pieces the kernel merges."""
+    for pieces in (250, 256, 257, 260, 266):
+        c = conn(srv, nodelay=True)
+        n = 1 * MiB
+        off = rng.randrange(0, SIZE - n)
+        c.s.sendall(header(1, xt.CMD_WRITE, off, n))
+        for _ in range(pieces):
+            c.s.sendall(rng.randbytes(100))
+            time.sleep(0.002)
+        cpu0 = server_cpu(srv)
+        c.s.shutdown(socket.SHUT_WR)
+        c.s.settimeout(5)
+        try:
+            got = c.s.recv(1)
+        except socket.timeout:
+            xt.fail("%d pieces then FIN: the server kept the connection "
+                    "open (%.2f CPU-s meanwhile)"
+                    % (pieces, server_cpu(srv) - cpu0))
+        except ConnectionResetError:
+            got = b""
+        check_eq(got, b"", "%d pieces then FIN: reply to a cut write"
+                 % pieces)
+        c.close()
+        check(srv.alive(), "the server died on a payload cut short")
+        c2 = conn(srv)
+        verify(c2, model, [(off, n)], "range of a write cut short")
+        c2.close()
+    xt.log("the end of the stream is seen behind a full pipe")
+
+
 def gone_mid_payload(srv, model, rng):
     """The client sends part of a payload and goes away: none of it may
     reach the image."""
@@ -237,6 +302,7 @@ def test():
         trickle(srv, model, rng)
         tiny_pieces(srv, model, rng)
         gone_mid_payload(srv, model, rng)
+        full_pipe_then_eof(srv, model, rng)
         # FUA: copied and synced; the data is the same either way.
         c = conn(srv)
         off, n = 5 * MiB + 3, 1 * MiB
