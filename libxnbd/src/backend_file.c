@@ -6,8 +6,9 @@
  * - The loop thread never waits on a disk.  Reads, and writes without FUA,
  *   are first tried with RWF_NOWAIT, which the kernel serves from the page
  *   cache or refuses with EAGAIN; whatever is left goes to libuv's thread
- *   pool.  Flushes, FUA writes, trims, zeroing and extent queries always
- *   go to the pool.
+ *   pool.  Small writes left go to the write lane (one pool job at a time,
+ *   in batches: see below).  Flushes, FUA writes, trims, zeroing and
+ *   extent queries always go to the pool.
  * - Reads the server may send straight from the descriptor (sendfile, no
  *   copy through user space) are those cachestat(2) finds wholly in the
  *   page cache: sendfile cannot be told not to wait for a disk, and the
@@ -78,6 +79,12 @@ struct file_backend {
 	atomic_bool zero_range_ok;
 	bool cachestat_ok; /* loop thread only */
 	struct snapshot *snap; /* running snapshot, loop thread only */
+	/* The write lane: small buffered writes to a regular file are made
+	 * by one pool job at a time, in batches (see lane_push). */
+	struct xnbd_io *lane_head, *lane_tail; /* waiting; loop thread */
+	struct xnbd_io *lane_batch; /* being written by the job */
+	bool lane_busy;             /* loop thread */
+	uv_work_t lane_work;
 };
 
 static const unsigned char zero_chunk[64 * 1024];
@@ -366,6 +373,99 @@ static void after_work_cb(uv_work_t *w, int status)
 
 static int queue_io(struct file_backend *fb, struct xnbd_io *io);
 
+/* ---- the write lane ---------------------------------------------------------
+ *
+ * Buffered writes to one file are serialised by the file system (ext4,
+ * XFS and btrfs take the inode's lock for each), so pool threads that write
+ * small pieces at once only wait for each other, spinning on the lock and
+ * switching (a fifth of the server's CPU at 4 KiB random writes, depth 32).
+ * Small writes without FUA therefore queue on the lane: one pool job
+ * writes every write queued when it started, one after the other, and
+ * the next job takes what queued meanwhile.  A batch costs one hand-off
+ * instead of one per write.  Reads, large, FUA and pipe writes, and the
+ * writes of a block device (no inode lock to share) still go to the pool
+ * in parallel.  The link of a queued I/O is its priv.work.data, unused
+ * while it is on the lane. */
+
+#define LANE_NEXT(io) ((io)->priv.work.data)
+
+static void lane_work_cb(uv_work_t *w)
+{
+	struct file_backend *fb = w->data;
+	for (struct xnbd_io *io = fb->lane_batch; io; io = LANE_NEXT(io)) {
+		uint64_t done = io->priv.done_bytes;
+		io->status = full_pwrite(fb->fd, (uint8_t *)io->buf + done,
+		                         io->length - done, io->offset + done, 0);
+	}
+}
+
+static void lane_after_cb(uv_work_t *w, int status);
+
+static int lane_start(struct file_backend *fb)
+{
+	fb->lane_batch = fb->lane_head;
+	fb->lane_head = fb->lane_tail = NULL;
+	fb->lane_work.data = fb;
+	int r = uv_queue_work(fb->base.loop, &fb->lane_work, lane_work_cb,
+	                      lane_after_cb);
+	if (r == 0)
+		fb->lane_busy = true;
+	return r;
+}
+
+/* Finish a list of lane I/Os (their status set). */
+static void lane_complete(struct file_backend *fb, struct xnbd_io *io)
+{
+	while (io) {
+		struct xnbd_io *next = LANE_NEXT(io);
+		xnbd__io_complete(&fb->base, io);
+		io = next;
+	}
+}
+
+static void lane_after_cb(uv_work_t *w, int status)
+{
+	struct file_backend *fb = w->data;
+	struct xnbd_io *done = fb->lane_batch;
+	fb->lane_batch = NULL;
+	fb->lane_busy = false;
+	if (status == UV_ECANCELED)
+		for (struct xnbd_io *io = done; io; io = LANE_NEXT(io))
+			io->status = -ECANCELED;
+	/* The next batch starts before this one's callbacks run (they may
+	 * queue more writes, which then wait for the batch after). */
+	if (fb->lane_head) {
+		int r = lane_start(fb);
+		if (r < 0) {
+			for (struct xnbd_io *io = fb->lane_batch; io; io = LANE_NEXT(io))
+				io->status = r;
+			struct xnbd_io *failed = fb->lane_batch;
+			fb->lane_batch = NULL;
+			lane_complete(fb, failed);
+		}
+	}
+	lane_complete(fb, done);
+}
+
+static int lane_push(struct file_backend *fb, struct xnbd_io *io)
+{
+	LANE_NEXT(io) = NULL;
+	if (fb->lane_tail)
+		LANE_NEXT(fb->lane_tail) = io;
+	else
+		fb->lane_head = io;
+	fb->lane_tail = io;
+	if (fb->lane_busy)
+		return XNBD_IO_PENDING;
+	int r = lane_start(fb);
+	if (r < 0) {
+		/* Only this write was queued (the lane was idle). */
+		fb->lane_head = fb->lane_tail = fb->lane_batch = NULL;
+		return r;
+	}
+	return XNBD_IO_PENDING;
+}
+
 static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 {
 	struct file_backend *fb = (struct file_backend *)b;
@@ -393,16 +493,20 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 		else if (n < 0 && errno == EOPNOTSUPP)
 			atomic_store(&fb->nowait_read, false);
 	} else if (io->type == XNBD_IO_WRITE && small &&
-	           !(io->flags & XNBD_IO_FUA) &&
-	           !fb->snap && atomic_load(&fb->nowait_write)) {
-		struct iovec iov = {io->buf, io->length};
-		ssize_t n = pwritev2(fb->fd, &iov, 1, (off_t)io->offset, RWF_NOWAIT);
-		if (n == (ssize_t)io->length)
-			return XNBD_IO_COMPLETED;
-		if (n > 0)
-			io->priv.done_bytes = (uint64_t)n;
-		else if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
-			atomic_store(&fb->nowait_write, false);
+	           !(io->flags & XNBD_IO_FUA) && !fb->snap) {
+		if (atomic_load(&fb->nowait_write)) {
+			struct iovec iov = {io->buf, io->length};
+			ssize_t n = pwritev2(fb->fd, &iov, 1, (off_t)io->offset,
+			                     RWF_NOWAIT);
+			if (n == (ssize_t)io->length)
+				return XNBD_IO_COMPLETED;
+			if (n > 0)
+				io->priv.done_bytes = (uint64_t)n;
+			else if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
+				atomic_store(&fb->nowait_write, false);
+		}
+		if (!fb->blockdev)
+			return lane_push(fb, io);
 	}
 	return queue_io(fb, io);
 }

@@ -1,0 +1,259 @@
+/* test-backend.c - the plain file backend driven through the public API:
+ * small writes queued on its write lane (many at once, in order, their
+ * failures reported one by one) and the I/O around them.  The test runs
+ * the loop itself; every I/O is checked for its status and its data. */
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "xnbd/backend.h"
+
+#define IMG_SIZE (4U * 1024U * 1024U)
+#define NIO 600U
+
+static uv_loop_t loop;
+static char img_path[64];
+static struct xnbd_backend *backend;
+
+struct op {
+	struct xnbd_io io;
+	int ncalls;
+	uint8_t data[8192];
+};
+
+static int completed;
+
+static void op_done(struct xnbd_io *io)
+{
+	struct op *o = io->user_data;
+	o->ncalls++;
+	completed++;
+}
+
+static void setup(void)
+{
+	ck_assert_int_eq(uv_loop_init(&loop), 0);
+	snprintf(img_path, sizeof(img_path), "/tmp/xnbd-backend-%d.img",
+	         (int)getpid());
+	int fd = open(img_path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(ftruncate(fd, IMG_SIZE), 0);
+	close(fd);
+	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend), 0);
+	completed = 0;
+}
+
+static void teardown(void)
+{
+	if (backend)
+		xnbd_backend_free(backend);
+	backend = NULL;
+	unlink(img_path);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(uv_loop_close(&loop), 0);
+}
+
+/* Submit (from buf, or the op's own data); an I/O finished inline counts
+ * as done at once. */
+static void submit_buf(struct op *o, uint32_t type, uint32_t flags,
+                       uint64_t off, uint64_t len, void *buf)
+{
+	memset(&o->io, 0, sizeof(o->io));
+	o->io.type = type;
+	o->io.flags = flags;
+	o->io.offset = off;
+	o->io.length = len;
+	o->io.buf = buf ? buf : o->data;
+	o->io.done = op_done;
+	o->io.user_data = o;
+	int r = xnbd_backend_submit(backend, &o->io);
+	ck_assert_int_ge(r, 0);
+	if (r == XNBD_IO_COMPLETED) {
+		o->ncalls++;
+		completed++;
+	}
+}
+
+static void submit(struct op *o, uint32_t type, uint64_t off, uint64_t len)
+{
+	submit_buf(o, type, 0, off, len, NULL);
+}
+
+static void fill(uint8_t *p, size_t n, unsigned seed)
+{
+	for (size_t i = 0; i < n; i++)
+		p[i] = (uint8_t)(seed * 131u + i * 7u + (i >> 9));
+}
+
+/* Many small writes submitted before the loop runs once: they queue on
+ * the lane while its first batch is written; every one completes once,
+ * and where two overlap the later one's data is in the image. */
+START_TEST(lane_writes_all_land_in_order)
+{
+	static struct op ops[NIO];
+	uint8_t *model = calloc(1, IMG_SIZE);
+	ck_assert_ptr_nonnull(model);
+	srand(20261203);
+	for (unsigned i = 0; i < NIO; i++) {
+		/* Sizes of 1 byte to 8 KiB, unaligned; every fourth write goes
+		 * over the range of the one before it. */
+		uint64_t len = 1 + (uint64_t)(rand() % 8192);
+		uint64_t off = (i % 4 == 3) ? ops[i - 1].io.offset + 1
+		                            : (uint64_t)(rand() % (IMG_SIZE - 8192));
+		fill(ops[i].data, len, i);
+		submit(&ops[i], XNBD_IO_WRITE, off, len);
+		memcpy(model + off, ops[i].data, len);
+		if (i == NIO / 2)
+			uv_run(&loop, UV_RUN_NOWAIT); /* a batch may finish meanwhile */
+	}
+	uv_run(&loop, UV_RUN_DEFAULT);
+	for (unsigned i = 0; i < NIO; i++) {
+		ck_assert_int_eq(ops[i].ncalls, 1);
+		ck_assert_int_eq(ops[i].io.status, 0);
+	}
+	ck_assert_int_eq(completed, (int)NIO);
+	/* Read back through the backend and through the file. */
+	static struct op rd;
+	for (uint64_t off = 0; off < IMG_SIZE; off += sizeof(rd.data)) {
+		submit(&rd, XNBD_IO_READ, off, sizeof(rd.data));
+		uv_run(&loop, UV_RUN_DEFAULT);
+		ck_assert_int_eq(rd.io.status, 0);
+		ck_assert_msg(memcmp(rd.data, model + off, sizeof(rd.data)) == 0,
+		              "backend read at %llu differs", (unsigned long long)off);
+	}
+	int fd = open(img_path, O_RDONLY);
+	ck_assert_int_ge(fd, 0);
+	uint8_t *file = malloc(IMG_SIZE);
+	ck_assert_ptr_nonnull(file);
+	ck_assert_int_eq(pread(fd, file, IMG_SIZE, 0), (ssize_t)IMG_SIZE);
+	close(fd);
+	ck_assert(memcmp(file, model, IMG_SIZE) == 0);
+	free(file);
+	free(model);
+}
+END_TEST
+
+/* A write the file refuses (here: past the process's file size limit, on
+ * an image file truncated under the backend) fails alone; the writes
+ * queued with it on the lane succeed, and the lane goes on. */
+START_TEST(lane_write_failure_is_reported_alone)
+{
+	static struct op ops[64];
+	int fd = open(img_path, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(ftruncate(fd, IMG_SIZE / 2), 0);
+	close(fd);
+	signal(SIGXFSZ, SIG_IGN);
+	struct rlimit rl = {IMG_SIZE / 2, IMG_SIZE / 2};
+	ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &rl), 0);
+	for (unsigned i = 0; i < 64; i++) {
+		/* Odd ones past the limit. */
+		uint64_t off = (i % 2 ? IMG_SIZE / 2 + 4096 : 0) + i * 4096;
+		fill(ops[i].data, 4096, i);
+		submit(&ops[i], XNBD_IO_WRITE, off, 4096);
+	}
+	uv_run(&loop, UV_RUN_DEFAULT);
+	for (unsigned i = 0; i < 64; i++) {
+		ck_assert_int_eq(ops[i].ncalls, 1);
+		if (i % 2)
+			ck_assert_int_eq(ops[i].io.status, -EFBIG);
+		else
+			ck_assert_int_eq(ops[i].io.status, 0);
+	}
+	static struct op rd;
+	for (unsigned i = 0; i < 64; i += 2) {
+		submit(&rd, XNBD_IO_READ, i * 4096, 4096);
+		uv_run(&loop, UV_RUN_DEFAULT);
+		ck_assert_int_eq(rd.io.status, 0);
+		ck_assert(memcmp(rd.data, ops[i].data, 4096) == 0);
+	}
+	/* And the lane takes new writes. */
+	fill(ops[0].data, 4096, 99);
+	submit(&ops[0], XNBD_IO_WRITE, 8192, 4096);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(ops[0].io.status, 0);
+}
+END_TEST
+
+/* Writes that bypass the lane (large ones, FUA ones) interleave with
+ * lane writes; a flush after they completed finds all of them in the
+ * file. */
+#define BIG (256U * 1024U)
+START_TEST(lane_and_pool_writes_mix)
+{
+	static struct op small[32], big[4], fua[4], fl;
+	uint8_t *bigbuf = malloc(4 * BIG);
+	ck_assert_ptr_nonnull(bigbuf);
+	for (unsigned i = 0; i < 32; i++) {
+		uint64_t base = (uint64_t)i * 65536;
+		fill(small[i].data, 4096, i + 1);
+		submit(&small[i], XNBD_IO_WRITE, base, 4096);
+		if (i % 8 == 0) {
+			unsigned k = i / 8;
+			fill(bigbuf + k * BIG, BIG, 200 + k);
+			submit_buf(&big[k], XNBD_IO_WRITE, 0, 2U * 1024 * 1024 + k * BIG,
+			           BIG, bigbuf + k * BIG);
+			fill(fua[k].data, 4096, 300 + k);
+			submit_buf(&fua[k], XNBD_IO_WRITE, XNBD_IO_FUA, base + 8192, 4096,
+			           NULL);
+		}
+	}
+	uv_run(&loop, UV_RUN_DEFAULT);
+	submit(&fl, XNBD_IO_FLUSH, 0, 0);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(fl.io.status, 0);
+	int fd = open(img_path, O_RDONLY);
+	ck_assert_int_ge(fd, 0);
+	uint8_t *buf = malloc(BIG);
+	ck_assert_ptr_nonnull(buf);
+	for (unsigned i = 0; i < 32; i++) {
+		ck_assert_int_eq(small[i].ncalls, 1);
+		ck_assert_int_eq(small[i].io.status, 0);
+		ck_assert_int_eq(pread(fd, buf, 4096, (off_t)i * 65536), 4096);
+		ck_assert(memcmp(buf, small[i].data, 4096) == 0);
+	}
+	for (unsigned k = 0; k < 4; k++) {
+		ck_assert_int_eq(big[k].ncalls, 1);
+		ck_assert_int_eq(big[k].io.status, 0);
+		ck_assert_int_eq(pread(fd, buf, BIG, 2 * 1024 * 1024 + (off_t)k * BIG),
+		                 (ssize_t)BIG);
+		ck_assert(memcmp(buf, bigbuf + k * BIG, BIG) == 0);
+		ck_assert_int_eq(fua[k].ncalls, 1);
+		ck_assert_int_eq(fua[k].io.status, 0);
+		ck_assert_int_eq(pread(fd, buf, 4096, (off_t)k * 8 * 65536 + 8192), 4096);
+		ck_assert(memcmp(buf, fua[k].data, 4096) == 0);
+	}
+	close(fd);
+	free(buf);
+	free(bigbuf);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+	Suite *s = suite_create("backend");
+	TCase *tc = tcase_create("file");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, lane_writes_all_land_in_order);
+	tcase_add_test(tc, lane_write_failure_is_reported_alone);
+	tcase_add_test(tc, lane_and_pool_writes_mix);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int main(void)
+{
+	SRunner *sr = srunner_create(suite());
+	srunner_run_all(sr, CK_NORMAL);
+	int failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
