@@ -80,11 +80,19 @@ struct file_backend {
 	bool cachestat_ok; /* loop thread only */
 	struct snapshot *snap; /* running snapshot, loop thread only */
 	/* The write lane: small buffered writes to a regular file are made
-	 * by one pool job at a time, in batches (see lane_push). */
-	struct xnbd_io *lane_head, *lane_tail; /* waiting; loop thread */
-	struct xnbd_io *lane_batch; /* being written by the job */
-	bool lane_busy;             /* loop thread */
-	uv_work_t lane_work;
+	 * by one pool job at a time (see lane_push). */
+	struct {
+		uv_mutex_t mu;
+		struct xnbd_io *head, *tail;      /* queued, under mu */
+		struct xnbd_io *done, *done_tail; /* written, under mu */
+		/* Loop thread only: */
+		bool job;          /* the pool job is queued or running */
+		bool async_open;   /* the handle its progress comes by */
+		bool async_closing;
+		size_t outstanding; /* pushed and not yet completed */
+		uv_work_t work;
+		uv_async_t async;
+	} lane;
 };
 
 static const unsigned char zero_chunk[64 * 1024];
@@ -379,90 +387,186 @@ static int queue_io(struct file_backend *fb, struct xnbd_io *io);
  * XFS and btrfs take the inode's lock for each), so pool threads that write
  * small pieces at once only wait for each other, spinning on the lock and
  * switching (a fifth of the server's CPU at 4 KiB random writes, depth 32).
- * Small writes without FUA therefore queue on the lane: one pool job
- * writes every write queued when it started, one after the other, and
- * the next job takes what queued meanwhile.  A batch costs one hand-off
- * instead of one per write.  Reads, large, FUA and pipe writes, and the
- * writes of a block device (no inode lock to share) still go to the pool
- * in parallel.  The link of a queued I/O is its priv.work.data, unused
- * while it is on the lane. */
+ * Small writes without FUA therefore queue on the lane: one pool job takes
+ * them one after the other, in order, for as long as any are queued, and
+ * hands each back as soon as it is written (through an async handle), so
+ * that clients keep their queues full while it goes on.  The job ends when
+ * the queue is empty; the handle is closed with it.  Reads, large, FUA and
+ * pipe writes, and the writes of a block device (no inode lock to share)
+ * still go to the pool in parallel.
+ *
+ * The backend may be freed in the callback of its last I/O, with no loop
+ * iteration after; so the last write of the lane is completed only once
+ * the job has ended and the handle is closed.
+ *
+ * The link of a queued I/O is its priv.work.data, unused on the lane. */
 
 #define LANE_NEXT(io) ((io)->priv.work.data)
 
 static void lane_work_cb(uv_work_t *w)
 {
 	struct file_backend *fb = w->data;
-	for (struct xnbd_io *io = fb->lane_batch; io; io = LANE_NEXT(io)) {
+	for (;;) {
+		uv_mutex_lock(&fb->lane.mu);
+		struct xnbd_io *io = fb->lane.head;
+		if (io) {
+			fb->lane.head = LANE_NEXT(io);
+			if (!fb->lane.head)
+				fb->lane.tail = NULL;
+		}
+		uv_mutex_unlock(&fb->lane.mu);
+		if (!io)
+			return;
 		uint64_t done = io->priv.done_bytes;
 		io->status = full_pwrite(fb->fd, (uint8_t *)io->buf + done,
 		                         io->length - done, io->offset + done, 0);
+		LANE_NEXT(io) = NULL;
+		uv_mutex_lock(&fb->lane.mu);
+		if (fb->lane.done_tail)
+			LANE_NEXT(fb->lane.done_tail) = io;
+		else
+			fb->lane.done = io;
+		fb->lane.done_tail = io;
+		uv_mutex_unlock(&fb->lane.mu);
+		uv_async_send(&fb->lane.async);
 	}
 }
 
-static void lane_after_cb(uv_work_t *w, int status);
-
-static int lane_start(struct file_backend *fb)
+/* Complete the written writes.  Touches nothing of fb after the last
+ * completion: its callback may free the backend. */
+static void lane_deliver(struct file_backend *fb)
 {
-	fb->lane_batch = fb->lane_head;
-	fb->lane_head = fb->lane_tail = NULL;
-	fb->lane_work.data = fb;
-	int r = uv_queue_work(fb->base.loop, &fb->lane_work, lane_work_cb,
-	                      lane_after_cb);
-	if (r == 0)
-		fb->lane_busy = true;
-	return r;
-}
-
-/* Finish a list of lane I/Os (their status set). */
-static void lane_complete(struct file_backend *fb, struct xnbd_io *io)
-{
+	uv_mutex_lock(&fb->lane.mu);
+	struct xnbd_io *io = fb->lane.done;
+	fb->lane.done = fb->lane.done_tail = NULL;
+	uv_mutex_unlock(&fb->lane.mu);
 	while (io) {
 		struct xnbd_io *next = LANE_NEXT(io);
+		if (fb->lane.outstanding == 1 &&
+		    (fb->lane.job || fb->lane.async_open)) {
+			/* The lane's last write waits for the lane to wind down
+			 * (lane_closed_cb); nothing follows it in the list. */
+			uv_mutex_lock(&fb->lane.mu);
+			LANE_NEXT(io) = fb->lane.done;
+			fb->lane.done = io;
+			if (!fb->lane.done_tail)
+				fb->lane.done_tail = io;
+			uv_mutex_unlock(&fb->lane.mu);
+			return;
+		}
+		fb->lane.outstanding--;
 		xnbd__io_complete(&fb->base, io);
 		io = next;
 	}
 }
 
+static void lane_async_cb(uv_async_t *a)
+{
+	lane_deliver(a->data);
+}
+
+static void lane_after_cb(uv_work_t *w, int status);
+static void lane_closed_cb(uv_handle_t *h);
+
+/* Start the job if it is not running (and the handle not closing). */
+static int lane_kick(struct file_backend *fb)
+{
+	if (fb->lane.job || fb->lane.async_closing)
+		return 0;
+	if (!fb->lane.async_open) {
+		int r = uv_async_init(fb->base.loop, &fb->lane.async, lane_async_cb);
+		if (r < 0)
+			return r;
+		fb->lane.async.data = fb;
+		fb->lane.async_open = true;
+	}
+	fb->lane.work.data = fb;
+	int r = uv_queue_work(fb->base.loop, &fb->lane.work, lane_work_cb,
+	                      lane_after_cb);
+	if (r < 0)
+		return r;
+	fb->lane.job = true;
+	return 0;
+}
+
+/* The lane cannot run: every queued write fails with r. */
+static void lane_fail_queued(struct file_backend *fb, int r)
+{
+	uv_mutex_lock(&fb->lane.mu);
+	struct xnbd_io *io = fb->lane.head;
+	fb->lane.head = fb->lane.tail = NULL;
+	while (io) {
+		struct xnbd_io *next = LANE_NEXT(io);
+		io->status = r;
+		LANE_NEXT(io) = NULL;
+		if (fb->lane.done_tail)
+			LANE_NEXT(fb->lane.done_tail) = io;
+		else
+			fb->lane.done = io;
+		fb->lane.done_tail = io;
+		io = next;
+	}
+	uv_mutex_unlock(&fb->lane.mu);
+}
+
+static bool lane_queued(struct file_backend *fb)
+{
+	uv_mutex_lock(&fb->lane.mu);
+	bool any = fb->lane.head != NULL;
+	uv_mutex_unlock(&fb->lane.mu);
+	return any;
+}
+
 static void lane_after_cb(uv_work_t *w, int status)
 {
+	(void)status; /* never cancelled; whatever it left stays queued */
 	struct file_backend *fb = w->data;
-	struct xnbd_io *done = fb->lane_batch;
-	fb->lane_batch = NULL;
-	fb->lane_busy = false;
-	if (status == UV_ECANCELED)
-		for (struct xnbd_io *io = done; io; io = LANE_NEXT(io))
-			io->status = -ECANCELED;
-	/* The next batch starts before this one's callbacks run (they may
-	 * queue more writes, which then wait for the batch after). */
-	if (fb->lane_head) {
-		int r = lane_start(fb);
-		if (r < 0) {
-			for (struct xnbd_io *io = fb->lane_batch; io; io = LANE_NEXT(io))
-				io->status = r;
-			struct xnbd_io *failed = fb->lane_batch;
-			fb->lane_batch = NULL;
-			lane_complete(fb, failed);
-		}
+	fb->lane.job = false;
+	/* Writes queued after the job found the queue empty: a new job. */
+	if (lane_queued(fb)) {
+		int r = lane_kick(fb);
+		if (r < 0)
+			lane_fail_queued(fb, r);
 	}
-	lane_complete(fb, done);
+	if (!fb->lane.job) {
+		fb->lane.async_closing = true;
+		uv_close((uv_handle_t *)&fb->lane.async, lane_closed_cb);
+	}
+	lane_deliver(fb);
+}
+
+static void lane_closed_cb(uv_handle_t *h)
+{
+	struct file_backend *fb = h->data;
+	fb->lane.async_open = false;
+	fb->lane.async_closing = false;
+	if (lane_queued(fb)) { /* queued while the handle closed */
+		int r = lane_kick(fb);
+		if (r < 0)
+			lane_fail_queued(fb, r);
+	}
+	lane_deliver(fb);
 }
 
 static int lane_push(struct file_backend *fb, struct xnbd_io *io)
 {
 	LANE_NEXT(io) = NULL;
-	if (fb->lane_tail)
-		LANE_NEXT(fb->lane_tail) = io;
+	uv_mutex_lock(&fb->lane.mu);
+	if (fb->lane.tail)
+		LANE_NEXT(fb->lane.tail) = io;
 	else
-		fb->lane_head = io;
-	fb->lane_tail = io;
-	if (fb->lane_busy)
-		return XNBD_IO_PENDING;
-	int r = lane_start(fb);
+		fb->lane.head = io;
+	fb->lane.tail = io;
+	uv_mutex_unlock(&fb->lane.mu);
+	int r = lane_kick(fb);
 	if (r < 0) {
-		/* Only this write was queued (the lane was idle). */
-		fb->lane_head = fb->lane_tail = fb->lane_batch = NULL;
+		/* No job runs, so nothing else is queued: take it back. */
+		uv_mutex_lock(&fb->lane.mu);
+		fb->lane.head = fb->lane.tail = NULL;
+		uv_mutex_unlock(&fb->lane.mu);
 		return r;
 	}
+	fb->lane.outstanding++;
 	return XNBD_IO_PENDING;
 }
 
@@ -786,6 +890,7 @@ static int file_snapshot_running(const struct xnbd_backend *b)
 static void file_free(struct xnbd_backend *b)
 {
 	struct file_backend *fb = (struct file_backend *)b;
+	uv_mutex_destroy(&fb->lane.mu);
 	close(fb->fd);
 	free(fb);
 }
@@ -855,6 +960,10 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 	atomic_init(&fb->punch_ok, true);
 	atomic_init(&fb->zero_range_ok, true);
 	fb->cachestat_ok = true;
+	if (uv_mutex_init(&fb->lane.mu) < 0) {
+		free(fb);
+		return -ENOMEM;
+	}
 
 	/* FAST_ZERO is always offered: where the file system cannot punch or
 	 * zero a range, such a request fails at once with ENOTSUP, which is

@@ -213,9 +213,15 @@ struct xnbd_server {
 	size_t nsessions;
 	size_t nlisteners_open;
 	uv_check_t check;
+	/* Active together with check: an active idle handle keeps the loop
+	 * from blocking in poll while replies wait for the check handle (they
+	 * may be finished after it ran: in a close callback, or by a wake
+	 * that leaves more for the next round). */
+	uv_idle_t kick;
 	bool check_started;
 	bool wake_pending; /* paused sessions may read again */
 	bool check_closed;
+	bool kick_closed;
 	uv_timer_t grace;
 	bool grace_started;
 	bool grace_closed;
@@ -237,6 +243,23 @@ static void session_maybe_resume(struct session *s);
 static void wake_paused(struct xnbd_server *srv, struct session *except);
 static void check_cb(uv_check_t *h);
 static void maybe_finish_shutdown(struct xnbd_server *srv);
+
+static void kick_cb(uv_idle_t *h)
+{
+	(void)h; /* its being active is all: poll does not block */
+}
+
+/* Replies or wakes wait: the check handle runs at the end of this loop
+ * iteration, or of the next one, which then does not block. */
+static void check_arm(struct xnbd_server *srv)
+{
+	if (!srv->check_started && !srv->check_closed &&
+	    !uv_is_closing((uv_handle_t *)&srv->check)) {
+		uv_check_start(&srv->check, check_cb);
+		uv_idle_start(&srv->kick, kick_cb);
+		srv->check_started = true;
+	}
+}
 
 /* ---- logging -------------------------------------------------------------- */
 
@@ -394,6 +417,8 @@ int xnbd_server_new(uv_loop_t *loop, struct xnbd_server **out)
 	xnbd_list_init(&srv->removed_due);
 	uv_check_init(loop, &srv->check);
 	srv->check.data = srv;
+	uv_idle_init(loop, &srv->kick);
+	srv->kick.data = srv;
 	uv_timer_init(loop, &srv->grace);
 	srv->grace.data = srv;
 	uv_timer_init(loop, &srv->reap);
@@ -699,10 +724,7 @@ static void req_release(struct req *q)
 	 * handle, whichever session (closing or not) released the room. */
 	if (was_over && !server_over_limits(srv)) {
 		srv->wake_pending = true;
-		if (!srv->check_started) {
-			uv_check_start(&srv->check, check_cb);
-			srv->check_started = true;
-		}
+		check_arm(srv);
 	}
 	if (q->buf_cap > KEEP_BUF_MAX) {
 		free(q->buf);
@@ -764,10 +786,7 @@ static void session_mark_dirty(struct session *s)
 	struct xnbd_server *srv = s->srv;
 	if (xnbd_list_empty(&s->dirty_link))
 		xnbd_list_insert(srv->dirty.prev, &s->dirty_link);
-	if (!srv->check_started) {
-		uv_check_start(&srv->check, check_cb);
-		srv->check_started = true;
-	}
+	check_arm(srv);
 }
 
 static void reply_simple(struct req *q, uint32_t err)
@@ -1513,6 +1532,7 @@ static void check_cb(uv_check_t *h)
 	if (!xnbd_list_empty(&srv->dirty))
 		return; /* woken sessions answered at once: flush next round */
 	uv_check_stop(&srv->check);
+	uv_idle_stop(&srv->kick);
 	srv->check_started = false;
 }
 
@@ -2244,6 +2264,13 @@ static void check_close_cb(uv_handle_t *h)
 	maybe_finish_shutdown(srv);
 }
 
+static void kick_close_cb(uv_handle_t *h)
+{
+	struct xnbd_server *srv = h->data;
+	srv->kick_closed = true;
+	maybe_finish_shutdown(srv);
+}
+
 static void reap_close_cb(uv_handle_t *h)
 {
 	struct xnbd_server *srv = h->data;
@@ -2260,10 +2287,12 @@ static void maybe_finish_shutdown(struct xnbd_server *srv)
 	if (!uv_is_closing((uv_handle_t *)&srv->grace)) {
 		uv_close((uv_handle_t *)&srv->grace, grace_close_cb);
 		uv_close((uv_handle_t *)&srv->check, check_close_cb);
+		uv_close((uv_handle_t *)&srv->kick, kick_close_cb);
 		uv_close((uv_handle_t *)&srv->reap, reap_close_cb);
 		return;
 	}
-	if (!srv->grace_closed || !srv->check_closed || !srv->reap_closed)
+	if (!srv->grace_closed || !srv->check_closed || !srv->kick_closed ||
+	    !srv->reap_closed)
 		return;
 	xnbd_shutdown_cb cb = srv->shutdown_cb;
 	srv->shutdown_cb = NULL;
