@@ -30,6 +30,7 @@ struct op {
 };
 
 static int completed;
+static bool loop_closed;
 
 static void op_done(struct xnbd_io *io)
 {
@@ -49,6 +50,7 @@ static void setup(void)
 	close(fd);
 	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend), 0);
 	completed = 0;
+	loop_closed = false;
 }
 
 static void teardown(void)
@@ -57,6 +59,8 @@ static void teardown(void)
 		xnbd_backend_free(backend);
 	backend = NULL;
 	unlink(img_path);
+	if (loop_closed)
+		return;
 	uv_run(&loop, UV_RUN_DEFAULT);
 	ck_assert_int_eq(uv_loop_close(&loop), 0);
 }
@@ -67,6 +71,7 @@ static void submit_buf(struct op *o, uint32_t type, uint32_t flags,
                        uint64_t off, uint64_t len, void *buf)
 {
 	memset(&o->io, 0, sizeof(o->io));
+	o->ncalls = 0;
 	o->io.type = type;
 	o->io.flags = flags;
 	o->io.offset = off;
@@ -237,6 +242,48 @@ START_TEST(lane_and_pool_writes_mix)
 }
 END_TEST
 
+/* The API lets the backend be freed in the callback of its last I/O, and
+ * the loop be closed right after, without another iteration: the lane
+ * must have nothing left open by then (no job, no handle). */
+static int free_after;
+
+static void free_when_last(struct xnbd_io *io)
+{
+	op_done(io);
+	if (completed == free_after) {
+		xnbd_backend_free(backend);
+		backend = NULL;
+	}
+}
+
+START_TEST(backend_freed_in_last_callback)
+{
+	static struct op ops[50];
+	for (int round = 0; round < 3; round++) {
+		if (round) { /* a new loop and backend each round */
+			ck_assert_int_eq(uv_loop_init(&loop), 0);
+			ck_assert_int_eq(
+			    xnbd_backend_file_open(&loop, img_path, 0, &backend), 0);
+		}
+		completed = 0;
+		free_after = 10 + 20 * round;
+		for (int i = 0; i < free_after; i++) {
+			fill(ops[i].data, 4096, (unsigned)i);
+			submit(&ops[i], XNBD_IO_WRITE, (uint64_t)i * 4096, 4096);
+			ops[i].io.done = free_when_last;
+			if (round == 2 && i == 5)
+				uv_run(&loop, UV_RUN_NOWAIT);
+		}
+		while (backend)
+			uv_run(&loop, UV_RUN_ONCE);
+		ck_assert_int_eq(uv_loop_close(&loop), 0);
+		loop_closed = true;
+		for (int i = 0; i < free_after; i++)
+			ck_assert_int_eq(ops[i].ncalls, 1);
+	}
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("backend");
@@ -245,6 +292,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, lane_writes_all_land_in_order);
 	tcase_add_test(tc, lane_write_failure_is_reported_alone);
 	tcase_add_test(tc, lane_and_pool_writes_mix);
+	tcase_add_test(tc, backend_freed_in_last_callback);
 	suite_add_tcase(s, tc);
 	return s;
 }
