@@ -81,7 +81,8 @@ int xnbd_backend_submit(struct xnbd_backend *b, struct xnbd_io *io)
 int xnbd__backend_submit_pipe(struct xnbd_backend *b, struct xnbd_io *io,
                               int pipe_fd)
 {
-	if (!b->ops->write_pipe || io->type != XNBD_IO_WRITE || pipe_fd < 0)
+	if (!b->ops->write_pipe || io->type != XNBD_IO_WRITE || pipe_fd < 0 ||
+	    (b->ops->pipe_ok && !b->ops->pipe_ok(b, io->offset, io->length)))
 		return -EOPNOTSUPP;
 	int r = check_io(b, io);
 	if (r < 0)

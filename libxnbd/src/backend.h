@@ -46,6 +46,11 @@ struct xnbd__backend_ops {
 	 * need the bytes in memory. */
 	int (*write_pipe)(struct xnbd_backend *b, struct xnbd_io *io,
 	                  int pipe_fd);
+	/* Does write_pipe take a WRITE of [off, off+len)?  Optional: without
+	 * it, every range.  (A CoW layer takes whole blocks only: a partial
+	 * block needs its bytes merged with the layer below.) */
+	bool (*pipe_ok)(const struct xnbd_backend *b, uint64_t off,
+	                uint64_t len);
 	void (*free)(struct xnbd_backend *b);
 };
 
@@ -72,10 +77,13 @@ static inline int xnbd__backend_read_fd(struct xnbd_backend *b, uint64_t off,
 	return b->ops->read_fd(b, off, len, fd, fd_off);
 }
 
-/* Can a WRITE be submitted from a pipe (xnbd__backend_submit_pipe)? */
-static inline bool xnbd__backend_takes_pipe(const struct xnbd_backend *b)
+/* Can a WRITE of [off, off+len) be submitted from a pipe
+ * (xnbd__backend_submit_pipe)? */
+static inline bool xnbd__backend_takes_pipe(const struct xnbd_backend *b,
+                                            uint64_t off, uint64_t len)
 {
-	return b->ops->write_pipe && !(b->caps & XNBD_CAP_READ_ONLY);
+	return b->ops->write_pipe && !(b->caps & XNBD_CAP_READ_ONLY) &&
+	       (!b->ops->pipe_ok || b->ops->pipe_ok(b, off, len));
 }
 
 /* xnbd_backend_submit() for a WRITE whose data is in a pipe (see

@@ -61,6 +61,7 @@ struct cow_op {
 	int status;
 	int stage;
 	int *inline_done; /* set while inside xnbd_backend_submit() */
+	int pipe_fd;      /* a WRITE's data is in this pipe, or -1 */
 	uv_work_t wake;   /* to start a waiter from the loop */
 	/* writes */
 	uint8_t *bounce; /* two blocks: head and tail copy-ups */
@@ -120,6 +121,7 @@ static struct cow_op *op_new(struct cow *c, struct xnbd_io *io, uint32_t nsub)
 	op->c = c;
 	op->io = io;
 	op->nsub = nsub;
+	op->pipe_fd = -1;
 	xnbd_list_init(&op->link);
 	if (io->length) {
 		op->b0 = io->offset / BS;
@@ -151,7 +153,11 @@ static void sub_submit(struct cow_op *op, struct cow_sub *s, uint32_t type,
 	                         .user_data = op};
 	struct xnbd_backend *b = s->overlay ? c->overlay : c->lower;
 	op->pending++;
-	int r = xnbd_backend_submit(b, &s->io);
+	/* A write of whole blocks from a pipe goes on to the overlay as it
+	 * came (cow_pipe_ok): the only write of the op, from io->buf's place. */
+	bool piped = op->pipe_fd >= 0 && type == XNBD_IO_WRITE && s->overlay;
+	int r = piped ? xnbd__backend_submit_pipe(b, &s->io, op->pipe_fd)
+	              : xnbd_backend_submit(b, &s->io);
 	if (r == XNBD_IO_PENDING)
 		return;
 	op->pending--;
@@ -447,9 +453,33 @@ static void op_run(struct cow_op *op)
 	}
 }
 
+static int cow_start(struct cow *c, struct xnbd_io *io, int pipe_fd);
+
 static int cow_submit(struct xnbd_backend *b, struct xnbd_io *io)
 {
-	struct cow *c = (struct cow *)b;
+	return cow_start((struct cow *)b, io, -1);
+}
+
+/* Whole blocks: no copy-up, so the data need not be in memory. */
+static bool cow_pipe_ok(const struct xnbd_backend *b, uint64_t off,
+                        uint64_t len)
+{
+	const struct cow *c = (const struct cow *)b;
+	uint64_t end = off + len;
+	return len && off % BS == 0 && (end % BS == 0 || end == b->size) &&
+	       xnbd__backend_takes_pipe(c->overlay, off, len);
+}
+
+static int cow_write_pipe(struct xnbd_backend *b, struct xnbd_io *io,
+                          int pipe_fd)
+{
+	if (!cow_pipe_ok(b, io->offset, io->length))
+		return -EOPNOTSUPP;
+	return cow_start((struct cow *)b, io, pipe_fd);
+}
+
+static int cow_start(struct cow *c, struct xnbd_io *io, int pipe_fd)
+{
 	if (io->length == 0 && io->type != XNBD_IO_FLUSH)
 		return XNBD_IO_COMPLETED;
 	uint32_t nsub = 3;
@@ -462,6 +492,7 @@ static int cow_submit(struct xnbd_backend *b, struct xnbd_io *io)
 	if (!op)
 		return -ENOMEM;
 	op->span = span;
+	op->pipe_fd = pipe_fd;
 	if (io->type == XNBD_IO_BLOCK_STATUS) {
 		op->ext = calloc(nsub, sizeof(*op->ext));
 		if (!op->ext) {
@@ -506,6 +537,8 @@ static const struct xnbd__backend_ops cow_ops = {
 	.name = "cow",
 	.submit = cow_submit,
 	.read_fd = cow_read_fd,
+	.write_pipe = cow_write_pipe,
+	.pipe_ok = cow_pipe_ok,
 	.free = cow_free,
 };
 

@@ -1116,12 +1116,14 @@ static void handle_request(struct session *s, const struct xnbd__request *r)
 			req_submit(q);
 			return;
 		}
-		/* A large write to a plain image: splice its payload (the buffer
-		 * stays, for falling back to copying). */
+		/* A large write to a plain image or whole blocks of a CoW layer:
+		 * splice its payload (the buffer stays, for falling back to
+		 * copying). */
 		if (s->splice_ok && r->type == XNBD_CMD_WRITE &&
 		    !(r->flags & XNBD_CMD_FLAG_FUA) && r->length > SPLICE_MIN &&
 		    r->length <= PIPE_SIZE &&
-		    xnbd__backend_takes_pipe(s->export->backend))
+		    xnbd__backend_takes_pipe(s->export->backend, r->offset,
+		                             r->length))
 			pipe_get(s, q);
 		s->cur = q;
 		return;

@@ -28,6 +28,8 @@ checks what could go wrong with that:
    read directly once the server stopped, holds every write.
 7. A read-only export refuses large writes and stays in step with the
    stream (their payloads are read and dropped, not spliced).
+8. Through a CoW layer, whole-block writes are spliced into the overlay,
+   partial ones copied and merged; the base image never changes.
 """
 import os
 import random
@@ -276,6 +278,56 @@ def gone_mid_payload(srv, model, rng):
     xt.log("a payload cut short by FIN or reset changes nothing")
 
 
+def cow_layer(d, rng):
+    """Through a CoW layer, large writes of whole 4 KiB blocks are spliced
+    into the overlay too; a write with a partial block at either end is
+    copied (its ends are merged with the base).  Both land, in a pipeline
+    together, and the base image never changes."""
+    n = 16 * MiB
+    base = rng.randbytes(n)
+    img = d.image("cowbase.img", n, base)
+    srv = xt.Server(img, mode=["--cow-target", img], tmpdir=d.path)
+    d.servers.append(srv)
+    model = bytearray(base)
+    c = conn(srv)
+    idle = pipes_open(srv)
+    B = 4096
+    for batch in range(3):
+        # Whole blocks (the last one ends at the end of the image), and
+        # ranges with a partial block at the start, at the end, or both.
+        shapes = [(0, 256 * KiB), (0, 1 * MiB), (0, 512 * KiB + B),
+                  (0, 1 * MiB - 1), (513, 300 * KiB + 7), (513, 700 * KiB),
+                  (513, 1 * MiB - 513)]  # (offset in its block, length)
+        ranges = []
+        blocks = list(range(0, n // B - 256, 300))
+        rng.shuffle(blocks)
+        for i, (head, m) in enumerate(shapes):
+            ranges.append((blocks[i] * B + head, m))
+        ranges.append((n - 768 * KiB, 768 * KiB))
+        stream = bytearray()
+        for i, (off, m) in enumerate(ranges):
+            data = rng.randbytes(m)
+            model[off:off + m] = data
+            stream += header(100 * batch + i + 1, xt.CMD_WRITE, off, m) + data
+        c.s.sendall(stream)
+        for _ in ranges:
+            r = c.read_reply()
+            check_eq(r["error"], 0, "CoW write, cookie %d" % r["cookie"])
+        verify(c, model, ranges, "CoW pipeline %d" % batch)
+        # Blocks next to each write still come from the base.
+        verify(c, model, [(max(0, off - B), B) for off, _ in ranges],
+               "blocks before CoW writes")
+        kept = pipes_open(srv) - idle
+        check(kept >= 1, "whole-block writes to a CoW layer were not "
+              "spliced (no pipe kept)")
+    c.close()
+    check_eq(srv.stop(), 0, "CoW server's exit status")
+    with open(img, "rb") as f:
+        check(f.read() == base, "the base image changed under a CoW layer")
+    xt.log("whole-block writes to a CoW layer are spliced; partial ones "
+           "are copied; the base is untouched")
+
+
 def fua_and_readonly(d, model, rng):
     """FUA writes take the copy path (RWF_DSYNC); a read-only export
     refuses large writes and stays in sync with the stream."""
@@ -317,6 +369,7 @@ def test():
             check_bytes(f.read(), bytes(model), "image file after the test")
         xt.log("the image file holds every write")
         fua_and_readonly(d, model, rng)
+        cow_layer(d, rng)
 
 
 if __name__ == "__main__":
