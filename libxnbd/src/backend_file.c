@@ -403,6 +403,18 @@ static int queue_io(struct file_backend *fb, struct xnbd_io *io);
 
 #define LANE_NEXT(io) ((io)->priv.work.data)
 
+/* Append io to the list head..tail (under the lane's mutex). */
+static void lane_append(struct xnbd_io **head, struct xnbd_io **tail,
+                        struct xnbd_io *io)
+{
+	LANE_NEXT(io) = NULL;
+	if (*tail)
+		LANE_NEXT(*tail) = io;
+	else
+		*head = io;
+	*tail = io;
+}
+
 static void lane_work_cb(uv_work_t *w)
 {
 	struct file_backend *fb = w->data;
@@ -420,13 +432,8 @@ static void lane_work_cb(uv_work_t *w)
 		uint64_t done = io->priv.done_bytes;
 		io->status = full_pwrite(fb->fd, (uint8_t *)io->buf + done,
 		                         io->length - done, io->offset + done, 0);
-		LANE_NEXT(io) = NULL;
 		uv_mutex_lock(&fb->lane.mu);
-		if (fb->lane.done_tail)
-			LANE_NEXT(fb->lane.done_tail) = io;
-		else
-			fb->lane.done = io;
-		fb->lane.done_tail = io;
+		lane_append(&fb->lane.done, &fb->lane.done_tail, io);
 		uv_mutex_unlock(&fb->lane.mu);
 		uv_async_send(&fb->lane.async);
 	}
@@ -498,12 +505,7 @@ static void lane_fail_queued(struct file_backend *fb, int r)
 	while (io) {
 		struct xnbd_io *next = LANE_NEXT(io);
 		io->status = r;
-		LANE_NEXT(io) = NULL;
-		if (fb->lane.done_tail)
-			LANE_NEXT(fb->lane.done_tail) = io;
-		else
-			fb->lane.done = io;
-		fb->lane.done_tail = io;
+		lane_append(&fb->lane.done, &fb->lane.done_tail, io);
 		io = next;
 	}
 	uv_mutex_unlock(&fb->lane.mu);
@@ -550,13 +552,8 @@ static void lane_closed_cb(uv_handle_t *h)
 
 static int lane_push(struct file_backend *fb, struct xnbd_io *io)
 {
-	LANE_NEXT(io) = NULL;
 	uv_mutex_lock(&fb->lane.mu);
-	if (fb->lane.tail)
-		LANE_NEXT(fb->lane.tail) = io;
-	else
-		fb->lane.head = io;
-	fb->lane.tail = io;
+	lane_append(&fb->lane.head, &fb->lane.tail, io);
 	uv_mutex_unlock(&fb->lane.mu);
 	int r = lane_kick(fb);
 	if (r < 0) {
