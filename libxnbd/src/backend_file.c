@@ -73,6 +73,9 @@ struct file_backend {
 	struct xnbd_backend base;
 	int fd;
 	bool blockdev;
+	/* Small writes go on the lane: a regular file, buffered (direct I/O
+	 * to a file is not serialised the same way, and gains from depth). */
+	bool use_lane;
 	atomic_bool nowait_read;
 	atomic_bool nowait_write;
 	atomic_bool punch_ok;
@@ -393,7 +396,8 @@ static int queue_io(struct file_backend *fb, struct xnbd_io *io);
  * that clients keep their queues full while it goes on.  The job ends when
  * the queue is empty; the handle is closed with it.  Reads, large, FUA and
  * pipe writes, and the writes of a block device (no inode lock to share)
- * still go to the pool in parallel.
+ * or of a descriptor opened with O_DIRECT still go to the pool in
+ * parallel.
  *
  * The backend may be freed in the callback of its last I/O, with no loop
  * iteration after; so the last write of the lane is completed only once
@@ -606,7 +610,7 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 			else if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
 				atomic_store(&fb->nowait_write, false);
 		}
-		if (!fb->blockdev)
+		if (fb->use_lane)
 			return lane_push(fb, io);
 	}
 	return queue_io(fb, io);
@@ -952,6 +956,8 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 		fb->base.caps |= XNBD_CAP_TRIM | XNBD_CAP_ZERO;
 	fb->fd = fd;
 	fb->blockdev = blockdev;
+	int fl = fcntl(fd, F_GETFL);
+	fb->use_lane = !blockdev && fl >= 0 && !(fl & O_DIRECT);
 	atomic_init(&fb->nowait_read, true);
 	atomic_init(&fb->nowait_write, true);
 	atomic_init(&fb->punch_ok, true);
