@@ -484,8 +484,6 @@ int main(int argc, char **argv)
 
 	signal(SIGPIPE, SIG_IGN);
 	raise_fd_limit();
-	/* Disk I/O that misses the page cache runs on libuv's pool. */
-	setenv("UV_THREADPOOL_SIZE", "16", 0);
 
 	/* Under inetd, standard error may be the client's socket. */
 	int to_syslog = s->use_syslog || (c->inetd && !s->logpath);

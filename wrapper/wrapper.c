@@ -457,8 +457,6 @@ int main(int argc, char **argv)
 
 	signal(SIGPIPE, SIG_IGN);
 	raise_fd_limit();
-	/* Disk I/O that misses the page cache runs on libuv's pool. */
-	setenv("UV_THREADPOOL_SIZE", "16", 0);
 	/* The daemon changes directory, and the files are named again later. */
 	w.socket_abs = abs_path(c->socket);
 	w.db_abs = c->dbpath ? abs_path(c->dbpath) : NULL;

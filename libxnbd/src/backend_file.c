@@ -5,10 +5,11 @@
  *   threads share one descriptor, and no file offset is ever shared state.
  * - The loop thread never waits on a disk.  Reads, and writes without FUA,
  *   are first tried with RWF_NOWAIT, which the kernel serves from the page
- *   cache or refuses with EAGAIN; whatever is left goes to libuv's thread
- *   pool.  Small writes left go to the write lane (one pool job at a time,
- *   in batches: see below).  Flushes, FUA writes, trims, zeroing and
- *   extent queries always go to the pool.
+ *   cache or refuses with EAGAIN; whatever is left goes to the worker pool
+ *   (pool.h: libxnbd's own, not libuv's, whose completion signal spins).
+ *   Small writes left go to the write lane, the pool's serial queue (see
+ *   file_submit).  Flushes, FUA writes, trims, zeroing and extent queries
+ *   always go to the pool.
  * - Reads the server may send straight from the descriptor (sendfile, no
  *   copy through user space) are those cachestat(2) finds wholly in the
  *   page cache: sendfile cannot be told not to wait for a disk, and the
@@ -42,6 +43,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "pool.h"
 
 #define SNAP_CHUNK (1024U * 1024U)
 #define INLINE_MAX (128U * 1024U) /* largest I/O tried on the loop thread */
@@ -82,20 +84,9 @@ struct file_backend {
 	atomic_bool zero_range_ok;
 	bool cachestat_ok; /* loop thread only */
 	struct snapshot *snap; /* running snapshot, loop thread only */
-	/* The write lane: small buffered writes to a regular file are made
-	 * by one pool job at a time (see lane_push). */
-	struct {
-		uv_mutex_t mu;
-		struct xnbd_io *head, *tail;      /* queued, under mu */
-		struct xnbd_io *done, *done_tail; /* written, under mu */
-		/* Loop thread only: */
-		bool job;          /* the pool job is queued or running */
-		bool async_open;   /* the handle its progress comes by */
-		bool async_closing;
-		size_t outstanding; /* pushed and not yet completed */
-		uv_work_t work;
-		uv_async_t async;
-	} lane;
+	/* Pool work comes back through it; small writes take its serial
+	 * queue, the write lane (see file_submit). */
+	struct xnbd__chan chan;
 };
 
 static const unsigned char zero_chunk[64 * 1024];
@@ -313,9 +304,8 @@ static int sync_if_fua(struct file_backend *fb, struct xnbd_io *io, int r)
 	return r;
 }
 
-static void work_cb(uv_work_t *w)
+static void work_cb(struct xnbd_io *io)
 {
-	struct xnbd_io *io = w->data;
 	struct file_backend *fb = io->priv.a;
 	struct snapshot *snap = io->priv.b;
 	uint64_t done = io->priv.done_bytes;
@@ -371,205 +361,15 @@ static void work_cb(uv_work_t *w)
 
 static void snapshot_unref(struct snapshot *s);
 
-static void after_work_cb(uv_work_t *w, int status)
+static void after_work_cb(struct xnbd_io *io)
 {
-	struct xnbd_io *io = w->data;
 	struct file_backend *fb = io->priv.a;
-	if (status == UV_ECANCELED)
-		io->status = -ECANCELED;
 	if (io->priv.b)
 		snapshot_unref(io->priv.b);
 	xnbd__io_complete(&fb->base, io);
 }
 
 static int queue_io(struct file_backend *fb, struct xnbd_io *io);
-
-/* ---- the write lane ---------------------------------------------------------
- *
- * Buffered writes to one file are serialised by the file system (ext4,
- * XFS and btrfs take the inode's lock for each), so pool threads that write
- * small pieces at once only wait for each other, spinning on the lock and
- * switching (a fifth of the server's CPU at 4 KiB random writes, depth 32).
- * Small writes without FUA therefore queue on the lane: one pool job takes
- * them one after the other, in order, for as long as any are queued, and
- * hands each back as soon as it is written (through an async handle), so
- * that clients keep their queues full while it goes on.  The job ends when
- * the queue is empty; the handle is closed with it.  Reads, large, FUA and
- * pipe writes, and the writes of a block device (no inode lock to share)
- * or of a descriptor opened with O_DIRECT still go to the pool in
- * parallel.
- *
- * The backend may be freed in the callback of its last I/O, with no loop
- * iteration after; so the last write of the lane is completed only once
- * the job has ended and the handle is closed.
- *
- * The link of a queued I/O is its priv.work.data, unused on the lane. */
-
-#define LANE_NEXT(io) ((io)->priv.work.data)
-
-/* Append io to the list head..tail (under the lane's mutex). */
-static void lane_append(struct xnbd_io **head, struct xnbd_io **tail,
-                        struct xnbd_io *io)
-{
-	LANE_NEXT(io) = NULL;
-	if (*tail)
-		LANE_NEXT(*tail) = io;
-	else
-		*head = io;
-	*tail = io;
-}
-
-static void lane_work_cb(uv_work_t *w)
-{
-	struct file_backend *fb = w->data;
-	for (;;) {
-		uv_mutex_lock(&fb->lane.mu);
-		struct xnbd_io *io = fb->lane.head;
-		if (io) {
-			fb->lane.head = LANE_NEXT(io);
-			if (!fb->lane.head)
-				fb->lane.tail = NULL;
-		}
-		uv_mutex_unlock(&fb->lane.mu);
-		if (!io)
-			return;
-		uint64_t done = io->priv.done_bytes;
-		io->status = full_pwrite(fb->fd, (uint8_t *)io->buf + done,
-		                         io->length - done, io->offset + done, 0);
-		uv_mutex_lock(&fb->lane.mu);
-		lane_append(&fb->lane.done, &fb->lane.done_tail, io);
-		uv_mutex_unlock(&fb->lane.mu);
-		uv_async_send(&fb->lane.async);
-	}
-}
-
-/* Complete the written writes.  Touches nothing of fb after the last
- * completion: its callback may free the backend. */
-static void lane_deliver(struct file_backend *fb)
-{
-	uv_mutex_lock(&fb->lane.mu);
-	struct xnbd_io *io = fb->lane.done;
-	fb->lane.done = fb->lane.done_tail = NULL;
-	uv_mutex_unlock(&fb->lane.mu);
-	while (io) {
-		struct xnbd_io *next = LANE_NEXT(io);
-		if (fb->lane.outstanding == 1 &&
-		    (fb->lane.job || fb->lane.async_open)) {
-			/* The lane's last write waits for the lane to wind down
-			 * (lane_closed_cb); nothing follows it in the list. */
-			uv_mutex_lock(&fb->lane.mu);
-			LANE_NEXT(io) = fb->lane.done;
-			fb->lane.done = io;
-			if (!fb->lane.done_tail)
-				fb->lane.done_tail = io;
-			uv_mutex_unlock(&fb->lane.mu);
-			return;
-		}
-		fb->lane.outstanding--;
-		xnbd__io_complete(&fb->base, io);
-		io = next;
-	}
-}
-
-static void lane_async_cb(uv_async_t *a)
-{
-	lane_deliver(a->data);
-}
-
-static void lane_after_cb(uv_work_t *w, int status);
-static void lane_closed_cb(uv_handle_t *h);
-
-/* Start the job if it is not running (and the handle not closing). */
-static int lane_kick(struct file_backend *fb)
-{
-	if (fb->lane.job || fb->lane.async_closing)
-		return 0;
-	if (!fb->lane.async_open) {
-		int r = uv_async_init(fb->base.loop, &fb->lane.async, lane_async_cb);
-		if (r < 0)
-			return r;
-		fb->lane.async.data = fb;
-		fb->lane.async_open = true;
-	}
-	fb->lane.work.data = fb;
-	int r = uv_queue_work(fb->base.loop, &fb->lane.work, lane_work_cb,
-	                      lane_after_cb);
-	if (r < 0)
-		return r;
-	fb->lane.job = true;
-	return 0;
-}
-
-/* The lane cannot run: every queued write fails with r. */
-static void lane_fail_queued(struct file_backend *fb, int r)
-{
-	uv_mutex_lock(&fb->lane.mu);
-	struct xnbd_io *io = fb->lane.head;
-	fb->lane.head = fb->lane.tail = NULL;
-	while (io) {
-		struct xnbd_io *next = LANE_NEXT(io);
-		io->status = r;
-		lane_append(&fb->lane.done, &fb->lane.done_tail, io);
-		io = next;
-	}
-	uv_mutex_unlock(&fb->lane.mu);
-}
-
-static bool lane_queued(struct file_backend *fb)
-{
-	uv_mutex_lock(&fb->lane.mu);
-	bool any = fb->lane.head != NULL;
-	uv_mutex_unlock(&fb->lane.mu);
-	return any;
-}
-
-static void lane_after_cb(uv_work_t *w, int status)
-{
-	(void)status; /* never cancelled; whatever it left stays queued */
-	struct file_backend *fb = w->data;
-	fb->lane.job = false;
-	/* Writes queued after the job found the queue empty: a new job. */
-	if (lane_queued(fb)) {
-		int r = lane_kick(fb);
-		if (r < 0)
-			lane_fail_queued(fb, r);
-	}
-	if (!fb->lane.job) {
-		fb->lane.async_closing = true;
-		uv_close((uv_handle_t *)&fb->lane.async, lane_closed_cb);
-	}
-	lane_deliver(fb);
-}
-
-static void lane_closed_cb(uv_handle_t *h)
-{
-	struct file_backend *fb = h->data;
-	fb->lane.async_open = false;
-	fb->lane.async_closing = false;
-	if (lane_queued(fb)) { /* queued while the handle closed */
-		int r = lane_kick(fb);
-		if (r < 0)
-			lane_fail_queued(fb, r);
-	}
-	lane_deliver(fb);
-}
-
-static int lane_push(struct file_backend *fb, struct xnbd_io *io)
-{
-	uv_mutex_lock(&fb->lane.mu);
-	lane_append(&fb->lane.head, &fb->lane.tail, io);
-	uv_mutex_unlock(&fb->lane.mu);
-	int r = lane_kick(fb);
-	if (r < 0) {
-		/* No job runs, so nothing else is queued: take it back. */
-		uv_mutex_lock(&fb->lane.mu);
-		fb->lane.head = fb->lane.tail = NULL;
-		uv_mutex_unlock(&fb->lane.mu);
-		return r;
-	}
-	fb->lane.outstanding++;
-	return XNBD_IO_PENDING;
-}
 
 static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 {
@@ -610,8 +410,20 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 			else if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
 				atomic_store(&fb->nowait_write, false);
 		}
-		if (fb->use_lane)
-			return lane_push(fb, io);
+		/* Buffered writes to one file are serialised by the file
+		 * system (ext4, XFS and btrfs take the inode's lock for each):
+		 * pool threads writing small pieces at once only wait for each
+		 * other, spinning on the lock and switching (a fifth of the
+		 * server's CPU at 4 KiB random writes, depth 32).  So small
+		 * writes without FUA take the lane: one worker writes them one
+		 * after the other, in order, each completed as soon as it is
+		 * written.  Reads, large, FUA and pipe writes, and the writes of
+		 * a block device (no inode lock) or of a descriptor opened with
+		 * O_DIRECT (which gains from depth) go to the pool in parallel. */
+		if (fb->use_lane) {
+			int r = xnbd__chan_submit(&fb->chan, io, true);
+			return r < 0 ? r : XNBD_IO_PENDING;
+		}
 	}
 	return queue_io(fb, io);
 }
@@ -632,15 +444,13 @@ static int file_write_pipe(struct xnbd_backend *b, struct xnbd_io *io,
 /* Hand an I/O to the pool. */
 static int queue_io(struct file_backend *fb, struct xnbd_io *io)
 {
-	struct xnbd_backend *b = &fb->base;
 	bool writes = io->type == XNBD_IO_WRITE || io->type == XNBD_IO_TRIM ||
 	              io->type == XNBD_IO_ZERO;
 	if (writes && fb->snap) {
 		io->priv.b = fb->snap;
 		fb->snap->users++;
 	}
-	io->priv.work.data = io;
-	int r = uv_queue_work(b->loop, &io->priv.work, work_cb, after_work_cb);
+	int r = xnbd__chan_submit(&fb->chan, io, false);
 	if (r) {
 		if (io->priv.b)
 			snapshot_unref(io->priv.b);
@@ -891,7 +701,7 @@ static int file_snapshot_running(const struct xnbd_backend *b)
 static void file_free(struct xnbd_backend *b)
 {
 	struct file_backend *fb = (struct file_backend *)b;
-	uv_mutex_destroy(&fb->lane.mu);
+	xnbd__chan_destroy(&fb->chan);
 	close(fb->fd);
 	free(fb);
 }
@@ -963,9 +773,10 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 	atomic_init(&fb->punch_ok, true);
 	atomic_init(&fb->zero_range_ok, true);
 	fb->cachestat_ok = true;
-	if (uv_mutex_init(&fb->lane.mu) < 0) {
+	int r = xnbd__chan_init(&fb->chan, loop, work_cb, after_work_cb);
+	if (r < 0) {
 		free(fb);
-		return -ENOMEM;
+		return r;
 	}
 
 	/* FAST_ZERO is always offered: where the file system cannot punch or

@@ -173,16 +173,16 @@ start_server() {
 stop_server() {
 	local pid=${1:-$SERVER_PID} i rc
 	kill -TERM "$pid" 2>/dev/null || fail "server $pid is not running"
-	for i in $(seq 100); do
-		kill -0 "$pid" 2>/dev/null || break
-		# a zombie has exited; wait reaps it below
-		[ "$(awk '{print $3}' /proc/$pid/stat 2>/dev/null)" = Z ] && break
+	for i in $(seq 101); do
+		# Running: its state is readable and not Z (a zombie has exited;
+		# wait reaps it below).  The shell may reap it at any moment, so
+		# a state that cannot be read means it has exited too.
+		case "$(awk '{print $3}' /proc/$pid/stat 2>/dev/null)" in
+		"" | Z) break ;;
+		esac
+		[ "$i" = 101 ] && fail "server $pid still running 10 s after SIGTERM"
 		sleep 0.1
 	done
-	if kill -0 "$pid" 2>/dev/null &&
-	   [ "$(awk '{print $3}' /proc/$pid/stat 2>/dev/null)" != Z ]; then
-		fail "server $pid still running 10 s after SIGTERM"
-	fi
 	wait "$pid"
 	rc=$?
 	forget_pid "$pid"

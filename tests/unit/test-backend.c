@@ -16,6 +16,8 @@
 
 #include "xnbd/backend.h"
 
+#include "pool.h"
+
 #define IMG_SIZE (4U * 1024U * 1024U)
 #define NIO 600U
 
@@ -284,6 +286,108 @@ START_TEST(backend_freed_in_last_callback)
 }
 END_TEST
 
+/* I/O submitted while the backend's completion handle is closing (from a
+ * check handle, which runs after the poll phase and before the close
+ * callbacks), and from completion callbacks: every one completes once,
+ * in a loop that then closes at once. */
+#define NCHAIN 400
+static struct op chain_ops[NCHAIN];
+static int chain_next, check_rounds;
+
+static void chain_done(struct xnbd_io *io);
+
+static void chain_free_when_all(void)
+{
+	if (completed == NCHAIN && backend) {
+		xnbd_backend_free(backend);
+		backend = NULL;
+	}
+}
+
+static void chain_submit(void)
+{
+	struct op *o = &chain_ops[chain_next];
+	memset(&o->io, 0, sizeof(o->io));
+	o->ncalls = 0;
+	/* Lane writes, FUA writes (the pool) and reads, in turn. */
+	o->io.type = (chain_next % 3 == 2) ? XNBD_IO_READ : XNBD_IO_WRITE;
+	o->io.flags = (chain_next % 3 == 1) ? XNBD_IO_FUA : 0;
+	o->io.offset = (uint64_t)(chain_next % 64) * 4096;
+	o->io.length = 4096;
+	o->io.buf = o->data;
+	o->io.done = chain_done;
+	o->io.user_data = o;
+	fill(o->data, 4096, (unsigned)chain_next);
+	chain_next++;
+	int r = xnbd_backend_submit(backend, &o->io);
+	ck_assert_int_ge(r, 0);
+	if (r == XNBD_IO_COMPLETED) {
+		o->ncalls++;
+		completed++;
+		chain_free_when_all();
+	}
+}
+
+static void chain_done(struct xnbd_io *io)
+{
+	op_done(io);
+	ck_assert_int_eq(io->status, 0);
+	if (chain_next < NCHAIN && chain_next % 2)
+		chain_submit();
+	chain_free_when_all();
+}
+
+static void chain_check(uv_check_t *h)
+{
+	check_rounds++;
+	if (chain_next < NCHAIN)
+		chain_submit();
+	else
+		uv_close((uv_handle_t *)h, NULL);
+}
+
+START_TEST(io_submitted_while_the_handle_closes)
+{
+	uv_check_t check;
+	ck_assert_int_eq(uv_check_init(&loop, &check), 0);
+	ck_assert_int_eq(uv_check_start(&check, chain_check), 0);
+	chain_next = 0;
+	check_rounds = 0;
+	chain_submit();
+	while (backend)
+		uv_run(&loop, UV_RUN_ONCE);
+	uv_run(&loop, UV_RUN_NOWAIT); /* the check handle's close */
+	ck_assert_int_eq(uv_loop_close(&loop), 0);
+	loop_closed = true;
+	ck_assert_int_eq(chain_next, NCHAIN);
+	for (int i = 0; i < NCHAIN; i++)
+		ck_assert_int_eq(chain_ops[i].ncalls, 1);
+	ck_assert_int_gt(check_rounds, 10);
+}
+END_TEST
+
+/* Many slow I/Os at once start no more than the pool's 16 threads, and
+ * all complete. */
+START_TEST(pool_threads_are_bounded)
+{
+	static struct op ops[200];
+	for (int i = 0; i < 200; i++) {
+		fill(ops[i].data, 4096, (unsigned)i);
+		submit_buf(&ops[i], XNBD_IO_WRITE, XNBD_IO_FUA,
+		           (uint64_t)i * 4096, 4096, NULL);
+	}
+	while (completed < 200)
+		uv_run(&loop, UV_RUN_ONCE);
+	for (int i = 0; i < 200; i++) {
+		ck_assert_int_eq(ops[i].ncalls, 1);
+		ck_assert_int_eq(ops[i].io.status, 0);
+	}
+	unsigned n = xnbd__pool_threads();
+	ck_assert_uint_ge(n, 1);
+	ck_assert_uint_le(n, 16);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("backend");
@@ -293,6 +397,8 @@ static Suite *suite(void)
 	tcase_add_test(tc, lane_write_failure_is_reported_alone);
 	tcase_add_test(tc, lane_and_pool_writes_mix);
 	tcase_add_test(tc, backend_freed_in_last_callback);
+	tcase_add_test(tc, io_submitted_while_the_handle_closes);
+	tcase_add_test(tc, pool_threads_are_bounded);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -84,7 +84,13 @@ struct xnbd_io {
 	int status;
 	/* Owned by the backend between submission and completion. */
 	struct {
-		uv_work_t work;
+		union {
+			uv_work_t work; /* unused: keeps the layout of 0.1.0 */
+			struct {
+				void *next;
+				void *chan;
+			} q;
+		} u;
 		void *a;
 		void *b;
 		uint64_t done_bytes;

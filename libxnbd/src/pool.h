@@ -1,0 +1,70 @@
+/* pool.h - worker threads for blocking I/O, and the channel by which a
+ * backend's finished I/O comes back to its loop thread (private).
+ *
+ * Why not uv_queue_work() and uv_async_t: in libuv before 1.45, the loop
+ * thread busy-waits (997 pauses, then sched_yield, over and over) for any
+ * thread that is inside uv_async_send() at the moment the loop looks at the
+ * handle; libuv's own thread pool signals its completions the same way.
+ * On two cores the sender is often preempted right there (its eventfd
+ * write just woke the loop thread), and the loop burns the rest of its
+ * slice: 23% of the server's CPU at 4 KiB random writes, half of it in a
+ * proxy's cold reads (perf, libuv 1.44.2 of Debian 12).  Here a worker
+ * signals a plain eventfd, under the channel's mutex, and the loop reads
+ * it through a uv_poll_t: nobody spins.
+ *
+ * A channel is opened once per backend.  Its poll handle is open only
+ * while I/O is outstanding: an idle backend holds no handle, so that the
+ * owner may free it in the callback of its last I/O and close the loop at
+ * once (the contract of xnbd_backend_free()).  For that the last
+ * completion is held back until the handle is closed, and delivered from
+ * the close callback.
+ *
+ * An I/O in the pool uses io->priv.u.q (its link and its channel); the
+ * rest of io->priv stays the backend's. */
+#ifndef XNBD_POOL_H
+#define XNBD_POOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "xnbd/backend.h"
+
+struct xnbd__chan {
+	uv_loop_t *loop;
+	void (*work)(struct xnbd_io *io);     /* on a worker thread */
+	void (*complete)(struct xnbd_io *io); /* on the loop thread */
+	int efd;
+	uv_mutex_t mu;
+	/* Under mu: */
+	bool signalled;                    /* efd written since the last drain */
+	struct xnbd_io *done, *done_tail; /* worked, to complete */
+	struct xnbd_io *lane, *lane_tail; /* serial I/O queued */
+	bool lane_running;                 /* the runner is queued or running */
+	/* Loop thread only: */
+	size_t outstanding; /* submitted, not yet completed */
+	bool poll_open, poll_closing;
+	struct xnbd_io *held; /* the last completion, waiting for the close */
+	uv_poll_t poll;
+	/* The serial queue's place in the pool's queue (never submitted as
+	 * I/O of its own). */
+	struct xnbd_io runner;
+};
+
+/* Open a channel on loop: 0 or a negative errno. */
+int xnbd__chan_init(struct xnbd__chan *c, uv_loop_t *loop,
+                    void (*work)(struct xnbd_io *io),
+                    void (*complete)(struct xnbd_io *io));
+
+/* Close it: nothing may be outstanding (every completion delivered). */
+void xnbd__chan_destroy(struct xnbd__chan *c);
+
+/* Run c->work(io) on a worker thread, then c->complete(io) on the loop
+ * thread, never inside this call.  Serial I/O runs one at a time, in the
+ * order submitted (the write lane); the rest in parallel.  0, or a
+ * negative errno when no worker can be started (nothing is queued then). */
+int xnbd__chan_submit(struct xnbd__chan *c, struct xnbd_io *io, bool serial);
+
+/* Workers started so far (tests). */
+unsigned xnbd__pool_threads(void);
+
+#endif
