@@ -15,7 +15,9 @@
  *   both under the channel's mutex, in the same critical section as its
  *   last post.
  */
+#include <assert.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -29,28 +31,55 @@
 #define Q_NEXT(io) ((io)->priv.u.q.next)
 #define Q_CHAN(io) ((struct xnbd__chan *)(io)->priv.u.q.chan)
 
+_Static_assert(sizeof(((struct xnbd_io *)0)->priv.u) == sizeof(uv_work_t),
+               "struct xnbd_io keeps its layout");
+
 static struct {
 	pthread_mutex_t mu;
 	pthread_cond_t cond;
 	struct xnbd_io *head, *tail;
 	unsigned queued, threads, idle;
+	struct xnbd__chan *chans; /* every open channel, for fork() */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL,
-          0, 0, 0};
+          0, 0, 0, NULL};
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
-/* In a child of fork() no worker runs: start afresh. */
+/* fork() (a daemon's start) copies channels, but no worker: the child
+ * starts a fresh pool, and gives each channel an eventfd of its own under
+ * the same number (the parent's would be shared with the child, and each
+ * could read the other's wake-ups).  I/O in flight at the fork is lost to
+ * the child: fork only with none. */
+static void pool_atfork_prepare(void)
+{
+	pthread_mutex_lock(&pool.mu);
+}
+
+static void pool_atfork_parent(void)
+{
+	pthread_mutex_unlock(&pool.mu);
+}
+
 static void pool_atfork_child(void)
 {
 	pthread_mutex_init(&pool.mu, NULL);
 	pthread_cond_init(&pool.cond, NULL);
 	pool.head = pool.tail = NULL;
 	pool.queued = pool.threads = pool.idle = 0;
+	for (struct xnbd__chan *c = pool.chans; c; c = c->next_chan) {
+		int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+		if (fd >= 0 && fd != c->efd) {
+			(void)dup3(fd, c->efd, O_CLOEXEC);
+			close(fd);
+		}
+		c->signalled = false;
+	}
 }
 
 static void pool_atfork(void)
 {
-	(void)pthread_atfork(NULL, NULL, pool_atfork_child);
+	(void)pthread_atfork(pool_atfork_prepare, pool_atfork_parent,
+	                     pool_atfork_child);
 }
 
 static void append(struct xnbd_io **head, struct xnbd_io **tail,
@@ -155,24 +184,27 @@ static int spawn_locked(void)
 	return 0;
 }
 
-/* Queue io for a worker; fails only when none runs and none can start. */
-static int pool_queue(struct xnbd_io *io)
+/* Make sure a worker runs: 0, or a negative errno when none can start. */
+static int pool_ready(void)
 {
-	pthread_once(&atfork_once, pool_atfork);
 	pthread_mutex_lock(&pool.mu);
-	if (pool.queued + 1 > pool.idle && pool.threads < POOL_MAX) {
-		int r = spawn_locked();
-		if (r < 0 && pool.threads == 0) {
-			pthread_mutex_unlock(&pool.mu);
-			return r;
-		}
-	}
+	int r = pool.threads ? 0 : spawn_locked();
+	pthread_mutex_unlock(&pool.mu);
+	return r;
+}
+
+/* Queue io for a worker (one runs: pool_ready), starting another while
+ * every one is busy. */
+static void pool_queue(struct xnbd_io *io)
+{
+	pthread_mutex_lock(&pool.mu);
+	if (pool.queued + 1 > pool.idle && pool.threads < POOL_MAX)
+		(void)spawn_locked(); /* the running ones get to it otherwise */
 	append(&pool.head, &pool.tail, io);
 	pool.queued++;
 	if (pool.idle)
 		pthread_cond_signal(&pool.cond);
 	pthread_mutex_unlock(&pool.mu);
-	return 0;
 }
 
 unsigned xnbd__pool_threads(void)
@@ -194,13 +226,10 @@ static int chan_open(struct xnbd__chan *c)
 	if (r < 0)
 		return r;
 	c->poll.data = c;
+	/* Fails only for bad arguments (libuv 1.44 aborts where it cannot
+	 * grow its tables). */
 	r = uv_poll_start(&c->poll, UV_READABLE, chan_poll_cb);
-	if (r < 0) {
-		/* Never seen: the handle is new and the descriptor valid. */
-		fprintf(stderr, "libxnbd: cannot watch an eventfd: %s\n",
-		        uv_strerror(r));
-		abort();
-	}
+	assert(r == 0);
 	c->poll_open = true;
 	return 0;
 }
@@ -251,8 +280,13 @@ static void chan_closed_cb(uv_handle_t *h)
 	c->poll_closing = false;
 	/* Submitted while the handle closed: watch for them again.  What they
 	 * posted meanwhile left the eventfd readable. */
-	if (c->outstanding > 1 && chan_open(c) < 0) {
-		fprintf(stderr, "libxnbd: cannot watch an eventfd again\n");
+	int r;
+	if (c->outstanding > 1 && (r = chan_open(c)) < 0) {
+		/* I/O under way could never complete.  The same descriptor was
+		 * watched a moment ago: only a full epoll (max_user_watches)
+		 * gets here. */
+		fprintf(stderr, "libxnbd: cannot watch the I/O channel again: %s\n",
+		        uv_strerror(r));
 		abort();
 	}
 	c->outstanding--;
@@ -273,6 +307,14 @@ int xnbd__chan_init(struct xnbd__chan *c, uv_loop_t *loop,
 		return -ENOMEM;
 	}
 	c->runner.priv.u.q.chan = c;
+	pthread_once(&atfork_once, pool_atfork);
+	pthread_mutex_lock(&pool.mu);
+	c->next_chan = pool.chans;
+	if (pool.chans)
+		pool.chans->prev_chan = &c->next_chan;
+	c->prev_chan = &pool.chans;
+	pool.chans = c;
+	pthread_mutex_unlock(&pool.mu);
 	return 0;
 }
 
@@ -280,6 +322,12 @@ void xnbd__chan_destroy(struct xnbd__chan *c)
 {
 	/* Nothing outstanding: every worker that posted here has left the
 	 * mutex (the loop took its I/O under it). */
+	assert(c->outstanding == 0 && !c->poll_open && !c->poll_closing);
+	pthread_mutex_lock(&pool.mu);
+	*c->prev_chan = c->next_chan;
+	if (c->next_chan)
+		c->next_chan->prev_chan = c->prev_chan;
+	pthread_mutex_unlock(&pool.mu);
 	uv_mutex_destroy(&c->mu);
 	close(c->efd);
 	c->efd = -1;
@@ -287,31 +335,24 @@ void xnbd__chan_destroy(struct xnbd__chan *c)
 
 int xnbd__chan_submit(struct xnbd__chan *c, struct xnbd_io *io, bool serial)
 {
+	/* Everything that can fail, first: then nothing is to be undone. */
+	int r = pool_ready();
+	if (r < 0)
+		return r;
+	if (!c->poll_open && !c->poll_closing && (r = chan_open(c)) < 0)
+		return r;
+	c->outstanding++;
 	io->priv.u.q.chan = c;
-	int r = 0;
 	if (serial) {
 		uv_mutex_lock(&c->mu);
 		append(&c->lane, &c->lane_tail, io);
 		bool start = !c->lane_running;
 		c->lane_running = true;
 		uv_mutex_unlock(&c->mu);
-		if (start && (r = pool_queue(&c->runner)) < 0) {
-			/* No runner was running, so io was alone on the lane. */
-			uv_mutex_lock(&c->mu);
-			c->lane = c->lane_tail = NULL;
-			c->lane_running = false;
-			uv_mutex_unlock(&c->mu);
-			return r;
-		}
-	} else if ((r = pool_queue(io)) < 0) {
-		return r;
+		if (start)
+			pool_queue(&c->runner);
+	} else {
+		pool_queue(io);
 	}
-	/* A worker may post before the handle watches: the eventfd stays
-	 * readable until drained. */
-	if (!c->poll_open && !c->poll_closing && chan_open(c) < 0) {
-		fprintf(stderr, "libxnbd: cannot watch an eventfd\n");
-		abort();
-	}
-	c->outstanding++;
 	return 0;
 }

@@ -48,6 +48,8 @@ struct xnbd__chan {
 	/* The serial queue's place in the pool's queue (never submitted as
 	 * I/O of its own). */
 	struct xnbd_io runner;
+	/* In the pool's list of channels, under its mutex. */
+	struct xnbd__chan *next_chan, **prev_chan;
 };
 
 /* Open a channel on loop: 0 or a negative errno. */
@@ -61,7 +63,12 @@ void xnbd__chan_destroy(struct xnbd__chan *c);
 /* Run c->work(io) on a worker thread, then c->complete(io) on the loop
  * thread, never inside this call.  Serial I/O runs one at a time, in the
  * order submitted (the write lane); the rest in parallel.  0, or a
- * negative errno when no worker can be started (nothing is queued then). */
+ * negative errno when no worker can be started or the loop cannot watch
+ * the channel (nothing is queued then).
+ *
+ * fork(): the child starts a pool of its own and gives every channel a
+ * fresh eventfd; I/O in flight at the fork never completes in the child,
+ * so fork with none (a daemon's start). */
 int xnbd__chan_submit(struct xnbd__chan *c, struct xnbd_io *io, bool serial);
 
 /* Workers started so far (tests). */

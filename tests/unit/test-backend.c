@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "xnbd/backend.h"
@@ -388,6 +389,51 @@ START_TEST(pool_threads_are_bounded)
 }
 END_TEST
 
+/* After fork() (a daemon's start) the child has no worker of the parent's:
+ * its I/O must still complete, and parent and child, going on at once,
+ * must not take each other's wake-ups (they would share the eventfd). */
+static int fork_round(int base)
+{
+	static struct op ops[60];
+	int target = completed + 60;
+	for (int i = 0; i < 60; i++) {
+		fill(ops[i].data, 4096, (unsigned)(base + i));
+		/* lane writes, pool (FUA) writes and reads */
+		submit_buf(&ops[i], i % 3 == 2 ? XNBD_IO_READ : XNBD_IO_WRITE,
+		           i % 3 == 1 ? XNBD_IO_FUA : 0,
+		           (uint64_t)(base + i) * 4096, 4096, NULL);
+	}
+	while (completed < target)
+		uv_run(&loop, UV_RUN_ONCE);
+	for (int i = 0; i < 60; i++)
+		if (ops[i].ncalls != 1 || ops[i].io.status != 0)
+			return -1;
+	return 0;
+}
+
+START_TEST(io_goes_on_after_fork)
+{
+	ck_assert_int_eq(fork_round(0), 0); /* the pool has threads now */
+	pid_t pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		alarm(20);
+		if (uv_loop_fork(&loop) != 0)
+			_exit(2);
+		for (int k = 0; k < 20; k++)
+			if (fork_round(100 + (k % 4) * 64) != 0)
+				_exit(3);
+		_exit(0);
+	}
+	for (int k = 0; k < 20; k++)
+		ck_assert_int_eq(fork_round(400 + (k % 4) * 64), 0);
+	int st;
+	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	              "child: status %#x", st);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("backend");
@@ -399,6 +445,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, backend_freed_in_last_callback);
 	tcase_add_test(tc, io_submitted_while_the_handle_closes);
 	tcase_add_test(tc, pool_threads_are_bounded);
+	tcase_add_test(tc, io_goes_on_after_fork);
 	suite_add_tcase(s, tc);
 	return s;
 }
