@@ -89,7 +89,8 @@ struct sub {
 	uint8_t *buf;
 	uint64_t off, len;
 	uint8_t kind;
-	uint8_t phase;  /* fetch: 0 upstream read, 1 cache write */
+	uint8_t phase;  /* fetch: 0 upstream read, 1 cache write (3: failed,
+	                   early reply: the block stays absent) */
 	bool edge;      /* buf is a bounce block: copy the wanted part */
 	bool inflight;  /* submitted and not yet done (sub_send) */
 	uint8_t *store; /* early reply: where the fetched data is kept */
@@ -116,7 +117,8 @@ struct pop {
 	bool replied;
 	unsigned unreplied; /* subs whose data is not in io->buf yet */
 	uint8_t *copy;      /* the stores' own copy of the fetched data */
-	uint64_t copy_len;
+	uint64_t copy_len;  /* bytes reserved in p->detached_bytes */
+	int store_status;   /* early reply: the first failed store */
 	int *inline_done;
 	uv_work_t wake;
 	struct persist_waiter pw;
@@ -498,7 +500,15 @@ static void fetch_store(struct pop *op, struct sub *s)
 	              (t == XNBD_IO_CACHE || t == XNBD_IO_READ) && !s->edge &&
 	              s->len > DIRECT_MIN && s->len % BS == 0 &&
 	              s->off % BS == 0 && (uintptr_t)s->buf % BS == 0;
+	int before = op->status;
 	sub_send(op, s, direct ? p->cache_direct : p->cache, XNBD_IO_WRITE, 0);
+	if (op->early && op->status != before) {
+		/* Failed at once: as in sub_done, only the block stays absent. */
+		if (!op->store_status)
+			op->store_status = op->status;
+		op->status = before;
+		s->phase = 3;
+	}
 }
 
 /* After a switch nothing more comes from upstream: a fetch for a read
@@ -574,8 +584,19 @@ static void sub_done(struct xnbd_io *sio)
 	bool pump = false;
 	op->pending--;
 	s->inflight = false;
+	/* early_got may answer the caller from here (its callback may submit
+	 * more I/O): nothing below touches op->io, and this op, whose data is
+	 * all in, is reachable from nowhere else. */
 	if (s->kind == SUB_READ && op->early && !st)
 		early_got(op, s);
+	if (s->kind == SUB_FETCH && s->phase == 1 && st && op->early) {
+		/* The reader has (or will have) its data whatever the cache
+		 * does: this block only stays absent. */
+		if (!op->store_status)
+			op->store_status = st;
+		s->phase = 3;
+		st = 0;
+	}
 	if (s->kind == SUB_FETCH && s->phase == 0) {
 		bool own = op->own != NULL;
 		if (!own) {
@@ -664,13 +685,14 @@ static void op_finish(struct pop *op)
 		/* Answered already: only its stores were left. */
 		/* The caller has its data; the blocks stay absent.  Logged at
 		 * the 1st, 2nd, 4th, 8th... failure: a full disk fails them all. */
-		uint64_t n = op->status ? ++p->store_failures : 0;
+		int st = op->store_status ? op->store_status : op->status;
+		uint64_t n = st ? ++p->store_failures : 0;
 		if (n && !(n & (n - 1)))
 			plog(p, XNBD_LOG_WARNING,
 			     "storing fetched blocks %" PRIu64 "-%" PRIu64
 			     " in the cache: %s (they will be fetched again; %" PRIu64
 			     " such failure(s) so far)",
-			     op->b0, op->b1, strerror(-op->status), p->store_failures);
+			     op->b0, op->b1, strerror(-st), p->store_failures);
 		p->detached--;
 		op_free(op);
 		maybe_free(p);
@@ -826,13 +848,15 @@ static void early_plan(struct pop *op)
 	if (op->type != XNBD_IO_READ || op->status || op->cursor <= op->b1 ||
 	    p->switched || op->own)
 		return;
-	uint64_t bytes = 0;
+	uint64_t bytes = 0, edges = 0;
 	unsigned waiting = 0;
 	for (uint32_t i = 0; i < op->used; i++) {
 		struct sub *s = &op->sub[i];
 		if (s->kind == SUB_FETCH && s->phase == 0) {
 			if (!s->edge)
 				bytes += s->len;
+			else
+				edges += s->len;
 			waiting++;
 		} else if (s->kind == SUB_FETCH) {
 			return; /* a fetch settled already (after a switch) */
@@ -840,8 +864,11 @@ static void early_plan(struct pop *op)
 			waiting++;
 		}
 	}
-	if (!waiting || bytes > EARLY_MAX ||
-	    p->detached_bytes + bytes > DETACH_MAX)
+	/* What an answered op holds: its copy, its edge blocks' bounce and
+	 * itself (an op and its subs, counted as 1 KiB). */
+	uint64_t held = bytes + (edges ? 2 * BS : 0) + 1024;
+	if (!waiting || bytes + edges > EARLY_MAX ||
+	    p->detached_bytes + held > DETACH_MAX)
 		return;
 	if (bytes && !(op->copy = malloc(bytes)))
 		return; /* then it is answered after the stores, as before */
@@ -853,8 +880,8 @@ static void early_plan(struct pop *op)
 			at += s->len;
 		}
 	}
-	op->copy_len = bytes;
-	p->detached_bytes += bytes; /* reserved until the op ends */
+	op->copy_len = held;
+	p->detached_bytes += held; /* reserved until the op ends */
 	op->unreplied = waiting;
 	op->early = true;
 }
@@ -871,8 +898,8 @@ static void early_got(struct pop *op, struct sub *s)
 			e = io->offset + io->length;
 		memcpy((uint8_t *)io->buf + (a - io->offset), s->buf + (a - s->off),
 		       e - a);
-	} else if (s->kind == SUB_FETCH) {
-		memcpy(s->store, s->buf, s->len);
+	} else if (s->kind == SUB_FETCH && s->phase == 0) {
+		memcpy(s->store, s->buf, s->len); /* (after a switch: not stored) */
 		s->buf = s->store;
 	}
 	if (--op->unreplied || op->status)

@@ -6,7 +6,8 @@ the cache").
 - The proxy runs with a file size limit (RLIMIT_FSIZE, SIGXFSZ ignored)
   below part of its cache image, so stores there fail with EFBIG.  A small
   cold read there still returns the upstream's data (it does not wait for
-  its store, whose failure only leaves the block absent and is logged);
+  its store, whose failure only leaves the block absent and is logged),
+  also when it comes in several pieces and a store fails before the last;
   the block reads right again (fetched anew).  A large cold read, which
   waits for its store, fails.
 - Below the limit, cold reads are cached (their bits set once stored), and
@@ -84,6 +85,13 @@ def test():
         xt.check_bytes(h.pread(3 * BS + 100, off + 8 * BS + 7),
                        data[off + 8 * BS + 7:off + 11 * BS + 107],
                        "unaligned cold read whose store fails")
+        # Reads of several pieces (an edge, a run, an edge): a store that
+        # fails before the last piece arrives must not fail the read.
+        for k in range(60):
+            o = (9 << 20) + k * 12 * BS + 5
+            xt.check_bytes(h.pread(5 * BS, o), data[o:o + 5 * BS],
+                           "cold read of several pieces, stores failing (%d)"
+                           % k)
         time.sleep(0.3)
         xt.check(not cached(h, off), "a block whose store failed is absent")
         xt.check_bytes(h.pread(BS, off), data[off:off + BS],
