@@ -734,6 +734,17 @@ static struct sub *sub_take(struct pop *op, uint8_t kind, uint64_t off,
 	return s;
 }
 
+/* Copy the part of a fetched edge block (s->buf, a bounce) that the read
+ * io asked for into its buffer. */
+static void edge_copy(struct xnbd_io *io, const struct sub *s)
+{
+	uint64_t a = s->off > io->offset ? s->off : io->offset;
+	uint64_t e = s->off + s->len;
+	if (e > io->offset + io->length)
+		e = io->offset + io->length;
+	memcpy((uint8_t *)io->buf + (a - io->offset), s->buf + (a - s->off), e - a);
+}
+
 /* Copy what the caller asked for out of a fetched bounce block, and zero
  * what an after-switch fetch left, for the part of the range a sub covers. */
 static void round_finish(struct pop *op)
@@ -748,12 +759,7 @@ static void round_finish(struct pop *op)
 			set_bits(p, s->off, s->len); /* stored: now it vouches */
 		if (op->early || op->type != XNBD_IO_READ || !s->edge)
 			continue; /* (an early reply's edges went out with it) */
-		uint64_t a = s->off > io->offset ? s->off : io->offset;
-		uint64_t e = s->off + s->len;
-		if (e > io->offset + io->length)
-			e = io->offset + io->length;
-		memcpy((uint8_t *)io->buf + (a - io->offset), s->buf + (a - s->off),
-		       e - a);
+		edge_copy(io, s);
 	}
 	op->used = 0;
 }
@@ -892,12 +898,7 @@ static void early_got(struct pop *op, struct sub *s)
 {
 	struct xnbd_io *io = op->io;
 	if (s->kind == SUB_FETCH && s->edge) {
-		uint64_t a = s->off > io->offset ? s->off : io->offset;
-		uint64_t e = s->off + s->len;
-		if (e > io->offset + io->length)
-			e = io->offset + io->length;
-		memcpy((uint8_t *)io->buf + (a - io->offset), s->buf + (a - s->off),
-		       e - a);
+		edge_copy(io, s);
 	} else if (s->kind == SUB_FETCH && s->phase == 0) {
 		memcpy(s->store, s->buf, s->len); /* (after a switch: not stored) */
 		s->buf = s->store;
