@@ -480,6 +480,16 @@ static void upq_pump(struct xnbd_proxy *p)
 	}
 }
 
+/* An early-answered op's store of s failed: the reader has (or will
+ * have) its data whatever the cache does, so this block only stays
+ * absent (no bit: phase 3), and op_finish logs it. */
+static void store_failed(struct pop *op, struct sub *s, int st)
+{
+	if (!op->store_status)
+		op->store_status = st;
+	s->phase = 3;
+}
+
 /* A fetch's data is in s->buf: write it to the cache. */
 static void fetch_store(struct pop *op, struct sub *s)
 {
@@ -502,12 +512,9 @@ static void fetch_store(struct pop *op, struct sub *s)
 	              s->off % BS == 0 && (uintptr_t)s->buf % BS == 0;
 	int before = op->status;
 	sub_send(op, s, direct ? p->cache_direct : p->cache, XNBD_IO_WRITE, 0);
-	if (op->early && op->status != before) {
-		/* Failed at once: as in sub_done, only the block stays absent. */
-		if (!op->store_status)
-			op->store_status = op->status;
+	if (op->early && op->status != before) { /* failed at once */
+		store_failed(op, s, op->status);
 		op->status = before;
-		s->phase = 3;
 	}
 }
 
@@ -590,11 +597,7 @@ static void sub_done(struct xnbd_io *sio)
 	if (s->kind == SUB_READ && op->early && !st)
 		early_got(op, s);
 	if (s->kind == SUB_FETCH && s->phase == 1 && st && op->early) {
-		/* The reader has (or will have) its data whatever the cache
-		 * does: this block only stays absent. */
-		if (!op->store_status)
-			op->store_status = st;
-		s->phase = 3;
+		store_failed(op, s, st);
 		st = 0;
 	}
 	if (s->kind == SUB_FETCH && s->phase == 0) {
@@ -682,9 +685,9 @@ static void op_finish(struct pop *op)
 		cache_slot_release(p);
 	p->detached_bytes -= op->copy_len;
 	if (op->replied) {
-		/* Answered already: only its stores were left. */
-		/* The caller has its data; the blocks stay absent.  Logged at
-		 * the 1st, 2nd, 4th, 8th... failure: a full disk fails them all. */
+		/* Answered already: only its stores were left.  A failed one is
+		 * logged at the 1st, 2nd, 4th, 8th... failure (a full disk fails
+		 * them all). */
 		int st = op->store_status ? op->store_status : op->status;
 		uint64_t n = st ? ++p->store_failures : 0;
 		if (n && !(n & (n - 1)))

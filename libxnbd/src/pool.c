@@ -20,6 +20,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
@@ -45,6 +46,9 @@ static struct {
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
+/* pool.threads > 0, readable without the mutex: the per-I/O check. */
+static atomic_bool pool_up;
+
 /* fork() (a daemon's start) copies channels, but no worker: the child
  * starts a fresh pool, and gives each channel an eventfd of its own under
  * the same number (the parent's would be shared with the child, and each
@@ -66,6 +70,7 @@ static void pool_atfork_child(void)
 	pthread_cond_init(&pool.cond, NULL);
 	pool.head = pool.tail = NULL;
 	pool.queued = pool.threads = pool.idle = 0;
+	atomic_store(&pool_up, false);
 	for (struct xnbd__chan *c = pool.chans; c; c = c->next_chan) {
 		int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 		if (fd >= 0 && fd != c->efd) {
@@ -181,12 +186,15 @@ static int spawn_locked(void)
 	if (r)
 		return -r;
 	pool.threads++;
+	atomic_store(&pool_up, true);
 	return 0;
 }
 
 /* Make sure a worker runs: 0, or a negative errno when none can start. */
 static int pool_ready(void)
 {
+	if (atomic_load_explicit(&pool_up, memory_order_relaxed))
+		return 0; /* workers never stop (but in a child of fork) */
 	pthread_mutex_lock(&pool.mu);
 	int r = pool.threads ? 0 : spawn_locked();
 	pthread_mutex_unlock(&pool.mu);
