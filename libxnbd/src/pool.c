@@ -210,9 +210,13 @@ static void pool_queue(struct xnbd_io *io)
 		(void)spawn_locked(); /* the running ones get to it otherwise */
 	append(&pool.head, &pool.tail, io);
 	pool.queued++;
-	if (pool.idle)
-		pthread_cond_signal(&pool.cond);
+	bool wake = pool.idle > 0;
 	pthread_mutex_unlock(&pool.mu);
+	/* Signalled after unlocking: a worker woken under the mutex would
+	 * only block on it again, and its wake-up would cost two more futex
+	 * calls.  A worker that goes idle meanwhile finds the queue first. */
+	if (wake)
+		pthread_cond_signal(&pool.cond);
 }
 
 unsigned xnbd__pool_threads(void)
