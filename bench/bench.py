@@ -7,7 +7,9 @@ Runs are interleaved, each starting with the next server (A B C D, B C D A,
 For each row it prints the median (min-max) of each server, the ratio of
 xnbd-server to the best peer, and the work done per server CPU-second
 (server CPU = utime+stime of the server and its reaped children, from
-/proc/PID/stat before and after the run).
+/proc/PID/stat before and after the run), and how much of one core the
+client (fio, nbdcopy) used meanwhile (its rusage over the wall time): fio
+runs one thread, so near 100% the client, not the server, is the bound.
 
     bench/bench.py [--short] [--runs N] [--size 1G] [--rows a,b,...]
 
@@ -17,6 +19,7 @@ nothing about speed.
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -58,6 +61,13 @@ def cpu_seconds(pid):
     return (ut + st + cut + cst) / CLK_TCK
 
 
+def children_cpu():
+    """CPU-seconds of this process's reaped children: the client runs as
+    one, and servers are reaped only after the measurement."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def tree_rss_kib(pid):
     """RSS of a process and all its descendants (nbd-server forks one
     process per client)."""
@@ -89,12 +99,15 @@ class Server:
         self.port = None
         self.pid = None
         self.pidfile = None
+        self.floor = None
 
     def argv(self, port, extra):
         img = self.image
         cow = self.mode == "cow"
         if self.mode.startswith("proxy"):
             return self.proxy_argv(port, extra)
+        if self.name == "floor":
+            return [self.floor, str(port), img]
         if self.name == "xnbd-server":
             return [self.xnbd, "--cow-target" if cow else "--target",
                     "--laddr", "127.0.0.1", "--lport", str(port)] + extra + [img]
@@ -203,9 +216,19 @@ class Server:
 def available_servers(xnbd):
     out = []
     for name, tool in (("xnbd-server", xnbd), ("nbdkit", "nbdkit"),
-                       ("qemu-nbd", "qemu-nbd"), ("nbd-server", "nbd-server")):
+                       ("qemu-nbd", "qemu-nbd"), ("nbd-server", "nbd-server"),
+                       ("floor", "cc")):
         if shutil.which(tool) or os.path.exists(tool):
             out.append(name)
+    return out
+
+
+def build_floor(work):
+    """floor_server.c, built for this run: the least a server can do per
+    request (see its head).  Not a peer: a yardstick."""
+    out = os.path.join(work, "floor_server")
+    subprocess.run(["cc", "-O2", "-o", out,
+                    os.path.join(HERE, "floor_server.c")], check=True)
     return out
 
 
@@ -223,11 +246,16 @@ def fio_row(name, rw, bs, depth, jobs=1, mix=None):
         js = json.loads(out.stdout[out.stdout.index("{"):])
         job = js["jobs"][0]
         secs = max(job["read"]["runtime"], job["write"]["runtime"]) / 1000.0
+        # fio's own account of its job's CPU over the job's run time,
+        # without its start and its connection.
+        client = (job["usr_cpu"] + job["sys_cpu"]) / 100.0
         if bs == "4k":
             ops = job["read"]["total_ios"] + job["write"]["total_ios"]
-            return job["read"]["iops"] + job["write"]["iops"], "IOPS", ops
+            return (job["read"]["iops"] + job["write"]["iops"], "IOPS", ops,
+                    client)
         mib = (job["read"]["io_bytes"] + job["write"]["io_bytes"]) / 2**20
-        return mib / max(secs, 1e-3), "MiB/s", mib
+        return mib / max(secs, 1e-3), "MiB/s", mib, client
+    run.one_thread = jobs == 1
     return name, run
 
 
@@ -336,6 +364,9 @@ def main():
     servers = args.servers.split(",") if args.servers else \
         available_servers(args.xnbd)
     proxy = args.mode.startswith("proxy")
+    if args.mode != "target":
+        # The floor serves its image plainly: no CoW layer, no proxy.
+        servers = [n for n in servers if n != "floor"]
     if proxy:
         servers = [n for n in servers if n != "nbd-server"]  # cannot proxy
         servers.append("upstream")
@@ -354,11 +385,12 @@ def main():
             for _ in range(size // 2**20):
                 f.write(block)
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
+        floor = build_floor(work) if "floor" in servers else None
         upstream = None
         if proxy:
             upstream = Server("xnbd-server", image, work, args.xnbd, "target")
             upstream.start()
-        results = {}  # (row, server) -> list of (value, unit, cpu)
+        results = {}  # (row, server) -> [(value, unit, per CPU-s, client)]
         for row in rows:
             for i in range(runs):
                 fn = ROWS[row]
@@ -372,12 +404,13 @@ def main():
                     extra = getattr(fn, "extra", [])
                     if extra and name != "xnbd-server":
                         continue  # the option is ours alone
-                    if name == "upstream" and memory:
+                    if name in ("upstream", "floor") and memory:
                         continue  # the proxies' memory, not the upstream's
                     srv = Server(name, image, work, args.xnbd, args.mode)
                     srv.upstream = upstream.port if upstream else None
                     srv.upstream_srv = upstream
                     srv.bgctl = bgctl
+                    srv.floor = floor
                     srv.start(extra if name == "xnbd-server" else ())
                     try:
                         time.sleep(0.1)
@@ -392,19 +425,25 @@ def main():
                                     ["cat", os.path.join(work, "proxy.cache")],
                                     stdout=subprocess.DEVNULL, check=True)
                         c0 = cpu_seconds(srv.pid)
+                        k0, t0 = children_cpu(), time.monotonic()
                         if with_server:
-                            value, unit, amount = fn(srv.uri(), runtime, size,
-                                                     srv)
+                            got = fn(srv.uri(), runtime, size, srv)
                         else:
-                            value, unit, amount = fn(srv.uri(), runtime, size)
+                            got = fn(srv.uri(), runtime, size)
+                        value, unit, amount = got[:3]
+                        client = got[3] if len(got) > 3 else \
+                            (children_cpu() - k0) / \
+                            max(time.monotonic() - t0, 1e-3)
                         time.sleep(0.2)  # let forked children be reaped
                         c1 = cpu_seconds(srv.pid)
                     finally:
                         srv.stop()
                     results.setdefault((row, name), []).append(
-                        (value, unit, amount / max(c1 - c0, 1e-3)))
-                    print("# %s run %d %s: %.0f %s, server CPU %.2fs" %
-                          (row, i + 1, name, value, unit, c1 - c0),
+                        (value, unit, amount / max(c1 - c0, 1e-3), client))
+                    print("# %s run %d %s: %.0f %s, server CPU %.2fs, "
+                          "client %.0f%% of a core" %
+                          (row, i + 1, name, value, unit, c1 - c0,
+                           100 * client),
                           file=sys.stderr, flush=True)
         print("Mode: %s; image %d MiB in page cache; %d run(s) of %gs a row; "
               "%s" % (args.mode, size >> 20, runs, runtime,
@@ -417,15 +456,24 @@ def main():
 
 
 def report(rows, servers, results, runtime):
+    """The table.  Beside the ratios: the client's use of one core with
+    xnbd-server and with the best peer (medians), and for one-thread
+    clients the ceiling: xnbd-server's median scaled to a client using its
+    whole core, over the best peer's.  A ceiling under a target says the
+    client bounds the row there, however fast the server."""
     direct = "upstream" in servers
+    fl = "floor" in servers
     print("| row | " + " | ".join(servers) +
-          " | xnbd / best peer | xnbd work per CPU-s / best peer's |" +
-          (" xnbd / upstream read directly |" if direct else ""))
-    print("|---" * (len(servers) + 3 + direct) + "|")
+          " | xnbd / best peer | xnbd work per CPU-s / best peer's |"
+          " client, % of a core (xnbd / best peer) | client-bound ceiling |" +
+          (" xnbd / upstream read directly |" if direct else "") +
+          (" floor / best peer |" if fl else ""))
+    print("|---" * (len(servers) + 5 + direct + fl) + "|")
     for row in rows:
         cells = []
         med = {}
         eff = {}
+        cli = {}
         unit = ""
         for name in servers:
             vals = results.get((row, name), [])
@@ -438,10 +486,11 @@ def report(rows, servers, results, runtime):
             # work per server CPU-second (operations or MiB)
             e = [x[2] for x in vals]
             eff[name] = statistics.median(e)
+            cli[name] = statistics.median(x[3] for x in vals)
             cells.append("%.0f (%.0f-%.0f) %s, %.0f/CPU-s" %
                          (med[name], min(v), max(v), unit, eff[name]))
         peers = [n for n in servers
-                 if n not in ("xnbd-server", "upstream") and n in med]
+                 if n not in ("xnbd-server", "upstream", "floor") and n in med]
         up = "-"
         if direct and "xnbd-server" in med and med.get("upstream"):
             up = "%.2f" % (med["xnbd-server"] / med["upstream"])
@@ -451,18 +500,29 @@ def report(rows, servers, results, runtime):
                 ratio = "%.2f (lower is better)" % (
                     med["xnbd-server"] / min(med[n] for n in peers))
             cells = [c.split(",")[0] for c in cells]
-            print("| %s | %s | %s | - |%s" % (row, " | ".join(cells), ratio,
-                                              " - |" if direct else ""))
+            print("| %s | %s | %s | - | - | - |%s%s" % (
+                row, " | ".join(cells), ratio, " - |" if direct else "",
+                " - |" if fl else ""))
             continue
+        client = ceiling = "-"
         if "xnbd-server" in med and peers:
-            best = max(med[n] for n in peers)
+            bestn = max(peers, key=lambda n: med[n])
+            best = med[bestn]
             ratio = "%.2f" % (med["xnbd-server"] / best) if best else "-"
             best_eff = max(eff[n] for n in peers)
             eff_ratio = "%.2f" % (eff["xnbd-server"] / best_eff) \
                 if best_eff else "-"
-        print("| %s | %s | %s | %s |%s" % (row, " | ".join(cells), ratio,
-                                            eff_ratio,
-                                            " %s |" % up if direct else ""))
+            client = "%.0f / %.0f" % (100 * cli["xnbd-server"],
+                                      100 * cli[bestn])
+            if getattr(ROWS[row], "one_thread", False) and best:
+                busy = min(max(cli["xnbd-server"], 1e-3), 1.0)
+                ceiling = "%.2f" % (med["xnbd-server"] / busy / best)
+        floor = "-"
+        if fl and med.get("floor") and peers:
+            floor = "%.2f" % (med["floor"] / max(med[n] for n in peers))
+        print("| %s | %s | %s | %s | %s | %s |%s%s" % (
+            row, " | ".join(cells), ratio, eff_ratio, client, ceiling,
+            " %s |" % up if direct else "", " %s |" % floor if fl else ""))
 
 
 if __name__ == "__main__":
