@@ -31,6 +31,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Cold proxy mode: sequential rows pass over the image once, not for a
+# time: a second pass would read what the first one cached.
+ONE_PASS = False
 
 
 def free_port():
@@ -238,8 +241,9 @@ def fio_row(name, rw, bs, depth, jobs=1, mix=None):
         cmd = ["fio", "--name=b", "--ioengine=nbd", "--uri=" + uri,
                "--rw=" + rw, "--bs=" + bs, "--iodepth=%d" % depth,
                "--numjobs=%d" % jobs, "--group_reporting",
-               "--time_based", "--runtime=%g" % runtime, "--size=%d" % size,
-               "--output-format=json"]
+               "--size=%d" % size, "--output-format=json"]
+        if not (ONE_PASS and rw in ("read", "write")):
+            cmd += ["--time_based", "--runtime=%g" % runtime]
         if mix is not None:
             cmd.append("--rwmixread=%d" % mix)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -266,6 +270,9 @@ def nbdcopy_row(name, conns):
                         uri, "null:"], check=True, capture_output=True)
         mib = size / 2**20
         return mib / (time.monotonic() - t0), "MiB/s", mib
+    # The floor serves one connection at a time and does not offer
+    # multi-conn: nbdcopy would fall back to one, which is another row.
+    run.single_conn = conns == 1
     return name, run
 
 
@@ -364,6 +371,8 @@ def main():
     servers = args.servers.split(",") if args.servers else \
         available_servers(args.xnbd)
     proxy = args.mode.startswith("proxy")
+    global ONE_PASS
+    ONE_PASS = args.mode == "proxy"
     if args.mode != "target":
         # The floor serves its image plainly: no CoW layer, no proxy.
         servers = [n for n in servers if n != "floor"]
@@ -406,6 +415,9 @@ def main():
                         continue  # the option is ours alone
                     if name in ("upstream", "floor") and memory:
                         continue  # the proxies' memory, not the upstream's
+                    if name == "floor" and \
+                            getattr(fn, "single_conn", True) is False:
+                        continue
                     srv = Server(name, image, work, args.xnbd, args.mode)
                     srv.upstream = upstream.port if upstream else None
                     srv.upstream_srv = upstream
@@ -514,9 +526,16 @@ def report(rows, servers, results, runtime):
                 if best_eff else "-"
             client = "%.0f / %.0f" % (100 * cli["xnbd-server"],
                                       100 * cli[bestn])
+            if "floor" in cli:
+                client += " (floor %.0f)" % (100 * cli["floor"])
             if getattr(ROWS[row], "one_thread", False) and best:
-                busy = min(max(cli["xnbd-server"], 1e-3), 1.0)
-                ceiling = "%.2f" % (med["xnbd-server"] / busy / best)
+                # The client's work per request is what it was with the
+                # server that made it cheapest (the floor included), done
+                # at a whole core: no server gets the client further.
+                ceiling = "%.2f" % (max(
+                    med[n] / min(max(cli[n], 1e-3), 1.0)
+                    for n in cli if n != "upstream")
+                    / best)
         floor = "-"
         if fl and med.get("floor") and peers:
             floor = "%.2f" % (med["floor"] / max(med[n] for n in peers))

@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -152,6 +153,7 @@ int main(int argc, char **argv)
 		perror(argv[2]);
 		return 1;
 	}
+	signal(SIGPIPE, SIG_IGN); /* a client gone: its writes fail */
 	char *buf = malloc(MAX_LEN);
 	int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
 	struct sockaddr_in a = {.sin_family = AF_INET,
