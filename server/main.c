@@ -484,10 +484,6 @@ int main(int argc, char **argv)
 
 	signal(SIGPIPE, SIG_IGN);
 	raise_fd_limit();
-	/* Reads evicted before their reply went out, snapshots, the proxy's
-	 * bitmap syncs and hand-offs run on libuv's pool (the backends' disk
-	 * I/O on libxnbd's own). */
-	setenv("UV_THREADPOOL_SIZE", "16", 0);
 
 	/* Under inetd, standard error may be the client's socket. */
 	int to_syslog = s->use_syslog || (c->inetd && !s->logpath);

@@ -457,10 +457,6 @@ int main(int argc, char **argv)
 
 	signal(SIGPIPE, SIG_IGN);
 	raise_fd_limit();
-	/* Reads evicted before their reply went out, snapshots, the proxy's
-	 * bitmap syncs and hand-offs run on libuv's pool (the backends' disk
-	 * I/O on libxnbd's own). */
-	setenv("UV_THREADPOOL_SIZE", "16", 0);
 	/* The daemon changes directory, and the files are named again later. */
 	w.socket_abs = abs_path(c->socket);
 	w.db_abs = c->dbpath ? abs_path(c->dbpath) : NULL;

@@ -32,6 +32,7 @@
 
 #include "backend.h"
 #include "list.h"
+#include "pool.h"
 
 #define BS XNBD_COW_BLOCK
 
@@ -42,6 +43,7 @@ struct cow {
 	uint64_t *bits;
 	struct xnbd_list locked;  /* write ops holding their blocks */
 	struct xnbd_list waiting; /* write ops waiting for blocks */
+	struct xnbd__chan jobs;   /* starts waiters from the loop */
 };
 
 struct cow_op;
@@ -62,7 +64,7 @@ struct cow_op {
 	int stage;
 	int *inline_done; /* set while inside xnbd_backend_submit() */
 	int pipe_fd;      /* a WRITE's data is in this pipe, or -1 */
-	uv_work_t wake;   /* to start a waiter from the loop */
+	struct xnbd__job wake; /* to start a waiter from the loop */
 	/* writes */
 	uint8_t *bounce; /* two blocks: head and tail copy-ups */
 	bool cu[2];      /* copy-up of head / tail block */
@@ -194,16 +196,9 @@ static bool lock_or_wait(struct cow *c, struct cow_op *op)
 	return !blocked;
 }
 
-static void wake_work(uv_work_t *w)
+static void wake_done(struct xnbd__job *j)
 {
-	(void)w;
-}
-
-static void wake_after(uv_work_t *w, int status)
-{
-	struct cow_op *op = w->data;
-	(void)status;
-	op_run(op);
+	op_run(xnbd_container_of(j, struct cow_op, wake));
 }
 
 static void unlock(struct cow *c, struct cow_op *op)
@@ -227,8 +222,9 @@ static void unlock(struct cow *c, struct cow_op *op)
 			continue;
 		xnbd_list_remove(&w->link);
 		xnbd_list_insert(c->locked.prev, &w->link);
-		w->wake.data = w;
-		if (uv_queue_work(c->base.loop, &w->wake, wake_work, wake_after) < 0)
+		w->wake.work = NULL;
+		w->wake.done = wake_done;
+		if (xnbd__job_submit(&c->jobs, &w->wake) < 0)
 			op_run(w); /* cannot defer: run now */
 	}
 }
@@ -516,6 +512,7 @@ static void cow_free(struct xnbd_backend *b)
 {
 	struct cow *c = (struct cow *)b;
 	xnbd_backend_free(c->overlay);
+	xnbd__chan_destroy(&c->jobs);
 	free(c->bits);
 	free(c);
 }
@@ -591,8 +588,9 @@ int xnbd_backend_cow_new(uv_loop_t *loop, struct xnbd_backend *lower,
 	uint64_t nblocks = (size + BS - 1) / BS;
 	uint64_t *bits = calloc((nblocks + 63) / 64 + 1, sizeof(uint64_t));
 	struct xnbd_backend *ov = NULL;
-	int r = (!c || !bits) ? -ENOMEM
-	                      : xnbd__backend_file_from_fd(loop, fd, 0, &ov);
+	int r = (!c || !bits) ? -ENOMEM : xnbd__jobs_init(&c->jobs, loop);
+	if (r == 0 && (r = xnbd__backend_file_from_fd(loop, fd, 0, &ov)) < 0)
+		xnbd__chan_destroy(&c->jobs);
 	if (r < 0) {
 		close(fd);
 		if (!(flags & XNBD_COW_TEMPORARY))

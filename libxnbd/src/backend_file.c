@@ -43,10 +43,12 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "list.h"
 #include "pool.h"
 
 #define SNAP_CHUNK (1024U * 1024U)
 #define INLINE_MAX (128U * 1024U) /* largest I/O tried on the loop thread */
+#define SNAPSHOT_DONE 0xffffffffU  /* io type of a snapshot's end */
 
 enum { CHUNK_PENDING = 0, CHUNK_COPYING = 1, CHUNK_DONE = 2 };
 
@@ -64,9 +66,12 @@ struct snapshot {
 	atomic_int cancel;
 	int status;
 	unsigned users; /* loop thread: the copier plus writes holding it */
+	int go;         /* under mu: 1 the copier may start, -1 it must not */
 	uv_mutex_t mu;
 	uv_cond_t cond;
-	uv_work_t work;
+	/* The copier's end, handed to the loop through the backend's channel
+	 * (type SNAPSHOT_DONE). */
+	struct xnbd_io done_io;
 	xnbd_snapshot_cb cb;
 	void *ud;
 };
@@ -360,9 +365,14 @@ static void work_cb(struct xnbd_io *io)
 }
 
 static void snapshot_unref(struct snapshot *s);
+static void snapshot_done(struct snapshot *s);
 
 static void after_work_cb(struct xnbd_io *io)
 {
+	if (io->type == SNAPSHOT_DONE) {
+		snapshot_done(xnbd_container_of(io, struct snapshot, done_io));
+		return;
+	}
 	struct file_backend *fb = io->priv.a;
 	if (io->priv.b)
 		snapshot_unref(io->priv.b);
@@ -529,9 +539,8 @@ static void snapshot_unref(struct snapshot *s)
 		snapshot_free(s);
 }
 
-static void snapshot_work(uv_work_t *w)
+static void snapshot_work(struct snapshot *s)
 {
-	struct snapshot *s = w->data;
 	/* A reflink is point-in-time by itself and needs no copy; writes wait
 	 * for the attempt (a reflink is quick), then either find every chunk
 	 * done or copy before they write. */
@@ -603,15 +612,31 @@ static void snapshot_work(uv_work_t *w)
 	s->status = r;
 }
 
-static void snapshot_done(uv_work_t *w, int status)
+/* The copier: a thread of its own for the whole copy, not a worker of
+ * the pool, whose threads it would hold for minutes; and writes on the
+ * pool may wait for it (copy_before_write), so queued behind them it could
+ * wait for ever.  It ends by posting done_io, and touches nothing after. */
+static void *snapshot_thread(void *arg)
 {
-	struct snapshot *s = w->data;
-	struct file_backend *fb = s->fb;
-	if (status == UV_ECANCELED) {
-		close(s->fd);
-		unlink(s->tmp_path);
-		s->status = -ECANCELED;
+	struct snapshot *s = arg;
+	uv_mutex_lock(&s->mu);
+	while (s->go == 0)
+		uv_cond_wait(&s->cond, &s->mu);
+	int go = s->go;
+	uv_mutex_unlock(&s->mu);
+	if (go < 0) {
+		snapshot_free(s); /* never started, and nobody else holds it */
+		return NULL;
 	}
+	struct xnbd__chan *c = &s->fb->chan;
+	snapshot_work(s);
+	xnbd__chan_post(c, &s->done_io);
+	return NULL;
+}
+
+static void snapshot_done(struct snapshot *s)
+{
+	struct file_backend *fb = s->fb;
 	fb->snap = NULL;
 	s->cb(&fb->base, s->status, s->path, s->ud);
 	snapshot_unref(s);
@@ -674,8 +699,25 @@ static int file_snapshot(struct xnbd_backend *b, const char *path,
 	s->cb = cb;
 	s->ud = ud;
 	s->users = 1;
-	s->work.data = s;
-	r = uv_queue_work(b->loop, &s->work, snapshot_work, snapshot_done);
+	s->done_io.type = SNAPSHOT_DONE;
+	/* The thread waits for its go: if the loop cannot watch for its end,
+	 * it leaves without a trace. */
+	r = xnbd__thread_start(snapshot_thread, s, "xnbd-snapshot");
+	if (r == 0) {
+		int e = xnbd__chan_expect(&fb->chan);
+		if (e < 0) {
+			close(s->fd);
+			s->fd = -1;
+			unlink(s->tmp_path);
+		}
+		/* After this, s is the thread's to free when it is told no. */
+		uv_mutex_lock(&s->mu);
+		s->go = e < 0 ? -1 : 1;
+		uv_cond_broadcast(&s->cond);
+		uv_mutex_unlock(&s->mu);
+		if (e < 0)
+			return e;
+	}
 	if (r) {
 		close(s->fd);
 		unlink(s->tmp_path);

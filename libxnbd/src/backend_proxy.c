@@ -51,6 +51,7 @@
 
 #include "backend.h"
 #include "list.h"
+#include "pool.h"
 #include "wire.h"
 
 #define BS XNBD_PROXY_BLOCK
@@ -120,7 +121,7 @@ struct pop {
 	uint64_t copy_len;  /* bytes reserved in p->detached_bytes */
 	int store_status;   /* early reply: the first failed store */
 	int *inline_done;
-	uv_work_t wake;
+	struct xnbd__job wake;
 	struct persist_waiter pw;
 	uint8_t *bounce;
 	uint32_t nsub, used;
@@ -142,6 +143,7 @@ struct xnbd_proxy_job {
 	bool started;
 	int err;
 	uint64_t last_progress;
+	struct xnbd__job kick; /* starts it from the loop */
 	struct {
 		struct xnbd_io io;
 		struct xnbd_proxy_job *job;
@@ -197,7 +199,10 @@ struct xnbd_proxy {
 	int persist_status;
 	uint64_t dirty; /* bits set since the last stage */
 	struct xnbd_list pw_now, pw_next;
-	uv_work_t persist_work;
+	struct xnbd__job persist_job;
+	/* Syncs run on libxnbd's pool, and deferred calls come back to the
+	 * loop, through this channel. */
+	struct xnbd__chan jobs_chan;
 	/* jobs */
 	struct xnbd_list jobs;
 	/* open */
@@ -290,9 +295,9 @@ static void reap_client(struct xnbd_proxy *p, struct xnbd_client *c)
 
 static void maybe_free(struct xnbd_proxy *p);
 
-static void persist_work_cb(uv_work_t *w)
+static void persist_work_cb(struct xnbd__job *j)
 {
-	struct xnbd_proxy *p = w->data;
+	struct xnbd_proxy *p = xnbd_container_of(j, struct xnbd_proxy, persist_job);
 	/* The data first: a bit on disk must never vouch for data that is not. */
 	if (fdatasync(p->cache_fd) != 0) {
 		p->persist_status = -errno;
@@ -303,10 +308,10 @@ static void persist_work_cb(uv_work_t *w)
 
 static void persist_start(struct xnbd_proxy *p);
 
-static void persist_after(uv_work_t *w, int status)
+static void persist_after(struct xnbd__job *j)
 {
-	struct xnbd_proxy *p = w->data;
-	int st = status < 0 ? status : p->persist_status;
+	struct xnbd_proxy *p = xnbd_container_of(j, struct xnbd_proxy, persist_job);
+	int st = p->persist_status;
 	p->persisting = false;
 	if (st)
 		plog(p, XNBD_LOG_ERR, "cannot make the cache durable: %s",
@@ -332,13 +337,11 @@ static void persist_start(struct xnbd_proxy *p)
 	xnbd_bitmap_stage(p->bm);
 	p->dirty = 0;
 	p->persisting = true;
-	p->persist_work.data = p;
-	int r = uv_queue_work(p->loop, &p->persist_work, persist_work_cb,
-	                      persist_after);
-	if (r < 0) {
-		p->persist_status = r;
-		persist_work_cb(&p->persist_work); /* do it here, blocking */
-		persist_after(&p->persist_work, 0);
+	p->persist_job.work = persist_work_cb;
+	p->persist_job.done = persist_after;
+	if (xnbd__job_submit(&p->jobs_chan, &p->persist_job) < 0) {
+		persist_work_cb(&p->persist_job); /* do it here, blocking */
+		persist_after(&p->persist_job);
 	}
 }
 
@@ -388,23 +391,18 @@ static bool lock_or_wait(struct xnbd_proxy *p, struct pop *op)
 
 static void op_run(struct pop *op);
 
-static void wake_work(uv_work_t *w)
+static void wake_done(struct xnbd__job *j)
 {
-	(void)w;
-}
-
-static void wake_after(uv_work_t *w, int status)
-{
-	(void)status;
-	op_run(w->data);
+	op_run(xnbd_container_of(j, struct pop, wake));
 }
 
 /* Start op from the loop, never inside the current call stack, so no
  * callback of its runs inside somebody's submit. */
 static void defer_run(struct pop *op)
 {
-	op->wake.data = op;
-	if (uv_queue_work(op->p->loop, &op->wake, wake_work, wake_after) < 0)
+	op->wake.work = NULL;
+	op->wake.done = wake_done;
+	if (xnbd__job_submit(&op->p->jobs_chan, &op->wake) < 0)
 		op_run(op);
 }
 
@@ -1543,7 +1541,7 @@ static void job_next(struct xnbd_proxy_job *job, unsigned k)
 	job_end(job, 0);
 }
 
-static void job_kick(uv_work_t *w, int status);
+static void job_kick(struct xnbd__job *j);
 
 static void job_start(struct xnbd_proxy_job *job)
 {
@@ -1616,28 +1614,19 @@ int xnbd_proxy_cache_all(struct xnbd_proxy *p, unsigned flags,
 	}
 	/* Start from the loop, so that done never runs inside this call. */
 	job->started = false;
-	uv_work_t *w = malloc(sizeof(*w));
-	if (!w) {
-		xnbd_list_remove(&job->link);
-		free(job);
-		*out = NULL;
-		return -ENOMEM;
-	}
-	w->data = job;
+	job->kick.work = NULL;
+	job->kick.done = job_kick;
 	job->running++; /* held by the start */
-	if (uv_queue_work(p->loop, w, wake_work, job_kick) < 0) {
+	if (xnbd__job_submit(&p->jobs_chan, &job->kick) < 0) {
 		job->running--;
-		free(w);
 		job_start(job);
 	}
 	return 0;
 }
 
-static void job_kick(uv_work_t *w, int status)
+static void job_kick(struct xnbd__job *j)
 {
-	struct xnbd_proxy_job *job = w->data;
-	(void)status;
-	free(w);
+	struct xnbd_proxy_job *job = xnbd_container_of(j, struct xnbd_proxy_job, kick);
 	job->running--;
 	if (job->cancel || job->err) {
 		job->started = true;
@@ -1832,6 +1821,11 @@ int xnbd_proxy_new(uv_loop_t *loop, struct xnbd_proxy **out)
 	struct xnbd_proxy *p = calloc(1, sizeof(*p));
 	if (!p)
 		return -ENOMEM;
+	int r = xnbd__jobs_init(&p->jobs_chan, loop);
+	if (r < 0) {
+		free(p);
+		return r;
+	}
 	p->loop = loop;
 	p->base.ops = &proxy_ops;
 	p->base.loop = loop;
@@ -1951,8 +1945,10 @@ struct xnbd__proxy_ctl_area *xnbd__proxy_ctl_area(struct xnbd_proxy *p)
 static void handle_closed(uv_handle_t *h)
 {
 	struct xnbd_proxy *p = h->data;
-	if (--p->handles == 0)
+	if (--p->handles == 0) {
+		xnbd__chan_destroy(&p->jobs_chan);
 		free(p);
+	}
 }
 
 /* The last step of xnbd_proxy_free(), once nothing runs any more. */

@@ -168,9 +168,7 @@ static void *worker(void *arg)
 	return NULL;
 }
 
-/* Under pool.mu: one more worker, blocking every signal (the loop thread
- * takes them). */
-static int spawn_locked(void)
+int xnbd__thread_start(void *(*fn)(void *), void *arg, const char *name)
 {
 	pthread_attr_t attr;
 	if (pthread_attr_init(&attr))
@@ -180,11 +178,22 @@ static int spawn_locked(void)
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	pthread_t t;
-	int r = pthread_create(&t, &attr, worker, NULL);
+	int r = pthread_create(&t, &attr, fn, arg);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	pthread_attr_destroy(&attr);
-	if (r)
-		return -r;
+	/* Named here, so that it never shows with its creator's name once
+	 * this returns (the thread may not have run yet). */
+	if (r == 0)
+		(void)pthread_setname_np(t, name);
+	return -r;
+}
+
+/* Under pool.mu: one more worker. */
+static int spawn_locked(void)
+{
+	int r = xnbd__thread_start(worker, NULL, "xnbd-io");
+	if (r < 0)
+		return r;
 	pool.threads++;
 	atomic_store(&pool_up, true);
 	return 0;
@@ -345,15 +354,29 @@ void xnbd__chan_destroy(struct xnbd__chan *c)
 	c->efd = -1;
 }
 
+int xnbd__chan_expect(struct xnbd__chan *c)
+{
+	int r;
+	if (!c->poll_open && !c->poll_closing && (r = chan_open(c)) < 0)
+		return r;
+	c->outstanding++;
+	return 0;
+}
+
+void xnbd__chan_post(struct xnbd__chan *c, struct xnbd_io *io)
+{
+	io->priv.u.q.chan = c;
+	uv_mutex_lock(&c->mu);
+	post_locked(c, io);
+	uv_mutex_unlock(&c->mu);
+}
+
 int xnbd__chan_submit(struct xnbd__chan *c, struct xnbd_io *io, bool serial)
 {
 	/* Everything that can fail, first: then nothing is to be undone. */
 	int r = pool_ready();
-	if (r < 0)
+	if (r < 0 || (r = xnbd__chan_expect(c)) < 0)
 		return r;
-	if (!c->poll_open && !c->poll_closing && (r = chan_open(c)) < 0)
-		return r;
-	c->outstanding++;
 	io->priv.u.q.chan = c;
 	if (serial) {
 		uv_mutex_lock(&c->mu);
@@ -367,4 +390,33 @@ int xnbd__chan_submit(struct xnbd__chan *c, struct xnbd_io *io, bool serial)
 		pool_queue(io);
 	}
 	return 0;
+}
+
+/* ---- jobs ----------------------------------------------------------------- */
+
+static void job_work(struct xnbd_io *io)
+{
+	struct xnbd__job *j = (struct xnbd__job *)io;
+	j->work(j);
+}
+
+static void job_done(struct xnbd_io *io)
+{
+	struct xnbd__job *j = (struct xnbd__job *)io;
+	j->done(j);
+}
+
+int xnbd__jobs_init(struct xnbd__chan *c, uv_loop_t *loop)
+{
+	return xnbd__chan_init(c, loop, job_work, job_done);
+}
+
+int xnbd__job_submit(struct xnbd__chan *c, struct xnbd__job *j)
+{
+	if (j->work)
+		return xnbd__chan_submit(c, &j->io, false);
+	int r = xnbd__chan_expect(c);
+	if (r == 0)
+		xnbd__chan_post(c, &j->io);
+	return r;
 }

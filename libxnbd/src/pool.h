@@ -20,7 +20,11 @@
  * the close callback.
  *
  * An I/O in the pool uses io->priv.u.q (its link and its channel); the
- * rest of io->priv stays the backend's. */
+ * rest of io->priv stays the backend's.
+ *
+ * The library's own jobs (a server's reloads, a proxy's syncs) and its
+ * calls deferred to the loop use channels too (struct xnbd__job), so
+ * nothing in libxnbd but name lookups runs on libuv's pool. */
 #ifndef XNBD_POOL_H
 #define XNBD_POOL_H
 
@@ -70,6 +74,35 @@ void xnbd__chan_destroy(struct xnbd__chan *c);
  * fresh eventfd; I/O in flight at the fork never completes in the child,
  * so fork with none (a daemon's start). */
 int xnbd__chan_submit(struct xnbd__chan *c, struct xnbd_io *io, bool serial);
+
+/* For a completion that no pool worker makes (a thread of the caller's
+ * own, or the loop itself): count it as outstanding (the loop thread; 0,
+ * or a negative errno when the loop cannot watch the channel), then hand
+ * it over exactly once with xnbd__chan_post(), from any thread.  A thread
+ * must not touch the channel after its post returns. */
+int xnbd__chan_expect(struct xnbd__chan *c);
+void xnbd__chan_post(struct xnbd__chan *c, struct xnbd_io *io);
+
+/* Jobs: work of the library's own (a bitmap sync, a reload) on the pool,
+ * or a call deferred to the loop.  A job channel runs j->work on a worker
+ * and then j->done on the loop thread; with no work, j->done just runs
+ * from the loop, later, with no thread involved.  As for I/O, the last
+ * outstanding job's done runs only once the channel holds no handle, so
+ * that it may free the channel's owner. */
+struct xnbd__job {
+	struct xnbd_io io; /* the channel's link: only io.priv.u.q is used */
+	void (*work)(struct xnbd__job *j); /* on a worker, or NULL */
+	void (*done)(struct xnbd__job *j); /* on the loop thread */
+};
+
+int xnbd__jobs_init(struct xnbd__chan *c, uv_loop_t *loop);
+
+/* 0, or a negative errno when nothing was queued. */
+int xnbd__job_submit(struct xnbd__chan *c, struct xnbd__job *j);
+
+/* Start a detached thread named name (at most 15 bytes) that blocks
+ * every signal (the loop thread takes them): 0 or a negative errno. */
+int xnbd__thread_start(void *(*fn)(void *), void *arg, const char *name);
 
 /* Workers started so far (tests). */
 unsigned xnbd__pool_threads(void);

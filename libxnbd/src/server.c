@@ -47,6 +47,7 @@
 
 #include "backend.h"
 #include "list.h"
+#include "pool.h"
 #include "wire.h"
 
 #define RBUF_SIZE (64U * 1024U)
@@ -189,7 +190,7 @@ struct session {
 	/* At most one file segment at a time is read into its request's
 	 * buffer on the pool, while the writer waits. */
 	struct req *loading;
-	uv_work_t load;
+	struct xnbd__job load;
 	uint8_t *load_dst;
 	uint64_t load_at, load_left, load_rel;
 	int load_status;
@@ -199,6 +200,7 @@ struct session {
 
 struct xnbd_server {
 	uv_loop_t *loop;
+	struct xnbd__chan jobs; /* the sessions' reloads, on libxnbd's pool */
 	xnbd_log_fn log;
 	void *log_ud;
 	unsigned flags;
@@ -409,6 +411,11 @@ int xnbd_server_new(uv_loop_t *loop, struct xnbd_server **out)
 	struct xnbd_server *srv = calloc(1, sizeof(*srv));
 	if (!srv)
 		return -ENOMEM;
+	int r = xnbd__jobs_init(&srv->jobs, loop);
+	if (r < 0) {
+		free(srv);
+		return r;
+	}
 	srv->loop = loop;
 	srv->catalog = (struct xnbd__hs_catalog){cat_count, cat_get, cat_find, srv};
 	xnbd_list_init(&srv->listeners);
@@ -1369,9 +1376,9 @@ static int read_rest(struct session *s)
 	                        s->load_at);
 }
 
-static void load_work(uv_work_t *w)
+static void load_work(struct xnbd__job *j)
 {
-	struct session *s = w->data;
+	struct session *s = xnbd_container_of(j, struct session, load);
 	s->load_status = read_rest(s);
 }
 
@@ -1382,15 +1389,13 @@ static void load_loaded(struct session *s, struct req *q)
 	sg->off = s->load_rel;
 }
 
-static void load_done(uv_work_t *w, int status)
+static void load_done(struct xnbd__job *j)
 {
-	struct session *s = w->data;
+	struct session *s = xnbd_container_of(j, struct session, load);
 	struct req *q = s->loading;
 	s->loading = NULL;
 	s->writes_pending--;
 	s->wresumes++;
-	if (status == UV_ECANCELED)
-		s->load_status = -ECANCELED;
 	if (s->state == S_CLOSING) {
 		req_release(q); /* session_close left it to us */
 		session_maybe_free(s);
@@ -1424,9 +1429,10 @@ static int load_segment(struct session *s, struct req *q, struct seg *sg)
 	s->load_dst = q->buf + s->load_rel + s->woff;
 	s->load_at = sg->off + s->woff;
 	s->load_left = sg->len - s->woff;
-	s->load.data = s;
+	s->load.work = load_work;
+	s->load.done = load_done;
 	s->loading = q;
-	if (uv_queue_work(s->srv->loop, &s->load, load_work, load_done) == 0) {
+	if (xnbd__job_submit(&s->srv->jobs, &s->load) == 0) {
 		s->writes_pending++;
 		return 0;
 	}
@@ -2358,6 +2364,7 @@ void xnbd_server_free(struct xnbd_server *srv)
 {
 	if (!srv)
 		return;
+	xnbd__chan_destroy(&srv->jobs);
 	free(srv->exports);
 	free(srv);
 }

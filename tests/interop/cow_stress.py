@@ -137,6 +137,17 @@ for rd in range(ROUNDS):
             bad += 1
     if bad:
         break
+# Waiters on a block lock start from the loop, not from a thread of
+# libuv's pool: every thread but the main one is libxnbd's own.
+others = []
+for tid in os.listdir("/proc/%d/task" % p.pid):
+    if int(tid) != p.pid:
+        with open("/proc/%d/task/%s/comm" % (p.pid, tid)) as f:
+            n = f.read().strip()
+        if n != "xnbd-io":
+            others.append(n)
+if others:
+    print("threads that are not libxnbd's:", others); bad += 1
 for h in hs:
     h.shutdown()
 p.send_signal(signal.SIGTERM)

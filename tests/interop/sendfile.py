@@ -266,6 +266,7 @@ def test():
             slow_reader(srv, model, structured, rng)
         mixed_paths(srv, img, model, rng)
         evicted_while_waiting(srv, img, model, rng)
+        xt.check_own_threads(srv.pid, "after reloads of evicted reads")
         shrinking_image(d, srv, img, model, sendfile)
         check_eq(srv.stop(), 0, "exit status after SIGTERM")
 

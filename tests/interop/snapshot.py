@@ -154,6 +154,16 @@ def test():
         check(abs(stamp - int(t_sig)) <= 2, "snapshot time stamp %d, signal sent at %d"
               % (stamp, int(t_sig)))
 
+        # The copy runs on a thread of its own (not on a pool whose threads
+        # its writers may hold): listed before the .partial file is seen
+        # still there, it was running.
+        names = xt.thread_names(srv.pid)
+        if os.path.exists(partial):
+            check("xnbd-snapshot" in names,
+                  "no xnbd-snapshot thread while %s exists: %s"
+                  % (os.path.basename(partial), names))
+            log("the copy runs on its own thread, xnbd-snapshot")
+
         # a second SIGUSR1 while this one runs must not disturb it
         srv.signal(signal.SIGUSR1)
 
@@ -196,6 +206,7 @@ def test():
                             "image read through NBD, chunk %d" % (i + k),
                             (i + k) * CHUNK)
         compare_file(img, b"B", "image file")
+        xt.check_own_threads(srv.pid, "after a snapshot under writes")
         h.shutdown()
         check(srv.alive(), "server died")
         snaps = [f for f in os.listdir(t.path) if ".snapshot." in f]

@@ -92,6 +92,37 @@ def need_nbd():
     return nbd
 
 
+LIB_THREADS = ("xnbd-io", "xnbd-snapshot")
+
+
+def thread_names(pid):
+    """The names (comm) of pid's threads other than its main thread."""
+    names = []
+    for tid in os.listdir("/proc/%d/task" % pid):
+        if int(tid) == pid:
+            continue
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass  # it ended meanwhile
+    return names
+
+
+def check_own_threads(pid, what):
+    """Every thread of the server but its main one is libxnbd's own: its
+    I/O pool (at most 16) or a snapshot's copier; none of libuv's pool,
+    which libxnbd does not use (name lookups aside)."""
+    names = thread_names(pid)
+    others = [n for n in names if n not in LIB_THREADS]
+    check(not others, "%s: threads that are not libxnbd's: %s" % (what, others))
+    check(names.count("xnbd-io") <= 16,
+          "%s: %d I/O threads" % (what, names.count("xnbd-io")))
+    counts = {n: names.count(n) for n in set(names)}
+    log("%s: threads besides the main one: %s" % (what, ", ".join(
+        "%d %s" % (k, n) for n, k in sorted(counts.items())) or "none"))
+
+
 def need_tools(*tools):
     for t in tools:
         if shutil.which(t) is None:

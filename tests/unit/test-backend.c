@@ -5,6 +5,7 @@
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -434,6 +435,121 @@ START_TEST(io_goes_on_after_fork)
 }
 END_TEST
 
+/* ---- jobs: the library's own work, and calls deferred to the loop ---- */
+
+#define NJOBS 300
+static struct job_rec {
+	struct xnbd__job j;
+	int ncalls;
+	bool work_ran, work_on_loop, done_on_loop;
+} jobs[NJOBS];
+static struct xnbd__chan *jobs_chan;
+static pthread_t loop_thread;
+static int jobs_done;
+
+static void job_work_fn(struct xnbd__job *j)
+{
+	struct job_rec *r = (struct job_rec *)j;
+	r->work_ran = true;
+	r->work_on_loop = pthread_equal(pthread_self(), loop_thread);
+	if ((r - jobs) % 7 == 0)
+		usleep(200); /* some finish after others queued behind them */
+}
+
+static void job_done_fn(struct xnbd__job *j)
+{
+	struct job_rec *r = (struct job_rec *)j;
+	r->ncalls++;
+	r->done_on_loop = pthread_equal(pthread_self(), loop_thread);
+	if (++jobs_done == NJOBS) {
+		/* The owner goes in the last callback: nothing may be left open. */
+		xnbd__chan_destroy(jobs_chan);
+		free(jobs_chan);
+		jobs_chan = NULL;
+	}
+}
+
+/* Jobs with work run it on a worker, the others on no thread at all; each
+ * done runs once, on the loop thread, never inside the submit; the
+ * channel freed in the last done leaves a loop that closes at once. */
+START_TEST(jobs_run_once_and_the_last_may_free_their_channel)
+{
+	uv_loop_t l;
+	ck_assert_int_eq(uv_loop_init(&l), 0);
+	loop_thread = pthread_self();
+	jobs_chan = malloc(sizeof(*jobs_chan));
+	ck_assert_int_eq(xnbd__jobs_init(jobs_chan, &l), 0);
+	jobs_done = 0;
+	memset(jobs, 0, sizeof(jobs));
+	for (int i = 0; i < NJOBS; i++) {
+		jobs[i].j.work = i % 3 ? job_work_fn : NULL;
+		jobs[i].j.done = job_done_fn;
+		ck_assert_int_eq(xnbd__job_submit(jobs_chan, &jobs[i].j), 0);
+		ck_assert_int_eq(jobs[i].ncalls, 0); /* later, from the loop */
+		if (i % 50 == 49)
+			uv_run(&l, UV_RUN_NOWAIT);
+	}
+	while (jobs_chan)
+		uv_run(&l, UV_RUN_ONCE);
+	ck_assert_int_eq(uv_loop_close(&l), 0);
+	for (int i = 0; i < NJOBS; i++) {
+		ck_assert_int_eq(jobs[i].ncalls, 1);
+		ck_assert(jobs[i].done_on_loop);
+		ck_assert(jobs[i].work_ran == (i % 3 != 0));
+		ck_assert(!jobs[i].work_on_loop);
+	}
+}
+END_TEST
+
+/* A snapshot (a copy here: /tmp may have no reflinks) holds the image as it
+ * was, and the backend freed in its callback leaves a loop that closes at
+ * once: the copier's end comes back through the backend's channel. */
+static char snap_path[80];
+static int snap_status = 1;
+
+static void snap_done(struct xnbd_backend *b, int status, const char *path,
+                      void *ud)
+{
+	(void)path;
+	(void)ud;
+	snap_status = status;
+	xnbd_backend_free(b);
+	backend = NULL;
+}
+
+START_TEST(snapshot_ends_through_the_channel)
+{
+	static struct op ops[64];
+	for (int i = 0; i < 64; i++) {
+		fill(ops[i].data, 4096, (unsigned)i);
+		submit(&ops[i], XNBD_IO_WRITE, (uint64_t)i * 65536, 4096);
+	}
+	while (completed < 64)
+		uv_run(&loop, UV_RUN_ONCE);
+	snprintf(snap_path, sizeof(snap_path), "%s.snap", img_path);
+	unlink(snap_path);
+	snap_status = 1;
+	ck_assert_int_eq(xnbd_backend_snapshot(backend, snap_path, snap_done, NULL),
+	                 0);
+	ck_assert_int_eq(xnbd_backend_snapshot_running(backend), 1);
+	while (backend)
+		uv_run(&loop, UV_RUN_ONCE);
+	ck_assert_int_eq(snap_status, 0);
+	ck_assert_int_eq(uv_loop_close(&loop), 0);
+	loop_closed = true;
+	int fd = open(snap_path, O_RDONLY);
+	ck_assert_int_ge(fd, 0);
+	uint8_t buf[4096], want[4096];
+	for (int i = 0; i < 64; i++) {
+		ck_assert_int_eq(pread(fd, buf, 4096, (off_t)i * 65536), 4096);
+		fill(want, 4096, (unsigned)i);
+		ck_assert_int_eq(memcmp(buf, want, 4096), 0);
+	}
+	close(fd);
+	unlink(snap_path);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("backend");
@@ -446,6 +562,8 @@ static Suite *suite(void)
 	tcase_add_test(tc, io_submitted_while_the_handle_closes);
 	tcase_add_test(tc, pool_threads_are_bounded);
 	tcase_add_test(tc, io_goes_on_after_fork);
+	tcase_add_test(tc, jobs_run_once_and_the_last_may_free_their_channel);
+	tcase_add_test(tc, snapshot_ends_through_the_channel);
 	suite_add_tcase(s, tc);
 	return s;
 }
