@@ -220,7 +220,7 @@ def available_servers(xnbd):
     out = []
     for name, tool in (("xnbd-server", xnbd), ("nbdkit", "nbdkit"),
                        ("qemu-nbd", "qemu-nbd"), ("nbd-server", "nbd-server"),
-                       ("floor", "cc")):
+                       ("floor", "cc"), ("kernel", "fio")):
         if shutil.which(tool) or os.path.exists(tool):
             out.append(name)
     return out
@@ -259,7 +259,39 @@ def fio_row(name, rw, bs, depth, jobs=1, mix=None):
                     client)
         mib = (job["read"]["io_bytes"] + job["write"]["io_bytes"]) / 2**20
         return mib / max(secs, 1e-3), "MiB/s", mib, client
+
+    def kernel(image, runtime, size):
+        """The same I/O made straight on the image by one fio thread with
+        pread/pwrite: what the kernel alone costs.  Returns the value, its
+        unit, the work done and the CPU-seconds fio spent."""
+        # --invalidate=0: fio would drop the image's page cache first, and
+        # both the yardstick and the servers after it would write into
+        # small new folios instead of the large ones the image has.
+        cmd = ["fio", "--name=k", "--ioengine=psync", "--invalidate=0",
+               "--filename=" + image,
+               "--rw=" + rw, "--bs=" + bs, "--size=%d" % size,
+               "--time_based", "--runtime=%g" % runtime,
+               "--output-format=json"]
+        if mix is not None:
+            cmd.append("--rwmixread=%d" % mix)
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+        secs = max(job["read"]["runtime"], job["write"]["runtime"]) / 1000.0
+        cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * secs
+        if bs == "4k":
+            ops = job["read"]["total_ios"] + job["write"]["total_ios"]
+            return ops / max(secs, 1e-3), "IOPS", ops, cpu
+        mib = (job["read"]["io_bytes"] + job["write"]["io_bytes"]) / 2**20
+        return mib / max(secs, 1e-3), "MiB/s", mib, cpu
     run.one_thread = jobs == 1
+    # The kernel yardstick runs for rows that write: there the file
+    # system's own cost per request is a large share of any server's.  In
+    # rows that only write, its throughput bounds every server's too: the
+    # file system makes buffered writes to one file one at a time (under
+    # the inode's lock), whoever makes them.
+    if rw in ("write", "randwrite", "randrw"):
+        run.kernel = kernel
+        run.kernel_caps = rw != "randrw"
     return name, run
 
 
@@ -374,8 +406,9 @@ def main():
     global ONE_PASS
     ONE_PASS = args.mode == "proxy"
     if args.mode != "target":
-        # The floor serves its image plainly: no CoW layer, no proxy.
-        servers = [n for n in servers if n != "floor"]
+        # The floor serves its image plainly: no CoW layer, no proxy; the
+        # kernel yardstick writes the image itself.
+        servers = [n for n in servers if n not in ("floor", "kernel")]
     if proxy:
         servers = [n for n in servers if n != "nbd-server"]  # cannot proxy
         servers.append("upstream")
@@ -417,6 +450,17 @@ def main():
                         continue  # the proxies' memory, not the upstream's
                     if name == "floor" and \
                             getattr(fn, "single_conn", True) is False:
+                        continue
+                    if name == "kernel":
+                        if not hasattr(fn, "kernel"):
+                            continue
+                        value, unit, amount, cpu = fn.kernel(image, runtime,
+                                                             size)
+                        results.setdefault((row, name), []).append(
+                            (value, unit, amount / max(cpu, 1e-3), 0.0))
+                        print("# %s run %d kernel: %.0f %s, fio CPU %.2fs" %
+                              (row, i + 1, value, unit, cpu),
+                              file=sys.stderr, flush=True)
                         continue
                     srv = Server(name, image, work, args.xnbd, args.mode)
                     srv.upstream = upstream.port if upstream else None
@@ -475,12 +519,14 @@ def report(rows, servers, results, runtime):
     client bounds the row there, however fast the server."""
     direct = "upstream" in servers
     fl = "floor" in servers
+    kn = "kernel" in servers
     print("| row | " + " | ".join(servers) +
           " | xnbd / best peer | xnbd work per CPU-s / best peer's |"
           " client, % of a core (xnbd / best peer) | client-bound ceiling |" +
           (" xnbd / upstream read directly |" if direct else "") +
-          (" floor / best peer |" if fl else ""))
-    print("|---" * (len(servers) + 5 + direct + fl) + "|")
+          (" floor / best peer |" if fl else "") +
+          (" kernel / best peer (work; per CPU-s) |" if kn else ""))
+    print("|---" * (len(servers) + 5 + direct + fl + kn) + "|")
     for row in rows:
         cells = []
         med = {}
@@ -502,7 +548,8 @@ def report(rows, servers, results, runtime):
             cells.append("%.0f (%.0f-%.0f) %s, %.0f/CPU-s" %
                          (med[name], min(v), max(v), unit, eff[name]))
         peers = [n for n in servers
-                 if n not in ("xnbd-server", "upstream", "floor") and n in med]
+                 if n not in ("xnbd-server", "upstream", "floor", "kernel")
+                 and n in med]
         up = "-"
         if direct and "xnbd-server" in med and med.get("upstream"):
             up = "%.2f" % (med["xnbd-server"] / med["upstream"])
@@ -512,9 +559,9 @@ def report(rows, servers, results, runtime):
                 ratio = "%.2f (lower is better)" % (
                     med["xnbd-server"] / min(med[n] for n in peers))
             cells = [c.split(",")[0] for c in cells]
-            print("| %s | %s | %s | - | - | - |%s%s" % (
+            print("| %s | %s | %s | - | - | - |%s%s%s" % (
                 row, " | ".join(cells), ratio, " - |" if direct else "",
-                " - |" if fl else ""))
+                " - |" if fl else "", " - |" if kn else ""))
             continue
         client = ceiling = "-"
         if "xnbd-server" in med and peers:
@@ -534,14 +581,21 @@ def report(rows, servers, results, runtime):
                 # at a whole core: no server gets the client further.
                 ceiling = "%.2f" % (max(
                     med[n] / min(max(cli[n], 1e-3), 1.0)
-                    for n in cli if n != "upstream")
+                    for n in cli if n not in ("upstream", "kernel"))
                     / best)
         floor = "-"
         if fl and med.get("floor") and peers:
             floor = "%.2f" % (med["floor"] / max(med[n] for n in peers))
-        print("| %s | %s | %s | %s | %s | %s |%s%s" % (
+        kern = "-"
+        if kn and eff.get("kernel") and peers:
+            kern = "%s; %.2f" % (
+                "%.2f" % (med["kernel"] / max(med[n] for n in peers))
+                if getattr(ROWS[row], "kernel_caps", False) else "-",
+                eff["kernel"] / max(eff[n] for n in peers))
+        print("| %s | %s | %s | %s | %s | %s |%s%s%s" % (
             row, " | ".join(cells), ratio, eff_ratio, client, ceiling,
-            " %s |" % up if direct else "", " %s |" % floor if fl else ""))
+            " %s |" % up if direct else "", " %s |" % floor if fl else "",
+            " %s |" % kern if kn else ""))
 
 
 if __name__ == "__main__":
