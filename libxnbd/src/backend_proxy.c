@@ -316,14 +316,20 @@ static void persist_after(struct xnbd__job *j)
 	if (st)
 		plog(p, XNBD_LOG_ERR, "cannot make the cache durable: %s",
 		     strerror(-st));
-	while (!xnbd_list_empty(&p->pw_now)) {
+	/* The next round starts before the answers go out: an answer may
+	 * free the proxy (xnbd_proxy_free), which then waits for that round
+	 * instead of closing the bitmap under it. */
+	struct xnbd_list answered;
+	xnbd_list_init(&answered);
+	xnbd_list_splice(&answered, &p->pw_now);
+	if (!xnbd_list_empty(&p->pw_next))
+		persist_start(p);
+	while (!xnbd_list_empty(&answered)) {
 		struct persist_waiter *pw =
-		    xnbd_container_of(p->pw_now.next, struct persist_waiter, link);
+		    xnbd_container_of(answered.next, struct persist_waiter, link);
 		xnbd_list_remove(&pw->link);
 		pw->fn(pw->ud, st);
 	}
-	if (!xnbd_list_empty(&p->pw_next))
-		persist_start(p);
 	maybe_free(p);
 }
 

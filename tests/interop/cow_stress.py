@@ -142,8 +142,11 @@ for rd in range(ROUNDS):
 others = []
 for tid in os.listdir("/proc/%d/task" % p.pid):
     if int(tid) != p.pid:
-        with open("/proc/%d/task/%s/comm" % (p.pid, tid)) as f:
-            n = f.read().strip()
+        try:
+            with open("/proc/%d/task/%s/comm" % (p.pid, tid)) as f:
+                n = f.read().strip()
+        except OSError:
+            continue  # gone meanwhile
         if n != "xnbd-io":
             others.append(n)
 if others:
