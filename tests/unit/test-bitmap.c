@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "xnbd/bitmap.h"
+#include "unit-main.h"
 
 static char dir[] = "/tmp/xnbd-bitmap-XXXXXX";
 static char path[256];
@@ -209,9 +210,5 @@ int main(void)
 	tcase_add_test(tc, refuses_mismatch_and_foreign_files);
 	tcase_add_test(tc, empty_image);
 	suite_add_tcase(s, tc);
-	SRunner *sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return xnbd_test_run(s);
 }

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "xnbd/client.h"
+#include "unit-main.h"
 
 static uv_loop_t loop;
 static int lfd = -1;
@@ -172,9 +173,5 @@ int main(void)
 	tcase_add_test(tc, no_limit_waits);
 	tcase_add_test(tc, refused_is_not_a_timeout);
 	suite_add_tcase(s, tc);
-	SRunner *sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return xnbd_test_run(s);
 }

@@ -20,6 +20,7 @@
 #include "xnbd/control.h"
 
 #include "ctlwire.h"
+#include "unit-main.h"
 
 /* ---- the codec ------------------------------------------------------------------ */
 
@@ -1430,9 +1431,5 @@ int main(void)
 	tcase_add_test(tc, client_refuses_overlong_reply_lines);
 	suite_add_tcase(s, tc);
 
-	SRunner *sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return xnbd_test_run(s);
 }

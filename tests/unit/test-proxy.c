@@ -16,6 +16,7 @@
 #include "xnbd/backend.h"
 #include "xnbd/proxy.h"
 #include "xnbd/server.h"
+#include "unit-main.h"
 
 #define IMG_SIZE (4U * 1024U * 1024U)
 
@@ -187,9 +188,5 @@ static Suite *suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(suite());
-	srunner_run_all(sr, CK_NORMAL);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return xnbd_test_run(suite());
 }

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "xnbd/server.h"
+#include "unit-main.h"
 
 #define IMG_SIZE (64 * 1024)
 
@@ -599,9 +600,5 @@ static Suite *suite(void)
 
 int main(void)
 {
-	SRunner *r = srunner_create(suite());
-	srunner_run_all(r, CK_NORMAL);
-	int failed = srunner_ntests_failed(r);
-	srunner_free(r);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return xnbd_test_run(suite());
 }

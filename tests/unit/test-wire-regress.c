@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "wire-test-util.h"
+#include "unit-main.h"
 
 static struct fake_catalog fc;
 
@@ -250,9 +251,5 @@ int main(void)
 	tcase_add_test(tc, bug_abort_with_long_data_acked);
 	tcase_add_test(tc, bug_context_namespaces_registered);
 	suite_add_tcase(s, tc);
-	SRunner *sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return xnbd_test_run(s);
 }

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "wire-test-util.h"
+#include "unit-main.h"
 
 #define CF_FIXED XNBD_FLAG_C_FIXED_NEWSTYLE
 #define CF_NOZ XNBD_FLAG_C_NO_ZEROES
@@ -2119,9 +2120,5 @@ static Suite *wire_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(wire_suite());
-	srunner_run_all(sr, CK_NORMAL);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return xnbd_test_run(wire_suite());
 }
