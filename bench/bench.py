@@ -247,6 +247,21 @@ def build_floor(work):
     return out
 
 
+def fio_secs(job):
+    return max(job["read"]["runtime"], job["write"]["runtime"]) / 1000.0
+
+
+def fio_result(job, bs):
+    """(value, unit, work done) of a fio job: IOPS and requests for 4 KiB
+    rows, MiB/s and MiB for the others."""
+    secs = max(fio_secs(job), 1e-3)
+    if bs == "4k":
+        ops = job["read"]["total_ios"] + job["write"]["total_ios"]
+        return ops / secs, "IOPS", ops
+    mib = (job["read"]["io_bytes"] + job["write"]["io_bytes"]) / 2**20
+    return mib / secs, "MiB/s", mib
+
+
 # Each row: a name, what it measures, and how to run it against a URI.
 def fio_row(name, rw, bs, depth, jobs=1, mix=None):
     def run(uri, runtime, size):
@@ -259,18 +274,11 @@ def fio_row(name, rw, bs, depth, jobs=1, mix=None):
         if mix is not None:
             cmd.append("--rwmixread=%d" % mix)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        js = json.loads(out.stdout[out.stdout.index("{"):])
-        job = js["jobs"][0]
-        secs = max(job["read"]["runtime"], job["write"]["runtime"]) / 1000.0
+        job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
         # fio's own account of its job's CPU over the job's run time,
         # without its start and its connection.
         client = (job["usr_cpu"] + job["sys_cpu"]) / 100.0
-        if bs == "4k":
-            ops = job["read"]["total_ios"] + job["write"]["total_ios"]
-            return (job["read"]["iops"] + job["write"]["iops"], "IOPS", ops,
-                    client)
-        mib = (job["read"]["io_bytes"] + job["write"]["io_bytes"]) / 2**20
-        return mib / max(secs, 1e-3), "MiB/s", mib, client
+        return fio_result(job, bs) + (client,)
 
     def kernel(image, runtime, size):
         """The same I/O made straight on the image by one fio thread with
@@ -288,13 +296,8 @@ def fio_row(name, rw, bs, depth, jobs=1, mix=None):
             cmd.append("--rwmixread=%d" % mix)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
-        secs = max(job["read"]["runtime"], job["write"]["runtime"]) / 1000.0
-        cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * secs
-        if bs == "4k":
-            ops = job["read"]["total_ios"] + job["write"]["total_ios"]
-            return ops / max(secs, 1e-3), "IOPS", ops, cpu
-        mib = (job["read"]["io_bytes"] + job["write"]["io_bytes"]) / 2**20
-        return mib / max(secs, 1e-3), "MiB/s", mib, cpu
+        cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * fio_secs(job)
+        return fio_result(job, bs) + (cpu,)
     run.one_thread = jobs == 1
     # The kernel yardstick runs for rows that write: there the file
     # system's own cost per request is a large share of any server's.  In

@@ -634,6 +634,16 @@ static void *snapshot_thread(void *arg)
 	return NULL;
 }
 
+/* Tell the copier to start (1) or to free the snapshot and leave (-1);
+ * with -1, s is not to be touched after. */
+static void snapshot_go(struct snapshot *s, int go)
+{
+	uv_mutex_lock(&s->mu);
+	s->go = go;
+	uv_cond_broadcast(&s->cond);
+	uv_mutex_unlock(&s->mu);
+}
+
 static void snapshot_done(struct snapshot *s)
 {
 	struct file_backend *fb = s->fb;
@@ -703,29 +713,20 @@ static int file_snapshot(struct xnbd_backend *b, const char *path,
 	/* The thread waits for its go: if the loop cannot watch for its end,
 	 * it leaves without a trace. */
 	r = xnbd__thread_start(snapshot_thread, s, "xnbd-snapshot");
-	if (r == 0) {
-		int e = xnbd__chan_expect(&fb->chan);
-		if (e < 0) {
-			close(s->fd);
-			s->fd = -1;
-			unlink(s->tmp_path);
-		}
-		/* After this, s is the thread's to free when it is told no. */
-		uv_mutex_lock(&s->mu);
-		s->go = e < 0 ? -1 : 1;
-		uv_cond_broadcast(&s->cond);
-		uv_mutex_unlock(&s->mu);
-		if (e < 0)
-			return e;
+	int e = r ? r : xnbd__chan_expect(&fb->chan);
+	if (e == 0) {
+		snapshot_go(s, 1);
+		fb->snap = s;
+		return 0;
 	}
-	if (r) {
-		close(s->fd);
-		unlink(s->tmp_path);
+	close(s->fd);
+	s->fd = -1;
+	unlink(s->tmp_path);
+	if (r == 0)
+		snapshot_go(s, -1); /* the thread frees it */
+	else
 		snapshot_free(s);
-		return r;
-	}
-	fb->snap = s;
-	return 0;
+	return e;
 }
 
 static void file_snapshot_cancel(struct xnbd_backend *b)
