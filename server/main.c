@@ -483,6 +483,9 @@ int main(int argc, char **argv)
 	int cow = 0;
 
 	signal(SIGPIPE, SIG_IGN);
+	/* Under a file size limit a write past it fails with EFBIG, and the
+	 * loop thread, which makes small writes, must not die of it. */
+	signal(SIGXFSZ, SIG_IGN);
 	raise_fd_limit();
 
 	/* Under inetd, standard error may be the client's socket. */

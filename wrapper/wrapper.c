@@ -456,6 +456,9 @@ int main(int argc, char **argv)
 	const struct serve_opts *s = &c->serve;
 
 	signal(SIGPIPE, SIG_IGN);
+	/* Under a file size limit a write past it fails with EFBIG, and the
+	 * loop thread, which makes small writes, must not die of it. */
+	signal(SIGXFSZ, SIG_IGN);
 	raise_fd_limit();
 	/* The daemon changes directory, and the files are named again later. */
 	w.socket_abs = abs_path(c->socket);

@@ -99,6 +99,13 @@ int xnbd__pread_full(int fd, void *buf, uint64_t len, uint64_t off);
  * negative errno (-ENOSYS before Linux 6.5). */
 int xnbd__fd_cached(int fd, uint64_t off, uint64_t len);
 
+/* Tests: where a file backend's small writes may go.  lane_only keeps
+ * them all on the write lane; an inline one that takes stall_ns or more
+ * counts as a stall (see write_here in backend_file.c; the default is
+ * 10 ms). */
+void xnbd__file_write_place(struct xnbd_backend *b, bool lane_only,
+                            uint64_t stall_ns);
+
 /* A file backend over an open descriptor, which it takes over on success
  * (flags: XNBD_OPEN_*). */
 int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,

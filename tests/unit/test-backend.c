@@ -1,7 +1,10 @@
 /* test-backend.c - the plain file backend driven through the public API:
  * small writes queued on its write lane (many at once, in order, their
- * failures reported one by one) and the I/O around them.  The test runs
- * the loop itself; every I/O is checked for its status and its data. */
+ * failures reported one by one), small writes made on the loop thread and
+ * the choice between the two, and the I/O around them.  The test runs the
+ * loop itself; every I/O is checked for its status and its data.  Tests
+ * other than those of the choice keep small writes on the lane
+ * (open_backend), where they exercise the pool and its channel. */
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -18,6 +21,7 @@
 
 #include "xnbd/backend.h"
 
+#include "backend.h"
 #include "pool.h"
 #include "unit-main.h"
 
@@ -44,6 +48,14 @@ static void op_done(struct xnbd_io *io)
 	completed++;
 }
 
+#define STALL_NS (10ULL * 1000 * 1000) /* the backend's default */
+
+static void open_backend(void)
+{
+	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend), 0);
+	xnbd__file_write_place(backend, true, STALL_NS);
+}
+
 static void setup(void)
 {
 	ck_assert_int_eq(uv_loop_init(&loop), 0);
@@ -53,7 +65,7 @@ static void setup(void)
 	ck_assert_int_ge(fd, 0);
 	ck_assert_int_eq(ftruncate(fd, IMG_SIZE), 0);
 	close(fd);
-	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend), 0);
+	open_backend();
 	completed = 0;
 	loop_closed = false;
 }
@@ -267,8 +279,7 @@ START_TEST(backend_freed_in_last_callback)
 	for (int round = 0; round < 3; round++) {
 		if (round) { /* a new loop and backend each round */
 			ck_assert_int_eq(uv_loop_init(&loop), 0);
-			ck_assert_int_eq(
-			    xnbd_backend_file_open(&loop, img_path, 0, &backend), 0);
+			open_backend();
 		}
 		completed = 0;
 		free_after = 10 + 20 * round;
@@ -551,11 +562,168 @@ START_TEST(snapshot_ends_through_the_channel)
 }
 END_TEST
 
+/* ---- where small writes are made ------------------------------------------ */
+
+static bool file_is(const void *want, uint64_t off, uint64_t len)
+{
+	int fd = open(img_path, O_RDONLY);
+	ck_assert_int_ge(fd, 0);
+	uint8_t *buf = malloc(len);
+	ck_assert_ptr_nonnull(buf);
+	ck_assert_int_eq(pread(fd, buf, len, (off_t)off), (ssize_t)len);
+	close(fd);
+	bool same = memcmp(buf, want, len) == 0;
+	free(buf);
+	return same;
+}
+
+/* An idle backend makes a small write at once, on the caller's thread:
+ * a whole page, or a piece of a page in the page cache.  A piece of a
+ * page that is not in the cache would be read from the disk first, so it
+ * goes to the lane; so does a write whose file refuses it, inline or not,
+ * with its error. */
+START_TEST(idle_small_writes_are_made_inline)
+{
+	static struct op o;
+	xnbd__file_write_place(backend, false, STALL_NS);
+	fill(o.data, 4096, 1);
+	submit(&o, XNBD_IO_WRITE, 65536, 4096);
+	ck_assert_int_eq(o.ncalls, 1); /* before the loop ran */
+	ck_assert_int_eq(o.io.status, 0);
+	ck_assert(file_is(o.data, 65536, 4096));
+
+	fill(o.data, 100, 2); /* in the page just written: cached */
+	submit(&o, XNBD_IO_WRITE, 65536 + 1000, 100);
+	ck_assert_int_eq(o.ncalls, 1);
+	ck_assert_int_eq(o.io.status, 0);
+	ck_assert(file_is(o.data, 65536 + 1000, 100));
+
+	/* Never read nor written since the file was made: not cached. */
+	fill(o.data, 100, 3);
+	submit(&o, XNBD_IO_WRITE, IMG_SIZE - 8192 + 10, 100);
+	ck_assert_int_eq(o.ncalls, 0);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(o.ncalls, 1);
+	ck_assert_int_eq(o.io.status, 0);
+	ck_assert(file_is(o.data, IMG_SIZE - 8192 + 10, 100));
+
+	signal(SIGXFSZ, SIG_IGN);
+	struct rlimit rl = {IMG_SIZE / 2, IMG_SIZE / 2};
+	ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &rl), 0);
+	int fd = open(img_path, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(ftruncate(fd, IMG_SIZE / 2), 0); /* shrunk under it */
+	close(fd);
+	submit(&o, XNBD_IO_WRITE, IMG_SIZE / 2 + 4096, 4096); /* past the limit */
+	ck_assert_int_eq(o.ncalls, 1);
+	ck_assert_int_eq(o.io.status, -EFBIG);
+}
+END_TEST
+
+/* With a file size limit in place when the backend is opened, a write
+ * past it is not made on the loop thread, where SIGXFSZ (left at its
+ * default here) would end the process: it fails on the lane with EFBIG.
+ * Writes below the limit are made inline as ever. */
+START_TEST(writes_past_the_file_size_limit_leave_the_loop_thread)
+{
+	static struct op o;
+	xnbd_backend_free(backend);
+	signal(SIGXFSZ, SIG_DFL);
+	struct rlimit rl = {IMG_SIZE / 2, IMG_SIZE / 2};
+	ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &rl), 0);
+	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend), 0);
+	fill(o.data, 4096, 1);
+	submit(&o, XNBD_IO_WRITE, IMG_SIZE / 2 - 4096, 4096);
+	ck_assert_int_eq(o.ncalls, 1);
+	ck_assert_int_eq(o.io.status, 0);
+	submit(&o, XNBD_IO_WRITE, IMG_SIZE / 2 + 4096, 4096);
+	ck_assert_int_eq(o.ncalls, 0);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(o.ncalls, 1);
+	ck_assert_int_eq(o.io.status, -EFBIG);
+}
+END_TEST
+
+/* Writes and nothing else fill the loop thread's time: after a window
+ * they go to the lane.  Once idle for a window, they come back.  (The
+ * writes are of 128 KiB, the largest small write, so that they and not
+ * the test take the time.) */
+#define WBIG (128U * 1024U)
+START_TEST(a_stream_of_writes_moves_to_the_lane_and_back)
+{
+	static struct op ops[32];
+	static uint8_t data[32][WBIG];
+	for (unsigned i = 0; i < 32; i++)
+		fill(data[i], WBIG, i);
+	xnbd__file_write_place(backend, false, STALL_NS);
+	uint64_t start = uv_hrtime(), n = 0;
+	for (;; n++) {
+		ck_assert_msg(uv_hrtime() - start < 10ULL * 1000 * 1000 * 1000,
+		              "still inline after %llu writes",
+		              (unsigned long long)n);
+		struct op *o = &ops[0];
+		submit_buf(o, XNBD_IO_WRITE, 0, (n % 32) * WBIG, WBIG, data[n % 32]);
+		if (o->ncalls == 0)
+			break; /* queued on the lane */
+		ck_assert_int_eq(o->io.status, 0);
+	}
+	ck_assert_uint_gt(n, 0);
+	/* In the lane's window, and while it is busy, writes all go there. */
+	for (unsigned i = 1; i < 32; i++) {
+		submit_buf(&ops[i], XNBD_IO_WRITE, 0, ((n + i) % 32) * WBIG, WBIG,
+		           data[(n + i) % 32]);
+		ck_assert_int_eq(ops[i].ncalls, 0);
+	}
+	uv_run(&loop, UV_RUN_DEFAULT);
+	for (unsigned i = 0; i < 32; i++) {
+		ck_assert_int_eq(ops[i].ncalls, 1);
+		ck_assert_int_eq(ops[i].io.status, 0);
+		ck_assert(file_is(data[(n + i) % 32], ((n + i) % 32) * WBIG, WBIG));
+	}
+	usleep(50 * 1000);
+	submit_buf(&ops[0], XNBD_IO_WRITE, 0, 0, 4096, data[5]);
+	ck_assert_int_eq(ops[0].ncalls, 1);
+	ck_assert_int_eq(ops[0].io.status, 0);
+	ck_assert(file_is(data[5], 0, 4096));
+}
+END_TEST
+
+/* An inline write that took too long (here: any) sends the next writes
+ * to the lane for a second; another stall within the next minute, for two
+ * seconds. */
+static void write_at(struct op *o, uint64_t off, unsigned seed, bool inline_)
+{
+	fill(o->data, 4096, seed);
+	submit(o, XNBD_IO_WRITE, off, 4096);
+	ck_assert_int_eq(o->ncalls, inline_ ? 1 : 0);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(o->ncalls, 1);
+	ck_assert_int_eq(o->io.status, 0);
+	ck_assert(file_is(o->data, off, 4096));
+}
+
+START_TEST(a_stalled_write_sends_writes_to_the_lane_for_a_while)
+{
+	static struct op o;
+	xnbd__file_write_place(backend, false, 1);
+	write_at(&o, 0, 1, true);     /* a stall: held for 1 s */
+	write_at(&o, 4096, 2, false); /* on the lane */
+	usleep(1100 * 1000);
+	write_at(&o, 8192, 3, true); /* after the hold; a stall: 2 s */
+	usleep(1100 * 1000);
+	write_at(&o, 12288, 4, false); /* still held */
+	usleep(1000 * 1000);
+	xnbd__file_write_place(backend, false, STALL_NS);
+	write_at(&o, 16384, 5, true);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("backend");
 	TCase *tc = tcase_create("file");
 	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 60);
 	tcase_add_test(tc, lane_writes_all_land_in_order);
 	tcase_add_test(tc, lane_write_failure_is_reported_alone);
 	tcase_add_test(tc, lane_and_pool_writes_mix);
@@ -565,6 +733,10 @@ static Suite *suite(void)
 	tcase_add_test(tc, io_goes_on_after_fork);
 	tcase_add_test(tc, jobs_run_once_and_the_last_may_free_their_channel);
 	tcase_add_test(tc, snapshot_ends_through_the_channel);
+	tcase_add_test(tc, idle_small_writes_are_made_inline);
+	tcase_add_test(tc, writes_past_the_file_size_limit_leave_the_loop_thread);
+	tcase_add_test(tc, a_stream_of_writes_moves_to_the_lane_and_back);
+	tcase_add_test(tc, a_stalled_write_sends_writes_to_the_lane_for_a_while);
 	suite_add_tcase(s, tc);
 	return s;
 }

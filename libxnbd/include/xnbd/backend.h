@@ -112,6 +112,11 @@ struct xnbd_io {
  * file descriptor and must be freed with xnbd_backend_free().  Returns 0,
  * or -ENOENT, -EACCES, -EISDIR, -EINVAL (not a file or block device),
  * -ENOMEM, or another negative errno from open(2)/fstat(2).
+ *
+ * Small writes may be made on the loop thread.  Those that would pass the
+ * file size limit (RLIMIT_FSIZE) the process has when the backend is
+ * opened never are; a program that lowers the limit later should ignore
+ * SIGXFSZ, as xnbd-server does, or the signal may end it.
  */
 XNBD_EXPORT int xnbd_backend_file_open(uv_loop_t *loop, const char *path,
                                        unsigned flags,
