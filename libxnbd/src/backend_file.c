@@ -111,12 +111,16 @@ struct file_backend {
 	atomic_uint_fast64_t small_write_ns;
 	struct { /* where small writes run (write_here); loop thread only */
 		bool lane;
+		/* Writes, trims and zeroings on the lane or the pool, not yet
+		 * completed: they may hold the inode's lock. */
+		unsigned writes_out;
 		uint64_t win_start, win_ns0; /* the window: its start, and
 		                                small_write_ns then */
-		uint64_t hold_until, hold_ns, last_stall;
+		uint64_t hold_until, hold_ns;
 		uint64_t fsize_limit; /* RLIMIT_FSIZE at the open: no inline
 		                         write past it (SIGXFSZ) */
 		uint64_t stall_ns; /* PLACE_STALL_NS but in tests */
+		unsigned lane_pct, loop_pct; /* PLACE_*_PCT but in tests */
 		bool lane_only;    /* tests */
 	} place;
 	/* Pool work comes back through it; small writes take its serial
@@ -406,6 +410,13 @@ static void work_cb(struct xnbd_io *io)
 static void snapshot_unref(struct snapshot *s);
 static void snapshot_done(struct snapshot *s);
 
+/* Does io change the image (and take the inode's lock)? */
+static bool is_write(const struct xnbd_io *io)
+{
+	return io->type == XNBD_IO_WRITE || io->type == XNBD_IO_TRIM ||
+	       io->type == XNBD_IO_ZERO;
+}
+
 static void after_work_cb(struct xnbd_io *io)
 {
 	if (io->type == SNAPSHOT_DONE) {
@@ -415,10 +426,26 @@ static void after_work_cb(struct xnbd_io *io)
 	struct file_backend *fb = io->priv.a;
 	if (io->priv.b)
 		snapshot_unref(io->priv.b);
+	if (is_write(io))
+		fb->place.writes_out--;
 	xnbd__io_complete(&fb->base, io);
 }
 
 static int queue_io(struct file_backend *fb, struct xnbd_io *io);
+
+/* xnbd__fd_cached on the image: 1, 0, or a negative errno; cachestat
+ * refused once for good is not asked again. */
+static int range_cached(struct file_backend *fb, uint64_t off, uint64_t len)
+{
+	if (!fb->cachestat_ok)
+		return -EOPNOTSUPP;
+	int r = xnbd__fd_cached(fb->fd, off, len);
+	/* ENOSYS: an older kernel; EPERM: since Linux 6.14 only for files the
+	 * caller may write or owns.  Neither changes later. */
+	if (r == -ENOSYS || r == -EPERM || r == -EOPNOTSUPP || r == -EINVAL)
+		fb->cachestat_ok = false;
+	return r;
+}
 
 /* May the small write io, which the kernel would not take with RWF_NOWAIT,
  * be made on the loop thread, now?
@@ -439,9 +466,10 @@ static int queue_io(struct file_backend *fb, struct xnbd_io *io);
  * journal, on a page it must read in.  The last is avoided (a write not
  * made of whole pages goes inline only when cachestat finds its pages
  * cached); the rest shows as a stall, which sends the writes to the lane
- * for a while.  The lane must also be idle: an inline write never
- * overtakes one queued before it, nor waits for the lane's on the inode's
- * lock.  And no write past the file size limit goes inline: SIGXFSZ would
+ * for a while.  No other write may be out on the lane or the pool: an
+ * inline write never overtakes one queued before it on the lane, nor
+ * waits on the inode's lock for one there (a large write can hold it
+ * through the dirty-page throttle).  And no write past the file size limit goes inline: SIGXFSZ would
  * hit the loop thread (workers block it). */
 static bool write_here(struct file_backend *fb, const struct xnbd_io *io,
                        uint64_t now)
@@ -451,21 +479,20 @@ static bool write_here(struct file_backend *fb, const struct xnbd_io *io,
 		                                   memory_order_relaxed);
 		uint64_t took = ns - fb->place.win_ns0;
 		uint64_t wall = now - fb->place.win_start;
-		if (fb->place.lane ? took * 100 < wall * PLACE_LOOP_PCT
-		                   : took * 100 > wall * PLACE_LANE_PCT)
+		if (fb->place.lane ? took * 100 < wall * fb->place.loop_pct
+		                   : took * 100 > wall * fb->place.lane_pct)
 			fb->place.lane = !fb->place.lane;
 		fb->place.win_start = now;
 		fb->place.win_ns0 = ns;
 	}
 	if (fb->place.lane || fb->place.lane_only || now < fb->place.hold_until ||
-	    xnbd__chan_lane_busy(&fb->chan))
+	    fb->place.writes_out)
 		return false;
 	if (io->offset + io->length > fb->place.fsize_limit)
 		return false;
 	uint64_t page = (uint64_t)getpagesize();
 	if (((io->offset | io->length) & (page - 1)) &&
-	    (!fb->cachestat_ok ||
-	     xnbd__fd_cached(fb->fd, io->offset, io->length) != 1))
+	    range_cached(fb, io->offset, io->length) != 1)
 		return false;
 	return true;
 }
@@ -482,15 +509,15 @@ static int write_inline(struct file_backend *fb, struct xnbd_io *io,
 	atomic_fetch_add_explicit(&fb->small_write_ns, now - t0,
 	                          memory_order_relaxed);
 	if (now - t0 >= fb->place.stall_ns) {
-		/* Stalls closer together than the longest hold double it. */
-		if (fb->place.last_stall &&
-		    now - fb->place.last_stall < PLACE_HOLD_MAX_NS)
+		/* A stall within the longest hold's time from the end of the
+		 * last hold doubles it. */
+		if (fb->place.hold_until &&
+		    now - fb->place.hold_until < PLACE_HOLD_MAX_NS)
 			fb->place.hold_ns = fb->place.hold_ns * 2 > PLACE_HOLD_MAX_NS
 			                        ? PLACE_HOLD_MAX_NS
 			                        : fb->place.hold_ns * 2;
 		else
 			fb->place.hold_ns = PLACE_HOLD_MIN_NS;
-		fb->place.last_stall = now;
 		fb->place.hold_until = now + fb->place.hold_ns;
 	}
 	return XNBD_IO_COMPLETED;
@@ -502,6 +529,14 @@ void xnbd__file_write_place(struct xnbd_backend *b, bool lane_only,
 	struct file_backend *fb = (struct file_backend *)b;
 	fb->place.lane_only = lane_only;
 	fb->place.stall_ns = stall_ns;
+}
+
+void xnbd__file_write_shares(struct xnbd_backend *b, unsigned lane_pct,
+                             unsigned loop_pct)
+{
+	struct file_backend *fb = (struct file_backend *)b;
+	fb->place.lane_pct = lane_pct;
+	fb->place.loop_pct = loop_pct;
 }
 
 static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
@@ -559,7 +594,10 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 			    write_here(fb, io, now))
 				return write_inline(fb, io, now);
 			int r = xnbd__chan_submit(&fb->chan, io, true);
-			return r < 0 ? r : XNBD_IO_PENDING;
+			if (r < 0)
+				return r;
+			fb->place.writes_out++;
+			return XNBD_IO_PENDING;
 		}
 	}
 	return queue_io(fb, io);
@@ -581,8 +619,7 @@ static int file_write_pipe(struct xnbd_backend *b, struct xnbd_io *io,
 /* Hand an I/O to the pool. */
 static int queue_io(struct file_backend *fb, struct xnbd_io *io)
 {
-	bool writes = io->type == XNBD_IO_WRITE || io->type == XNBD_IO_TRIM ||
-	              io->type == XNBD_IO_ZERO;
+	bool writes = is_write(io);
 	if (writes && fb->snap) {
 		io->priv.b = fb->snap;
 		fb->snap->users++;
@@ -593,6 +630,8 @@ static int queue_io(struct file_backend *fb, struct xnbd_io *io)
 			snapshot_unref(io->priv.b);
 		return r;
 	}
+	if (writes)
+		fb->place.writes_out++;
 	return XNBD_IO_PENDING;
 }
 
@@ -631,16 +670,9 @@ static int file_read_fd(struct xnbd_backend *b, uint64_t off, uint64_t len,
                         int *fd, uint64_t *fd_off)
 {
 	struct file_backend *fb = (struct file_backend *)b;
-	if (!fb->cachestat_ok)
-		return -EOPNOTSUPP;
-	int r = xnbd__fd_cached(fb->fd, off, len);
-	if (r < 0) {
-		/* ENOSYS: an older kernel; EPERM: since Linux 6.14 only for files
-		 * the caller may write or owns.  Neither changes later. */
-		if (r == -ENOSYS || r == -EPERM || r == -EOPNOTSUPP || r == -EINVAL)
-			fb->cachestat_ok = false;
+	int r = range_cached(fb, off, len);
+	if (r < 0)
 		return r;
-	}
 	if (!r)
 		return -EAGAIN;
 	*fd = fb->fd;
@@ -945,6 +977,8 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 	fb->cachestat_ok = true;
 	atomic_init(&fb->small_write_ns, 0);
 	fb->place.stall_ns = PLACE_STALL_NS;
+	fb->place.lane_pct = PLACE_LANE_PCT;
+	fb->place.loop_pct = PLACE_LOOP_PCT;
 	struct rlimit rl;
 	fb->place.fsize_limit = getrlimit(RLIMIT_FSIZE, &rl) == 0 &&
 	                                rl.rlim_cur != RLIM_INFINITY

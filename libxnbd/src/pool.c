@@ -392,14 +392,6 @@ int xnbd__chan_submit(struct xnbd__chan *c, struct xnbd_io *io, bool serial)
 	return 0;
 }
 
-bool xnbd__chan_lane_busy(struct xnbd__chan *c)
-{
-	uv_mutex_lock(&c->mu);
-	bool busy = c->lane_running;
-	uv_mutex_unlock(&c->mu);
-	return busy;
-}
-
 /* ---- jobs ----------------------------------------------------------------- */
 
 static void job_work(struct xnbd_io *io)

@@ -75,9 +75,6 @@ void xnbd__chan_destroy(struct xnbd__chan *c);
  * so fork with none (a daemon's start). */
 int xnbd__chan_submit(struct xnbd__chan *c, struct xnbd_io *io, bool serial);
 
-/* Is c's serial queue (the lane) running or holding I/O?  (Loop thread.) */
-bool xnbd__chan_lane_busy(struct xnbd__chan *c);
-
 /* For a completion that no pool worker makes (a thread of the caller's
  * own, or the loop itself): count it as outstanding (the loop thread; 0,
  * or a negative errno when the loop cannot watch the channel), then hand
