@@ -363,18 +363,15 @@ static void work_cb(struct xnbd_io *io)
 			r = sync_if_fua(fb, io, r);
 			break;
 		}
-		if (io->length <= INLINE_MAX && !(io->flags & XNBD_IO_FUA)) {
-			uint64_t t0 = uv_hrtime();
-			r = full_pwrite(fb->fd, (uint8_t *)io->buf + done,
-			                io->length - done, io->offset + done, 0);
-			atomic_fetch_add_explicit(&fb->small_write_ns,
-			                          uv_hrtime() - t0,
-			                          memory_order_relaxed);
-			break;
-		}
+		/* Small writes count their time (see write_here). */
+		bool timed = io->length <= INLINE_MAX && !(io->flags & XNBD_IO_FUA);
+		uint64_t t0 = timed ? uv_hrtime() : 0;
 		r = full_pwrite(fb->fd, (uint8_t *)io->buf + done, io->length - done,
 		                io->offset + done,
 		                (io->flags & XNBD_IO_FUA) ? RWF_DSYNC : 0);
+		if (timed)
+			atomic_fetch_add_explicit(&fb->small_write_ns, uv_hrtime() - t0,
+			                          memory_order_relaxed);
 		break;
 	case XNBD_IO_FLUSH:
 		r = fdatasync(fb->fd) ? -errno : 0;
@@ -469,8 +466,9 @@ static int range_cached(struct file_backend *fb, uint64_t off, uint64_t len)
  * for a while.  No other write may be out on the lane or the pool: an
  * inline write never overtakes one queued before it on the lane, nor
  * waits on the inode's lock for one there (a large write can hold it
- * through the dirty-page throttle).  And no write past the file size limit goes inline: SIGXFSZ would
- * hit the loop thread (workers block it). */
+ * through the dirty-page throttle).  And no write past the file size
+ * limit goes inline: SIGXFSZ would hit the loop thread (workers block
+ * it). */
 static bool write_here(struct file_backend *fb, const struct xnbd_io *io,
                        uint64_t now)
 {
@@ -578,6 +576,13 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 			else if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
 				atomic_store(&fb->nowait_write, false);
 		}
+		/* Where the kernel has no RWF_NOWAIT writes for the file, the
+		 * loop thread may make the write itself (write_here). */
+		if (fb->use_lane && !atomic_load(&fb->nowait_write)) {
+			uint64_t now = uv_hrtime();
+			if (write_here(fb, io, now))
+				return write_inline(fb, io, now);
+		}
 		/* Buffered writes to one file are serialised by the file
 		 * system (ext4, XFS and btrfs take the inode's lock for each):
 		 * pool threads writing small pieces at once only wait for each
@@ -589,10 +594,6 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 		 * a block device (no inode lock) or of a descriptor opened with
 		 * O_DIRECT (which gains from depth) go to the pool in parallel. */
 		if (fb->use_lane) {
-			uint64_t now = uv_hrtime();
-			if (!atomic_load(&fb->nowait_write) &&
-			    write_here(fb, io, now))
-				return write_inline(fb, io, now);
 			int r = xnbd__chan_submit(&fb->chan, io, true);
 			if (r < 0)
 				return r;
