@@ -123,6 +123,8 @@ class Server:
             return self.proxy_argv(port, extra)
         if self.name == "floor":
             return [self.floor, str(port), img]
+        if self.name == "loop-floor":
+            return [self.floor, "--loop", str(port), img]
         if self.name == "xnbd-server":
             return [self.xnbd, "--cow-target" if cow else "--target",
                     "--laddr", "127.0.0.1", "--lport", str(port)] + extra + [img]
@@ -228,11 +230,18 @@ class Server:
         self.proc = None
 
 
+# Not servers to compare with but measures of the machine: the upstream of
+# the proxies read directly, the two floors (floor_server.c) and the
+# kernel's own I/O on the image.
+YARDSTICKS = ("upstream", "floor", "loop-floor", "kernel")
+
+
 def available_servers(xnbd):
     out = []
     for name, tool in (("xnbd-server", xnbd), ("nbdkit", "nbdkit"),
                        ("qemu-nbd", "qemu-nbd"), ("nbd-server", "nbd-server"),
-                       ("floor", "cc"), ("kernel", "fio")):
+                       ("floor", "cc"), ("loop-floor", "cc"),
+                       ("kernel", "fio")):
         if shutil.which(tool) or os.path.exists(tool):
             out.append(name)
     return out
@@ -423,7 +432,8 @@ def main():
     if args.mode != "target":
         # The floor serves its image plainly: no CoW layer, no proxy; the
         # kernel yardstick writes the image itself.
-        servers = [n for n in servers if n not in ("floor", "kernel")]
+        servers = [n for n in servers
+                   if n not in ("floor", "loop-floor", "kernel")]
     if proxy:
         servers = [n for n in servers if n != "nbd-server"]  # cannot proxy
         servers.append("upstream")
@@ -442,7 +452,8 @@ def main():
             for _ in range(size // 2**20):
                 f.write(block)
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
-        floor = build_floor(work) if "floor" in servers else None
+        floor = build_floor(work) if {"floor", "loop-floor"} & set(servers) \
+            else None
         upstream = None
         if proxy:
             upstream = Server("xnbd-server", image, work, args.xnbd, "target")
@@ -511,9 +522,9 @@ def main():
                     extra = getattr(fn, "extra", [])
                     if extra and name != "xnbd-server":
                         continue  # the option is ours alone
-                    if name in ("upstream", "floor") and memory:
+                    if name in YARDSTICKS and memory:
                         continue  # the proxies' memory, not the upstream's
-                    if name == "floor" and \
+                    if name in ("floor", "loop-floor") and \
                             getattr(fn, "single_conn", True) is False:
                         continue
                     if name == "kernel" and not hasattr(fn, "kernel"):
@@ -558,14 +569,16 @@ def report(rows, servers, results, runtime):
     client bounds the row there, however fast the server."""
     direct = "upstream" in servers
     fl = "floor" in servers
+    lf = "loop-floor" in servers
     kn = "kernel" in servers
     print("| row | " + " | ".join(servers) +
           " | xnbd / best peer | xnbd work per CPU-s / best peer's |"
           " client, % of a core (xnbd / best peer) | client-bound ceiling |" +
           (" xnbd / upstream read directly |" if direct else "") +
-          (" floor / best peer |" if fl else "") +
+          (" floor / best peer (work; per CPU-s) |" if fl else "") +
+          (" loop floor / best peer (work; per CPU-s) |" if lf else "") +
           (" kernel / best peer (work; per CPU-s) |" if kn else ""))
-    print("|---" * (len(servers) + 5 + direct + fl + kn) + "|")
+    print("|---" * (len(servers) + 5 + direct + fl + lf + kn) + "|")
     for row in rows:
         cells = []
         med = {}
@@ -587,8 +600,7 @@ def report(rows, servers, results, runtime):
             cells.append("%.0f (%.0f-%.0f) %s, %.0f/CPU-s" %
                          (med[name], min(v), max(v), unit, eff[name]))
         peers = [n for n in servers
-                 if n not in ("xnbd-server", "upstream", "floor", "kernel")
-                 and n in med]
+                 if n != "xnbd-server" and n not in YARDSTICKS and n in med]
         up = "-"
         if direct and "xnbd-server" in med and med.get("upstream"):
             up = "%.2f" % (med["xnbd-server"] / med["upstream"])
@@ -598,9 +610,10 @@ def report(rows, servers, results, runtime):
                 ratio = "%.2f (lower is better)" % (
                     med["xnbd-server"] / min(med[n] for n in peers))
             cells = [c.split(",")[0] for c in cells]
-            print("| %s | %s | %s | - | - | - |%s%s%s" % (
+            print("| %s | %s | %s | - | - | - |%s%s%s%s" % (
                 row, " | ".join(cells), ratio, " - |" if direct else "",
-                " - |" if fl else "", " - |" if kn else ""))
+                " - |" if fl else "", " - |" if lf else "",
+                " - |" if kn else ""))
             continue
         client = ceiling = "-"
         if "xnbd-server" in med and peers:
@@ -614,6 +627,8 @@ def report(rows, servers, results, runtime):
                                       100 * cli[bestn])
             if "floor" in cli:
                 client += " (floor %.0f)" % (100 * cli["floor"])
+            if "loop-floor" in cli:
+                client += " (loop floor %.0f)" % (100 * cli["loop-floor"])
             if getattr(ROWS[row], "one_thread", False) and best:
                 # The client's work per request is what it was with the
                 # server that made it cheapest (the floor included), done
@@ -622,18 +637,22 @@ def report(rows, servers, results, runtime):
                     med[n] / min(max(cli[n], 1e-3), 1.0)
                     for n in cli if n not in ("upstream", "kernel"))
                     / best)
-        floor = "-"
-        if fl and med.get("floor") and peers:
-            floor = "%.2f" % (med["floor"] / max(med[n] for n in peers))
+        def yardstick(name):
+            if not (med.get(name) and peers):
+                return "-"
+            return "%.2f; %.2f" % (med[name] / max(med[n] for n in peers),
+                                   eff[name] / max(eff[n] for n in peers))
+        floor, loop_floor = yardstick("floor"), yardstick("loop-floor")
         kern = "-"
         if kn and eff.get("kernel") and peers:
             kern = "%s; %.2f" % (
                 "%.2f" % (med["kernel"] / max(med[n] for n in peers))
                 if getattr(ROWS[row], "kernel_caps", False) else "-",
                 eff["kernel"] / max(eff[n] for n in peers))
-        print("| %s | %s | %s | %s | %s | %s |%s%s%s" % (
+        print("| %s | %s | %s | %s | %s | %s |%s%s%s%s" % (
             row, " | ".join(cells), ratio, eff_ratio, client, ceiling,
             " %s |" % up if direct else "", " %s |" % floor if fl else "",
+            " %s |" % loop_floor if lf else "",
             " %s |" % kern if kn else ""))
 
 

@@ -10,7 +10,16 @@
  * no-op: nothing here is durable) and disconnect; anything else gets
  * EINVAL.
  *
- *     floor_server PORT IMAGE
+ * With --loop it is the least an event-driven server can do (the "loop
+ * floor" column): the socket is non-blocking and watched by epoll, and
+ * each wake-up is one epoll_wait, one read of all that has arrived, a
+ * pread or pwrite per complete request in it, made right there on the
+ * one thread, and one write of all their replies.  That is how many
+ * system calls a server on an event loop that pipelines requests (as
+ * xnbd-server on libuv does) makes at the least, with no threads, no
+ * queue, no check of the page cache and no accounting.
+ *
+ *     floor_server [--loop] PORT IMAGE
  */
 #include <arpa/inet.h>
 #include <endian.h>
@@ -23,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -76,7 +86,7 @@ static int reply(int c, uint32_t err, const char *handle, void *data,
 	return 0;
 }
 
-static void serve(int c, int img, uint64_t size, char *buf)
+static int handshake(int c, uint64_t size)
 {
 	char hello[152] = "NBDMAGIC";
 	uint64_t v = htobe64(0x00420281861253ULL);
@@ -85,33 +95,50 @@ static void serve(int c, int img, uint64_t size, char *buf)
 	memcpy(hello + 16, &v, 8);
 	uint32_t flags = htonl(1U | 1U << 2); /* HAS_FLAGS, SEND_FLUSH */
 	memcpy(hello + 24, &flags, 4);
-	if (full(c, hello, sizeof(hello), 1))
+	return full(c, hello, sizeof(hello), 1);
+}
+
+/* A request header: 0 if it is one, -1 if the client broke the protocol. */
+struct req {
+	uint16_t type;
+	uint32_t len;
+	uint64_t off;
+	char handle[8];
+};
+
+static int parse(const unsigned char *q, struct req *r)
+{
+	uint32_t magic;
+	memcpy(&magic, q, 4);
+	memcpy(&r->type, q + 6, 2);
+	memcpy(&r->off, q + 16, 8);
+	memcpy(&r->len, q + 24, 4);
+	memcpy(r->handle, q + 8, 8);
+	r->type = ntohs(r->type);
+	r->off = be64toh(r->off);
+	r->len = ntohl(r->len);
+	return ntohl(magic) == REQ_MAGIC ? 0 : -1;
+}
+
+static void serve(int c, int img, uint64_t size, char *buf)
+{
+	if (handshake(c, size))
 		return;
 	for (;;) {
 		unsigned char q[28];
-		if (full(c, q, sizeof(q), 0))
+		struct req r;
+		if (full(c, q, sizeof(q), 0) || parse(q, &r))
 			return;
-		uint32_t magic, len;
-		uint16_t type;
-		uint64_t off;
-		memcpy(&magic, q, 4);
-		memcpy(&type, q + 6, 2);
-		memcpy(&off, q + 16, 8);
-		memcpy(&len, q + 24, 4);
-		magic = ntohl(magic);
-		type = ntohs(type);
-		off = be64toh(off);
-		len = ntohl(len);
-		const char *handle = (const char *)q + 8;
-		if (magic != REQ_MAGIC)
-			return;
-		int bad = len > MAX_LEN || off > size || len > size - off;
-		switch (type) {
+		const char *handle = r.handle;
+		uint32_t len = r.len;
+		int bad = len > MAX_LEN || r.off > size || len > size - r.off;
+		switch (r.type) {
 		case 0: /* read */
 			if (bad) {
 				if (reply(c, EINVAL, handle, NULL, 0))
 					return;
-			} else if (pread(img, buf, len, (off_t)off) != (ssize_t)len) {
+			} else if (pread(img, buf, len, (off_t)r.off) !=
+			           (ssize_t)len) {
 				if (reply(c, EIO, handle, NULL, 0))
 					return;
 			} else if (reply(c, 0, handle, buf, len)) {
@@ -122,7 +149,7 @@ static void serve(int c, int img, uint64_t size, char *buf)
 			if (len > MAX_LEN || full(c, buf, len, 0))
 				return;
 			uint32_t err = bad ? EINVAL
-			               : pwrite(img, buf, len, (off_t)off) ==
+			               : pwrite(img, buf, len, (off_t)r.off) ==
 			                         (ssize_t)len ? 0 : EIO;
 			if (reply(c, err, handle, NULL, 0))
 				return;
@@ -141,10 +168,134 @@ static void serve(int c, int img, uint64_t size, char *buf)
 	}
 }
 
+/* The loop floor's buffers: what arrived and is not yet served, and the
+ * replies of one wake-up.  Both hold a largest request and its header. */
+#define LOOP_BUF (2 * MAX_LEN)
+
+/* Writes out all replies; waits in epoll for room when the socket is
+ * full (a client that reads slower than we answer). */
+static int flush_out(int c, int ep, const char *out, size_t n)
+{
+	while (n) {
+		ssize_t r = write(c, out, n);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0 && errno == EAGAIN) {
+			struct epoll_event ev = {.events = EPOLLOUT};
+			if (epoll_ctl(ep, EPOLL_CTL_MOD, c, &ev) < 0)
+				return -1;
+			while (epoll_wait(ep, &ev, 1, -1) < 0 && errno == EINTR)
+				;
+			ev.events = EPOLLIN;
+			if (epoll_ctl(ep, EPOLL_CTL_MOD, c, &ev) < 0)
+				return -1;
+			continue;
+		}
+		if (r <= 0)
+			return -1;
+		out += r;
+		n -= (size_t)r;
+	}
+	return 0;
+}
+
+static size_t put_reply(char *out, uint32_t err, const char *handle)
+{
+	uint32_t m = htonl(REPLY_MAGIC), e = htonl(err);
+	memcpy(out, &m, 4);
+	memcpy(out + 4, &e, 4);
+	memcpy(out + 8, handle, 8);
+	return 16;
+}
+
+static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
+{
+	if (handshake(c, size))
+		return;
+	int ep = epoll_create1(0);
+	struct epoll_event ev = {.events = EPOLLIN};
+	if (ep < 0 || fcntl(c, F_SETFL, O_NONBLOCK) < 0 ||
+	    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev) < 0)
+		goto done;
+	size_t have = 0;
+	for (;;) {
+		if (epoll_wait(ep, &ev, 1, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			goto done;
+		}
+		ssize_t got = read(c, in + have, LOOP_BUF - have);
+		if (got < 0 && (errno == EAGAIN || errno == EINTR))
+			continue;
+		if (got <= 0)
+			goto done;
+		have += (size_t)got;
+		size_t pos = 0, n = 0;
+		while (have - pos >= 28) {
+			struct req r;
+			if (parse((unsigned char *)in + pos, &r))
+				goto done;
+			uint32_t len = r.len;
+			int bad = len > MAX_LEN || r.off > size || len > size - r.off;
+			if (r.type == 1) {
+				if (len > MAX_LEN)
+					goto done;
+				if (have - pos < 28 + (size_t)len)
+					break; /* its payload is still on the way */
+			}
+			if (n + 16 + (r.type == 0 && !bad ? len : 0) > LOOP_BUF) {
+				if (flush_out(c, ep, out, n))
+					goto done;
+				n = 0;
+			}
+			uint32_t err = 0;
+			switch (r.type) {
+			case 0: /* read */
+				if (bad) {
+					n += put_reply(out + n, EINVAL, r.handle);
+				} else if (pread(img, out + n + 16, len, (off_t)r.off) !=
+				           (ssize_t)len) {
+					n += put_reply(out + n, EIO, r.handle);
+				} else {
+					n += put_reply(out + n, 0, r.handle) + len;
+				}
+				pos += 28;
+				break;
+			case 1: /* write */
+				if (bad)
+					err = EINVAL;
+				else if (pwrite(img, in + pos + 28, len, (off_t)r.off) !=
+				         (ssize_t)len)
+					err = EIO;
+				n += put_reply(out + n, err, r.handle);
+				pos += 28 + (size_t)len;
+				break;
+			case 2: /* disconnect */
+				flush_out(c, ep, out, n);
+				goto done;
+			default: /* flush is a no-op, the rest EINVAL */
+				n += put_reply(out + n, r.type == 3 ? 0 : EINVAL,
+				               r.handle);
+				pos += 28;
+			}
+		}
+		memmove(in, in + pos, have - pos);
+		have -= pos;
+		if (n && flush_out(c, ep, out, n))
+			goto done;
+	}
+done:
+	if (ep >= 0)
+		close(ep);
+}
+
 int main(int argc, char **argv)
 {
+	int loop = argc == 4 && strcmp(argv[1], "--loop") == 0;
+	argv += loop;
+	argc -= loop;
 	if (argc != 3) {
-		fprintf(stderr, "usage: floor_server PORT IMAGE\n");
+		fprintf(stderr, "usage: floor_server [--loop] PORT IMAGE\n");
 		return 2;
 	}
 	int img = open(argv[2], O_RDWR);
@@ -154,13 +305,14 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	signal(SIGPIPE, SIG_IGN); /* a client gone: its writes fail */
-	char *buf = malloc(MAX_LEN);
+	char *buf = malloc(loop ? LOOP_BUF : MAX_LEN);
+	char *out = loop ? malloc(LOOP_BUF) : buf;
 	int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
 	struct sockaddr_in a = {.sin_family = AF_INET,
 	                        .sin_port = htons((uint16_t)atoi(argv[1])),
 	                        .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
 	setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (!buf || l < 0 || bind(l, (struct sockaddr *)&a, sizeof(a)) < 0 ||
+	if (!buf || !out || l < 0 || bind(l, (struct sockaddr *)&a, sizeof(a)) < 0 ||
 	    listen(l, 8) < 0) {
 		perror("floor_server");
 		return 1;
@@ -170,7 +322,10 @@ int main(int argc, char **argv)
 		if (c < 0)
 			continue;
 		setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-		serve(c, img, (uint64_t)st.st_size, buf);
+		if (loop)
+			serve_loop(c, img, (uint64_t)st.st_size, buf, out);
+		else
+			serve(c, img, (uint64_t)st.st_size, buf);
 		close(c);
 	}
 }
