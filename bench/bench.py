@@ -124,7 +124,8 @@ class Server:
         if self.name == "floor":
             return [self.floor, str(port), img]
         if self.name == "loop-floor":
-            return [self.floor, "--loop", str(port), img]
+            return [self.floor, "--loop"] + (["--cow"] if cow else []) + \
+                [str(port), img]
         if self.name == "xnbd-server":
             return [self.xnbd, "--cow-target" if cow else "--target",
                     "--laddr", "127.0.0.1", "--lport", str(port)] + extra + [img]
@@ -430,10 +431,11 @@ def main():
     global ONE_PASS
     ONE_PASS = args.mode == "proxy"
     if args.mode != "target":
-        # The floor serves its image plainly: no CoW layer, no proxy; the
-        # kernel yardstick writes the image itself.
-        servers = [n for n in servers
-                   if n not in ("floor", "loop-floor", "kernel")]
+        # The blocking floor serves its image plainly and the kernel
+        # yardstick writes the image itself; the loop floor has a CoW
+        # layer (--cow) but is no proxy.
+        servers = [n for n in servers if n not in ("floor", "kernel") and
+                   (args.mode == "cow" or n != "loop-floor")]
     if proxy:
         servers = [n for n in servers if n != "nbd-server"]  # cannot proxy
         servers.append("upstream")
@@ -638,7 +640,9 @@ def report(rows, servers, results, runtime):
                     for n in cli if n not in ("upstream", "kernel"))
                     / best)
         def yardstick(name):
-            if not (med.get(name) and peers):
+            if not (med.get(name) and peers and
+                    max(med[n] for n in peers) and
+                    max(eff[n] for n in peers)):
                 return "-"
             return "%.2f; %.2f" % (med[name] / max(med[n] for n in peers),
                                    eff[name] / max(eff[n] for n in peers))

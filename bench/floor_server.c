@@ -19,8 +19,16 @@
  * xnbd-server on libuv does) makes at the least, with no threads, no
  * queue, no check of the page cache and no accounting.
  *
- *     floor_server [--loop] PORT IMAGE
+ * With --loop --cow the loop floor keeps IMAGE as it is and writes to an
+ * unlinked overlay in $TMPDIR (or /var/tmp), where xnbd-server --cow-target
+ * puts its own, with a bit per 4096-byte block in memory: the least a
+ * copy-on-write server does.  A read is a pread per run of blocks held by
+ * one layer; a write, a pwrite into the overlay (a partial block not yet
+ * there is copied up first).
+ *
+ *     floor_server [--loop [--cow]] PORT IMAGE
  */
+#define _GNU_SOURCE /* O_TMPFILE */
 #include <arpa/inet.h>
 #include <endian.h>
 #include <errno.h>
@@ -168,6 +176,80 @@ static void serve(int c, int img, uint64_t size, char *buf)
 	}
 }
 
+/* The copy-on-write layer of --loop --cow. */
+#define COW_BS 4096U
+static int cow_fd = -1; /* the overlay, or -1: the image is written */
+static uint8_t *cow_map; /* a bit per block: the block is in the overlay */
+
+static int in_overlay(uint64_t b)
+{
+	return cow_map[b >> 3] >> (b & 7) & 1;
+}
+
+static int image_read(int img, char *dst, uint32_t len, uint64_t off)
+{
+	if (cow_fd < 0)
+		return pread(img, dst, len, (off_t)off) == (ssize_t)len ? 0 : -1;
+	uint64_t end = off + len;
+	while (off < end) {
+		/* The run of blocks held by the layer that holds off's block. */
+		uint64_t b = off / COW_BS, e = (b + 1) * COW_BS;
+		int o = in_overlay(b);
+		while (e < end && in_overlay(e / COW_BS) == o)
+			e += COW_BS;
+		if (e > end)
+			e = end;
+		size_t n = (size_t)(e - off);
+		if (pread(o ? cow_fd : img, dst, n, (off_t)off) != (ssize_t)n)
+			return -1;
+		dst += n;
+		off = e;
+	}
+	return 0;
+}
+
+static int image_write(int img, const char *src, uint32_t len, uint64_t off,
+                       uint64_t size)
+{
+	if (cow_fd < 0)
+		return pwrite(img, src, len, (off_t)off) == (ssize_t)len ? 0 : -1;
+	if (!len)
+		return 0;
+	uint64_t first = off / COW_BS, last = (off + len - 1) / COW_BS;
+	for (uint64_t b = first; b <= last; b += last > first ? last - first : 1) {
+		/* A block the write covers in part, not yet in the overlay:
+		 * copied up, so that the rest of it keeps the image's bytes. */
+		uint64_t bs = b * COW_BS, be = bs + COW_BS < size ? bs + COW_BS : size;
+		if (in_overlay(b) || (off <= bs && off + len >= be))
+			continue;
+		char blk[COW_BS];
+		size_t n = (size_t)(be - bs);
+		if (pread(img, blk, n, (off_t)bs) != (ssize_t)n ||
+		    pwrite(cow_fd, blk, n, (off_t)bs) != (ssize_t)n)
+			return -1;
+		cow_map[b >> 3] |= (uint8_t)(1U << (b & 7));
+	}
+	if (pwrite(cow_fd, src, len, (off_t)off) != (ssize_t)len)
+		return -1;
+	for (uint64_t b = first; b <= last; b++)
+		cow_map[b >> 3] |= (uint8_t)(1U << (b & 7));
+	return 0;
+}
+
+static int cow_open(uint64_t size)
+{
+	const char *dir = getenv("TMPDIR");
+	if (!dir || !*dir)
+		dir = "/var/tmp";
+	cow_fd = open(dir, O_TMPFILE | O_RDWR, 0600);
+	cow_map = calloc((size + COW_BS - 1) / COW_BS / 8 + 1, 1);
+	if (cow_fd < 0 || !cow_map || ftruncate(cow_fd, (off_t)size) < 0) {
+		perror("floor_server: the overlay");
+		return -1;
+	}
+	return 0;
+}
+
 /* The loop floor's buffers: what arrived and is not yet served, and the
  * replies of one wake-up.  Both hold a largest request and its header. */
 #define LOOP_BUF (2 * MAX_LEN)
@@ -184,8 +266,11 @@ static int flush_out(int c, int ep, const char *out, size_t n)
 			struct epoll_event ev = {.events = EPOLLOUT};
 			if (epoll_ctl(ep, EPOLL_CTL_MOD, c, &ev) < 0)
 				return -1;
-			while (epoll_wait(ep, &ev, 1, -1) < 0 && errno == EINTR)
+			int w;
+			while ((w = epoll_wait(ep, &ev, 1, -1)) < 0 && errno == EINTR)
 				;
+			if (w < 0)
+				return -1;
 			ev.events = EPOLLIN;
 			if (epoll_ctl(ep, EPOLL_CTL_MOD, c, &ev) < 0)
 				return -1;
@@ -253,8 +338,7 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 			case 0: /* read */
 				if (bad) {
 					n += put_reply(out + n, EINVAL, r.handle);
-				} else if (pread(img, out + n + 16, len, (off_t)r.off) !=
-				           (ssize_t)len) {
+				} else if (image_read(img, out + n + 16, len, r.off)) {
 					n += put_reply(out + n, EIO, r.handle);
 				} else {
 					n += put_reply(out + n, 0, r.handle) + len;
@@ -264,8 +348,7 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 			case 1: /* write */
 				if (bad)
 					err = EINVAL;
-				else if (pwrite(img, in + pos + 28, len, (off_t)r.off) !=
-				         (ssize_t)len)
+				else if (image_write(img, in + pos + 28, len, r.off, size))
 					err = EIO;
 				n += put_reply(out + n, err, r.handle);
 				pos += 28 + (size_t)len;
@@ -279,8 +362,12 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 				pos += 28;
 			}
 		}
-		memmove(in, in + pos, have - pos);
-		have -= pos;
+		if (pos) {
+			/* What is left is the start of a request still arriving:
+			 * moved down once; the next reads append to it. */
+			memmove(in, in + pos, have - pos);
+			have -= pos;
+		}
 		if (n && flush_out(c, ep, out, n))
 			goto done;
 	}
@@ -291,19 +378,24 @@ done:
 
 int main(int argc, char **argv)
 {
-	int loop = argc == 4 && strcmp(argv[1], "--loop") == 0;
+	int loop = argc >= 4 && strcmp(argv[1], "--loop") == 0;
 	argv += loop;
 	argc -= loop;
+	int cow = loop && argc == 4 && strcmp(argv[1], "--cow") == 0;
+	argv += cow;
+	argc -= cow;
 	if (argc != 3) {
-		fprintf(stderr, "usage: floor_server [--loop] PORT IMAGE\n");
+		fprintf(stderr, "usage: floor_server [--loop [--cow]] PORT IMAGE\n");
 		return 2;
 	}
-	int img = open(argv[2], O_RDWR);
+	int img = open(argv[2], cow ? O_RDONLY : O_RDWR);
 	struct stat st;
 	if (img < 0 || fstat(img, &st) < 0) {
 		perror(argv[2]);
 		return 1;
 	}
+	if (cow && cow_open((uint64_t)st.st_size))
+		return 1;
 	signal(SIGPIPE, SIG_IGN); /* a client gone: its writes fail */
 	char *buf = malloc(loop ? LOOP_BUF : MAX_LEN);
 	char *out = loop ? malloc(LOOP_BUF) : buf;
