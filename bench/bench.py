@@ -234,7 +234,7 @@ class Server:
 # Not servers to compare with but measures of the machine: the upstream of
 # the proxies read directly, the two floors (floor_server.c) and the
 # kernel's own I/O on the image.
-YARDSTICKS = ("upstream", "floor", "loop-floor", "kernel")
+YARDSTICKS = ("upstream", "disk", "floor", "loop-floor", "kernel")
 
 
 def available_servers(xnbd):
@@ -309,6 +309,9 @@ def fio_row(name, rw, bs, depth, jobs=1, mix=None):
         cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * fio_secs(job)
         return fio_result(job, bs) + (cpu,)
     run.one_thread = jobs == 1
+    # A cold proxy's sequential read stores every block it fetches: the
+    # cache's disk is measured beside it.
+    run.disk = rw == "read" and bs == "1m"
     # The kernel yardstick runs for rows that write: there the file
     # system's own cost per request is a large share of any server's.  In
     # rows that only write, its throughput bounds every server's too: the
@@ -333,6 +336,29 @@ def nbdcopy_row(name, conns):
     return name, run
 
 
+def disk_write(workdir, size):
+    """Proxy modes' `disk` yardstick: what the proxies' cache's disk takes,
+    one pass of 1 MiB O_DIRECT writes at depth 8 into a new file beside
+    the cache (as xnbd-server stores large fetches).  Returns MiB/s, the
+    unit, the MiB written and fio's CPU-seconds."""
+    probe = os.path.join(workdir, "disk.probe")
+    if os.path.exists(probe):
+        os.unlink(probe)
+    try:
+        out = subprocess.run(
+            ["fio", "--name=d", "--ioengine=libaio", "--direct=1",
+             "--rw=write", "--bs=1m", "--iodepth=8", "--size=%d" % size,
+             "--filename=" + probe, "--output-format=json"],
+            check=True, capture_output=True, text=True)
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    mib = job["write"]["io_bytes"] / 2**20
+    cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * fio_secs(job)
+    return mib / max(fio_secs(job), 1e-3), "MiB/s", mib, cpu
+
+
 def fill_row(name):
     """Proxy modes: fill the whole cache.  xnbd-server by `xnbd-bgctl
     --cache-all`; the peers' proxies by reading every block through them
@@ -351,6 +377,7 @@ def fill_row(name):
         return mib / (time.monotonic() - t0), "MiB/s", mib
     run.with_server = True
     run.proxy_only = True
+    run.disk = True
     return name, run
 
 
@@ -439,6 +466,8 @@ def main():
     if proxy:
         servers = [n for n in servers if n != "nbd-server"]  # cannot proxy
         servers.append("upstream")
+        if args.mode == "proxy":
+            servers.append("disk")
     rows = [r for r in args.rows.split(",") if r] if args.rows else \
         [r for r in ROWS if proxy or not getattr(ROWS[r], "proxy_only", False)]
     for r in rows:
@@ -472,6 +501,12 @@ def main():
             if name == "kernel":
                 value, unit, amount, cpu = fn.kernel(image, runtime, size)
                 print("# %s run %d kernel: %.0f %s, fio CPU %.2fs" %
+                      (row, i + 1, value, unit, cpu),
+                      file=sys.stderr, flush=True)
+                return (value, unit, amount / max(cpu, 1e-3), 0.0)
+            if name == "disk":
+                value, unit, amount, cpu = disk_write(work, size)
+                print("# %s run %d disk: %.0f %s, fio CPU %.2fs" %
                       (row, i + 1, value, unit, cpu),
                       file=sys.stderr, flush=True)
                 return (value, unit, amount / max(cpu, 1e-3), 0.0)
@@ -531,6 +566,10 @@ def main():
                         continue
                     if name == "kernel" and not hasattr(fn, "kernel"):
                         continue
+                    if name == "disk" and not (
+                            getattr(fn, "disk", False) and
+                            args.mode == "proxy"):
+                        continue  # cold proxies only: warm ones store nothing
                     # The host may drop the guest's page cache (Firecracker
                     # does, through drop_caches): a run during which that
                     # happened measured the disk, not the server, and is
@@ -570,6 +609,7 @@ def report(rows, servers, results, runtime):
     whole core, over the best peer's.  A ceiling under a target says the
     client bounds the row there, however fast the server."""
     direct = "upstream" in servers
+    dk = "disk" in servers
     fl = "floor" in servers
     lf = "loop-floor" in servers
     kn = "kernel" in servers
@@ -577,10 +617,11 @@ def report(rows, servers, results, runtime):
           " | xnbd / best peer | xnbd work per CPU-s / best peer's |"
           " client, % of a core (xnbd / best peer) | client-bound ceiling |" +
           (" xnbd / upstream read directly |" if direct else "") +
+          (" cache's disk / upstream read directly |" if dk else "") +
           (" floor / best peer (work; per CPU-s) |" if fl else "") +
           (" loop floor / best peer (work; per CPU-s) |" if lf else "") +
           (" kernel / best peer (work; per CPU-s) |" if kn else ""))
-    print("|---" * (len(servers) + 5 + direct + fl + lf + kn) + "|")
+    print("|---" * (len(servers) + 5 + direct + dk + fl + lf + kn) + "|")
     for row in rows:
         cells = []
         med = {}
@@ -612,8 +653,9 @@ def report(rows, servers, results, runtime):
                 ratio = "%.2f (lower is better)" % (
                     med["xnbd-server"] / min(med[n] for n in peers))
             cells = [c.split(",")[0] for c in cells]
-            print("| %s | %s | %s | - | - | - |%s%s%s%s" % (
+            print("| %s | %s | %s | - | - | - |%s%s%s%s%s" % (
                 row, " | ".join(cells), ratio, " - |" if direct else "",
+                " - |" if dk else "",
                 " - |" if fl else "", " - |" if lf else "",
                 " - |" if kn else ""))
             continue
@@ -637,7 +679,7 @@ def report(rows, servers, results, runtime):
                 # at a whole core: no server gets the client further.
                 ceiling = "%.2f" % (max(
                     med[n] / min(max(cli[n], 1e-3), 1.0)
-                    for n in cli if n not in ("upstream", "kernel"))
+                    for n in cli if n not in ("upstream", "kernel", "disk"))
                     / best)
         def yardstick(name):
             if not (med.get(name) and peers and
@@ -653,9 +695,13 @@ def report(rows, servers, results, runtime):
                 "%.2f" % (med["kernel"] / max(med[n] for n in peers))
                 if getattr(ROWS[row], "kernel_caps", False) else "-",
                 eff["kernel"] / max(eff[n] for n in peers))
-        print("| %s | %s | %s | %s | %s | %s |%s%s%s%s" % (
+        disk = "-"
+        if dk and med.get("disk") and med.get("upstream"):
+            disk = "%.2f" % (med["disk"] / med["upstream"])
+        print("| %s | %s | %s | %s | %s | %s |%s%s%s%s%s" % (
             row, " | ".join(cells), ratio, eff_ratio, client, ceiling,
-            " %s |" % up if direct else "", " %s |" % floor if fl else "",
+            " %s |" % up if direct else "", " %s |" % disk if dk else "",
+            " %s |" % floor if fl else "",
             " %s |" % loop_floor if lf else "",
             " %s |" % kern if kn else ""))
 
