@@ -35,6 +35,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -57,6 +58,14 @@ static int full(int fd, void *buf, size_t n, int out)
 		ssize_t r = out ? write(fd, p, n) : read(fd, p, n);
 		if (r < 0 && errno == EINTR)
 			continue;
+		if (r < 0 && errno == EAGAIN) {
+			/* A non-blocking socket (the loop floor's) is full or
+			 * empty: wait for it. */
+			struct pollfd pfd = {fd, out ? POLLOUT : POLLIN, 0};
+			if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+				return -1;
+			continue;
+		}
 		if (r <= 0)
 			return -1;
 		p += r;
@@ -254,36 +263,6 @@ static int cow_open(uint64_t size)
  * replies of one wake-up.  Both hold a largest request and its header. */
 #define LOOP_BUF (2 * MAX_LEN)
 
-/* Writes out all replies; waits in epoll for room when the socket is
- * full (a client that reads slower than we answer). */
-static int flush_out(int c, int ep, const char *out, size_t n)
-{
-	while (n) {
-		ssize_t r = write(c, out, n);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0 && errno == EAGAIN) {
-			struct epoll_event ev = {.events = EPOLLOUT};
-			if (epoll_ctl(ep, EPOLL_CTL_MOD, c, &ev) < 0)
-				return -1;
-			int w;
-			while ((w = epoll_wait(ep, &ev, 1, -1)) < 0 && errno == EINTR)
-				;
-			if (w < 0)
-				return -1;
-			ev.events = EPOLLIN;
-			if (epoll_ctl(ep, EPOLL_CTL_MOD, c, &ev) < 0)
-				return -1;
-			continue;
-		}
-		if (r <= 0)
-			return -1;
-		out += r;
-		n -= (size_t)r;
-	}
-	return 0;
-}
-
 static size_t put_reply(char *out, uint32_t err, const char *handle)
 {
 	uint32_t m = htonl(REPLY_MAGIC), e = htonl(err);
@@ -329,7 +308,7 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 					break; /* its payload is still on the way */
 			}
 			if (n + 16 + (r.type == 0 && !bad ? len : 0) > LOOP_BUF) {
-				if (flush_out(c, ep, out, n))
+				if (full(c, out, n, 1))
 					goto done;
 				n = 0;
 			}
@@ -354,7 +333,7 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 				pos += 28 + (size_t)len;
 				break;
 			case 2: /* disconnect */
-				flush_out(c, ep, out, n);
+				full(c, out, n, 1);
 				goto done;
 			default: /* flush is a no-op, the rest EINVAL */
 				n += put_reply(out + n, r.type == 3 ? 0 : EINVAL,
@@ -368,7 +347,7 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 			memmove(in, in + pos, have - pos);
 			have -= pos;
 		}
-		if (n && flush_out(c, ep, out, n))
+		if (n && full(c, out, n, 1))
 			goto done;
 	}
 done:
