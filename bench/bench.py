@@ -333,6 +333,9 @@ def nbdcopy_row(name, conns):
     # The floor serves one connection at a time and does not offer
     # multi-conn: nbdcopy would fall back to one, which is another row.
     run.single_conn = conns == 1
+    # With one connection and one thread (-C 1 -T 1) nbdcopy's I/O runs
+    # in one worker thread (its main thread waits): a one-thread client.
+    run.one_thread = conns == 1
     return name, run
 
 
