@@ -162,6 +162,8 @@ class Server:
         for f in (cache, cache + ".bitmap", cache + ".ctl"):
             if os.path.exists(f):
                 os.unlink(f)
+        if self.name == "relay-floor":
+            return [self.floor, "--relay", str(port), up]
         if self.name == "xnbd-server":
             return [self.xnbd, "--proxy", "--laddr", "127.0.0.1", "--lport",
                     str(port)] + extra + ["127.0.0.1", up, cache,
@@ -234,7 +236,8 @@ class Server:
 # Not servers to compare with but measures of the machine: the upstream of
 # the proxies read directly, the two floors (floor_server.c) and the
 # kernel's own I/O on the image.
-YARDSTICKS = ("upstream", "disk", "floor", "loop-floor", "kernel")
+YARDSTICKS = ("upstream", "disk", "floor", "loop-floor", "relay-floor",
+              "kernel")
 
 
 def available_servers(xnbd):
@@ -242,7 +245,7 @@ def available_servers(xnbd):
     for name, tool in (("xnbd-server", xnbd), ("nbdkit", "nbdkit"),
                        ("qemu-nbd", "qemu-nbd"), ("nbd-server", "nbd-server"),
                        ("floor", "cc"), ("loop-floor", "cc"),
-                       ("kernel", "fio")):
+                       ("relay-floor", "cc"), ("kernel", "fio")):
         if shutil.which(tool) or os.path.exists(tool):
             out.append(name)
     return out
@@ -460,12 +463,16 @@ def main():
     proxy = args.mode.startswith("proxy")
     global ONE_PASS
     ONE_PASS = args.mode == "proxy"
-    if args.mode != "target":
-        # The blocking floor serves its image plainly and the kernel
-        # yardstick writes the image itself; the loop floor has a CoW
-        # layer (--cow) but is no proxy.
-        servers = [n for n in servers if n not in ("floor", "kernel") and
-                   (args.mode == "cow" or n != "loop-floor")]
+    # The blocking floor serves its image plainly and the kernel yardstick
+    # writes the image itself; the loop floor has a CoW layer (--cow) but
+    # is no proxy; the relay floor forwards everything to an upstream,
+    # the least a cold proxy does (a warm one holds the data).
+    keep = {"target": ("floor", "loop-floor", "kernel"),
+            "cow": ("loop-floor",), "proxy": ("relay-floor",),
+            "proxy-warm": ()}[args.mode]
+    servers = [n for n in servers
+               if n not in ("floor", "loop-floor", "relay-floor", "kernel")
+               or n in keep]
     if proxy:
         servers = [n for n in servers if n != "nbd-server"]  # cannot proxy
         servers.append("upstream")
@@ -486,8 +493,8 @@ def main():
             for _ in range(size // 2**20):
                 f.write(block)
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
-        floor = build_floor(work) if {"floor", "loop-floor"} & set(servers) \
-            else None
+        floor = build_floor(work) \
+            if {"floor", "loop-floor", "relay-floor"} & set(servers) else None
         upstream = None
         if proxy:
             upstream = Server("xnbd-server", image, work, args.xnbd, "target")
@@ -564,7 +571,10 @@ def main():
                         continue  # the option is ours alone
                     if name in YARDSTICKS and memory:
                         continue  # the proxies' memory, not the upstream's
-                    if name in ("floor", "loop-floor") and \
+                    if name == "relay-floor" and \
+                            getattr(fn, "proxy_only", False):
+                        continue  # the fill opens several connections
+                    if name in ("floor", "loop-floor", "relay-floor") and \
                             getattr(fn, "single_conn", True) is False:
                         continue
                     if name == "kernel" and not hasattr(fn, "kernel"):
@@ -615,6 +625,7 @@ def report(rows, servers, results, runtime):
     dk = "disk" in servers
     fl = "floor" in servers
     lf = "loop-floor" in servers
+    rf = "relay-floor" in servers
     kn = "kernel" in servers
     print("| row | " + " | ".join(servers) +
           " | xnbd / best peer | xnbd work per CPU-s / best peer's |"
@@ -623,8 +634,10 @@ def report(rows, servers, results, runtime):
           (" cache's disk / upstream read directly |" if dk else "") +
           (" floor / best peer (work; per CPU-s) |" if fl else "") +
           (" loop floor / best peer (work; per CPU-s) |" if lf else "") +
+          (" relay floor / best peer (work; per CPU-s) |" if rf else "") +
           (" kernel / best peer (work; per CPU-s) |" if kn else ""))
-    print("|---" * (len(servers) + 5 + direct + dk + fl + lf + kn) + "|")
+    print("|---" * (len(servers) + 5 + direct + dk + fl + lf + rf + kn) +
+          "|")
     for row in rows:
         cells = []
         med = {}
@@ -656,10 +669,11 @@ def report(rows, servers, results, runtime):
                 ratio = "%.2f (lower is better)" % (
                     med["xnbd-server"] / min(med[n] for n in peers))
             cells = [c.split(",")[0] for c in cells]
-            print("| %s | %s | %s | - | - | - |%s%s%s%s%s" % (
+            print("| %s | %s | %s | - | - | - |%s%s%s%s%s%s" % (
                 row, " | ".join(cells), ratio, " - |" if direct else "",
                 " - |" if dk else "",
                 " - |" if fl else "", " - |" if lf else "",
+                " - |" if rf else "",
                 " - |" if kn else ""))
             continue
         client = ceiling = "-"
@@ -692,6 +706,7 @@ def report(rows, servers, results, runtime):
             return "%.2f; %.2f" % (med[name] / max(med[n] for n in peers),
                                    eff[name] / max(eff[n] for n in peers))
         floor, loop_floor = yardstick("floor"), yardstick("loop-floor")
+        relay_floor = yardstick("relay-floor")
         kern = "-"
         if kn and eff.get("kernel") and peers:
             kern = "%s; %.2f" % (
@@ -701,11 +716,12 @@ def report(rows, servers, results, runtime):
         disk = "-"
         if dk and med.get("disk") and med.get("upstream"):
             disk = "%.2f" % (med["disk"] / med["upstream"])
-        print("| %s | %s | %s | %s | %s | %s |%s%s%s%s%s" % (
+        print("| %s | %s | %s | %s | %s | %s |%s%s%s%s%s%s" % (
             row, " | ".join(cells), ratio, eff_ratio, client, ceiling,
             " %s |" % up if direct else "", " %s |" % disk if dk else "",
             " %s |" % floor if fl else "",
             " %s |" % loop_floor if lf else "",
+            " %s |" % relay_floor if rf else "",
             " %s |" % kern if kn else ""))
 
 

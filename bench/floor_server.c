@@ -26,7 +26,14 @@
  * one layer; a write, a pwrite into the overlay (a partial block not yet
  * there is copied up first).
  *
+ * With --relay it is the least a proxy can do for data it does not hold
+ * (the "relay floor" of the proxy modes): it connects each client to the
+ * upstream at 127.0.0.1:UPPORT and copies bytes both ways, one epoll_wait,
+ * one read and one write at a time, with no framing at all: no request
+ * is parsed, nothing is stored.
+ *
  *     floor_server [--loop [--cow]] PORT IMAGE
+ *     floor_server --relay PORT UPPORT
  */
 #define _GNU_SOURCE /* O_TMPFILE */
 #include <arpa/inet.h>
@@ -355,28 +362,74 @@ done:
 		close(ep);
 }
 
+#define RELAY_BUF (4U << 20)
+
+static void relay(int c, int upport, char *buf)
+{
+	int u = socket(AF_INET, SOCK_STREAM, 0), one = 1, ep = -1;
+	struct sockaddr_in a = {.sin_family = AF_INET,
+	                        .sin_port = htons((uint16_t)upport),
+	                        .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	if (u < 0 || connect(u, (struct sockaddr *)&a, sizeof(a)) < 0)
+		goto done;
+	setsockopt(u, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	ep = epoll_create1(0);
+	struct epoll_event ce = {.events = EPOLLIN, .data.fd = c};
+	struct epoll_event ue = {.events = EPOLLIN, .data.fd = u};
+	if (ep < 0 || fcntl(c, F_SETFL, O_NONBLOCK) < 0 ||
+	    fcntl(u, F_SETFL, O_NONBLOCK) < 0 ||
+	    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ce) < 0 ||
+	    epoll_ctl(ep, EPOLL_CTL_ADD, u, &ue) < 0)
+		goto done;
+	for (;;) {
+		struct epoll_event evs[2];
+		int n = epoll_wait(ep, evs, 2, -1);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			goto done;
+		for (int i = 0; i < n; i++) {
+			int from = evs[i].data.fd, to = from == c ? u : c;
+			ssize_t r = read(from, buf, RELAY_BUF);
+			if (r < 0 && (errno == EAGAIN || errno == EINTR))
+				continue;
+			if (r <= 0 || full(to, buf, (size_t)r, 1))
+				goto done;
+		}
+	}
+done:
+	if (ep >= 0)
+		close(ep);
+	if (u >= 0)
+		close(u);
+}
+
 int main(int argc, char **argv)
 {
+	int relaying = argc == 4 && strcmp(argv[1], "--relay") == 0;
 	int loop = argc >= 4 && strcmp(argv[1], "--loop") == 0;
 	argv += loop;
 	argc -= loop;
 	int cow = loop && argc == 4 && strcmp(argv[1], "--cow") == 0;
 	argv += cow;
 	argc -= cow;
+	argv += relaying;
+	argc -= relaying;
 	if (argc != 3) {
-		fprintf(stderr, "usage: floor_server [--loop [--cow]] PORT IMAGE\n");
+		fprintf(stderr, "usage: floor_server [--loop [--cow]] PORT IMAGE\n"
+		                "       floor_server --relay PORT UPPORT\n");
 		return 2;
 	}
-	int img = open(argv[2], cow ? O_RDONLY : O_RDWR);
-	struct stat st;
-	if (img < 0 || fstat(img, &st) < 0) {
+	int img = relaying ? -1 : open(argv[2], cow ? O_RDONLY : O_RDWR);
+	struct stat st = {0};
+	if (!relaying && (img < 0 || fstat(img, &st) < 0)) {
 		perror(argv[2]);
 		return 1;
 	}
 	if (cow && cow_open((uint64_t)st.st_size))
 		return 1;
 	signal(SIGPIPE, SIG_IGN); /* a client gone: its writes fail */
-	char *buf = malloc(loop ? LOOP_BUF : MAX_LEN);
+	char *buf = malloc(relaying ? RELAY_BUF : loop ? LOOP_BUF : MAX_LEN);
 	char *out = loop ? malloc(LOOP_BUF) : buf;
 	int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
 	struct sockaddr_in a = {.sin_family = AF_INET,
@@ -393,7 +446,9 @@ int main(int argc, char **argv)
 		if (c < 0)
 			continue;
 		setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-		if (loop)
+		if (relaying)
+			relay(c, atoi(argv[2]), buf);
+		else if (loop)
 			serve_loop(c, img, (uint64_t)st.st_size, buf, out);
 		else
 			serve(c, img, (uint64_t)st.st_size, buf);
