@@ -234,8 +234,8 @@ class Server:
 
 
 # Not servers to compare with but measures of the machine: the upstream of
-# the proxies read directly, the two floors (floor_server.c) and the
-# kernel's own I/O on the image.
+# the proxies read directly, their cache's disk, the three floors
+# (floor_server.c) and the kernel's own I/O on the image.
 YARDSTICKS = ("upstream", "disk", "floor", "loop-floor", "relay-floor",
               "kernel")
 
@@ -579,10 +579,8 @@ def main():
                         continue
                     if name == "kernel" and not hasattr(fn, "kernel"):
                         continue
-                    if name == "disk" and not (
-                            getattr(fn, "disk", False) and
-                            args.mode == "proxy"):
-                        continue  # cold proxies only: warm ones store nothing
+                    if name == "disk" and not getattr(fn, "disk", False):
+                        continue
                     # The host may drop the guest's page cache (Firecracker
                     # does, through drop_caches): a run during which that
                     # happened measured the disk, not the server, and is
@@ -621,23 +619,21 @@ def report(rows, servers, results, runtime):
     clients the ceiling: xnbd-server's median scaled to a client using its
     whole core, over the best peer's.  A ceiling under a target says the
     client bounds the row there, however fast the server."""
-    direct = "upstream" in servers
-    dk = "disk" in servers
-    fl = "floor" in servers
-    lf = "loop-floor" in servers
-    rf = "relay-floor" in servers
-    kn = "kernel" in servers
+    # The columns after the client-bound ceiling: one for each yardstick
+    # that ran (the key its value has in a row's `extra` below).
+    extra_cols = [(key, title) for key, title in (
+        ("upstream", "xnbd / upstream read directly"),
+        ("disk", "cache's disk / upstream read directly"),
+        ("floor", "floor / best peer (work; per CPU-s)"),
+        ("loop-floor", "loop floor / best peer (work; per CPU-s)"),
+        ("relay-floor", "relay floor / best peer (work; per CPU-s)"),
+        ("kernel", "kernel / best peer (work; per CPU-s)"),
+    ) if key in servers]
     print("| row | " + " | ".join(servers) +
           " | xnbd / best peer | xnbd work per CPU-s / best peer's |"
           " client, % of a core (xnbd / best peer) | client-bound ceiling |" +
-          (" xnbd / upstream read directly |" if direct else "") +
-          (" cache's disk / upstream read directly |" if dk else "") +
-          (" floor / best peer (work; per CPU-s) |" if fl else "") +
-          (" loop floor / best peer (work; per CPU-s) |" if lf else "") +
-          (" relay floor / best peer (work; per CPU-s) |" if rf else "") +
-          (" kernel / best peer (work; per CPU-s) |" if kn else ""))
-    print("|---" * (len(servers) + 5 + direct + dk + fl + lf + rf + kn) +
-          "|")
+          "".join(" %s |" % title for _, title in extra_cols))
+    print("|---" * (len(servers) + 5 + len(extra_cols)) + "|")
     for row in rows:
         cells = []
         med = {}
@@ -660,28 +656,25 @@ def report(rows, servers, results, runtime):
                          (med[name], min(v), max(v), unit, eff[name]))
         peers = [n for n in servers
                  if n != "xnbd-server" and n not in YARDSTICKS and n in med]
-        up = "-"
-        if direct and "xnbd-server" in med and med.get("upstream"):
-            up = "%.2f" % (med["xnbd-server"] / med["upstream"])
+        extra = dict.fromkeys(key for key, _ in extra_cols)
+        if "xnbd-server" in med and med.get("upstream"):
+            extra["upstream"] = "%.2f" % (med["xnbd-server"] / med["upstream"])
         ratio = eff_ratio = "-"
         if unit.startswith("MiB peak"):
             if "xnbd-server" in med and peers:
                 ratio = "%.2f (lower is better)" % (
                     med["xnbd-server"] / min(med[n] for n in peers))
             cells = [c.split(",")[0] for c in cells]
-            print("| %s | %s | %s | - | - | - |%s%s%s%s%s%s" % (
-                row, " | ".join(cells), ratio, " - |" if direct else "",
-                " - |" if dk else "",
-                " - |" if fl else "", " - |" if lf else "",
-                " - |" if rf else "",
-                " - |" if kn else ""))
+            print("| %s | %s | %s | - | - | - |%s" % (
+                row, " | ".join(cells), ratio, " - |" * len(extra_cols)))
             continue
+        best_med = max((med[n] for n in peers), default=0)
+        best_eff = max((eff[n] for n in peers), default=0)
         client = ceiling = "-"
         if "xnbd-server" in med and peers:
             bestn = max(peers, key=lambda n: med[n])
-            best = med[bestn]
+            best = best_med
             ratio = "%.2f" % (med["xnbd-server"] / best) if best else "-"
-            best_eff = max(eff[n] for n in peers)
             eff_ratio = "%.2f" % (eff["xnbd-server"] / best_eff) \
                 if best_eff else "-"
             client = "%.0f / %.0f" % (100 * cli["xnbd-server"],
@@ -698,31 +691,19 @@ def report(rows, servers, results, runtime):
                     med[n] / min(max(cli[n], 1e-3), 1.0)
                     for n in cli if n not in ("upstream", "kernel", "disk"))
                     / best)
-        def yardstick(name):
-            if not (med.get(name) and peers and
-                    max(med[n] for n in peers) and
-                    max(eff[n] for n in peers)):
-                return "-"
-            return "%.2f; %.2f" % (med[name] / max(med[n] for n in peers),
-                                   eff[name] / max(eff[n] for n in peers))
-        floor, loop_floor = yardstick("floor"), yardstick("loop-floor")
-        relay_floor = yardstick("relay-floor")
-        kern = "-"
-        if kn and eff.get("kernel") and peers:
-            kern = "%s; %.2f" % (
-                "%.2f" % (med["kernel"] / max(med[n] for n in peers))
-                if getattr(ROWS[row], "kernel_caps", False) else "-",
-                eff["kernel"] / max(eff[n] for n in peers))
-        disk = "-"
-        if dk and med.get("disk") and med.get("upstream"):
-            disk = "%.2f" % (med["disk"] / med["upstream"])
-        print("| %s | %s | %s | %s | %s | %s |%s%s%s%s%s%s" % (
+        for key in ("floor", "loop-floor", "relay-floor", "kernel"):
+            if med.get(key) and best_med and best_eff:
+                # The kernel's work bounds a row's only where it only
+                # writes (kernel_caps); its work per CPU-s, every row.
+                work = "-" if key == "kernel" and not getattr(
+                    ROWS[row], "kernel_caps", False) else \
+                    "%.2f" % (med[key] / best_med)
+                extra[key] = "%s; %.2f" % (work, eff[key] / best_eff)
+        if med.get("disk") and med.get("upstream"):
+            extra["disk"] = "%.2f" % (med["disk"] / med["upstream"])
+        print("| %s | %s | %s | %s | %s | %s |%s" % (
             row, " | ".join(cells), ratio, eff_ratio, client, ceiling,
-            " %s |" % up if direct else "", " %s |" % disk if dk else "",
-            " %s |" % floor if fl else "",
-            " %s |" % loop_floor if lf else "",
-            " %s |" % relay_floor if rf else "",
-            " %s |" % kern if kn else ""))
+            "".join(" %s |" % (extra[key] or "-") for key, _ in extra_cols)))
 
 
 if __name__ == "__main__":

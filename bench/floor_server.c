@@ -5,8 +5,8 @@
  * (no options, no export name), then for each request one read of its
  * header, a pread or pwrite of the image, and one writev of the reply.
  * No event loop, no queue, no second thread: at depth 1 no server can
- * answer in fewer system calls or wake-ups, so its IOPS there are the
- * machine's ceiling for that row.  It serves reads, writes, flush (a
+ * answer in fewer system calls or wake-ups, so its IOPS there are about
+ * the machine's ceiling for that row (runs vary more than servers do).  It serves reads, writes, flush (a
  * no-op: nothing here is durable) and disconnect; anything else gets
  * EINVAL.
  *
