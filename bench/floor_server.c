@@ -17,7 +17,13 @@
  * one thread, and one write of all their replies.  That is how many
  * system calls a server on an event loop that pipelines requests (as
  * xnbd-server on libuv does) makes at the least, with no threads, no
- * queue, no check of the page cache and no accounting.
+ * queue, no check of the page cache and no accounting.  Large requests
+ * take the paths xnbd-server takes: a read of 64 KiB or more goes out
+ * with sendfile after its header, and a write payload over 128 KiB (up
+ * to 1 MiB) that has not all arrived with its header is spliced from the
+ * socket into a pipe and from the pipe into the file, on the one thread;
+ * after it, the next read takes the next header alone, so that its
+ * payload stays in the socket for splicing too.
  *
  * With --loop --cow the loop floor keeps IMAGE as it is and writes to an
  * unlinked overlay in $TMPDIR (or /var/tmp), where xnbd-server --cow-target
@@ -49,6 +55,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -202,21 +210,30 @@ static int in_overlay(uint64_t b)
 	return cow_map[b >> 3] >> (b & 7) & 1;
 }
 
+/* The layer holding off's block and the end of the run of blocks it
+ * holds from there, no further than end. */
+static int run_of(int img, uint64_t off, uint64_t end, uint64_t *run_end)
+{
+	if (cow_fd < 0) {
+		*run_end = end;
+		return img;
+	}
+	uint64_t b = off / COW_BS, e = (b + 1) * COW_BS;
+	int o = in_overlay(b);
+	while (e < end && in_overlay(e / COW_BS) == o)
+		e += COW_BS;
+	*run_end = e < end ? e : end;
+	return o ? cow_fd : img;
+}
+
 static int image_read(int img, char *dst, uint32_t len, uint64_t off)
 {
-	if (cow_fd < 0)
-		return pread(img, dst, len, (off_t)off) == (ssize_t)len ? 0 : -1;
 	uint64_t end = off + len;
 	while (off < end) {
-		/* The run of blocks held by the layer that holds off's block. */
-		uint64_t b = off / COW_BS, e = (b + 1) * COW_BS;
-		int o = in_overlay(b);
-		while (e < end && in_overlay(e / COW_BS) == o)
-			e += COW_BS;
-		if (e > end)
-			e = end;
+		uint64_t e;
+		int fd = run_of(img, off, end, &e);
 		size_t n = (size_t)(e - off);
-		if (pread(o ? cow_fd : img, dst, n, (off_t)off) != (ssize_t)n)
+		if (pread(fd, dst, n, (off_t)off) != (ssize_t)n)
 			return -1;
 		dst += n;
 		off = e;
@@ -224,17 +241,41 @@ static int image_read(int img, char *dst, uint32_t len, uint64_t off)
 	return 0;
 }
 
-static int image_write(int img, const char *src, uint32_t len, uint64_t off,
-                       uint64_t size)
+/* A large read's data, sent from the page cache with sendfile (as
+ * xnbd-server sends reads of 64 KiB and more), after its reply header. */
+static int image_send(int c, int img, uint32_t len, uint64_t off)
 {
-	if (cow_fd < 0)
-		return pwrite(img, src, len, (off_t)off) == (ssize_t)len ? 0 : -1;
-	if (!len)
+	uint64_t end = off + len;
+	while (off < end) {
+		uint64_t e;
+		int fd = run_of(img, off, end, &e);
+		off_t o = (off_t)off;
+		while ((uint64_t)o < e) {
+			ssize_t r = sendfile(c, fd, &o, (size_t)(e - (uint64_t)o));
+			if (r < 0 && errno == EAGAIN) {
+				struct pollfd pfd = {c, POLLOUT, 0};
+				if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+					return -1;
+				continue;
+			}
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r <= 0)
+				return -1;
+		}
+		off = e;
+	}
+	return 0;
+}
+
+/* Before a write to the overlay: the blocks it covers in part, not yet
+ * there, copied up, so that the rest of them keeps the image's bytes. */
+static int cow_prepare(int img, uint32_t len, uint64_t off, uint64_t size)
+{
+	if (cow_fd < 0 || !len)
 		return 0;
 	uint64_t first = off / COW_BS, last = (off + len - 1) / COW_BS;
 	for (uint64_t b = first; b <= last; b += last > first ? last - first : 1) {
-		/* A block the write covers in part, not yet in the overlay:
-		 * copied up, so that the rest of it keeps the image's bytes. */
 		uint64_t bs = b * COW_BS, be = bs + COW_BS < size ? bs + COW_BS : size;
 		if (in_overlay(b) || (off <= bs && off + len >= be))
 			continue;
@@ -245,10 +286,102 @@ static int image_write(int img, const char *src, uint32_t len, uint64_t off,
 			return -1;
 		cow_map[b >> 3] |= (uint8_t)(1U << (b & 7));
 	}
-	if (pwrite(cow_fd, src, len, (off_t)off) != (ssize_t)len)
-		return -1;
-	for (uint64_t b = first; b <= last; b++)
+	return 0;
+}
+
+static void cow_mark(uint32_t len, uint64_t off)
+{
+	if (cow_fd < 0 || !len)
+		return;
+	for (uint64_t b = off / COW_BS; b <= (off + len - 1) / COW_BS; b++)
 		cow_map[b >> 3] |= (uint8_t)(1U << (b & 7));
+}
+
+static int image_write(int img, const char *src, uint32_t len, uint64_t off,
+                       uint64_t size)
+{
+	int fd = cow_fd < 0 ? img : cow_fd;
+	if (cow_prepare(img, len, off, size) ||
+	    pwrite(fd, src, len, (off_t)off) != (ssize_t)len)
+		return -1;
+	cow_mark(len, off);
+	return 0;
+}
+
+/* The pipe of spliced payloads, and what it holds. */
+static int pipe_r = -1, pipe_w = -1;
+#define PIPE_SIZE (1U << 20)
+
+static int pipe_drain(int fd, uint64_t *off, size_t *held)
+{
+	while (*held) {
+		loff_t o = (loff_t)*off;
+		ssize_t r = splice(pipe_r, NULL, fd, &o, *held, SPLICE_F_MOVE);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return -1;
+		*off += (uint64_t)r;
+		*held -= (size_t)r;
+	}
+	return 0;
+}
+
+/* A large write's payload, of which the first k bytes were read with its
+ * header (at src): those go into the pipe, the rest is spliced from the
+ * socket into the pipe (no copy), and the pipe into the file, as
+ * xnbd-server does with payloads over 128 KiB.  A pipe filled early (its
+ * slots hold pieces of socket buffers) is emptied into the file on the
+ * way.  -1: the connection is lost; *err is set for a file error. */
+static int image_splice(int c, int img, const char *src, size_t k,
+                        uint32_t len, uint64_t off, uint64_t size,
+                        uint32_t *err)
+{
+	int fd = cow_fd < 0 ? img : cow_fd;
+	uint64_t at = off;
+	size_t held = 0, rest = len - k;
+	*err = cow_prepare(img, len, off, size) ? EIO : 0;
+	while (k) {
+		ssize_t r = write(pipe_w, src, k);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return -1;
+		src += r;
+		k -= (size_t)r;
+		held += (size_t)r;
+	}
+	while (rest) {
+		ssize_t r = splice(c, NULL, pipe_w, NULL, rest,
+		                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+		if (r > 0) {
+			rest -= (size_t)r;
+			held += (size_t)r;
+			continue;
+		}
+		if (r == 0)
+			return -1;
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN)
+			return -1;
+		int avail = 0;
+		if (held && ioctl(c, FIONREAD, &avail) == 0 && avail > 0) {
+			/* The pipe is full: into the file with what it holds. */
+			if (pipe_drain(fd, &at, &held))
+				*err = EIO;
+			continue;
+		}
+		struct pollfd pfd = {c, POLLIN, 0};
+		if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+			return -1;
+	}
+	if (pipe_drain(fd, &at, &held))
+		*err = EIO;
+	if (held) /* the file refused: the pipe emptied to keep the stream */
+		return -1;
+	if (!*err)
+		cow_mark(len, off);
 	return 0;
 }
 
@@ -269,6 +402,8 @@ static int cow_open(uint64_t size)
 /* The loop floor's buffers: what arrived and is not yet served, and the
  * replies of one wake-up.  Both hold a largest request and its header. */
 #define LOOP_BUF (2 * MAX_LEN)
+#define SENDFILE_MIN (64U << 10) /* reads of this and more: sendfile */
+#define SPLICE_MIN (128U << 10)  /* write payloads over this: spliced */
 
 static size_t put_reply(char *out, uint32_t err, const char *handle)
 {
@@ -289,13 +424,15 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 	    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev) < 0)
 		goto done;
 	size_t have = 0;
+	int hdr_only = 0; /* after a spliced payload: read the next header alone */
 	for (;;) {
 		if (epoll_wait(ep, &ev, 1, -1) < 0) {
 			if (errno == EINTR)
 				continue;
 			goto done;
 		}
-		ssize_t got = read(c, in + have, LOOP_BUF - have);
+		size_t want = hdr_only && have < 28 ? 28 - have : LOOP_BUF - have;
+		ssize_t got = read(c, in + have, want);
 		if (got < 0 && (errno == EAGAIN || errno == EINTR))
 			continue;
 		if (got <= 0)
@@ -308,7 +445,12 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 				goto done;
 			uint32_t len = r.len;
 			int bad = len > MAX_LEN || r.off > size || len > size - r.off;
-			if (r.type == 1) {
+			/* A large write payload not all here yet is spliced. */
+			int spliced = r.type == 1 && !bad && len > SPLICE_MIN &&
+			              len <= PIPE_SIZE && pipe_w >= 0 &&
+			              have - pos < 28 + (size_t)len;
+			hdr_only = 0;
+			if (r.type == 1 && !spliced) {
 				if (len > MAX_LEN)
 					goto done;
 				if (have - pos < 28 + (size_t)len)
@@ -324,6 +466,13 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 			case 0: /* read */
 				if (bad) {
 					n += put_reply(out + n, EINVAL, r.handle);
+				} else if (len >= SENDFILE_MIN) {
+					/* Its header after the replies before it, then the
+					 * data from the page cache. */
+					n += put_reply(out + n, 0, r.handle);
+					if (full(c, out, n, 1) || image_send(c, img, len, r.off))
+						goto done;
+					n = 0;
 				} else if (image_read(img, out + n + 16, len, r.off)) {
 					n += put_reply(out + n, EIO, r.handle);
 				} else {
@@ -332,12 +481,20 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 				pos += 28;
 				break;
 			case 1: /* write */
-				if (bad)
-					err = EINVAL;
-				else if (image_write(img, in + pos + 28, len, r.off, size))
-					err = EIO;
+				if (spliced) {
+					if (image_splice(c, img, in + pos + 28, have - pos - 28,
+					                 len, r.off, size, &err))
+						goto done;
+					pos = have; /* all of it taken */
+					hdr_only = 1;
+				} else {
+					if (bad)
+						err = EINVAL;
+					else if (image_write(img, in + pos + 28, len, r.off, size))
+						err = EIO;
+					pos += 28 + (size_t)len;
+				}
 				n += put_reply(out + n, err, r.handle);
-				pos += 28 + (size_t)len;
 				break;
 			case 2: /* disconnect */
 				full(c, out, n, 1);
@@ -428,6 +585,14 @@ int main(int argc, char **argv)
 	}
 	if (cow && cow_open((uint64_t)st.st_size))
 		return 1;
+	int p[2];
+	if (loop && pipe2(p, O_CLOEXEC) == 0) {
+		/* Room for a whole payload (xnbd-server's pipes have as much);
+		 * without a pipe, payloads are read as the rest. */
+		pipe_r = p[0];
+		pipe_w = p[1];
+		fcntl(pipe_w, F_SETPIPE_SZ, (int)PIPE_SIZE);
+	}
 	signal(SIGPIPE, SIG_IGN); /* a client gone: its writes fail */
 	char *buf = malloc(relaying ? RELAY_BUF : loop ? LOOP_BUF : MAX_LEN);
 	char *out = loop ? malloc(LOOP_BUF) : buf;
