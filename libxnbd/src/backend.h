@@ -111,6 +111,9 @@ void xnbd__file_write_place(struct xnbd_backend *b, bool lane_only,
 void xnbd__file_write_shares(struct xnbd_backend *b, unsigned lane_pct,
                              unsigned loop_pct);
 
+/* Tests: how many I/Os a file backend's write lane has taken. */
+uint64_t xnbd__file_lane_ios(const struct xnbd_backend *b);
+
 /* A file backend over an open descriptor, which it takes over on success
  * (flags: XNBD_OPEN_*). */
 int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,

@@ -98,8 +98,8 @@ struct file_backend {
 	struct xnbd_backend base;
 	int fd;
 	bool blockdev;
-	/* Small writes go on the lane: a regular file, buffered (direct I/O
-	 * to a file is not serialised the same way, and gains from depth). */
+	/* Writes go on the lane: a regular file, buffered (direct I/O to a
+	 * file is not serialised the same way, and gains from depth). */
 	bool use_lane;
 	atomic_bool nowait_read;
 	atomic_bool nowait_write;
@@ -123,9 +123,10 @@ struct file_backend {
 		uint64_t stall_ns; /* PLACE_STALL_NS but in tests */
 		unsigned lane_pct, loop_pct; /* PLACE_*_PCT but in tests */
 		bool lane_only;    /* tests */
+		uint64_t lane_ios; /* I/Os the lane took (tests) */
 	} place;
-	/* Pool work comes back through it; small writes take its serial
-	 * queue, the write lane (see file_submit). */
+	/* Pool work comes back through it; writes take its serial queue,
+	 * the write lane (see lane_takes). */
 	struct xnbd__chan chan;
 };
 
@@ -530,6 +531,11 @@ void xnbd__file_write_place(struct xnbd_backend *b, bool lane_only,
 	fb->place.stall_ns = stall_ns;
 }
 
+uint64_t xnbd__file_lane_ios(const struct xnbd_backend *b)
+{
+	return ((const struct file_backend *)b)->place.lane_ios;
+}
+
 void xnbd__file_write_shares(struct xnbd_backend *b, unsigned lane_pct,
                              unsigned loop_pct)
 {
@@ -562,6 +568,7 @@ static int lane_io(struct file_backend *fb, struct xnbd_io *io)
 	if (r < 0)
 		return r;
 	fb->place.writes_out++;
+	fb->place.lane_ios++;
 	return XNBD_IO_PENDING;
 }
 

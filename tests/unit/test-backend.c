@@ -260,6 +260,72 @@ START_TEST(lane_and_pool_writes_mix)
 }
 END_TEST
 
+/* Large writes take the lane too, spliced or copied (the file system
+ * would make them one at a time anyway, and pool threads meeting on the
+ * inode's lock spin); FUA writes and reads go to the pool. */
+START_TEST(large_writes_take_the_lane)
+{
+	static struct op big[3], fua, piped, rd;
+	uint8_t *buf = malloc(4 * BIG);
+	ck_assert_ptr_nonnull(buf);
+	uint64_t n0 = xnbd__file_lane_ios(backend);
+	for (unsigned k = 0; k < 3; k++) {
+		fill(buf + k * BIG, BIG, 40 + k);
+		submit_buf(&big[k], XNBD_IO_WRITE, 0, (uint64_t)k * BIG, BIG,
+		           buf + k * BIG);
+	}
+	ck_assert_uint_eq(xnbd__file_lane_ios(backend), n0 + 3);
+	fill(fua.data, 4096, 50);
+	submit_buf(&fua, XNBD_IO_WRITE, XNBD_IO_FUA, 3 * BIG, 4096, NULL);
+	submit_buf(&rd, XNBD_IO_READ, 0, IMG_SIZE - BIG, BIG, buf + 3 * BIG);
+	ck_assert_uint_eq(xnbd__file_lane_ios(backend), n0 + 3);
+
+	/* A payload in a pipe, as the server splices it from the socket. */
+	int p[2];
+	ck_assert_int_eq(pipe(p), 0);
+	ck_assert_int_ge(fcntl(p[1], F_SETPIPE_SZ, (int)BIG), (int)BIG);
+	uint8_t *pbuf = malloc(BIG);
+	ck_assert_ptr_nonnull(pbuf);
+	fill(pbuf, BIG, 60);
+	ck_assert_int_eq(write(p[1], pbuf, BIG), (ssize_t)BIG);
+	memset(&piped.io, 0, sizeof(piped.io));
+	piped.io.type = XNBD_IO_WRITE;
+	piped.io.offset = IMG_SIZE - 2 * BIG;
+	piped.io.length = BIG;
+	piped.io.buf = malloc(BIG); /* for a file that refuses splice */
+	piped.io.done = op_done;
+	piped.io.user_data = &piped;
+	ck_assert_int_eq(xnbd__backend_submit_pipe(backend, &piped.io, p[0]),
+	                 XNBD_IO_PENDING);
+	ck_assert_uint_eq(xnbd__file_lane_ios(backend), n0 + 4);
+	uv_run(&loop, UV_RUN_DEFAULT);
+
+	int fd = open(img_path, O_RDONLY);
+	ck_assert_int_ge(fd, 0);
+	uint8_t *got = malloc(BIG);
+	ck_assert_ptr_nonnull(got);
+	for (unsigned k = 0; k < 3; k++) {
+		ck_assert_int_eq(big[k].ncalls, 1);
+		ck_assert_int_eq(big[k].io.status, 0);
+		ck_assert_int_eq(pread(fd, got, BIG, (off_t)k * BIG), (ssize_t)BIG);
+		ck_assert(memcmp(got, buf + k * BIG, BIG) == 0);
+	}
+	ck_assert_int_eq(fua.io.status, 0);
+	ck_assert_int_eq(rd.io.status, 0);
+	ck_assert_int_eq(piped.ncalls, 1);
+	ck_assert_int_eq(piped.io.status, 0);
+	ck_assert_int_eq(pread(fd, got, BIG, IMG_SIZE - 2 * BIG), (ssize_t)BIG);
+	ck_assert(memcmp(got, pbuf, BIG) == 0);
+	close(fd);
+	close(p[0]);
+	close(p[1]);
+	free(piped.io.buf);
+	free(got);
+	free(pbuf);
+	free(buf);
+}
+END_TEST
+
 /* The API lets the backend be freed in the callback of its last I/O, and
  * the loop be closed right after, without another iteration: the lane
  * must have nothing left open by then (no job, no handle). */
@@ -775,6 +841,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, lane_writes_all_land_in_order);
 	tcase_add_test(tc, lane_write_failure_is_reported_alone);
 	tcase_add_test(tc, lane_and_pool_writes_mix);
+	tcase_add_test(tc, large_writes_take_the_lane);
 	tcase_add_test(tc, backend_freed_in_last_callback);
 	tcase_add_test(tc, io_submitted_while_the_handle_closes);
 	tcase_add_test(tc, pool_threads_are_bounded);
