@@ -164,6 +164,8 @@ class Server:
                 os.unlink(f)
         if self.name == "relay-floor":
             return [self.floor, "--relay", str(port), up]
+        if self.name == "cache-floor":
+            return [self.floor, "--cache", str(port), up, cache]
         if self.name == "xnbd-server":
             return [self.xnbd, "--proxy", "--laddr", "127.0.0.1", "--lport",
                     str(port)] + extra + ["127.0.0.1", up, cache,
@@ -234,10 +236,10 @@ class Server:
 
 
 # Not servers to compare with but measures of the machine: the upstream of
-# the proxies read directly, their cache's disk, the three floors
+# the proxies read directly, their cache's disk, the four floors
 # (floor_server.c) and the kernel's own I/O on the image.
-YARDSTICKS = ("upstream", "disk", "floor", "loop-floor", "relay-floor",
-              "kernel")
+FLOORS = ("floor", "loop-floor", "relay-floor", "cache-floor")
+YARDSTICKS = ("upstream", "disk") + FLOORS + ("kernel",)
 
 
 def available_servers(xnbd):
@@ -245,7 +247,8 @@ def available_servers(xnbd):
     for name, tool in (("xnbd-server", xnbd), ("nbdkit", "nbdkit"),
                        ("qemu-nbd", "qemu-nbd"), ("nbd-server", "nbd-server"),
                        ("floor", "cc"), ("loop-floor", "cc"),
-                       ("relay-floor", "cc"), ("kernel", "fio")):
+                       ("relay-floor", "cc"), ("cache-floor", "cc"),
+                       ("kernel", "fio")):
         if shutil.which(tool) or os.path.exists(tool):
             out.append(name)
     return out
@@ -312,6 +315,9 @@ def fio_row(name, rw, bs, depth, jobs=1, mix=None):
         cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * fio_secs(job)
         return fio_result(job, bs) + (cpu,)
     run.one_thread = jobs == 1
+    # Rows of small requests: the cache floor's (its stores are buffered,
+    # where xnbd-server stores large fetches with O_DIRECT).
+    run.small = bs == "4k"
     # A cold proxy's sequential read stores every block it fetches: the
     # cache's disk is measured beside it.
     run.disk = rw == "read" and bs == "1m"
@@ -466,13 +472,13 @@ def main():
     # The blocking floor serves its image plainly and the kernel yardstick
     # writes the image itself; the loop floor has a CoW layer (--cow) but
     # is no proxy; the relay floor forwards everything to an upstream,
-    # the least a cold proxy does (a warm one holds the data).
+    # and the cache floor stores what it fetches: the two ends of what a
+    # cold proxy does (a warm one holds the data).
     keep = {"target": ("floor", "loop-floor", "kernel"),
-            "cow": ("loop-floor",), "proxy": ("relay-floor",),
+            "cow": ("loop-floor",), "proxy": ("relay-floor", "cache-floor"),
             "proxy-warm": ()}[args.mode]
     servers = [n for n in servers
-               if n not in ("floor", "loop-floor", "relay-floor", "kernel")
-               or n in keep]
+               if n not in FLOORS + ("kernel",) or n in keep]
     if proxy:
         servers = [n for n in servers if n != "nbd-server"]  # cannot proxy
         servers.append("upstream")
@@ -493,8 +499,7 @@ def main():
             for _ in range(size // 2**20):
                 f.write(block)
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
-        floor = build_floor(work) \
-            if {"floor", "loop-floor", "relay-floor"} & set(servers) else None
+        floor = build_floor(work) if set(FLOORS) & set(servers) else None
         upstream = None
         if proxy:
             upstream = Server("xnbd-server", image, work, args.xnbd, "target")
@@ -574,9 +579,12 @@ def main():
                     if name == "relay-floor" and \
                             getattr(fn, "proxy_only", False):
                         continue  # the fill opens several connections
-                    if name in ("floor", "loop-floor", "relay-floor") and \
+                    if name in FLOORS and \
                             getattr(fn, "single_conn", True) is False:
                         continue
+                    if name == "cache-floor" and \
+                            not getattr(fn, "small", False):
+                        continue  # it stores large fetches buffered
                     if name == "kernel" and not hasattr(fn, "kernel"):
                         continue
                     if name == "disk" and not getattr(fn, "disk", False):
@@ -627,6 +635,7 @@ def report(rows, servers, results, runtime):
         ("floor", "floor / best peer (work; per CPU-s)"),
         ("loop-floor", "loop floor / best peer (work; per CPU-s)"),
         ("relay-floor", "relay floor / best peer (work; per CPU-s)"),
+        ("cache-floor", "cache floor / best peer (work; per CPU-s)"),
         ("kernel", "kernel / best peer (work; per CPU-s)"),
     ) if key in servers]
     print("| row | " + " | ".join(servers) +
@@ -691,7 +700,7 @@ def report(rows, servers, results, runtime):
                     med[n] / min(max(cli[n], 1e-3), 1.0)
                     for n in cli if n not in ("upstream", "kernel", "disk"))
                     / best)
-        for key in ("floor", "loop-floor", "relay-floor", "kernel"):
+        for key in FLOORS + ("kernel",):
             if med.get(key) and best_med and best_eff:
                 # The kernel's work bounds a row's only where it only
                 # writes (kernel_caps); its work per CPU-s, every row.

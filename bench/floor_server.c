@@ -38,8 +38,23 @@
  * one read and one write at a time, with no framing at all: no request
  * is parsed, nothing is stored.
  *
+ * With --cache it is the least a caching proxy does (the "cache floor"
+ * of the cold proxy mode): it connects to the upstream once, newstyle
+ * with simple replies, and serves one client on one epoll loop.  A read
+ * whose 4096-byte blocks are all in the cache file is a pread there; a
+ * read with any block absent is sent upstream for its whole blocks, and
+ * on the reply the absent ones are stored (pwrite) and their bits set in
+ * a bitmap file mapped into memory (CACHE.bitmap), while the present ones
+ * are read back over the reply (a write may have come meanwhile).  A
+ * write is a pwrite into the cache and its bits set; a partial end block
+ * that is absent is fetched first.  Requests to the upstream go out in
+ * one write per wake-up, replies to the client in another.  No locks, no
+ * durability (no fdatasync, no bitmap sync), no second thread; it exits
+ * after the first client that asked anything.
+ *
  *     floor_server [--loop [--cow]] PORT IMAGE
  *     floor_server --relay PORT UPPORT
+ *     floor_server --cache PORT UPPORT CACHE
  */
 #define _GNU_SOURCE /* O_TMPFILE */
 #include <arpa/inet.h>
@@ -56,6 +71,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -561,8 +577,366 @@ done:
 		close(u);
 }
 
+/* ---- --cache: the least a caching proxy does ---------------------------- */
+
+#define CBS 4096U                 /* the cache's block */
+#define CACHE_BUF (16U << 20)     /* each of the four buffers */
+#define CACHE_MAX_LEN (4U << 20)  /* longest request served */
+#define SLOTS 1024U               /* upstream reads in flight */
+
+static int ups = -1;      /* the upstream's socket */
+static int cache_fd = -1; /* the cache image */
+static uint8_t *cbits;    /* the bitmap file, mapped: a bit per block */
+
+static int present(uint64_t b)
+{
+	return cbits[b >> 3] >> (b & 7) & 1;
+}
+
+/* A client request waiting on the upstream: a read, or a write whose
+ * partial end blocks were absent (then its payload, to lay over them). */
+struct slot {
+	int used;
+	char handle[8];
+	uint64_t off, eoff; /* the request's start; the blocks' start */
+	uint32_t len, elen; /* its length; the blocks' length */
+	char *payload;      /* a write's, or NULL for a read */
+};
+static struct slot slots[SLOTS];
+
+/* Newstyle, fixed, then NBD_OPT_EXPORT_NAME of the default export, with
+ * simple replies (no option asks for structured ones). */
+static int up_connect(int port, uint64_t *size)
+{
+	int one = 1;
+	ups = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in a = {.sin_family = AF_INET,
+	                        .sin_port = htons((uint16_t)port),
+	                        .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	if (ups < 0 || connect(ups, (struct sockaddr *)&a, sizeof(a)) < 0)
+		return -1;
+	setsockopt(ups, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	char h[18];
+	if (full(ups, h, sizeof(h), 0) || memcmp(h, "NBDMAGICIHAVEOPT", 16))
+		return -1;
+	uint16_t sf;
+	memcpy(&sf, h + 16, 2);
+	sf = ntohs(sf) & 3; /* FIXED_NEWSTYLE, NO_ZEROES */
+	char o[20] = "\0\0\0\0IHAVEOPT";
+	uint32_t v = htonl(sf);
+	memcpy(o, &v, 4);
+	v = htonl(1); /* NBD_OPT_EXPORT_NAME, empty name */
+	memcpy(o + 12, &v, 4);
+	if (full(ups, o, sizeof(o), 1))
+		return -1;
+	char r[10 + 124];
+	if (full(ups, r, sf & 2 ? 10 : sizeof(r), 0))
+		return -1;
+	memcpy(size, r, 8);
+	*size = be64toh(*size);
+	return 0;
+}
+
+static int cache_open(const char *path, uint64_t size)
+{
+	char bp[4096];
+	snprintf(bp, sizeof(bp), "%s.bitmap", path);
+	size_t blen = (size_t)((size + CBS - 1) / CBS / 8 + 1);
+	cache_fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	int b = open(bp, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	if (cache_fd < 0 || b < 0 || ftruncate(cache_fd, (off_t)size) < 0 ||
+	    ftruncate(b, (off_t)blen) < 0)
+		return -1;
+	cbits = mmap(NULL, blen, PROT_READ | PROT_WRITE, MAP_SHARED, b, 0);
+	close(b);
+	return cbits == MAP_FAILED ? -1 : 0;
+}
+
+/* Blocks [first, last] all present? */
+static int all_present(uint64_t first, uint64_t last)
+{
+	for (uint64_t b = first; b <= last; b++)
+		if (!present(b))
+			return 0;
+	return 1;
+}
+
+static void mark(uint64_t off, uint64_t len)
+{
+	for (uint64_t b = off / CBS; b < (off + len + CBS - 1) / CBS; b++)
+		cbits[b >> 3] |= (uint8_t)(1U << (b & 7));
+}
+
+/* Upstream blocks at d (elen bytes from eoff) have arrived: the runs still
+ * absent are stored and recorded; the runs present since (written here
+ * meanwhile) are read back over d, so d holds the image as it is. */
+static int settle(char *d, uint64_t eoff, uint32_t elen)
+{
+	uint64_t end = eoff + elen, off = eoff;
+	while (off < end) {
+		uint64_t b = off / CBS, e = off + CBS;
+		int p = present(b);
+		while (e < end && present(e / CBS) == p)
+			e += CBS;
+		if (e > end)
+			e = end;
+		size_t n = (size_t)(e - off);
+		char *at = d + (off - eoff);
+		if (p ? pread(cache_fd, at, n, (off_t)off) != (ssize_t)n
+		      : pwrite(cache_fd, at, n, (off_t)off) != (ssize_t)n)
+			return -1;
+		if (!p)
+			mark(off, n);
+		off = e;
+	}
+	return 0;
+}
+
+/* Send the upstream a read of [eoff, eoff+elen) for slot i. */
+static size_t put_up_read(char *uo, unsigned i, uint64_t eoff, uint32_t elen)
+{
+	uint32_t m = htonl(REQ_MAGIC), l = htonl(elen);
+	uint16_t f = 0, t = htons(0);
+	uint64_t h = i, o = htobe64(eoff);
+	memcpy(uo, &m, 4);
+	memcpy(uo + 4, &f, 2);
+	memcpy(uo + 6, &t, 2);
+	memcpy(uo + 8, &h, 8);
+	memcpy(uo + 16, &o, 8);
+	memcpy(uo + 24, &l, 4);
+	return 28;
+}
+
+static int free_slot(void)
+{
+	for (unsigned i = 0; i < SLOTS; i++)
+		if (!slots[i].used)
+			return (int)i;
+	return -1;
+}
+
+/* One client: requests read all at once per wake-up; hits, and writes of
+ * whole or present blocks, served on the spot; misses sent upstream in
+ * one write per wake-up, and their replies, once stored and recorded,
+ * put with the others into one write to the client. */
+static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
+                       char *uo)
+{
+	int served = 0;
+	if (handshake(c, size))
+		return 0;
+	int ep = epoll_create1(0);
+	struct epoll_event ce = {.events = EPOLLIN, .data.fd = c};
+	struct epoll_event ue = {.events = EPOLLIN, .data.fd = ups};
+	if (ep < 0 || fcntl(c, F_SETFL, O_NONBLOCK) < 0 ||
+	    fcntl(ups, F_SETFL, O_NONBLOCK) < 0 ||
+	    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ce) < 0 ||
+	    epoll_ctl(ep, EPOLL_CTL_ADD, ups, &ue) < 0)
+		goto done;
+	size_t have = 0, uhave = 0;
+	for (;;) {
+		struct epoll_event evs[2];
+		int ne = epoll_wait(ep, evs, 2, -1);
+		if (ne < 0 && errno == EINTR)
+			continue;
+		if (ne < 0)
+			goto done;
+		size_t n = 0, un = 0; /* replies to the client; upstream requests */
+		for (int k = 0; k < ne; k++) {
+			if (evs[k].data.fd == ups) {
+				ssize_t got = read(ups, uin + uhave, CACHE_BUF - uhave);
+				if (got < 0 && (errno == EAGAIN || errno == EINTR))
+					continue;
+				if (got <= 0)
+					goto done;
+				uhave += (size_t)got;
+				size_t pos = 0;
+				while (uhave - pos >= 16) {
+					uint32_t m, e;
+					uint64_t h;
+					memcpy(&m, uin + pos, 4);
+					memcpy(&e, uin + pos + 4, 4);
+					memcpy(&h, uin + pos + 8, 8);
+					if (ntohl(m) != REPLY_MAGIC || h >= SLOTS ||
+					    !slots[h].used || e)
+						goto done; /* no error handling: a yardstick */
+					struct slot *sl = &slots[h];
+					if (uhave - pos < 16 + (size_t)sl->elen)
+						break;
+					char *d = uin + pos + 16;
+					uint32_t err = 0;
+					if (settle(d, sl->eoff, sl->elen))
+						err = EIO;
+					else if (sl->payload) { /* a write: over the blocks */
+						if (pwrite(cache_fd, sl->payload, sl->len,
+						           (off_t)sl->off) != (ssize_t)sl->len)
+							err = EIO;
+						else
+							mark(sl->off, sl->len);
+					}
+					size_t rl = !sl->payload && !err ? sl->len : 0;
+					if (n + 16 + rl > CACHE_BUF) {
+						if (full(c, out, n, 1))
+							goto done;
+						n = 0;
+					}
+					n += put_reply(out + n, err, sl->handle);
+					memcpy(out + n, d + (sl->off - sl->eoff), rl);
+					n += rl;
+					free(sl->payload);
+					sl->payload = NULL;
+					sl->used = 0;
+					pos += 16 + sl->elen;
+				}
+				memmove(uin, uin + pos, uhave - pos);
+				uhave -= pos;
+				continue;
+			}
+			ssize_t got = read(c, in + have, CACHE_BUF - have);
+			if (got < 0 && (errno == EAGAIN || errno == EINTR))
+				continue;
+			if (got <= 0)
+				goto done;
+			have += (size_t)got;
+			size_t pos = 0;
+			while (have - pos >= 28) {
+				struct req r;
+				if (parse((unsigned char *)in + pos, &r))
+					goto done;
+				served = 1;
+				uint32_t len = r.len;
+				int bad = !len || len > CACHE_MAX_LEN || r.off > size ||
+				          len > size - r.off;
+				if (r.type == 1 && len > CACHE_MAX_LEN)
+					goto done;
+				if (r.type == 1 && have - pos < 28 + (size_t)len)
+					break; /* its payload is still on the way */
+				size_t take = 28 + (r.type == 1 ? (size_t)len : 0);
+				if (n + 16 + (r.type == 0 ? len : 0) > CACHE_BUF) {
+					if (full(c, out, n, 1))
+						goto done;
+					n = 0;
+				}
+				if (r.type == 2) {
+					full(c, out, n, 1);
+					goto done;
+				}
+				if ((r.type != 0 && r.type != 1) || bad) {
+					/* flush is a no-op (nothing here is durable) */
+					n += put_reply(out + n, r.type == 3 ? 0 : EINVAL,
+					               r.handle);
+					pos += take;
+					continue;
+				}
+				uint64_t first = r.off / CBS, last = (r.off + len - 1) / CBS;
+				uint64_t eoff = first * CBS, eend = (last + 1) * CBS;
+				if (eend > size)
+					eend = size;
+				/* A write needs the upstream only for a partial end
+				 * block that is absent. */
+				int miss = r.type == 0
+				    ? !all_present(first, last)
+				    : ((r.off > eoff && !present(first)) ||
+				       (r.off + len < eend && !present(last)));
+				if (!miss) {
+					uint32_t err = 0;
+					if (r.type == 0) {
+						if (pread(cache_fd, out + n + 16, len,
+						          (off_t)r.off) != (ssize_t)len)
+							err = EIO;
+						n += put_reply(out + n, err, r.handle);
+						n += err ? 0 : len;
+					} else {
+						if (pwrite(cache_fd, in + pos + 28, len,
+						           (off_t)r.off) != (ssize_t)len)
+							err = EIO;
+						else
+							mark(r.off, len);
+						n += put_reply(out + n, err, r.handle);
+					}
+					pos += take;
+					continue;
+				}
+				int i = free_slot();
+				if (i < 0 || un + 28 > CACHE_BUF)
+					goto done; /* more in flight than a yardstick takes */
+				struct slot *sl = &slots[i];
+				sl->used = 1;
+				memcpy(sl->handle, r.handle, 8);
+				sl->off = r.off;
+				sl->len = len;
+				sl->eoff = eoff;
+				sl->elen = (uint32_t)(eend - eoff);
+				sl->payload = NULL;
+				if (r.type == 1) {
+					sl->payload = malloc(len);
+					if (!sl->payload)
+						goto done;
+					memcpy(sl->payload, in + pos + 28, len);
+				}
+				un += put_up_read(uo + un, (unsigned)i, eoff, sl->elen);
+				pos += take;
+			}
+			memmove(in, in + pos, have - pos);
+			have -= pos;
+		}
+		if ((un && full(ups, uo, un, 1)) || (n && full(c, out, n, 1)))
+			goto done;
+	}
+done:
+	if (ep >= 0)
+		close(ep);
+	return served;
+}
+
+static int listen_on(int port)
+{
+	int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+	struct sockaddr_in a = {.sin_family = AF_INET,
+	                        .sin_port = htons((uint16_t)port),
+	                        .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof(a)) < 0 ||
+	    listen(l, 8) < 0) {
+		perror("floor_server");
+		return -1;
+	}
+	return l;
+}
+
+static int accept_one(int l)
+{
+	int c = accept(l, NULL, NULL), one = 1;
+	if (c >= 0)
+		setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	return c;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc == 5 && strcmp(argv[1], "--cache") == 0) {
+		uint64_t size;
+		if (up_connect(atoi(argv[3]), &size) || cache_open(argv[4], size)) {
+			perror("floor_server: the upstream or the cache");
+			return 1;
+		}
+		char *in = malloc(CACHE_BUF), *out = malloc(CACHE_BUF);
+		char *uin = malloc(CACHE_BUF), *uo = malloc(CACHE_BUF);
+		int l = listen_on(atoi(argv[2]));
+		if (!in || !out || !uin || !uo || l < 0)
+			return 1;
+		signal(SIGPIPE, SIG_IGN);
+		for (;;) {
+			int c = accept_one(l);
+			if (c < 0)
+				continue;
+			/* One client that asked anything, then out: what it left
+			 * asked of the upstream is not waited for. */
+			if (serve_cache(c, size, in, out, uin, uo))
+				return 0;
+			close(c);
+		}
+	}
 	int relaying = argc == 4 && strcmp(argv[1], "--relay") == 0;
 	int loop = argc >= 4 && strcmp(argv[1], "--loop") == 0;
 	argv += loop;
@@ -574,7 +948,8 @@ int main(int argc, char **argv)
 	argc -= relaying;
 	if (argc != 3) {
 		fprintf(stderr, "usage: floor_server [--loop [--cow]] PORT IMAGE\n"
-		                "       floor_server --relay PORT UPPORT\n");
+		                "       floor_server --relay PORT UPPORT\n"
+		                "       floor_server --cache PORT UPPORT CACHE\n");
 		return 2;
 	}
 	int img = relaying ? -1 : open(argv[2], cow ? O_RDONLY : O_RDWR);
@@ -596,21 +971,13 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN); /* a client gone: its writes fail */
 	char *buf = malloc(relaying ? RELAY_BUF : loop ? LOOP_BUF : MAX_LEN);
 	char *out = loop ? malloc(LOOP_BUF) : buf;
-	int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
-	struct sockaddr_in a = {.sin_family = AF_INET,
-	                        .sin_port = htons((uint16_t)atoi(argv[1])),
-	                        .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-	setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (!buf || !out || l < 0 || bind(l, (struct sockaddr *)&a, sizeof(a)) < 0 ||
-	    listen(l, 8) < 0) {
-		perror("floor_server");
+	int l = listen_on(atoi(argv[1]));
+	if (!buf || !out || l < 0)
 		return 1;
-	}
 	for (;;) {
-		int c = accept(l, NULL, NULL);
+		int c = accept_one(l);
 		if (c < 0)
 			continue;
-		setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 		if (relaying)
 			relay(c, atoi(argv[2]), buf);
 		else if (loop)
