@@ -12,6 +12,12 @@
  *   the request.
  * - The handshake is a small state machine run from the same buffer: the
  *   client sends one option at a time, as the spec requires.
+ * - Requests are not written as they are submitted: they queue, and a
+ *   check handle (run once per loop iteration, after the I/O callbacks
+ *   that submitted them) writes all that queued in one uv_write, so a
+ *   proxy's fetches for a batch of its clients' requests cost one
+ *   system call, not one each.  An idle handle keeps the loop from
+ *   blocking in poll while some wait.
  * - A slot is free again only when its reply is complete and its
  *   write has finished; on a lost connection every request completes with
  *   -ECONNRESET (or -ECANCELED when the client is freed).
@@ -51,7 +57,9 @@ struct slot {
 	struct xnbd_client *c;
 	uint32_t gen;
 	uint32_t next_free;
-	bool writing; /* uv_write not finished */
+	uint32_t next_q; /* the next slot queued to be written, or NO_SLOT */
+	void *wbuf;      /* a WRITE's payload */
+	bool writing; /* queued, or its uv_write not finished */
 	int err;
 	uint64_t covered; /* READ bytes delivered (structured) */
 	/* The byte ranges delivered so far, disjoint, sorted and merged: a
@@ -61,8 +69,15 @@ struct slot {
 		uint64_t a, b;
 	} cov[COV_MAX];
 	uint32_t ncov;
-	uv_write_t w;
 	uint8_t hdr[XNBD_REQUEST_SIZE];
+};
+
+/* One uv_write of the requests queued in one loop iteration. */
+struct batch {
+	uv_write_t w;
+	struct xnbd_client *c;
+	uint32_t n;
+	uint32_t idx[]; /* the slots written */
 };
 
 struct xnbd_client {
@@ -73,7 +88,14 @@ struct xnbd_client {
 	uv_connect_t conn;
 	uv_timer_t timer; /* the time limit of connecting and negotiating */
 	uint64_t timeout_ms;
-	int nhandles; /* tcp and timer: initialised, close callback not run */
+	int nhandles; /* tcp, timer, flush and kick: initialised, close
+	                 callback not run */
+	uv_check_t flush; /* writes the queued requests (flush_cb) */
+	uv_idle_t kick;   /* active with flush: poll does not block */
+	bool flush_on;
+	uint32_t q_head, q_tail; /* requests queued to be written */
+	uint32_t nq;
+	uv_buf_t *bufs; /* scratch for a batch's buffers (2 a slot) */
 	bool freeing;
 	enum state state;
 	enum hs_step hs;
@@ -176,6 +198,7 @@ static struct slot *slot_get(struct xnbd_client *c)
 
 static void free_now(struct xnbd_client *c)
 {
+	free(c->bufs);
 	free(c->slots);
 	free(c->rbuf);
 	free(c->name);
@@ -195,6 +218,21 @@ static void close_handles(struct xnbd_client *c)
 		return;
 	uv_close((uv_handle_t *)&c->tcp, close_cb);
 	uv_close((uv_handle_t *)&c->timer, close_cb);
+	uv_close((uv_handle_t *)&c->flush, close_cb);
+	uv_close((uv_handle_t *)&c->kick, close_cb);
+}
+
+/* Requests queued and never to be written (the connection is gone). */
+static void drop_queue(struct xnbd_client *c)
+{
+	while (c->q_head != NO_SLOT) {
+		struct slot *s = &c->slots[c->q_head];
+		c->q_head = s->next_q;
+		s->writing = false;
+		slot_maybe_free(c, s);
+	}
+	c->q_tail = NO_SLOT;
+	c->nq = 0;
 }
 
 static void fail_all(struct xnbd_client *c, int err)
@@ -217,6 +255,7 @@ static void die(struct xnbd_client *c, int err, const char *why)
 		clog_(c, XNBD_LOG_WARNING, "upstream connection: %s", why);
 	close_handles(c);
 	fail_all(c, c->freeing ? -ECANCELED : -ECONNRESET);
+	drop_queue(c);
 	if (was != C_READY && c->connect_cb) {
 		xnbd_client_cb cb = c->connect_cb;
 		c->connect_cb = NULL;
@@ -229,14 +268,62 @@ static void die(struct xnbd_client *c, int err, const char *why)
 
 /* ---- sending ------------------------------------------------------------------ */
 
-static void req_write_cb(uv_write_t *w, int status)
+static void batch_write_cb(uv_write_t *w, int status)
 {
-	struct slot *s = w->data;
-	struct xnbd_client *c = s->c;
-	s->writing = false;
+	struct batch *b = w->data;
+	struct xnbd_client *c = b->c;
+	for (uint32_t i = 0; i < b->n; i++)
+		c->slots[b->idx[i]].writing = false;
 	if (status < 0 && c->state != C_DEAD)
 		die(c, status, uv_strerror(status));
-	slot_maybe_free(c, s);
+	for (uint32_t i = 0; i < b->n; i++)
+		slot_maybe_free(c, &c->slots[b->idx[i]]);
+	free(b);
+}
+
+/* The check handle: write every request queued, in order, at once. */
+static void flush_cb(uv_check_t *h)
+{
+	struct xnbd_client *c = h->data;
+	uv_check_stop(&c->flush);
+	uv_idle_stop(&c->kick);
+	c->flush_on = false;
+	if (!c->nq || c->state != C_READY)
+		return;
+	struct batch *b = malloc(sizeof(*b) + c->nq * sizeof(b->idx[0]));
+	if (!b) {
+		die(c, -ENOMEM, "out of memory");
+		return;
+	}
+	b->c = c;
+	b->n = 0;
+	unsigned nbufs = 0;
+	for (uint32_t i = c->q_head; i != NO_SLOT; i = c->slots[i].next_q) {
+		struct slot *s = &c->slots[i];
+		b->idx[b->n++] = i;
+		c->bufs[nbufs++] = uv_buf_init((char *)s->hdr, XNBD_REQUEST_SIZE);
+		if (xnbd__get16(s->hdr + 6) == XNBD_CMD_WRITE)
+			c->bufs[nbufs++] =
+			    uv_buf_init(s->wbuf, xnbd__get32(s->hdr + 24));
+	}
+	c->q_head = c->q_tail = NO_SLOT;
+	c->nq = 0;
+	b->w.data = b;
+	int r = uv_write(&b->w, (uv_stream_t *)&c->tcp, c->bufs, nbufs,
+	                 batch_write_cb);
+	if (r < 0) {
+		for (uint32_t i = 0; i < b->n; i++)
+			c->slots[b->idx[i]].writing = false;
+		die(c, r, uv_strerror(r));
+		for (uint32_t i = 0; i < b->n; i++)
+			slot_maybe_free(c, &c->slots[b->idx[i]]);
+		free(b);
+	}
+}
+
+static void kick_cb(uv_idle_t *h)
+{
+	(void)h; /* only there to keep poll from blocking */
 }
 
 static int client_submit(struct xnbd_backend *b, struct xnbd_io *io)
@@ -277,21 +364,23 @@ static int client_submit(struct xnbd_backend *b, struct xnbd_io *io)
 	xnbd__put64(h + 8, ((uint64_t)s->gen << 32) | idx);
 	xnbd__put64(h + 16, io->type == XNBD_IO_FLUSH ? 0 : io->offset);
 	xnbd__put32(h + 24, io->type == XNBD_IO_FLUSH ? 0 : (uint32_t)io->length);
-	uv_buf_t bufs[2] = {uv_buf_init((char *)h, XNBD_REQUEST_SIZE),
-	                    uv_buf_init(io->buf, (unsigned)io->length)};
-	unsigned nbufs = io->type == XNBD_IO_WRITE ? 2 : 1;
 	s->io = io;
+	s->wbuf = io->buf;
 	s->err = 0;
 	s->covered = 0;
 	s->ncov = 0;
 	s->writing = true;
-	s->w.data = s;
-	int r = uv_write(&s->w, (uv_stream_t *)&c->tcp, bufs, nbufs, req_write_cb);
-	if (r < 0) {
-		s->io = NULL;
-		s->writing = false;
-		slot_maybe_free(c, s);
-		return r;
+	s->next_q = NO_SLOT;
+	if (c->q_tail != NO_SLOT)
+		c->slots[c->q_tail].next_q = idx;
+	else
+		c->q_head = idx;
+	c->q_tail = idx;
+	c->nq++;
+	if (!c->flush_on) {
+		uv_check_start(&c->flush, flush_cb);
+		uv_idle_start(&c->kick, kick_cb);
+		c->flush_on = true;
 	}
 	c->in_flight++;
 	return XNBD_IO_PENDING;
@@ -766,8 +855,10 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 	}
 	uv_tcp_init(c->loop, &c->tcp);
 	uv_timer_init(c->loop, &c->timer);
-	c->tcp.data = c->timer.data = c;
-	c->nhandles = 2;
+	uv_check_init(c->loop, &c->flush);
+	uv_idle_init(c->loop, &c->kick);
+	c->tcp.data = c->timer.data = c->flush.data = c->kick.data = c;
+	c->nhandles = 4;
 	if (c->timeout_ms)
 		uv_timer_start(&c->timer, on_timeout, c->timeout_ms, 0);
 	c->state = C_CONNECTING;
@@ -826,11 +917,15 @@ int xnbd_client_new(uv_loop_t *loop, struct xnbd_client **out)
 		return -ENOMEM;
 	}
 	c->slots = calloc(MAX_SLOTS, sizeof(*c->slots));
-	if (!c->slots) {
+	c->bufs = malloc(2 * MAX_SLOTS * sizeof(*c->bufs));
+	if (!c->slots || !c->bufs) {
+		free(c->bufs);
+		free(c->slots);
 		free(c->rbuf);
 		free(c);
 		return -ENOMEM;
 	}
+	c->q_head = c->q_tail = NO_SLOT;
 	for (uint32_t i = 0; i < MAX_SLOTS; i++) {
 		c->slots[i].c = c;
 		c->slots[i].next_free = i + 1 < MAX_SLOTS ? i + 1 : NO_SLOT;

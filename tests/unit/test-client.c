@@ -2,13 +2,17 @@
  * accepts connections but never speaks (or speaks half a greeting) ends
  * the attempt with -ETIMEDOUT instead of a wait without end, a limit of 0
  * waits on, the limit cannot change during a connection, and a client
- * freed while it waits calls nothing and leaks nothing. */
+ * freed while it waits calls nothing and leaks nothing.  And its sending:
+ * the requests submitted in one loop iteration go out together at its
+ * end, in order; requests still queued when the client is freed complete
+ * once, with an error. */
 #include <check.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -163,6 +167,162 @@ START_TEST(refused_is_not_a_timeout)
 }
 END_TEST
 
+/* ---- sending ---------------------------------------------------------- */
+
+struct done {
+	int calls;
+	int status;
+};
+
+static void io_done(struct xnbd_io *io)
+{
+	struct done *d = io->user_data;
+	d->calls++;
+	d->status = io->status;
+}
+
+static uint64_t be64(const uint8_t *p)
+{
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = v << 8 | p[i];
+	return v;
+}
+
+/* A client connected to this test, which plays an oldstyle server of
+ * 1 MiB on *fd (blocking). */
+static struct xnbd_client *connect_oldstyle(int *fd)
+{
+	struct result r = {0};
+	struct xnbd_client *c = start(&r, 5000);
+	*fd = -1;
+	double end = now() + 5;
+	while (*fd < 0 && now() < end) {
+		uv_run(&loop, UV_RUN_NOWAIT);
+		*fd = accept4(lfd, NULL, NULL, 0);
+		if (*fd < 0)
+			usleep(1000);
+	}
+	ck_assert_int_ge(*fd, 0);
+	uint8_t hello[8 + 8 + 8 + 4 + 124] = "NBDMAGIC";
+	static const uint8_t old[8] = {0, 0, 0x42, 0x02, 0x81, 0x86, 0x12, 0x53};
+	memcpy(hello + 8, old, 8);
+	hello[16 + 5] = 0x10; /* 1 MiB */
+	hello[24 + 3] = 1;    /* HAS_FLAGS */
+	ck_assert_int_eq(send(*fd, hello, sizeof(hello), 0), (ssize_t)sizeof(hello));
+	run_until(&r, 5);
+	ck_assert_int_eq(r.calls, 1);
+	ck_assert_int_eq(r.status, 0);
+	return c;
+}
+
+static int pending_bytes(int fd)
+{
+	int n = -1;
+	ck_assert_int_eq(ioctl(fd, FIONREAD, &n), 0);
+	return n;
+}
+
+#define NREQ 8
+START_TEST(requests_of_one_iteration_go_out_together)
+{
+	int fd;
+	struct xnbd_client *c = connect_oldstyle(&fd);
+	struct xnbd_backend *b = xnbd_client_backend(c);
+	static uint8_t bufs[NREQ][4096];
+	struct xnbd_io io[NREQ];
+	struct done d[NREQ] = {{0}};
+	for (int i = 0; i < NREQ; i++) {
+		memset(bufs[i], i == 3 ? 0xab : 0, sizeof(bufs[i]));
+		io[i] = (struct xnbd_io){.type = i == 3 ? XNBD_IO_WRITE : XNBD_IO_READ,
+		                         .offset = (uint64_t)(NREQ - i) * 4096,
+		                         .length = 4096, .buf = bufs[i],
+		                         .done = io_done, .user_data = &d[i]};
+		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]), XNBD_IO_PENDING);
+	}
+	/* Nothing is sent while the iteration that submitted them runs... */
+	ck_assert_int_eq(pending_bytes(fd), 0);
+	/* ...and all of it, in order, at its end. */
+	uv_run(&loop, UV_RUN_NOWAIT);
+	const int total = NREQ * 28 + 4096;
+	ck_assert_int_eq(pending_bytes(fd), total);
+	static uint8_t got[NREQ * 28 + 4096];
+	ck_assert_int_eq(recv(fd, got, sizeof(got), MSG_WAITALL), total);
+	const uint8_t *q = got;
+	uint8_t handles[NREQ][8];
+	for (int i = 0; i < NREQ; i++) {
+		ck_assert_uint_eq(q[6] << 8 | q[7], i == 3 ? 1 : 0);
+		ck_assert_uint_eq(be64(q + 16), (uint64_t)(NREQ - i) * 4096);
+		memcpy(handles[i], q + 8, 8);
+		q += 28;
+		if (i == 3) {
+			ck_assert_uint_eq(q[0], 0xab);
+			ck_assert_uint_eq(q[4095], 0xab);
+			q += 4096;
+		}
+	}
+	/* Simple replies, the last request's first: each lands in its own. */
+	for (int i = NREQ - 1; i >= 0; i--) {
+		static uint8_t rep[16 + 4096];
+		static const uint8_t magic[4] = {0x67, 0x44, 0x66, 0x98};
+		memset(rep, 0, sizeof(rep));
+		memcpy(rep, magic, 4);
+		memcpy(rep + 8, handles[i], 8);
+		memset(rep + 16, 0x10 + i, 4096);
+		size_t n = i == 3 ? 16 : sizeof(rep);
+		ck_assert_int_eq(send(fd, rep, n, 0), (ssize_t)n);
+	}
+	double end = now() + 5;
+	int left = NREQ;
+	while (left && now() < end) {
+		uv_run(&loop, UV_RUN_NOWAIT);
+		left = 0;
+		for (int i = 0; i < NREQ; i++)
+			left += !d[i].calls;
+	}
+	for (int i = 0; i < NREQ; i++) {
+		ck_assert_int_eq(d[i].calls, 1);
+		ck_assert_int_eq(d[i].status, 0);
+		if (i != 3)
+			ck_assert_uint_eq(bufs[i][100], 0x10 + i);
+	}
+	xnbd_client_free(c);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	close(fd);
+}
+END_TEST
+
+/* Requests queued but not yet sent when the client is freed: each
+ * completes once, with -ECANCELED, and nothing of them is sent. */
+START_TEST(requests_queued_at_free_are_cancelled)
+{
+	int fd;
+	struct xnbd_client *c = connect_oldstyle(&fd);
+	struct xnbd_backend *b = xnbd_client_backend(c);
+	static uint8_t buf[4][4096];
+	struct xnbd_io io[4];
+	struct done d[4] = {{0}};
+	for (int i = 0; i < 4; i++) {
+		io[i] = (struct xnbd_io){.type = XNBD_IO_READ, .offset = 0,
+		                         .length = 4096, .buf = buf[i],
+		                         .done = io_done, .user_data = &d[i]};
+		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]), XNBD_IO_PENDING);
+	}
+	xnbd_client_free(c);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	for (int i = 0; i < 4; i++) {
+		ck_assert_int_eq(d[i].calls, 1);
+		ck_assert_int_eq(d[i].status, -ECANCELED);
+	}
+	/* Only the soft disconnect reached the server. */
+	uint8_t got[64];
+	ssize_t n = recv(fd, got, sizeof(got), MSG_WAITALL);
+	ck_assert_int_eq(n, 28);
+	ck_assert_uint_eq(got[7], 2); /* NBD_CMD_DISC */
+	close(fd);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("client");
@@ -173,5 +333,10 @@ int main(void)
 	tcase_add_test(tc, no_limit_waits);
 	tcase_add_test(tc, refused_is_not_a_timeout);
 	suite_add_tcase(s, tc);
+	TCase *ts = tcase_create("sending");
+	tcase_add_checked_fixture(ts, setup, teardown);
+	tcase_add_test(ts, requests_of_one_iteration_go_out_together);
+	tcase_add_test(ts, requests_queued_at_free_are_cancelled);
+	suite_add_tcase(s, ts);
 	return xnbd_test_run(s);
 }
