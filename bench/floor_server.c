@@ -44,13 +44,16 @@
  * whose 4096-byte blocks are all in the cache file is a pread there; a
  * read with any block absent is sent upstream for its whole blocks, and
  * on the reply the absent ones are stored (pwrite) and their bits set in
- * a bitmap file mapped into memory (CACHE.bitmap), while the present ones
- * are read back over the reply (a write may have come meanwhile).  A
- * write is a pwrite into the cache and its bits set; a partial end block
- * that is absent is fetched first.  Requests to the upstream go out in
- * one write per wake-up, replies to the client in another.  No locks, no
- * durability (no fdatasync, no bitmap sync), no second thread; it exits
- * after the first client that asked anything.
+ * a bitmap in memory, while the present ones are read back over the reply
+ * (a write may have come meanwhile).  A write is a pwrite into the cache
+ * and its bits set; a partial end block that is absent is fetched first.
+ * Requests to the upstream go out in one write per wake-up, replies to
+ * the client in another.  Every 2 s while bits were set, and at its end,
+ * the cache is synced and then the bitmap written to CACHE.bitmap and
+ * synced, the group commit by which xnbd-server keeps a bit on disk from
+ * vouching for data that is not (there on a worker thread, here on the
+ * one).  No locks, no flush (a no-op), no second thread; it exits after
+ * the first client that asked anything.
  *
  *     floor_server [--loop [--cow]] PORT IMAGE
  *     floor_server --relay PORT UPPORT
@@ -71,11 +74,11 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define REQ_MAGIC 0x25609513U
@@ -586,7 +589,10 @@ done:
 
 static int ups = -1;      /* the upstream's socket */
 static int cache_fd = -1; /* the cache image */
-static uint8_t *cbits;    /* the bitmap file, mapped: a bit per block */
+static uint8_t *cbits;    /* a bit per block, in memory */
+static int bitmap_fd = -1;
+static size_t bitmap_len;
+#define SYNC_MS 2000 /* the group commit's period, as xnbd-server's */
 
 static int present(uint64_t b)
 {
@@ -647,9 +653,34 @@ static int cache_open(const char *path, uint64_t size)
 	if (cache_fd < 0 || b < 0 || ftruncate(cache_fd, (off_t)size) < 0 ||
 	    ftruncate(b, (off_t)blen) < 0)
 		return -1;
-	cbits = mmap(NULL, blen, PROT_READ | PROT_WRITE, MAP_SHARED, b, 0);
-	close(b);
-	return cbits == MAP_FAILED ? -1 : 0;
+	cbits = calloc(blen, 1);
+	bitmap_fd = b;
+	bitmap_len = blen;
+	return cbits ? 0 : -1;
+}
+
+/* The group commit: the cache's data on disk, then the bitmap, so that no
+ * bit on disk vouches for data that is not (as xnbd-server does it, every
+ * SYNC_MS while bits were set; here on the one thread). */
+static int dirty_bits;
+
+static int cache_sync(void)
+{
+	if (!dirty_bits)
+		return 0;
+	dirty_bits = 0;
+	if (fdatasync(cache_fd) < 0 ||
+	    pwrite(bitmap_fd, cbits, bitmap_len, 0) != (ssize_t)bitmap_len ||
+	    fdatasync(bitmap_fd) < 0)
+		return -1;
+	return 0;
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
 /* Blocks [first, last] all present? */
@@ -665,6 +696,7 @@ static void mark(uint64_t off, uint64_t len)
 {
 	for (uint64_t b = off / CBS; b < (off + len + CBS - 1) / CBS; b++)
 		cbits[b >> 3] |= (uint8_t)(1U << (b & 7));
+	dirty_bits = 1;
 }
 
 /* Upstream blocks at d (elen bytes from eoff) have arrived: the runs still
@@ -734,13 +766,20 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 	    epoll_ctl(ep, EPOLL_CTL_ADD, ups, &ue) < 0)
 		goto done;
 	size_t have = 0, uhave = 0;
+	int64_t sync_at = now_ms() + SYNC_MS;
 	for (;;) {
 		struct epoll_event evs[2];
-		int ne = epoll_wait(ep, evs, 2, -1);
+		int64_t wait = sync_at - now_ms();
+		int ne = epoll_wait(ep, evs, 2, wait > 0 ? (int)wait : 0);
 		if (ne < 0 && errno == EINTR)
 			continue;
 		if (ne < 0)
 			goto done;
+		if (now_ms() >= sync_at) {
+			if (cache_sync())
+				goto done;
+			sync_at = now_ms() + SYNC_MS;
+		}
 		size_t n = 0, un = 0; /* replies to the client; upstream requests */
 		for (int k = 0; k < ne; k++) {
 			if (evs[k].data.fd == ups) {
@@ -933,7 +972,7 @@ int main(int argc, char **argv)
 			/* One client that asked anything, then out: what it left
 			 * asked of the upstream is not waited for. */
 			if (serve_cache(c, size, in, out, uin, uo))
-				return 0;
+				return cache_sync() ? 1 : 0;
 			close(c);
 		}
 	}
