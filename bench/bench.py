@@ -76,6 +76,18 @@ def cpu_seconds(pid):
     return (ut + st + cut + cst) / CLK_TCK
 
 
+def has_children(pid):
+    """Has the process children (alive or not yet reaped)?"""
+    try:
+        for t in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, t)) as f:
+                if f.read().split():
+                    return True
+    except OSError:
+        pass
+    return False
+
+
 def children_cpu():
     """CPU-seconds of this process's reaped children: the client runs as
     one, and servers are reaped only after the measurement."""
@@ -552,7 +564,13 @@ def main():
                 value, unit, amount = got[:3]
                 client = got[3] if len(got) > 3 else \
                     (children_cpu() - k0) / max(time.monotonic() - t0, 1e-3)
-                time.sleep(0.2)  # let forked children be reaped
+                # Let forked children (nbd-server's, one a client) end
+                # and be reaped, so that their CPU is counted: a CoW
+                # child may take seconds to drop its overlay.
+                time.sleep(0.2)
+                end = time.monotonic() + 10
+                while has_children(srv.pid) and time.monotonic() < end:
+                    time.sleep(0.05)
                 c1 = cpu_seconds(srv.pid)
             finally:
                 srv.stop()
