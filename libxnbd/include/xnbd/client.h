@@ -27,7 +27,10 @@ struct xnbd_client;
 typedef void (*xnbd_client_cb)(struct xnbd_client *c, int status,
                                void *user_data);
 
-/* Create a client on `loop`.  Returns 0 or -ENOMEM. */
+/* Create a client on `loop`.  Returns 0 or -ENOMEM.  The program must
+ * ignore SIGPIPE: requests are written with libuv's writes, and a server
+ * that goes away while one is being written would otherwise kill the
+ * process. */
 XNBD_EXPORT int xnbd_client_new(uv_loop_t *loop, struct xnbd_client **out);
 
 /* Where the client's messages go; without a handler they are dropped. */

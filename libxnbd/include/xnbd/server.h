@@ -47,7 +47,10 @@ XNBD_EXPORT int xnbd_export_set_description(struct xnbd_export *e,
 /* Free an export that no server holds any more.  Accepts NULL. */
 XNBD_EXPORT void xnbd_export_free(struct xnbd_export *e);
 
-/* Create a server on `loop`.  Returns 0 or -ENOMEM. */
+/* Create a server on `loop`.  Returns 0 or -ENOMEM.  The program must
+ * ignore SIGPIPE: replies are written to the client's socket with
+ * writev() and sendfile(), and a client that leaves while one is being
+ * written would otherwise kill the process. */
 XNBD_EXPORT int xnbd_server_new(uv_loop_t *loop, struct xnbd_server **out);
 
 /* Where the server's messages go; without a handler they are dropped. */
