@@ -360,16 +360,9 @@ static int image_splice(int c, int img, const char *src, size_t k,
 	uint64_t at = off;
 	size_t held = 0, rest = len - k;
 	*err = cow_prepare(img, len, off, size) ? EIO : 0;
-	while (k) {
-		ssize_t r = write(pipe_w, src, k);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return -1;
-		src += r;
-		k -= (size_t)r;
-		held += (size_t)r;
-	}
+	if (k && full(pipe_w, (char *)src, k, 1))
+		return -1;
+	held = k;
 	while (rest) {
 		ssize_t r = splice(c, NULL, pipe_w, NULL, rest,
 		                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
@@ -540,6 +533,23 @@ done:
 
 #define RELAY_BUF (4U << 20)
 
+/* An epoll descriptor watching a and b, both made non-blocking, for
+ * input (its data.fd says which); -1 on an error. */
+static int watch_two(int a, int b)
+{
+	int ep = epoll_create1(0);
+	struct epoll_event ae = {.events = EPOLLIN, .data.fd = a};
+	struct epoll_event be = {.events = EPOLLIN, .data.fd = b};
+	if (ep >= 0 && (fcntl(a, F_SETFL, O_NONBLOCK) < 0 ||
+	                fcntl(b, F_SETFL, O_NONBLOCK) < 0 ||
+	                epoll_ctl(ep, EPOLL_CTL_ADD, a, &ae) < 0 ||
+	                epoll_ctl(ep, EPOLL_CTL_ADD, b, &be) < 0)) {
+		close(ep);
+		return -1;
+	}
+	return ep;
+}
+
 static void relay(int c, int upport, char *buf)
 {
 	int u = socket(AF_INET, SOCK_STREAM, 0), one = 1, ep = -1;
@@ -549,13 +559,8 @@ static void relay(int c, int upport, char *buf)
 	if (u < 0 || connect(u, (struct sockaddr *)&a, sizeof(a)) < 0)
 		goto done;
 	setsockopt(u, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	ep = epoll_create1(0);
-	struct epoll_event ce = {.events = EPOLLIN, .data.fd = c};
-	struct epoll_event ue = {.events = EPOLLIN, .data.fd = u};
-	if (ep < 0 || fcntl(c, F_SETFL, O_NONBLOCK) < 0 ||
-	    fcntl(u, F_SETFL, O_NONBLOCK) < 0 ||
-	    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ce) < 0 ||
-	    epoll_ctl(ep, EPOLL_CTL_ADD, u, &ue) < 0)
+	ep = watch_two(c, u);
+	if (ep < 0)
 		goto done;
 	for (;;) {
 		struct epoll_event evs[2];
@@ -747,6 +752,19 @@ static int free_slot(void)
 	return -1;
 }
 
+/* Append what fd has to buf (CACHE_BUF, *have used): 1, 0 if it had
+ * nothing yet, -1 at its end or on an error. */
+static int take_in(int fd, char *buf, size_t *have)
+{
+	ssize_t got = read(fd, buf + *have, CACHE_BUF - *have);
+	if (got < 0 && (errno == EAGAIN || errno == EINTR))
+		return 0;
+	if (got <= 0)
+		return -1;
+	*have += (size_t)got;
+	return 1;
+}
+
 /* One client: requests read all at once per wake-up; hits, and writes of
  * whole or present blocks, served on the spot; misses sent upstream in
  * one write per wake-up, and their replies, once stored and recorded,
@@ -757,13 +775,8 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 	int served = 0;
 	if (handshake(c, size))
 		return 0;
-	int ep = epoll_create1(0);
-	struct epoll_event ce = {.events = EPOLLIN, .data.fd = c};
-	struct epoll_event ue = {.events = EPOLLIN, .data.fd = ups};
-	if (ep < 0 || fcntl(c, F_SETFL, O_NONBLOCK) < 0 ||
-	    fcntl(ups, F_SETFL, O_NONBLOCK) < 0 ||
-	    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ce) < 0 ||
-	    epoll_ctl(ep, EPOLL_CTL_ADD, ups, &ue) < 0)
+	int ep = watch_two(c, ups);
+	if (ep < 0)
 		goto done;
 	size_t have = 0, uhave = 0;
 	int64_t sync_at = now_ms() + SYNC_MS;
@@ -782,13 +795,14 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 		}
 		size_t n = 0, un = 0; /* replies to the client; upstream requests */
 		for (int k = 0; k < ne; k++) {
-			if (evs[k].data.fd == ups) {
-				ssize_t got = read(ups, uin + uhave, CACHE_BUF - uhave);
-				if (got < 0 && (errno == EAGAIN || errno == EINTR))
-					continue;
-				if (got <= 0)
-					goto done;
-				uhave += (size_t)got;
+			int from_up = evs[k].data.fd == ups;
+			int got = from_up ? take_in(ups, uin, &uhave)
+			                  : take_in(c, in, &have);
+			if (got < 0)
+				goto done;
+			if (!got)
+				continue;
+			if (from_up) {
 				size_t pos = 0;
 				while (uhave - pos >= 16) {
 					uint32_t m, e;
@@ -831,12 +845,6 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 				uhave -= pos;
 				continue;
 			}
-			ssize_t got = read(c, in + have, CACHE_BUF - have);
-			if (got < 0 && (errno == EAGAIN || errno == EINTR))
-				continue;
-			if (got <= 0)
-				goto done;
-			have += (size_t)got;
 			size_t pos = 0;
 			while (have - pos >= 28) {
 				struct req r;

@@ -110,6 +110,16 @@ static void submit(struct op *o, uint32_t type, uint64_t off, uint64_t len)
 	submit_buf(o, type, 0, off, len, NULL);
 }
 
+/* The file fd holds data (len bytes) at off. */
+static void file_holds(int fd, uint64_t off, const void *data, size_t len)
+{
+	uint8_t *got = malloc(len);
+	ck_assert_ptr_nonnull(got);
+	ck_assert_int_eq(pread(fd, got, len, (off_t)off), (ssize_t)len);
+	ck_assert(memcmp(got, data, len) == 0);
+	free(got);
+}
+
 static void fill(uint8_t *p, size_t n, unsigned seed)
 {
 	for (size_t i = 0; i < n; i++)
@@ -240,8 +250,7 @@ START_TEST(lane_and_pool_writes_mix)
 	for (unsigned i = 0; i < 32; i++) {
 		ck_assert_int_eq(small[i].ncalls, 1);
 		ck_assert_int_eq(small[i].io.status, 0);
-		ck_assert_int_eq(pread(fd, buf, 4096, (off_t)i * 65536), 4096);
-		ck_assert(memcmp(buf, small[i].data, 4096) == 0);
+		file_holds(fd, (uint64_t)i * 65536, small[i].data, 4096);
 	}
 	for (unsigned k = 0; k < 4; k++) {
 		ck_assert_int_eq(big[k].ncalls, 1);
@@ -302,25 +311,20 @@ START_TEST(large_writes_take_the_lane)
 
 	int fd = open(img_path, O_RDONLY);
 	ck_assert_int_ge(fd, 0);
-	uint8_t *got = malloc(BIG);
-	ck_assert_ptr_nonnull(got);
 	for (unsigned k = 0; k < 3; k++) {
 		ck_assert_int_eq(big[k].ncalls, 1);
 		ck_assert_int_eq(big[k].io.status, 0);
-		ck_assert_int_eq(pread(fd, got, BIG, (off_t)k * BIG), (ssize_t)BIG);
-		ck_assert(memcmp(got, buf + k * BIG, BIG) == 0);
+		file_holds(fd, (uint64_t)k * BIG, buf + k * BIG, BIG);
 	}
 	ck_assert_int_eq(fua.io.status, 0);
 	ck_assert_int_eq(rd.io.status, 0);
 	ck_assert_int_eq(piped.ncalls, 1);
 	ck_assert_int_eq(piped.io.status, 0);
-	ck_assert_int_eq(pread(fd, got, BIG, IMG_SIZE - 2 * BIG), (ssize_t)BIG);
-	ck_assert(memcmp(got, pbuf, BIG) == 0);
+	file_holds(fd, IMG_SIZE - 2 * BIG, pbuf, BIG);
 	close(fd);
 	close(p[0]);
 	close(p[1]);
 	free(piped.io.buf);
-	free(got);
 	free(pbuf);
 	free(buf);
 }
