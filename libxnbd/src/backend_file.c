@@ -547,9 +547,9 @@ void xnbd__file_write_shares(struct xnbd_backend *b, unsigned lane_pct,
 /* Buffered writes to one file are serialised by the file system (ext4,
  * XFS and btrfs take the inode's lock for each): pool threads writing at
  * once only wait for each other, spinning on the lock and switching (a
- * fifth of the server's CPU at 4 KiB random writes, depth 32; at 1 MiB
- * writes, depth 8, 17% in rwsem_spin_on_owner in the runs where two
- * threads met there, and those ran at a third of the speed).  So writes
+ * fifth of the server's CPU at 4 KiB random writes, depth 32; 17% in
+ * rwsem_spin_on_owner in a slow run of 1 MiB CoW writes at depth 8, 2.7%
+ * in a fast one, doc/design.md).  So writes
  * without FUA, spliced or not, of any size, take the lane: one worker
  * writes them one after the other, in order, each completed as soon as
  * it is written.  Reads, FUA writes (each waits for the disk), writes

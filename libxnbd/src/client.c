@@ -57,9 +57,11 @@ struct slot {
 	struct xnbd_client *c;
 	uint32_t gen;
 	uint32_t next_free;
-	uint32_t next_q; /* the next slot queued to be written, or NO_SLOT */
-	void *wbuf;      /* a WRITE's payload */
-	bool writing; /* queued, or its uv_write not finished */
+	/* The next slot queued to be written, or NO_SLOT; once written, the
+	 * next slot of its batch (until the batch's write has finished). */
+	uint32_t next_q;
+	bool writing; /* queued, or its batch's uv_write not finished */
+	bool listed;  /* on the free list */
 	int err;
 	uint64_t covered; /* READ bytes delivered (structured) */
 	/* The byte ranges delivered so far, disjoint, sorted and merged: a
@@ -69,15 +71,10 @@ struct slot {
 		uint64_t a, b;
 	} cov[COV_MAX];
 	uint32_t ncov;
-	uint8_t hdr[XNBD_REQUEST_SIZE];
-};
-
-/* One uv_write of the requests queued in one loop iteration. */
-struct batch {
+	/* The first slot of a batch holds its write and its length. */
 	uv_write_t w;
-	struct xnbd_client *c;
-	uint32_t n;
-	uint32_t idx[]; /* the slots written */
+	uint32_t batch_n;
+	uint8_t hdr[XNBD_REQUEST_SIZE];
 };
 
 struct xnbd_client {
@@ -130,9 +127,10 @@ struct xnbd_client {
 
 static void slot_maybe_free(struct xnbd_client *c, struct slot *s)
 {
-	if (s->io || s->writing)
-		return;
+	if (s->io || s->writing || s->listed)
+		return; /* in use, or freed already (a batch's end after die) */
 	uint32_t i = (uint32_t)(s - c->slots);
+	s->listed = true;
 	s->gen++;
 	s->next_free = c->free_head;
 	c->free_head = i;
@@ -191,6 +189,7 @@ static struct slot *slot_get(struct xnbd_client *c)
 		return NULL;
 	struct slot *s = &c->slots[c->free_head];
 	c->free_head = s->next_free;
+	s->listed = false;
 	return s;
 }
 
@@ -268,17 +267,29 @@ static void die(struct xnbd_client *c, int err, const char *why)
 
 /* ---- sending ------------------------------------------------------------------ */
 
-static void batch_write_cb(uv_write_t *w, int status)
+/* The batch that starts at slot first is written, or never will be:
+ * its slots may be freed once their replies are in.  Its links are read
+ * before any slot is freed (a freed slot's next_q is not touched, but
+ * the free list may hand it out from a callback). */
+static void batch_done(struct xnbd_client *c, struct slot *first, int status)
 {
-	struct batch *b = w->data;
-	struct xnbd_client *c = b->c;
-	for (uint32_t i = 0; i < b->n; i++)
-		c->slots[b->idx[i]].writing = false;
+	uint32_t n = first->batch_n;
+	uint32_t i = (uint32_t)(first - c->slots);
+	for (uint32_t k = 0, j = i; k < n; k++, j = c->slots[j].next_q)
+		c->slots[j].writing = false;
 	if (status < 0 && c->state != C_DEAD)
 		die(c, status, uv_strerror(status));
-	for (uint32_t i = 0; i < b->n; i++)
-		slot_maybe_free(c, &c->slots[b->idx[i]]);
-	free(b);
+	for (uint32_t k = 0; k < n; k++) {
+		struct slot *s = &c->slots[i];
+		i = s->next_q;
+		slot_maybe_free(c, s);
+	}
+}
+
+static void batch_write_cb(uv_write_t *w, int status)
+{
+	struct slot *first = w->data;
+	batch_done(first->c, first, status);
 }
 
 /* The check handle: write every request queued, in order, at once. */
@@ -290,35 +301,25 @@ static void flush_cb(uv_check_t *h)
 	c->flush_on = false;
 	if (!c->nq || c->state != C_READY)
 		return;
-	struct batch *b = malloc(sizeof(*b) + c->nq * sizeof(b->idx[0]));
-	if (!b) {
-		die(c, -ENOMEM, "out of memory");
-		return;
-	}
-	b->c = c;
-	b->n = 0;
+	/* Queued slots have their I/O: nothing completes them unwritten
+	 * but die(), which empties the queue. */
 	unsigned nbufs = 0;
 	for (uint32_t i = c->q_head; i != NO_SLOT; i = c->slots[i].next_q) {
 		struct slot *s = &c->slots[i];
-		b->idx[b->n++] = i;
 		c->bufs[nbufs++] = uv_buf_init((char *)s->hdr, XNBD_REQUEST_SIZE);
-		if (xnbd__get16(s->hdr + 6) == XNBD_CMD_WRITE)
+		if (s->io->type == XNBD_IO_WRITE)
 			c->bufs[nbufs++] =
-			    uv_buf_init(s->wbuf, xnbd__get32(s->hdr + 24));
+			    uv_buf_init(s->io->buf, (unsigned)s->io->length);
 	}
+	struct slot *first = &c->slots[c->q_head];
+	first->batch_n = c->nq;
+	first->w.data = first;
 	c->q_head = c->q_tail = NO_SLOT;
 	c->nq = 0;
-	b->w.data = b;
-	int r = uv_write(&b->w, (uv_stream_t *)&c->tcp, c->bufs, nbufs,
+	int r = uv_write(&first->w, (uv_stream_t *)&c->tcp, c->bufs, nbufs,
 	                 batch_write_cb);
-	if (r < 0) {
-		for (uint32_t i = 0; i < b->n; i++)
-			c->slots[b->idx[i]].writing = false;
-		die(c, r, uv_strerror(r));
-		for (uint32_t i = 0; i < b->n; i++)
-			slot_maybe_free(c, &c->slots[b->idx[i]]);
-		free(b);
-	}
+	if (r < 0)
+		batch_done(c, first, r);
 }
 
 static void kick_cb(uv_idle_t *h)
@@ -365,7 +366,6 @@ static int client_submit(struct xnbd_backend *b, struct xnbd_io *io)
 	xnbd__put64(h + 16, io->type == XNBD_IO_FLUSH ? 0 : io->offset);
 	xnbd__put32(h + 24, io->type == XNBD_IO_FLUSH ? 0 : (uint32_t)io->length);
 	s->io = io;
-	s->wbuf = io->buf;
 	s->err = 0;
 	s->covered = 0;
 	s->ncov = 0;
@@ -928,6 +928,7 @@ int xnbd_client_new(uv_loop_t *loop, struct xnbd_client **out)
 	c->q_head = c->q_tail = NO_SLOT;
 	for (uint32_t i = 0; i < MAX_SLOTS; i++) {
 		c->slots[i].c = c;
+		c->slots[i].listed = true;
 		c->slots[i].next_free = i + 1 < MAX_SLOTS ? i + 1 : NO_SLOT;
 	}
 	c->nslots = MAX_SLOTS;
