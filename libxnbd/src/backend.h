@@ -106,11 +106,6 @@ int xnbd__fd_cached(int fd, uint64_t off, uint64_t len);
 void xnbd__file_write_place(struct xnbd_backend *b, bool lane_only,
                             uint64_t stall_ns);
 
-/* Tests: the shares of a window's time spent in small writes above which
- * they go to the lane (80) and below which they come back (55). */
-void xnbd__file_write_shares(struct xnbd_backend *b, unsigned lane_pct,
-                             unsigned loop_pct);
-
 /* Tests: how many I/Os a file backend's write lane has taken. */
 uint64_t xnbd__file_lane_ios(const struct xnbd_backend *b);
 

@@ -8,9 +8,9 @@
  *   cache or refuses with EAGAIN; whatever is left goes to the worker pool
  *   (pool.h: libxnbd's own, not libuv's, whose completion signal spins).
  *   Small writes where the file system has no RWF_NOWAIT writes (ext4,
- *   tmpfs) are made on the loop thread while they leave it time, and a
- *   stall sends them away (write_here); the rest, and large writes, go
- *   to the write lane, the pool's serial queue (see lane_takes).
+ *   tmpfs) are made on the loop thread, and a stall sends them away for a
+ *   while (write_here); the rest, and large writes, go to the write lane,
+ *   the pool's serial queue (see lane_takes).
  *   Flushes, FUA writes, trims, zeroing and extent queries always go to
  *   the pool.
  * - Reads the server may send straight from the descriptor (sendfile, no
@@ -54,16 +54,11 @@
 #define INLINE_MAX (128U * 1024U) /* largest I/O tried on the loop thread */
 #define SNAPSHOT_DONE 0xffffffffU  /* io type of a snapshot's end */
 
-/* Where small writes run (file_submit): on the loop thread, unless in the
- * last window they took more than PLACE_LANE_PCT of its time (then on the
- * lane, until they take less than PLACE_LOOP_PCT of the window).  An inline
+/* Where small writes run (file_submit): on the loop thread.  An inline
  * write that took PLACE_STALL_NS or more sends the writes to the lane for
  * a hold that starts at PLACE_HOLD_MIN_NS and doubles, up to
  * PLACE_HOLD_MAX_NS, while the stalls keep coming. */
 #define MS_NS (1000U * 1000U)
-#define PLACE_WINDOW_NS (20U * MS_NS)
-#define PLACE_LANE_PCT 80U
-#define PLACE_LOOP_PCT 55U
 #define PLACE_STALL_NS (10U * MS_NS)
 #define PLACE_HOLD_MIN_NS (1000ULL * MS_NS)
 #define PLACE_HOLD_MAX_NS (64000ULL * MS_NS)
@@ -107,21 +102,14 @@ struct file_backend {
 	atomic_bool zero_range_ok;
 	bool cachestat_ok; /* loop thread only */
 	struct snapshot *snap; /* running snapshot, loop thread only */
-	/* Nanoseconds spent in small writes without FUA (inline or on the
-	 * lane), summed by whichever thread made them. */
-	atomic_uint_fast64_t small_write_ns;
 	struct { /* where small writes run (write_here); loop thread only */
-		bool lane;
 		/* Writes, trims and zeroings on the lane or the pool, not yet
 		 * completed: they may hold the inode's lock. */
 		unsigned writes_out;
-		uint64_t win_start, win_ns0; /* the window: its start, and
-		                                small_write_ns then */
 		uint64_t hold_until, hold_ns;
 		uint64_t fsize_limit; /* RLIMIT_FSIZE at the open: no inline
 		                         write past it (SIGXFSZ) */
 		uint64_t stall_ns; /* PLACE_STALL_NS but in tests */
-		unsigned lane_pct, loop_pct; /* PLACE_*_PCT but in tests */
 		bool lane_only;    /* tests */
 		uint64_t lane_ios; /* I/Os the lane took (tests) */
 	} place;
@@ -365,15 +353,9 @@ static void work_cb(struct xnbd_io *io)
 			r = sync_if_fua(fb, io, r);
 			break;
 		}
-		/* Small writes count their time (see write_here). */
-		bool timed = io->length <= INLINE_MAX && !(io->flags & XNBD_IO_FUA);
-		uint64_t t0 = timed ? uv_hrtime() : 0;
 		r = full_pwrite(fb->fd, (uint8_t *)io->buf + done, io->length - done,
 		                io->offset + done,
 		                (io->flags & XNBD_IO_FUA) ? RWF_DSYNC : 0);
-		if (timed)
-			atomic_fetch_add_explicit(&fb->small_write_ns, uv_hrtime() - t0,
-			                          memory_order_relaxed);
 		break;
 	case XNBD_IO_FLUSH:
 		r = fdatasync(fb->fd) ? -errno : 0;
@@ -451,15 +433,15 @@ static int range_cached(struct file_backend *fb, uint64_t off, uint64_t len)
  *
  * The lane saves the loop thread the write's time, and costs a hand-off
  * each way (a wake-up of the lane's worker while it sleeps, and of the
- * loop for the completion).  That pays where writes fill the lane and
- * the loop has other work meanwhile: a stream of writes and little else.
- * Where reads are most of the traffic, the lane sleeps between writes and
- * every write pays both wake-ups.  On two cores shared with the client,
- * 4 KiB writes all made inline took a 70/30 random mix (depth 32) from
- * 67k-68k to 66k-85k IOPS in three pairs, with 10% to 27% more requests
- * per server CPU-second, and cost a tenth of the IOPS of a stream of
- * writes only (doc/design.md).  So the windows' share of time spent
- * writing picks the place.
+ * loop for the completion), and the write costs the lane's CPU what it
+ * would cost the loop's.  Where writes are cheap beside the loop's other
+ * work and stream in back to back, the overlap can pay (2026-12-03's
+ * machine: writes alone 12% more IOPS on the lane, at a third more CPU a
+ * write); where they are dear (ext4 on large folios, most of a write's
+ * CPU in ext4_block_write_begin) or sparse among reads, it does not
+ * (2026-12-04's: inline, 4 KiB writes at depth 32 made as many IOPS at
+ * 1.3 to 1.6 times the requests per server CPU-second, and the 70/30 mix
+ * as many or more; doc/design.md).  So they are made here.
  *
  * A write without RWF_NOWAIT can wait: on the dirty-page throttle, on a
  * journal, on a page it must read in.  The last is avoided (a write not
@@ -474,18 +456,7 @@ static int range_cached(struct file_backend *fb, uint64_t off, uint64_t len)
 static bool write_here(struct file_backend *fb, const struct xnbd_io *io,
                        uint64_t now)
 {
-	if (now - fb->place.win_start >= PLACE_WINDOW_NS) {
-		uint64_t ns = atomic_load_explicit(&fb->small_write_ns,
-		                                   memory_order_relaxed);
-		uint64_t took = ns - fb->place.win_ns0;
-		uint64_t wall = now - fb->place.win_start;
-		if (fb->place.lane ? took * 100 < wall * fb->place.loop_pct
-		                   : took * 100 > wall * fb->place.lane_pct)
-			fb->place.lane = !fb->place.lane;
-		fb->place.win_start = now;
-		fb->place.win_ns0 = ns;
-	}
-	if (fb->place.lane || fb->place.lane_only || now < fb->place.hold_until ||
+	if (fb->place.lane_only || now < fb->place.hold_until ||
 	    fb->place.writes_out)
 		return false;
 	if (io->offset + io->length > fb->place.fsize_limit)
@@ -506,8 +477,6 @@ static int write_inline(struct file_backend *fb, struct xnbd_io *io,
 	io->status = full_pwrite(fb->fd, (uint8_t *)io->buf + done,
 	                         io->length - done, io->offset + done, 0);
 	uint64_t now = uv_hrtime();
-	atomic_fetch_add_explicit(&fb->small_write_ns, now - t0,
-	                          memory_order_relaxed);
 	if (now - t0 >= fb->place.stall_ns) {
 		/* A stall within the longest hold's time from the end of the
 		 * last hold doubles it. */
@@ -534,14 +503,6 @@ void xnbd__file_write_place(struct xnbd_backend *b, bool lane_only,
 uint64_t xnbd__file_lane_ios(const struct xnbd_backend *b)
 {
 	return ((const struct file_backend *)b)->place.lane_ios;
-}
-
-void xnbd__file_write_shares(struct xnbd_backend *b, unsigned lane_pct,
-                             unsigned loop_pct)
-{
-	struct file_backend *fb = (struct file_backend *)b;
-	fb->place.lane_pct = lane_pct;
-	fb->place.loop_pct = loop_pct;
 }
 
 /* Buffered writes to one file are serialised by the file system (ext4,
@@ -998,10 +959,7 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 	atomic_init(&fb->punch_ok, true);
 	atomic_init(&fb->zero_range_ok, true);
 	fb->cachestat_ok = true;
-	atomic_init(&fb->small_write_ns, 0);
 	fb->place.stall_ns = PLACE_STALL_NS;
-	fb->place.lane_pct = PLACE_LANE_PCT;
-	fb->place.loop_pct = PLACE_LOOP_PCT;
 	struct rlimit rl;
 	fb->place.fsize_limit = getrlimit(RLIMIT_FSIZE, &rl) == 0 &&
 	                                rl.rlim_cur != RLIM_INFINITY
