@@ -316,8 +316,32 @@ static void flush_cb(uv_check_t *h)
 	first->w.data = first;
 	c->q_head = c->q_tail = NO_SLOT;
 	c->nq = 0;
-	int r = uv_write(&first->w, (uv_stream_t *)&c->tcp, c->bufs, nbufs,
-	                 batch_write_cb);
+	/* Written at once where the socket has room: a uv_write that finishes
+	 * at once still stops its POLLOUT watcher, which libuv 1.44 turns into
+	 * an epoll_ctl each time (one a loop iteration, a cold proxy's
+	 * strace). */
+	uv_buf_t *bufs = c->bufs;
+	int r = uv_try_write((uv_stream_t *)&c->tcp, bufs, nbufs);
+	if (r == UV_EAGAIN) /* full, or an earlier batch is still going out */
+		r = 0;
+	if (r < 0) {
+		batch_done(c, first, r);
+		return;
+	}
+	size_t done = (size_t)r;
+	while (nbufs && done >= bufs->len) {
+		done -= bufs->len;
+		bufs++;
+		nbufs--;
+	}
+	if (!nbufs) {
+		batch_done(c, first, 0);
+		return;
+	}
+	bufs->base += done;
+	bufs->len -= done;
+	r = uv_write(&first->w, (uv_stream_t *)&c->tcp, bufs, nbufs,
+	             batch_write_cb);
 	if (r < 0)
 		batch_done(c, first, r);
 }

@@ -292,6 +292,78 @@ START_TEST(requests_of_one_iteration_go_out_together)
 }
 END_TEST
 
+/* A batch larger than the socket takes at once: the part that fits is
+ * written at once, the rest when there is room, all in order, and each
+ * write completes once its reply is in.  (8 MiB of writes, to the 1 MiB
+ * export again and again, against a small receive buffer: more than
+ * Linux lets a socket hold, 4 MiB by default.) */
+#define NBIG 128
+#define BIG (64 * 1024)
+START_TEST(a_batch_larger_than_the_socket_goes_out_whole)
+{
+	int small = 4096;
+	ck_assert_int_eq(setsockopt(lfd, SOL_SOCKET, SO_RCVBUF, &small,
+	                            sizeof(small)), 0);
+	int fd;
+	struct xnbd_client *c = connect_oldstyle(&fd);
+	struct xnbd_backend *b = xnbd_client_backend(c);
+	static uint8_t bufs[NBIG][BIG];
+	struct xnbd_io io[NBIG];
+	struct done d[NBIG] = {{0}};
+	for (int i = 0; i < NBIG; i++) {
+		for (int k = 0; k < BIG; k++)
+			bufs[i][k] = (uint8_t)(i * 31 + k % 251);
+		io[i] = (struct xnbd_io){.type = XNBD_IO_WRITE,
+		                         .offset = (uint64_t)(i % 16) * BIG,
+		                         .length = BIG,
+		                         .buf = bufs[i], .done = io_done,
+		                         .user_data = &d[i]};
+		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]), XNBD_IO_PENDING);
+	}
+	uv_run(&loop, UV_RUN_NOWAIT);
+	const size_t total = NBIG * (28 + BIG);
+	ck_assert_int_lt(pending_bytes(fd), (int)total);
+	static uint8_t got[NBIG * (28 + BIG)];
+	size_t have = 0;
+	double end = now() + 10;
+	while (have < total && now() < end) {
+		ssize_t n = recv(fd, got + have, total - have, MSG_DONTWAIT);
+		if (n > 0)
+			have += (size_t)n;
+		uv_run(&loop, UV_RUN_NOWAIT);
+	}
+	ck_assert_uint_eq(have, total);
+	const uint8_t *q = got;
+	for (int i = 0; i < NBIG; i++) {
+		ck_assert_uint_eq(q[7], 1); /* NBD_CMD_WRITE */
+		ck_assert_uint_eq(be64(q + 16), (uint64_t)(i % 16) * BIG);
+		static const uint8_t magic[4] = {0x67, 0x44, 0x66, 0x98};
+		uint8_t rep[16] = {0};
+		memcpy(rep, magic, 4);
+		memcpy(rep + 8, q + 8, 8);
+		q += 28;
+		ck_assert(memcmp(q, bufs[i], BIG) == 0);
+		q += BIG;
+		ck_assert_int_eq(send(fd, rep, sizeof(rep), 0), (ssize_t)sizeof(rep));
+	}
+	int left = NBIG;
+	end = now() + 5;
+	while (left && now() < end) {
+		uv_run(&loop, UV_RUN_NOWAIT);
+		left = 0;
+		for (int i = 0; i < NBIG; i++)
+			left += !d[i].calls;
+	}
+	for (int i = 0; i < NBIG; i++) {
+		ck_assert_int_eq(d[i].calls, 1);
+		ck_assert_int_eq(d[i].status, 0);
+	}
+	xnbd_client_free(c);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	close(fd);
+}
+END_TEST
+
 /* Requests queued but not yet sent when the client is freed: each
  * completes once, with -ECANCELED, and nothing of them is sent. */
 START_TEST(requests_queued_at_free_are_cancelled)
@@ -337,6 +409,7 @@ int main(void)
 	tcase_add_checked_fixture(ts, setup, teardown);
 	tcase_add_test(ts, requests_of_one_iteration_go_out_together);
 	tcase_add_test(ts, requests_queued_at_free_are_cancelled);
+	tcase_add_test(ts, a_batch_larger_than_the_socket_goes_out_whole);
 	suite_add_tcase(s, ts);
 	return xnbd_test_run(s);
 }
