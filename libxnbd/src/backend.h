@@ -106,6 +106,9 @@ int xnbd__fd_cached(int fd, uint64_t off, uint64_t len);
 void xnbd__file_write_place(struct xnbd_backend *b, bool lane_only,
                             uint64_t stall_ns);
 
+/* Tests: how many writes a file backend made in pieces (WRITE_PIECE). */
+uint64_t xnbd__file_pieced_writes(const struct xnbd_backend *b);
+
 /* Tests: how many I/Os a file backend's write lane has taken. */
 uint64_t xnbd__file_lane_ios(const struct xnbd_backend *b);
 

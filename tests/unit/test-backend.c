@@ -658,6 +658,31 @@ static bool have_cachestat(void)
 	return r >= 0;
 }
 
+/* A large buffered write into pages not in the page cache is made in
+ * pieces of 64 KiB, so that the file system makes small folios for them
+ * (WRITE_PIECE in backend_file.c); the same range again, cached by then,
+ * is written whole.  The data lands either way. */
+START_TEST(large_writes_into_uncached_pages_go_in_pieces)
+{
+	if (!have_cachestat())
+		return; /* no way to tell: every write is made whole */
+	static struct op o;
+	uint8_t *buf = malloc(BIG);
+	ck_assert_ptr_nonnull(buf);
+	uint64_t n0 = xnbd__file_pieced_writes(backend);
+	for (unsigned k = 0; k < 2; k++) {
+		fill(buf, BIG, 70 + k);
+		submit_buf(&o, XNBD_IO_WRITE, 0, 2 * BIG, BIG, buf);
+		uv_run(&loop, UV_RUN_DEFAULT);
+		ck_assert_int_eq(o.ncalls, 1);
+		ck_assert_int_eq(o.io.status, 0);
+		ck_assert(file_is(buf, 2 * BIG, BIG));
+		ck_assert_uint_eq(xnbd__file_pieced_writes(backend), n0 + 1);
+	}
+	free(buf);
+}
+END_TEST
+
 /* An idle backend makes a small write at once, on the caller's thread:
  * a whole page, or a piece of a page in the page cache (where cachestat
  * says so).  A piece of a page that is not in the cache would be read
@@ -850,6 +875,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, io_goes_on_after_fork);
 	tcase_add_test(tc, jobs_run_once_and_the_last_may_free_their_channel);
 	tcase_add_test(tc, snapshot_ends_through_the_channel);
+	tcase_add_test(tc, large_writes_into_uncached_pages_go_in_pieces);
 	tcase_add_test(tc, idle_small_writes_are_made_inline);
 	tcase_add_test(tc, writes_past_the_file_size_limit_leave_the_loop_thread);
 	tcase_add_test(tc, small_writes_leave_the_loop_while_others_are_out);
