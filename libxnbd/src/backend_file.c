@@ -104,7 +104,7 @@ struct file_backend {
 	atomic_bool nowait_write;
 	atomic_bool punch_ok;
 	atomic_bool zero_range_ok;
-	bool cachestat_ok; /* loop thread only */
+	atomic_bool cachestat_ok; /* cachestat may be asked (range_cached) */
 	struct snapshot *snap; /* running snapshot, loop thread only */
 	struct { /* where small writes run (write_here); loop thread only */
 		/* Writes, trims and zeroings on the lane or the pool, not yet
@@ -151,8 +151,9 @@ static int full_pread(int fd, void *buf, uint64_t len, uint64_t off)
 	return r == -ENODATA ? -EIO : r;
 }
 
-/* Buffered writes go to the page cache in pieces of at most WRITE_PIECE
- * bytes.  A larger write into pages not yet cached makes the file system
+/* Buffered writes into pages not all cached go to the file in pieces of
+ * at most WRITE_PIECE bytes (write_piece).  A larger write into pages not
+ * yet cached makes the file system
  * allocate large folios (ext4 since Linux 6.16), and on a virtual machine
  * that hands free memory back to its host (free page reporting, as
  * Firecracker's balloon does), large free blocks are the ones handed
@@ -195,6 +196,20 @@ static int full_pwrite(int fd, const void *buf, uint64_t len, uint64_t off,
 	return 0;
 }
 
+/* xnbd__fd_cached on the image: 1, 0, or a negative errno; cachestat
+ * refused once for good is not asked again.  Any thread. */
+static int range_cached(struct file_backend *fb, uint64_t off, uint64_t len)
+{
+	if (!atomic_load_explicit(&fb->cachestat_ok, memory_order_relaxed))
+		return -EOPNOTSUPP;
+	int r = xnbd__fd_cached(fb->fd, off, len);
+	/* ENOSYS: an older kernel; EPERM: since Linux 6.14 only for files the
+	 * caller may write or owns.  Neither changes later. */
+	if (r == -ENOSYS || r == -EPERM || r == -EOPNOTSUPP || r == -EINVAL)
+		atomic_store_explicit(&fb->cachestat_ok, false, memory_order_relaxed);
+	return r;
+}
+
 /* The piece size for a buffered write of len bytes at off: WRITE_PIECE
  * where some of its pages are not cached, so that their folios are made
  * small; whole where they all are (their folios exist), and where
@@ -202,7 +217,7 @@ static int full_pwrite(int fd, const void *buf, uint64_t len, uint64_t off,
 static uint64_t write_piece(struct file_backend *fb, uint64_t off,
                             uint64_t len)
 {
-	if (len <= fb->piece || xnbd__fd_cached(fb->fd, off, len) != 0)
+	if (len <= fb->piece || range_cached(fb, off, len) != 0)
 		return UINT64_MAX;
 	atomic_fetch_add_explicit(&fb->pieced, 1,
 	                          memory_order_relaxed);
@@ -455,20 +470,6 @@ static void after_work_cb(struct xnbd_io *io)
 }
 
 static int queue_io(struct file_backend *fb, struct xnbd_io *io);
-
-/* xnbd__fd_cached on the image: 1, 0, or a negative errno; cachestat
- * refused once for good is not asked again. */
-static int range_cached(struct file_backend *fb, uint64_t off, uint64_t len)
-{
-	if (!fb->cachestat_ok)
-		return -EOPNOTSUPP;
-	int r = xnbd__fd_cached(fb->fd, off, len);
-	/* ENOSYS: an older kernel; EPERM: since Linux 6.14 only for files the
-	 * caller may write or owns.  Neither changes later. */
-	if (r == -ENOSYS || r == -EPERM || r == -EOPNOTSUPP || r == -EINVAL)
-		fb->cachestat_ok = false;
-	return r;
-}
 
 /* May the small write io, which the kernel would not take with RWF_NOWAIT,
  * be made on the loop thread, now?
@@ -1006,7 +1007,7 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 	atomic_init(&fb->punch_ok, true);
 	atomic_init(&fb->pieced, 0);
 	atomic_init(&fb->zero_range_ok, true);
-	fb->cachestat_ok = true;
+	atomic_init(&fb->cachestat_ok, true);
 	fb->place.stall_ns = PLACE_STALL_NS;
 	struct rlimit rl;
 	fb->place.fsize_limit = getrlimit(RLIMIT_FSIZE, &rl) == 0 &&

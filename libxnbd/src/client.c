@@ -14,7 +14,8 @@
  *   client sends one option at a time, as the spec requires.
  * - Requests are not written as they are submitted: they queue, and a
  *   check handle (run once per loop iteration, after the I/O callbacks
- *   that submitted them) writes all that queued in one uv_write, so a
+ *   that submitted them) writes all that queued at once (uv_try_write,
+ *   and uv_write for what the socket did not take), so a
  *   proxy's fetches for a batch of its clients' requests cost one
  *   system call, not one each.  An idle handle keeps the loop from
  *   blocking in poll while some wait.
