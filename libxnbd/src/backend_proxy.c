@@ -121,6 +121,7 @@ struct pop {
 	uint64_t copy_len;  /* bytes reserved in p->detached_bytes */
 	int store_status;   /* early reply: the first failed store */
 	int *inline_done;
+	int pipe_fd; /* a WRITE of whole blocks: its data is in this pipe */
 	struct xnbd__job wake;
 	struct persist_waiter pw;
 	uint8_t *bounce;
@@ -432,9 +433,11 @@ static void unlock(struct xnbd_proxy *p, struct pop *op)
 
 static void sub_done(struct xnbd_io *sio);
 
-/* Submit to a backend; a sub that finished at once is not pending. */
-static void sub_send(struct pop *op, struct sub *s, struct xnbd_backend *b,
-                     uint32_t type, uint32_t flags)
+/* Submit to a backend, with the data from a pipe when pipe_fd >= 0; a
+ * sub that finished at once is not pending. */
+static void sub_send_from(struct pop *op, struct sub *s,
+                          struct xnbd_backend *b, uint32_t type,
+                          uint32_t flags, int pipe_fd)
 {
 	s->io = (struct xnbd_io){.type = type, .flags = flags, .offset = s->off,
 	                         .length = s->len, .buf = s->buf,
@@ -442,7 +445,8 @@ static void sub_send(struct pop *op, struct sub *s, struct xnbd_backend *b,
 	if (type == XNBD_IO_ZERO)
 		s->io.buf = NULL;
 	op->pending++;
-	int r = xnbd_backend_submit(b, &s->io);
+	int r = pipe_fd >= 0 ? xnbd__backend_submit_pipe(b, &s->io, pipe_fd)
+	                     : xnbd_backend_submit(b, &s->io);
 	if (r == XNBD_IO_PENDING) {
 		s->inflight = true;
 		return;
@@ -451,6 +455,12 @@ static void sub_send(struct pop *op, struct sub *s, struct xnbd_backend *b,
 	int st = r == XNBD_IO_COMPLETED ? s->io.status : r;
 	if (st && !op->status)
 		op->status = st;
+}
+
+static void sub_send(struct pop *op, struct sub *s, struct xnbd_backend *b,
+                     uint32_t type, uint32_t flags)
+{
+	sub_send_from(op, s, b, type, flags, -1);
 }
 
 static void fetch_send(struct pop *op, struct sub *s);
@@ -983,8 +993,11 @@ static void write_stage(struct pop *op)
 			                         zero ? NULL
 			                              : (uint8_t *)io->buf + (ws - off),
 			                         false);
-			sub_send(op, s, p->cache, zero ? XNBD_IO_ZERO : XNBD_IO_WRITE,
-			         wflags | (zero ? zflags : 0));
+			/* A write from a pipe is of whole blocks (proxy_pipe_ok):
+			 * nothing was fetched, and this is its only write. */
+			sub_send_from(op, s, p->cache,
+			              zero ? XNBD_IO_ZERO : XNBD_IO_WRITE,
+			              wflags | (zero ? zflags : 0), op->pipe_fd);
 		}
 		return;
 	}
@@ -1101,7 +1114,7 @@ static uint32_t read_subs(const struct xnbd_proxy *p, uint64_t b0,
 }
 
 static int submit_op(struct xnbd_proxy *p, struct xnbd_io *io,
-                     struct xnbd_client *own)
+                     struct xnbd_client *own, int pipe_fd)
 {
 	if (io->length == 0 && io->type != XNBD_IO_FLUSH)
 		return XNBD_IO_COMPLETED;
@@ -1138,6 +1151,7 @@ static int submit_op(struct xnbd_proxy *p, struct xnbd_io *io,
 	op->io = io;
 	op->type = io->type;
 	op->own = own;
+	op->pipe_fd = pipe_fd;
 	op->nsub = nsub;
 	op->b0 = b0;
 	op->b1 = b1;
@@ -1170,7 +1184,26 @@ static int submit_op(struct xnbd_proxy *p, struct xnbd_io *io,
 
 static int proxy_submit(struct xnbd_backend *b, struct xnbd_io *io)
 {
-	return submit_op((struct xnbd_proxy *)b, io, NULL);
+	return submit_op((struct xnbd_proxy *)b, io, NULL, -1);
+}
+
+/* A write of whole blocks needs nothing merged from the upstream, so its
+ * data may go from the pipe it came in straight into the cache image. */
+static bool proxy_pipe_ok(const struct xnbd_backend *b, uint64_t off,
+                          uint64_t len)
+{
+	const struct xnbd_proxy *p = (const struct xnbd_proxy *)b;
+	uint64_t end = off + len;
+	return len && off % BS == 0 && (end % BS == 0 || end == b->size) &&
+	       xnbd__backend_takes_pipe(p->cache, off, len);
+}
+
+static int proxy_write_pipe(struct xnbd_backend *b, struct xnbd_io *io,
+                            int pipe_fd)
+{
+	if (!proxy_pipe_ok(b, io->offset, io->length))
+		return -EOPNOTSUPP;
+	return submit_op((struct xnbd_proxy *)b, io, NULL, pipe_fd);
 }
 
 static void proxy_backend_free(struct xnbd_backend *b)
@@ -1213,6 +1246,8 @@ static const struct xnbd__backend_ops proxy_ops = {
 	.submit = proxy_submit,
 	.abort = proxy_abort,
 	.read_fd = proxy_read_fd,
+	.write_pipe = proxy_write_pipe,
+	.pipe_ok = proxy_pipe_ok,
 	.free = proxy_backend_free,
 };
 
@@ -1518,7 +1553,7 @@ static void job_next(struct xnbd_proxy_job *job, unsigned k)
 		                       .length = len, .done = fill_done,
 		                       .user_data = job};
 		p->base.in_flight++;
-		int r = submit_op(p, io, job->own);
+		int r = submit_op(p, io, job->own, -1);
 		if (r == XNBD_IO_PENDING) {
 			job->running++;
 			return;

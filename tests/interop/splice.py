@@ -30,6 +30,11 @@ checks what could go wrong with that:
    stream (their payloads are read and dropped, not spliced).
 8. Through a CoW layer, whole-block writes are spliced into the overlay,
    partial ones copied and merged; the base image never changes.
+9. Through a caching proxy, whole-block writes are spliced into the cache,
+   partial ones merged with blocks fetched from the upstream; each is
+   marked cached (the upstream, changed behind the proxy's back, is not
+   asked again for them, before or after a restart) and the upstream
+   never changes.
 """
 import os
 import random
@@ -278,6 +283,21 @@ def gone_mid_payload(srv, model, rng):
     xt.log("a payload cut short by FIN or reset changes nothing")
 
 
+def write_shapes(n, rng):
+    """Ranges for a pipeline of large writes to a layer of 4 KiB blocks:
+    whole blocks (the last range ends at the end of the image), and
+    ranges with a partial block at the start, at the end, or both."""
+    B = 4096
+    shapes = [(0, 256 * KiB), (0, 1 * MiB), (0, 512 * KiB + B),
+              (0, 1 * MiB - 1), (513, 300 * KiB + 7), (513, 700 * KiB),
+              (513, 1 * MiB - 513)]  # (offset in its block, length)
+    blocks = list(range(0, n // B - 256, 300))
+    rng.shuffle(blocks)
+    ranges = [(blocks[i] * B + head, m) for i, (head, m) in enumerate(shapes)]
+    ranges.append((n - 768 * KiB, 768 * KiB))
+    return ranges
+
+
 def cow_layer(d, rng):
     """Through a CoW layer, large writes of whole 4 KiB blocks are spliced
     into the overlay too; a write with a partial block at either end is
@@ -293,17 +313,7 @@ def cow_layer(d, rng):
     idle = pipes_open(srv)
     B = 4096
     for batch in range(3):
-        # Whole blocks (the last one ends at the end of the image), and
-        # ranges with a partial block at the start, at the end, or both.
-        shapes = [(0, 256 * KiB), (0, 1 * MiB), (0, 512 * KiB + B),
-                  (0, 1 * MiB - 1), (513, 300 * KiB + 7), (513, 700 * KiB),
-                  (513, 1 * MiB - 513)]  # (offset in its block, length)
-        ranges = []
-        blocks = list(range(0, n // B - 256, 300))
-        rng.shuffle(blocks)
-        for i, (head, m) in enumerate(shapes):
-            ranges.append((blocks[i] * B + head, m))
-        ranges.append((n - 768 * KiB, 768 * KiB))
+        ranges = write_shapes(n, rng)
         stream = bytearray()
         for i, (off, m) in enumerate(ranges):
             data = rng.randbytes(m)
@@ -326,6 +336,67 @@ def cow_layer(d, rng):
         check(f.read() == base, "the base image changed under a CoW layer")
     xt.log("whole-block writes to a CoW layer are spliced; partial ones "
            "are copied; the base is untouched")
+
+
+def proxy_layer(d, rng):
+    """Through a caching proxy, large writes of whole blocks are spliced
+    into the cache image; partial ones are copied and merged with their
+    edge blocks, fetched from the upstream.  Every written block must be
+    marked cached: the upstream image is then changed behind the proxy's
+    back, and reads of the written ranges must still return what was
+    written (a block not marked would be fetched again), also after the
+    proxy restarts on its cache and bitmap."""
+    n = 16 * MiB
+    base = rng.randbytes(n)
+    img = d.image("upstream.img", n, base)
+    up = d.server(img)
+    p = d.proxy(up.port, name="sp")
+    model = bytearray(base)
+    c = conn(p)
+    idle = pipes_open(p)
+    written = []
+    for batch in range(3):
+        ranges = write_shapes(n, rng)
+        stream = bytearray()
+        for i, (off, m) in enumerate(ranges):
+            data = rng.randbytes(m)
+            model[off:off + m] = data
+            stream += header(100 * batch + i + 1, xt.CMD_WRITE, off, m) + data
+        c.s.sendall(stream)
+        for _ in ranges:
+            r = c.read_reply()
+            check_eq(r["error"], 0, "proxy write, cookie %d" % r["cookie"])
+        verify(c, model, ranges, "proxy pipeline %d" % batch)
+        verify(c, model, [(max(0, off - 4096), 4096) for off, _ in ranges],
+               "blocks before proxy writes")
+        kept = pipes_open(p) - idle
+        check(kept >= 1, "whole-block writes to a proxy were not spliced "
+              "(no pipe kept)")
+        written += ranges
+    c.close()
+    with open(img, "rb") as f:
+        check(f.read() == base, "a write through the proxy reached the "
+              "upstream")
+    # Change the upstream under every written range (whole blocks): the
+    # proxy must not ask for them again.
+    with open(img, "r+b") as f:
+        for off, m in written:
+            b0, b1 = off // 4096 * 4096, min(n, -(-(off + m) // 4096) * 4096)
+            f.seek(b0)
+            f.write(bytes(b1 - b0))
+    c = conn(p)
+    verify(c, model, written, "written ranges after the upstream changed")
+    c.close()
+    check_eq(p.stop(), 0, "proxy's exit status")
+    p = d.proxy(up.port, name="sp")
+    c = conn(p)
+    verify(c, model, written, "written ranges after a restart")
+    c.close()
+    check_eq(p.stop(), 0, "restarted proxy's exit status")
+    check_eq(up.stop(), 0, "upstream's exit status")
+    xt.log("whole-block writes to a proxy are spliced into its cache and "
+           "marked cached; partial ones are merged; the upstream is "
+           "untouched")
 
 
 def fua_and_readonly(d, model, rng):
@@ -370,6 +441,7 @@ def test():
         xt.log("the image file holds every write")
         fua_and_readonly(d, model, rng)
         cow_layer(d, rng)
+        proxy_layer(d, rng)
 
 
 if __name__ == "__main__":
