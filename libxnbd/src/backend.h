@@ -109,11 +109,21 @@ void xnbd__file_write_place(struct xnbd_backend *b, bool lane_only,
 /* Tests: how many writes a file backend made in pieces (WRITE_PIECE). */
 uint64_t xnbd__file_pieced_writes(const struct xnbd_backend *b);
 
+/* Flag of xnbd__backend_file_from_fd: before a buffered write into a
+ * chunk of ALLOC_CHUNK bytes that no write touched yet, allocate the
+ * whole chunk (fallocate), so that writes into holes of a sparse file
+ * find blocks allocated (see alloc_ahead in backend_file.c).  For files
+ * of ours that fill up: a CoW overlay, a proxy's cache. */
+#define XNBD__OPEN_ALLOC_AHEAD (1U << 16)
+
+/* Tests: how many chunks a file backend allocated ahead. */
+uint64_t xnbd__file_chunks_allocated(const struct xnbd_backend *b);
+
 /* Tests: how many I/Os a file backend's write lane has taken. */
 uint64_t xnbd__file_lane_ios(const struct xnbd_backend *b);
 
 /* A file backend over an open descriptor, which it takes over on success
- * (flags: XNBD_OPEN_*). */
+ * (flags: XNBD_OPEN_* and XNBD__OPEN_ALLOC_AHEAD). */
 int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
                                struct xnbd_backend **out);
 

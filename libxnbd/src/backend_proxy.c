@@ -1754,7 +1754,8 @@ static int open_cache(struct xnbd_proxy *p, uint64_t size)
 		return e;
 	}
 	struct xnbd_backend *b;
-	int r = xnbd__backend_file_from_fd(p->loop, fd, 0, &b);
+	int r = xnbd__backend_file_from_fd(p->loop, fd, XNBD__OPEN_ALLOC_AHEAD,
+	                                   &b);
 	if (r < 0) {
 		close(fd);
 		plog(p, XNBD_LOG_ERR, "cache image %s: %s", p->cache_path,

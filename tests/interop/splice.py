@@ -35,6 +35,8 @@ checks what could go wrong with that:
    marked cached (the upstream, changed behind the proxy's back, is not
    asked again for them, before or after a restart) and the upstream
    never changes.
+10. A CoW overlay and a proxy's cache are sparse files of ours: the first
+   write into each 1 MiB of them allocates all of it.
 """
 import os
 import random
@@ -283,6 +285,37 @@ def gone_mid_payload(srv, model, rng):
     xt.log("a payload cut short by FIN or reset changes nothing")
 
 
+def allocated_ahead(path, what, d):
+    """A 4 KiB write went into the second MiB of the sparse file at path
+    (nothing else did): the whole MiB is allocated.  Where the file system
+    of the test's directory d has no fallocate, nothing is checked."""
+    probe = d.join("probe")
+    try:
+        with open(probe, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 4096)
+    except OSError:
+        return
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+    got = os.stat(path).st_blocks * 512
+    check(got >= MiB, "%s: a 4 KiB write allocated %d bytes, not the 1 MiB "
+          "around it" % (what, got))
+
+
+def overlay_of(srv, size):
+    """The path, through /proc, of a server's unlinked CoW overlay."""
+    d = "/proc/%d/fd" % srv.pid
+    for fd in os.listdir(d):
+        p = os.path.join(d, fd)
+        try:
+            if "(deleted)" in os.readlink(p) and os.stat(p).st_size == size:
+                return p
+        except OSError:
+            continue
+    xt.fail("no unlinked overlay of %d bytes among the server's files" % size)
+
+
 def write_shapes(n, rng):
     """Ranges for a pipeline of large writes to a layer of 4 KiB blocks:
     whole blocks (the last range ends at the end of the image), and
@@ -310,6 +343,11 @@ def cow_layer(d, rng):
     d.servers.append(srv)
     model = bytearray(base)
     c = conn(srv)
+    data = rng.randbytes(4096)
+    model[MiB + 8192:MiB + 12288] = data
+    check_eq(c.command(xt.CMD_WRITE, MiB + 8192, 4096, data=data)[0], 0,
+             "CoW 4 KiB write")
+    allocated_ahead(overlay_of(srv, n), "CoW overlay", d)
     idle = pipes_open(srv)
     B = 4096
     for batch in range(3):
@@ -353,8 +391,13 @@ def proxy_layer(d, rng):
     p = d.proxy(up.port, name="sp")
     model = bytearray(base)
     c = conn(p)
+    data = rng.randbytes(4096)
+    model[MiB + 8192:MiB + 12288] = data
+    check_eq(c.command(xt.CMD_WRITE, MiB + 8192, 4096, data=data)[0], 0,
+             "proxy 4 KiB write")
+    allocated_ahead(p.cache, "proxy cache", d)
     idle = pipes_open(p)
-    written = []
+    written = [(MiB + 8192, 4096)]
     for batch in range(3):
         ranges = write_shapes(n, rng)
         stream = bytearray()

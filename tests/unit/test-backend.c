@@ -683,6 +683,79 @@ START_TEST(large_writes_into_uncached_pages_go_in_pieces)
 }
 END_TEST
 
+static uint64_t allocated_bytes(void)
+{
+	struct stat st;
+	ck_assert_int_eq(stat(img_path, &st), 0);
+	return (uint64_t)st.st_blocks * 512;
+}
+
+static uint64_t file_size(void)
+{
+	struct stat st;
+	ck_assert_int_eq(stat(img_path, &st), 0);
+	return (uint64_t)st.st_size;
+}
+
+static void write_and_check(struct op *o, uint64_t off, uint64_t len, int seed)
+{
+	fill(o->data, len, seed);
+	submit(o, XNBD_IO_WRITE, off, len);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(o->ncalls, 1);
+	ck_assert_int_eq(o->io.status, 0);
+	ck_assert(file_is(o->data, off, len));
+}
+
+/* A backend opened with XNBD__OPEN_ALLOC_AHEAD (a CoW overlay, a proxy's
+ * cache) allocates each 1 MiB chunk of a sparse file before the first
+ * write into it, on the loop thread and on the lane alike, once; the
+ * last chunk, short, without growing the file.  A plain backend leaves
+ * the holes around its writes alone. */
+START_TEST(sparse_files_of_ours_are_allocated_a_chunk_ahead)
+{
+	static struct op o;
+	const uint64_t C = 1024 * 1024, size = IMG_SIZE - 12288;
+	ck_assert_int_eq(truncate(img_path, (off_t)size), 0);
+	xnbd_backend_free(backend);
+	open_backend();
+	write_and_check(&o, C + 8192, 4096, 1);
+	ck_assert_uint_lt(allocated_bytes(), 64 * 1024);
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(backend), 0);
+
+	xnbd_backend_free(backend);
+	int fd = open(img_path, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(
+	    xnbd__backend_file_from_fd(&loop, fd, XNBD__OPEN_ALLOC_AHEAD, &backend),
+	    0);
+	if (fallocate(fd, 0, 0, 4096) != 0)
+		return; /* a file system without fallocate: nothing to see */
+	xnbd__file_write_place(backend, true, NO_STALL); /* the lane */
+	write_and_check(&o, C + 16384, 4096, 2);
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(backend), 1);
+	ck_assert_uint_ge(allocated_bytes(), C);
+	ck_assert_uint_lt(allocated_bytes(), 2 * C);
+	write_and_check(&o, C + 65536, 8192, 3); /* the same chunk */
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(backend), 1);
+
+	xnbd__file_write_place(backend, false, NO_STALL); /* inline */
+	write_and_check(&o, 3 * C - 4096, 8192, 4); /* across chunks 2 and 3 */
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(backend), 3);
+	ck_assert_uint_ge(allocated_bytes(), 2 * C + (size - 3 * C));
+	write_and_check(&o, size - 4096, 4096, 5); /* chunk 3, short */
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(backend), 3);
+	ck_assert_uint_eq(file_size(), size);
+	/* What was written before is still there, and unwritten blocks of
+	 * allocated chunks read as zeroes. */
+	static const uint8_t zeroes[4096];
+	ck_assert(file_is(zeroes, C + 4096, 4096));
+	ck_assert(file_is(zeroes, 3 * C + 4096, 4096));
+	fill(o.data, 4096, 1);
+	ck_assert(file_is(o.data, C + 8192, 4096));
+}
+END_TEST
+
 /* An idle backend makes a small write at once, on the caller's thread:
  * a whole page, or a piece of a page in the page cache (where cachestat
  * says so).  A piece of a page that is not in the cache would be read
@@ -876,6 +949,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, jobs_run_once_and_the_last_may_free_their_channel);
 	tcase_add_test(tc, snapshot_ends_through_the_channel);
 	tcase_add_test(tc, large_writes_into_uncached_pages_go_in_pieces);
+	tcase_add_test(tc, sparse_files_of_ours_are_allocated_a_chunk_ahead);
 	tcase_add_test(tc, idle_small_writes_are_made_inline);
 	tcase_add_test(tc, writes_past_the_file_size_limit_leave_the_loop_thread);
 	tcase_add_test(tc, small_writes_leave_the_loop_while_others_are_out);
