@@ -659,7 +659,7 @@ def main():
                             warmed[0] = d0
                         if not memory:
                             took = warm_memory(warm)
-                            if took > 1.5:
+                            if took > 3:
                                 print("# %d MiB of memory warmed in %.1fs: "
                                       "the host had taken it back"
                                       % (warm, took), file=sys.stderr,
