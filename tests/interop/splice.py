@@ -331,6 +331,45 @@ def write_shapes(n, rng):
     return ranges
 
 
+def first_write_allocates(c, model, rng, path_of, what, d):
+    """One 4 KiB write into the second MiB of a layer's sparse file (the
+    first write into it); path_of() then names the file."""
+    data = rng.randbytes(4096)
+    model[MiB + 8192:MiB + 12288] = data
+    check_eq(c.command(xt.CMD_WRITE, MiB + 8192, 4096, data=data)[0], 0,
+             "%s: 4 KiB write" % what)
+    allocated_ahead(path_of(), what, d)
+    return [(MiB + 8192, 4096)]
+
+
+def layer_pipelines(c, srv, model, n, rng, what):
+    """Three pipelines of write_shapes() through a layer of 4 KiB blocks:
+    each lands, the blocks before each write keep what they had, and the
+    whole-block ones were spliced (the session kept a pipe).  Returns the
+    ranges written."""
+    idle = pipes_open(srv)
+    written = []
+    for batch in range(3):
+        ranges = write_shapes(n, rng)
+        stream = bytearray()
+        for i, (off, m) in enumerate(ranges):
+            data = rng.randbytes(m)
+            model[off:off + m] = data
+            stream += header(100 * batch + i + 1, xt.CMD_WRITE, off, m) + data
+        c.s.sendall(stream)
+        for _ in ranges:
+            r = c.read_reply()
+            check_eq(r["error"], 0, "%s write, cookie %d" % (what, r["cookie"]))
+        verify(c, model, ranges, "%s pipeline %d" % (what, batch))
+        verify(c, model, [(max(0, off - 4096), 4096) for off, _ in ranges],
+               "blocks before %s writes" % what)
+        kept = pipes_open(srv) - idle
+        check(kept >= 1, "whole-block writes to a %s were not spliced (no "
+              "pipe kept)" % what)
+        written += ranges
+    return written
+
+
 def cow_layer(d, rng):
     """Through a CoW layer, large writes of whole 4 KiB blocks are spliced
     into the overlay too; a write with a partial block at either end is
@@ -343,31 +382,9 @@ def cow_layer(d, rng):
     d.servers.append(srv)
     model = bytearray(base)
     c = conn(srv)
-    data = rng.randbytes(4096)
-    model[MiB + 8192:MiB + 12288] = data
-    check_eq(c.command(xt.CMD_WRITE, MiB + 8192, 4096, data=data)[0], 0,
-             "CoW 4 KiB write")
-    allocated_ahead(overlay_of(srv, n), "CoW overlay", d)
-    idle = pipes_open(srv)
-    B = 4096
-    for batch in range(3):
-        ranges = write_shapes(n, rng)
-        stream = bytearray()
-        for i, (off, m) in enumerate(ranges):
-            data = rng.randbytes(m)
-            model[off:off + m] = data
-            stream += header(100 * batch + i + 1, xt.CMD_WRITE, off, m) + data
-        c.s.sendall(stream)
-        for _ in ranges:
-            r = c.read_reply()
-            check_eq(r["error"], 0, "CoW write, cookie %d" % r["cookie"])
-        verify(c, model, ranges, "CoW pipeline %d" % batch)
-        # Blocks next to each write still come from the base.
-        verify(c, model, [(max(0, off - B), B) for off, _ in ranges],
-               "blocks before CoW writes")
-        kept = pipes_open(srv) - idle
-        check(kept >= 1, "whole-block writes to a CoW layer were not "
-              "spliced (no pipe kept)")
+    first_write_allocates(c, model, rng, lambda: overlay_of(srv, n),
+                          "CoW overlay", d)
+    layer_pipelines(c, srv, model, n, rng, "CoW layer")
     c.close()
     check_eq(srv.stop(), 0, "CoW server's exit status")
     with open(img, "rb") as f:
@@ -391,31 +408,9 @@ def proxy_layer(d, rng):
     p = d.proxy(up.port, name="sp")
     model = bytearray(base)
     c = conn(p)
-    data = rng.randbytes(4096)
-    model[MiB + 8192:MiB + 12288] = data
-    check_eq(c.command(xt.CMD_WRITE, MiB + 8192, 4096, data=data)[0], 0,
-             "proxy 4 KiB write")
-    allocated_ahead(p.cache, "proxy cache", d)
-    idle = pipes_open(p)
-    written = [(MiB + 8192, 4096)]
-    for batch in range(3):
-        ranges = write_shapes(n, rng)
-        stream = bytearray()
-        for i, (off, m) in enumerate(ranges):
-            data = rng.randbytes(m)
-            model[off:off + m] = data
-            stream += header(100 * batch + i + 1, xt.CMD_WRITE, off, m) + data
-        c.s.sendall(stream)
-        for _ in ranges:
-            r = c.read_reply()
-            check_eq(r["error"], 0, "proxy write, cookie %d" % r["cookie"])
-        verify(c, model, ranges, "proxy pipeline %d" % batch)
-        verify(c, model, [(max(0, off - 4096), 4096) for off, _ in ranges],
-               "blocks before proxy writes")
-        kept = pipes_open(p) - idle
-        check(kept >= 1, "whole-block writes to a proxy were not spliced "
-              "(no pipe kept)")
-        written += ranges
+    written = first_write_allocates(c, model, rng, lambda: p.cache,
+                                    "proxy cache", d)
+    written += layer_pipelines(c, p, model, n, rng, "proxy")
     c.close()
     with open(img, "rb") as f:
         check(f.read() == base, "a write through the proxy reached the "
