@@ -35,13 +35,14 @@ checks what could go wrong with that:
    marked cached (the upstream, changed behind the proxy's back, is not
    asked again for them, before or after a restart) and the upstream
    never changes.
-10. A CoW overlay and a proxy's cache are sparse files of ours: the first
-   write into each 1 MiB of them allocates all of it.
+10. A CoW overlay and a proxy's cache are sparse files of ours: on ext4
+   and XFS, the first write into each 1 MiB of them allocates all of it.
 """
 import os
 import random
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -287,17 +288,13 @@ def gone_mid_payload(srv, model, rng):
 
 def allocated_ahead(path, what, d):
     """A 4 KiB write went into the second MiB of the sparse file at path
-    (nothing else did): the whole MiB is allocated.  Where the file system
-    of the test's directory d has no fallocate, nothing is checked."""
-    probe = d.join("probe")
-    try:
-        with open(probe, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, 4096)
-    except OSError:
+    (nothing else did): the whole MiB is allocated.  Only on ext4 and XFS,
+    where the server allocates ahead (elsewhere, nothing is checked)."""
+    fs = subprocess.run(["stat", "-L", "-f", "-c", "%T", path],
+                        capture_output=True, text=True).stdout.strip()
+    if fs not in ("ext2/ext3", "xfs"):
+        xt.log("%s is on %s: not allocated ahead, not checked" % (what, fs))
         return
-    finally:
-        if os.path.exists(probe):
-            os.unlink(probe)
     got = os.stat(path).st_blocks * 512
     check(got >= MiB, "%s: a 4 KiB write allocated %d bytes, not the 1 MiB "
           "around it" % (what, got))
