@@ -589,8 +589,8 @@ int xnbd_backend_cow_new(uv_loop_t *loop, struct xnbd_backend *lower,
 	uint64_t *bits = calloc((nblocks + 63) / 64 + 1, sizeof(uint64_t));
 	struct xnbd_backend *ov = NULL;
 	int r = (!c || !bits) ? -ENOMEM : xnbd__jobs_init(&c->jobs, loop);
-	if (r == 0 && (r = xnbd__backend_file_from_fd(loop, fd, XNBD__OPEN_ALLOC_AHEAD,
-	                                            &ov)) < 0)
+	if (r == 0 && (r = xnbd__backend_file_from_fd(
+	                   loop, fd, XNBD__OPEN_ALLOC_AHEAD, &ov)) < 0)
 		xnbd__chan_destroy(&c->jobs);
 	if (r < 0) {
 		close(fd);

@@ -253,8 +253,8 @@ static uint64_t write_piece(struct file_backend *fb, uint64_t off,
  * It must never make a write fail that would have succeeded: a chunk is
  * allocated only while the file system has ALLOC_MARGIN free besides, and
  * a fallocate refused for space or quota (which may keep what it got) is
- * the last.  Any thread: the bits are atomic, and a chunk allocated twice
- * by a race costs one more call that allocates nothing. */
+ * the last.  Any thread: a chunk's bit is set atomically, by the one
+ * write that allocates it. */
 static bool alloc_pending(struct file_backend *fb, uint64_t off, uint64_t len)
 {
 	if (!fb->alloc || !len ||
@@ -262,7 +262,8 @@ static bool alloc_pending(struct file_backend *fb, uint64_t off, uint64_t len)
 		return false;
 	for (uint64_t c = off / ALLOC_CHUNK; c <= (off + len - 1) / ALLOC_CHUNK;
 	     c++)
-		if (!(atomic_load_explicit(&fb->alloc[c / 64], memory_order_relaxed) &
+		if (!(atomic_load_explicit(&fb->alloc[c / 64],
+		                           memory_order_relaxed) &
 		      (1ULL << (c % 64))))
 			return true;
 	return false;
@@ -275,11 +276,11 @@ static void alloc_ahead(struct file_backend *fb, uint64_t off, uint64_t len)
 	for (uint64_t c = off / ALLOC_CHUNK; c <= (off + len - 1) / ALLOC_CHUNK;
 	     c++) {
 		uint64_t bit = 1ULL << (c % 64);
-		if (atomic_load_explicit(&fb->alloc[c / 64], memory_order_relaxed) &
+		/* Whoever sets the bit allocates the chunk. */
+		if (atomic_fetch_or_explicit(&fb->alloc[c / 64], bit,
+		                             memory_order_relaxed) &
 		    bit)
 			continue;
-		atomic_fetch_or_explicit(&fb->alloc[c / 64], bit,
-		                         memory_order_relaxed);
 		struct statvfs vs;
 		if (fstatvfs(fb->fd, &vs) != 0 ||
 		    (uint64_t)vs.f_bavail * vs.f_frsize < ALLOC_MARGIN)
@@ -289,8 +290,8 @@ static void alloc_ahead(struct file_backend *fb, uint64_t off, uint64_t len)
 		                 ? fb->base.size - start
 		                 : ALLOC_CHUNK;
 		/* Only holes are allocated, and never past the size. */
-		if (fallocate(fb->fd, FALLOC_FL_KEEP_SIZE, (off_t)start, (off_t)n) ==
-		    0)
+		if (fallocate(fb->fd, FALLOC_FL_KEEP_SIZE, (off_t)start,
+		              (off_t)n) == 0)
 			atomic_fetch_add_explicit(&fb->allocated, 1,
 			                          memory_order_relaxed);
 		else if (errno != EINTR)
@@ -1049,8 +1050,8 @@ int xnbd_backend_file_open(uv_loop_t *loop, const char *path, unsigned flags,
 	int fl = fcntl(fd, F_GETFL);
 	if (fl >= 0)
 		(void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
-	int r = xnbd__backend_file_from_fd(loop, fd, flags & ~XNBD__OPEN_ALLOC_AHEAD,
-	                                   out);
+	int r = xnbd__backend_file_from_fd(
+	    loop, fd, flags & ~XNBD__OPEN_ALLOC_AHEAD, out);
 	if (r < 0)
 		close(fd);
 	return r;
@@ -1104,7 +1105,8 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 	if ((flags & XNBD__OPEN_ALLOC_AHEAD) && fb->use_lane && !ro && size &&
 	    fstatfs(fd, &sfs) == 0 &&
 	    (sfs.f_type == EXT4_MAGIC || sfs.f_type == XFS_MAGIC)) {
-		uint64_t words = (size + 64ULL * ALLOC_CHUNK - 1) / (64ULL * ALLOC_CHUNK);
+		uint64_t span = 64ULL * ALLOC_CHUNK; /* of one word's bits */
+		uint64_t words = (size + span - 1) / span;
 		fb->alloc = calloc(words, sizeof(*fb->alloc));
 		if (!fb->alloc) {
 			free(fb);
