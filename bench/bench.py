@@ -96,6 +96,19 @@ def cpu_seconds(pid):
     return (ut + st + cut + cst) / CLK_TCK
 
 
+def machine_cpu():
+    """CPU-seconds the whole machine has spent busy, on all cores (from
+    /proc/stat: user, nice, system, irq and softirq; not idle, iowait or
+    the host's steal).  Work per machine CPU-second counts what a server
+    costs wherever the kernel charges it: over loopback, a sender's
+    transmit may run in the receiver's ACK processing or the other way
+    round, which moves CPU between server and client but not out of the
+    machine."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK
+
+
 def has_children(pid):
     """Has the process children (alive or not yet reaped)?"""
     try:
@@ -290,7 +303,7 @@ def build_floor(work):
     """floor_server.c, built for this run: the least a server can do per
     request (see its head).  Not a peer: a yardstick."""
     out = os.path.join(work, "floor_server")
-    subprocess.run(["cc", "-O2", "-o", out,
+    subprocess.run(["cc", "-O2", "-pthread", "-o", out,
                     os.path.join(HERE, "floor_server.c")], check=True)
     return out
 
@@ -381,8 +394,9 @@ def nbdcopy_row(name, conns):
                 break
         mib = copies * size / 2**20
         return mib / (time.monotonic() - t0), "MiB/s", mib
-    # The floor serves one connection at a time and does not offer
-    # multi-conn: nbdcopy would fall back to one, which is another row.
+    # The blocking floor serves one connection at a time and does not
+    # offer multi-conn: nbdcopy would fall back to one, which is another
+    # row.  The loop floor serves each connection on a thread of its own.
     run.single_conn = conns == 1
     # With one connection and one thread (-C 1 -T 1) nbdcopy's I/O runs
     # in one worker thread (its main thread waits): a one-thread client.
@@ -555,7 +569,8 @@ def main():
         if proxy:
             upstream = Server("xnbd-server", image, work, args.xnbd, "target")
             upstream.start()
-        results = {}  # (row, server) -> [(value, unit, per CPU-s, client)]
+        results = {}  # (row, server) ->
+        # [(value, unit, per CPU-s, client, per machine CPU-s or None)]
         warmed = [page_cache_drops()]
         redone = [0]
 
@@ -569,13 +584,13 @@ def main():
                 print("# %s run %d kernel: %.0f %s, fio CPU %.2fs" %
                       (row, i + 1, value, unit, cpu),
                       file=sys.stderr, flush=True)
-                return (value, unit, amount / max(cpu, 1e-3), 0.0)
+                return (value, unit, amount / max(cpu, 1e-3), 0.0, None)
             if name == "disk":
                 value, unit, amount, cpu = disk_write(work, size)
                 print("# %s run %d disk: %.0f %s, fio CPU %.2fs" %
                       (row, i + 1, value, unit, cpu),
                       file=sys.stderr, flush=True)
-                return (value, unit, amount / max(cpu, 1e-3), 0.0)
+                return (value, unit, amount / max(cpu, 1e-3), 0.0, None)
             srv = Server(name, image, work, args.xnbd, args.mode)
             srv.upstream = upstream.port if upstream else None
             srv.upstream_srv = upstream
@@ -594,7 +609,7 @@ def main():
                         subprocess.run(
                             ["cat", os.path.join(work, "proxy.cache")],
                             stdout=subprocess.DEVNULL, check=True)
-                c0 = cpu_seconds(srv.pid)
+                c0, m0 = cpu_seconds(srv.pid), machine_cpu()
                 k0, t0 = children_cpu(), time.monotonic()
                 if with_server:
                     got = fn(srv.uri(), runtime, size, srv)
@@ -610,14 +625,15 @@ def main():
                 end = time.monotonic() + 10
                 while has_children(srv.pid) and time.monotonic() < end:
                     time.sleep(0.05)
-                c1 = cpu_seconds(srv.pid)
+                c1, m1 = cpu_seconds(srv.pid), machine_cpu()
             finally:
                 srv.stop()
             print("# %s run %d %s: %.0f %s, server CPU %.2fs, "
-                  "client %.0f%% of a core" %
-                  (row, i + 1, name, value, unit, c1 - c0, 100 * client),
-                  file=sys.stderr, flush=True)
-            return (value, unit, amount / max(c1 - c0, 1e-3), client)
+                  "client %.0f%% of a core, machine CPU %.2fs" %
+                  (row, i + 1, name, value, unit, c1 - c0, 100 * client,
+                   m1 - m0), file=sys.stderr, flush=True)
+            return (value, unit, amount / max(c1 - c0, 1e-3), client,
+                    amount / max(m1 - m0, 1e-3))
 
         for row in rows:
             for i in range(runs):
@@ -636,9 +652,9 @@ def main():
                     if name == "relay-floor" and \
                             getattr(fn, "proxy_only", False):
                         continue  # the fill opens several connections
-                    if name in FLOORS and \
+                    if name in FLOORS and name != "loop-floor" and \
                             getattr(fn, "single_conn", True) is False:
-                        continue
+                        continue  # only the loop floor offers multi-conn
                     if name == "cache-floor" and \
                             not getattr(fn, "small", False):
                         continue  # it stores large fetches buffered
@@ -706,13 +722,15 @@ def report(rows, servers, results, runtime):
     ) if key in servers]
     print("| row | " + " | ".join(servers) +
           " | xnbd / best peer | xnbd work per CPU-s / best peer's |"
+          " work per machine CPU-s: xnbd / best peer (floors) |"
           " client, % of a core (xnbd / best peer) | client-bound ceiling |" +
           "".join(" %s |" % title for _, title in extra_cols))
-    print("|---" * (len(servers) + 5 + len(extra_cols)) + "|")
+    print("|---" * (len(servers) + 6 + len(extra_cols)) + "|")
     for row in rows:
         cells = []
         med = {}
         eff = {}
+        mach = {}  # work per machine CPU-second
         cli = {}
         unit = ""
         for name in servers:
@@ -727,6 +745,8 @@ def report(rows, servers, results, runtime):
             e = [x[2] for x in vals]
             eff[name] = statistics.median(e)
             cli[name] = statistics.median(x[3] for x in vals)
+            if vals[0][4] is not None:
+                mach[name] = statistics.median(x[4] for x in vals)
             cells.append("%.0f (%.0f-%.0f) %s, %.0f/CPU-s" %
                          (med[name], min(v), max(v), unit, eff[name]))
         peers = [n for n in servers
@@ -740,18 +760,26 @@ def report(rows, servers, results, runtime):
                 ratio = "%.2f (lower is better)" % (
                     med["xnbd-server"] / min(med[n] for n in peers))
             cells = [c.split(",")[0] for c in cells]
-            print("| %s | %s | %s | - | - | - |%s" % (
+            print("| %s | %s | %s | - | - | - | - |%s" % (
                 row, " | ".join(cells), ratio, " - |" * len(extra_cols)))
             continue
         best_med = max((med[n] for n in peers), default=0)
         best_eff = max((eff[n] for n in peers), default=0)
-        client = ceiling = "-"
+        client = ceiling = machine = "-"
         if "xnbd-server" in med and peers:
             bestn = max(peers, key=lambda n: med[n])
             best = best_med
             ratio = "%.2f" % (med["xnbd-server"] / best) if best else "-"
             eff_ratio = "%.2f" % (eff["xnbd-server"] / best_eff) \
                 if best_eff else "-"
+            best_mach = max((mach[n] for n in peers if n in mach),
+                            default=0)
+            if best_mach and "xnbd-server" in mach:
+                machine = "%.2f" % (mach["xnbd-server"] / best_mach)
+                floors = ["%s %.2f" % (n, mach[n] / best_mach)
+                          for n in FLOORS if n in mach]
+                if floors:
+                    machine += " (%s)" % ", ".join(floors)
             client = "%.0f / %.0f" % (100 * cli["xnbd-server"],
                                       100 * cli[bestn])
             if "floor" in cli:
@@ -776,8 +804,8 @@ def report(rows, servers, results, runtime):
                 extra[key] = "%s; %.2f" % (work, eff[key] / best_eff)
         if med.get("disk") and med.get("upstream"):
             extra["disk"] = "%.2f" % (med["disk"] / med["upstream"])
-        print("| %s | %s | %s | %s | %s | %s |%s" % (
-            row, " | ".join(cells), ratio, eff_ratio, client, ceiling,
+        print("| %s | %s | %s | %s | %s | %s | %s |%s" % (
+            row, " | ".join(cells), ratio, eff_ratio, machine, client, ceiling,
             "".join(" %s |" % (extra[key] or "-") for key, _ in extra_cols)))
 
 

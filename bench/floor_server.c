@@ -24,6 +24,10 @@
  * socket into a pipe and from the pipe into the file, on the one thread;
  * after it, the next read takes the next header alone, so that its
  * payload stays in the socket for splicing too.
+ * Each connection is served so on a thread of its own, and the loop
+ * floor offers multi-conn: nbdcopy's connections run side by side, each
+ * on a loop of its own (the least a server serving them on both cores
+ * does; xnbd-server serves them all on one loop thread plus its pool).
  *
  * With --loop --cow the loop floor keeps IMAGE as it is and writes to an
  * unlinked overlay in $TMPDIR (or /var/tmp), where xnbd-server --cow-target
@@ -67,6 +71,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -137,14 +142,16 @@ static int reply(int c, uint32_t err, const char *handle, void *data,
 	return 0;
 }
 
-static int handshake(int c, uint64_t size)
+static int handshake(int c, uint64_t size, int multi)
 {
 	char hello[152] = "NBDMAGIC";
 	uint64_t v = htobe64(0x00420281861253ULL);
 	memcpy(hello + 8, &v, 8);
 	v = htobe64(size);
 	memcpy(hello + 16, &v, 8);
-	uint32_t flags = htonl(1U | 1U << 2); /* HAS_FLAGS, SEND_FLUSH */
+	/* HAS_FLAGS, SEND_FLUSH, and CAN_MULTI_CONN from the loop floor,
+	 * which serves each connection on a thread of its own. */
+	uint32_t flags = htonl(1U | 1U << 2 | (multi ? 1U << 8 : 0));
 	memcpy(hello + 24, &flags, 4);
 	return full(c, hello, sizeof(hello), 1);
 }
@@ -173,7 +180,7 @@ static int parse(const unsigned char *q, struct req *r)
 
 static void serve(int c, int img, uint64_t size, char *buf)
 {
-	if (handshake(c, size))
+	if (handshake(c, size, 0))
 		return;
 	for (;;) {
 		unsigned char q[28];
@@ -224,9 +231,16 @@ static void serve(int c, int img, uint64_t size, char *buf)
 static int cow_fd = -1; /* the overlay, or -1: the image is written */
 static uint8_t *cow_map; /* a bit per block: the block is in the overlay */
 
+/* Connections on threads of their own share the map. */
+static void set_bit(uint64_t b)
+{
+	__atomic_fetch_or(&cow_map[b >> 3], (uint8_t)(1U << (b & 7)),
+	                  __ATOMIC_RELAXED);
+}
+
 static int in_overlay(uint64_t b)
 {
-	return cow_map[b >> 3] >> (b & 7) & 1;
+	return __atomic_load_n(&cow_map[b >> 3], __ATOMIC_RELAXED) >> (b & 7) & 1;
 }
 
 /* The layer holding off's block and the end of the run of blocks it
@@ -303,7 +317,7 @@ static int cow_prepare(int img, uint32_t len, uint64_t off, uint64_t size)
 		if (pread(img, blk, n, (off_t)bs) != (ssize_t)n ||
 		    pwrite(cow_fd, blk, n, (off_t)bs) != (ssize_t)n)
 			return -1;
-		cow_map[b >> 3] |= (uint8_t)(1U << (b & 7));
+		set_bit(b);
 	}
 	return 0;
 }
@@ -313,7 +327,7 @@ static void cow_mark(uint32_t len, uint64_t off)
 	if (cow_fd < 0 || !len)
 		return;
 	for (uint64_t b = off / COW_BS; b <= (off + len - 1) / COW_BS; b++)
-		cow_map[b >> 3] |= (uint8_t)(1U << (b & 7));
+		set_bit(b);
 }
 
 static int image_write(int img, const char *src, uint32_t len, uint64_t off,
@@ -327,8 +341,8 @@ static int image_write(int img, const char *src, uint32_t len, uint64_t off,
 	return 0;
 }
 
-/* The pipe of spliced payloads, and what it holds. */
-static int pipe_r = -1, pipe_w = -1;
+/* The pipe of spliced payloads, one a connection's thread. */
+static _Thread_local int pipe_r = -1, pipe_w = -1;
 #define PIPE_SIZE (1U << 20)
 
 static int pipe_drain(int fd, uint64_t *off, size_t *held)
@@ -428,7 +442,7 @@ static size_t put_reply(char *out, uint32_t err, const char *handle)
 
 static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 {
-	if (handshake(c, size))
+	if (handshake(c, size, 1))
 		return;
 	int ep = epoll_create1(0);
 	struct epoll_event ev = {.events = EPOLLIN};
@@ -529,6 +543,59 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 done:
 	if (ep >= 0)
 		close(ep);
+}
+
+/* A loop floor's connection, on a thread of its own with its own
+ * buffers and pipe: nbdcopy's multi-conn connections are served side by
+ * side, as a server with a loop a core would serve them (xnbd-server
+ * serves all of its connections on one loop thread, plus its pool). */
+struct conn {
+	int c, img;
+	uint64_t size;
+};
+
+static void *conn_thread(void *arg)
+{
+	struct conn *k = arg;
+	char *in = malloc(LOOP_BUF), *out = malloc(LOOP_BUF);
+	int p[2];
+	if (pipe2(p, O_CLOEXEC) == 0) {
+		/* Room for a whole payload (xnbd-server's pipes have as much);
+		 * without a pipe, payloads are read as the rest. */
+		pipe_r = p[0];
+		pipe_w = p[1];
+		fcntl(pipe_w, F_SETPIPE_SZ, (int)PIPE_SIZE);
+	}
+	if (in && out)
+		serve_loop(k->c, k->img, k->size, in, out);
+	close(k->c);
+	if (pipe_r >= 0) {
+		close(pipe_r);
+		close(pipe_w);
+	}
+	free(in);
+	free(out);
+	free(k);
+	return NULL;
+}
+
+static void serve_thread(int c, int img, uint64_t size)
+{
+	struct conn *k = malloc(sizeof(*k));
+	pthread_attr_t a;
+	pthread_t t;
+	if (!k) {
+		close(c);
+		return;
+	}
+	*k = (struct conn){c, img, size};
+	pthread_attr_init(&a);
+	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+	if (pthread_create(&t, &a, conn_thread, k)) {
+		close(c);
+		free(k);
+	}
+	pthread_attr_destroy(&a);
 }
 
 #define RELAY_BUF (4U << 20)
@@ -773,7 +840,7 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
                        char *uo)
 {
 	int served = 0;
-	if (handshake(c, size))
+	if (handshake(c, size, 0))
 		return 0;
 	int ep = watch_two(c, ups);
 	if (ep < 0)
@@ -1007,28 +1074,21 @@ int main(int argc, char **argv)
 	}
 	if (cow && cow_open((uint64_t)st.st_size))
 		return 1;
-	int p[2];
-	if (loop && pipe2(p, O_CLOEXEC) == 0) {
-		/* Room for a whole payload (xnbd-server's pipes have as much);
-		 * without a pipe, payloads are read as the rest. */
-		pipe_r = p[0];
-		pipe_w = p[1];
-		fcntl(pipe_w, F_SETPIPE_SZ, (int)PIPE_SIZE);
-	}
 	signal(SIGPIPE, SIG_IGN); /* a client gone: its writes fail */
-	char *buf = malloc(relaying ? RELAY_BUF : loop ? LOOP_BUF : MAX_LEN);
-	char *out = loop ? malloc(LOOP_BUF) : buf;
+	char *buf = loop ? NULL : malloc(relaying ? RELAY_BUF : MAX_LEN);
 	int l = listen_on(atoi(argv[1]));
-	if (!buf || !out || l < 0)
+	if ((!loop && !buf) || l < 0)
 		return 1;
 	for (;;) {
 		int c = accept_one(l);
 		if (c < 0)
 			continue;
+		if (loop) {
+			serve_thread(c, img, (uint64_t)st.st_size);
+			continue;
+		}
 		if (relaying)
 			relay(c, atoi(argv[2]), buf);
-		else if (loop)
-			serve_loop(c, img, (uint64_t)st.st_size, buf, out);
 		else
 			serve(c, img, (uint64_t)st.st_size, buf);
 		close(c);
