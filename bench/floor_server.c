@@ -133,7 +133,7 @@ static int reply(int c, uint32_t err, const char *handle, void *data,
 		total -= (size_t)r;
 		for (int i = 0; i < n && r; i++) {
 			size_t k = (size_t)r < iov[i].iov_len ? (size_t)r
-			                                        : iov[i].iov_len;
+			                                      : iov[i].iov_len;
 			iov[i].iov_base = (char *)iov[i].iov_base + k;
 			iov[i].iov_len -= k;
 			r -= (ssize_t)k;
@@ -208,7 +208,9 @@ static void serve(int c, int img, uint64_t size, char *buf)
 				return;
 			uint32_t err = bad ? EINVAL
 			               : pwrite(img, buf, len, (off_t)r.off) ==
-			                         (ssize_t)len ? 0 : EIO;
+			                       (ssize_t)len
+			                   ? 0
+			                   : EIO;
 			if (reply(c, err, handle, NULL, 0))
 				return;
 			break;
@@ -228,7 +230,7 @@ static void serve(int c, int img, uint64_t size, char *buf)
 
 /* The copy-on-write layer of --loop --cow. */
 #define COW_BS 4096U
-static int cow_fd = -1; /* the overlay, or -1: the image is written */
+static int cow_fd = -1;  /* the overlay, or -1: the image is written */
 static uint8_t *cow_map; /* a bit per block: the block is in the overlay */
 
 /* Connections on threads of their own share the map. */
@@ -240,7 +242,8 @@ static void set_bit(uint64_t b)
 
 static int in_overlay(uint64_t b)
 {
-	return __atomic_load_n(&cow_map[b >> 3], __ATOMIC_RELAXED) >> (b & 7) & 1;
+	return __atomic_load_n(&cow_map[b >> 3], __ATOMIC_RELAXED) >> (b & 7) &
+	       1;
 }
 
 /* The layer holding off's block and the end of the run of blocks it
@@ -284,7 +287,8 @@ static int image_send(int c, int img, uint32_t len, uint64_t off)
 		int fd = run_of(img, off, end, &e);
 		off_t o = (off_t)off;
 		while ((uint64_t)o < e) {
-			ssize_t r = sendfile(c, fd, &o, (size_t)(e - (uint64_t)o));
+			ssize_t r =
+			    sendfile(c, fd, &o, (size_t)(e - (uint64_t)o));
 			if (r < 0 && errno == EAGAIN) {
 				struct pollfd pfd = {c, POLLOUT, 0};
 				if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
@@ -308,8 +312,10 @@ static int cow_prepare(int img, uint32_t len, uint64_t off, uint64_t size)
 	if (cow_fd < 0 || !len)
 		return 0;
 	uint64_t first = off / COW_BS, last = (off + len - 1) / COW_BS;
-	for (uint64_t b = first; b <= last; b += last > first ? last - first : 1) {
-		uint64_t bs = b * COW_BS, be = bs + COW_BS < size ? bs + COW_BS : size;
+	for (uint64_t b = first; b <= last;
+	     b += last > first ? last - first : 1) {
+		uint64_t bs = b * COW_BS,
+		         be = bs + COW_BS < size ? bs + COW_BS : size;
 		if (in_overlay(b) || (off <= bs && off + len >= be))
 			continue;
 		char blk[COW_BS];
@@ -366,9 +372,8 @@ static int pipe_drain(int fd, uint64_t *off, size_t *held)
  * xnbd-server does with payloads over 128 KiB.  A pipe filled early (its
  * slots hold pieces of socket buffers) is emptied into the file on the
  * way.  -1: the connection is lost; *err is set for a file error. */
-static int image_splice(int c, int img, const char *src, size_t k,
-                        uint32_t len, uint64_t off, uint64_t size,
-                        uint32_t *err)
+static int image_splice(int c, int img, const char *src, size_t k, uint32_t len,
+                        uint64_t off, uint64_t size, uint32_t *err)
 {
 	int fd = cow_fd < 0 ? img : cow_fd;
 	uint64_t at = off;
@@ -450,14 +455,16 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 	    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev) < 0)
 		goto done;
 	size_t have = 0;
-	int hdr_only = 0; /* after a spliced payload: read the next header alone */
+	/* after a spliced payload: read the next header alone */
+	int hdr_only = 0;
 	for (;;) {
 		if (epoll_wait(ep, &ev, 1, -1) < 0) {
 			if (errno == EINTR)
 				continue;
 			goto done;
 		}
-		size_t want = hdr_only && have < 28 ? 28 - have : LOOP_BUF - have;
+		size_t want =
+		    hdr_only && have < 28 ? 28 - have : LOOP_BUF - have;
 		ssize_t got = read(c, in + have, want);
 		if (got < 0 && (errno == EAGAIN || errno == EINTR))
 			continue;
@@ -470,7 +477,8 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 			if (parse((unsigned char *)in + pos, &r))
 				goto done;
 			uint32_t len = r.len;
-			int bad = len > MAX_LEN || r.off > size || len > size - r.off;
+			int bad =
+			    len > MAX_LEN || r.off > size || len > size - r.off;
 			/* A large write payload not all here yet is spliced. */
 			int spliced = r.type == 1 && !bad && len > SPLICE_MIN &&
 			              len <= PIPE_SIZE && pipe_w >= 0 &&
@@ -482,7 +490,8 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 				if (have - pos < 28 + (size_t)len)
 					break; /* its payload is still on the way */
 			}
-			if (n + 16 + (r.type == 0 && !bad ? len : 0) > LOOP_BUF) {
+			if (n + 16 + (r.type == 0 && !bad ? len : 0) >
+			    LOOP_BUF) {
 				if (full(c, out, n, 1))
 					goto done;
 				n = 0;
@@ -491,32 +500,38 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 			switch (r.type) {
 			case 0: /* read */
 				if (bad) {
-					n += put_reply(out + n, EINVAL, r.handle);
+					n += put_reply(out + n, EINVAL,
+					               r.handle);
 				} else if (len >= SENDFILE_MIN) {
 					/* Its header after the replies before it, then the
 					 * data from the page cache. */
 					n += put_reply(out + n, 0, r.handle);
-					if (full(c, out, n, 1) || image_send(c, img, len, r.off))
+					if (full(c, out, n, 1) ||
+					    image_send(c, img, len, r.off))
 						goto done;
 					n = 0;
-				} else if (image_read(img, out + n + 16, len, r.off)) {
+				} else if (image_read(img, out + n + 16, len,
+				                      r.off)) {
 					n += put_reply(out + n, EIO, r.handle);
 				} else {
-					n += put_reply(out + n, 0, r.handle) + len;
+					n += put_reply(out + n, 0, r.handle) +
+					     len;
 				}
 				pos += 28;
 				break;
 			case 1: /* write */
 				if (spliced) {
-					if (image_splice(c, img, in + pos + 28, have - pos - 28,
-					                 len, r.off, size, &err))
+					if (image_splice(c, img, in + pos + 28,
+					                 have - pos - 28, len,
+					                 r.off, size, &err))
 						goto done;
 					pos = have; /* all of it taken */
 					hdr_only = 1;
 				} else {
 					if (bad)
 						err = EINVAL;
-					else if (image_write(img, in + pos + 28, len, r.off, size))
+					else if (image_write(img, in + pos + 28,
+					                     len, r.off, size))
 						err = EIO;
 					pos += 28 + (size_t)len;
 				}
@@ -526,8 +541,9 @@ static void serve_loop(int c, int img, uint64_t size, char *in, char *out)
 				full(c, out, n, 1);
 				goto done;
 			default: /* flush is a no-op, the rest EINVAL */
-				n += put_reply(out + n, r.type == 3 ? 0 : EINVAL,
-				               r.handle);
+				n +=
+				    put_reply(out + n, r.type == 3 ? 0 : EINVAL,
+				              r.handle);
 				pos += 28;
 			}
 		}
@@ -654,10 +670,10 @@ done:
 
 /* ---- --cache: the least a caching proxy does ---------------------------- */
 
-#define CBS 4096U                 /* the cache's block */
-#define CACHE_BUF (16U << 20)     /* each of the four buffers */
-#define CACHE_MAX_LEN (4U << 20)  /* longest request served */
-#define SLOTS 1024U               /* upstream reads in flight */
+#define CBS 4096U                /* the cache's block */
+#define CACHE_BUF (16U << 20)    /* each of the four buffers */
+#define CACHE_MAX_LEN (4U << 20) /* longest request served */
+#define SLOTS 1024U              /* upstream reads in flight */
 
 static int ups = -1;      /* the upstream's socket */
 static int cache_fd = -1; /* the cache image */
@@ -860,7 +876,8 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 				goto done;
 			sync_at = now_ms() + SYNC_MS;
 		}
-		size_t n = 0, un = 0; /* replies to the client; upstream requests */
+		/* replies to the client; upstream requests */
+		size_t n = 0, un = 0;
 		for (int k = 0; k < ne; k++) {
 			int from_up = evs[k].data.fd == ups;
 			int got = from_up ? take_in(ups, uin, &uhave)
@@ -877,8 +894,8 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 					memcpy(&m, uin + pos, 4);
 					memcpy(&e, uin + pos + 4, 4);
 					memcpy(&h, uin + pos + 8, 8);
-					if (ntohl(m) != REPLY_MAGIC || h >= SLOTS ||
-					    !slots[h].used || e)
+					if (ntohl(m) != REPLY_MAGIC ||
+					    h >= SLOTS || !slots[h].used || e)
 						goto done; /* no error handling: a yardstick */
 					struct slot *sl = &slots[h];
 					if (uhave - pos < 16 + (size_t)sl->elen)
@@ -887,21 +904,27 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 					uint32_t err = 0;
 					if (settle(d, sl->eoff, sl->elen))
 						err = EIO;
-					else if (sl->payload) { /* a write: over the blocks */
-						if (pwrite(cache_fd, sl->payload, sl->len,
-						           (off_t)sl->off) != (ssize_t)sl->len)
+					else if (sl->payload) {
+						/* A write: over the blocks. */
+						if (pwrite(cache_fd,
+						           sl->payload, sl->len,
+						           (off_t)sl->off) !=
+						    (ssize_t)sl->len)
 							err = EIO;
 						else
 							mark(sl->off, sl->len);
 					}
-					size_t rl = !sl->payload && !err ? sl->len : 0;
+					size_t rl =
+					    !sl->payload && !err ? sl->len : 0;
 					if (n + 16 + rl > CACHE_BUF) {
 						if (full(c, out, n, 1))
 							goto done;
 						n = 0;
 					}
-					n += put_reply(out + n, err, sl->handle);
-					memcpy(out + n, d + (sl->off - sl->eoff), rl);
+					n +=
+					    put_reply(out + n, err, sl->handle);
+					memcpy(out + n,
+					       d + (sl->off - sl->eoff), rl);
 					n += rl;
 					free(sl->payload);
 					sl->payload = NULL;
@@ -919,14 +942,17 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 					goto done;
 				served = 1;
 				uint32_t len = r.len;
-				int bad = !len || len > CACHE_MAX_LEN || r.off > size ||
-				          len > size - r.off;
+				int bad = !len || len > CACHE_MAX_LEN ||
+				          r.off > size || len > size - r.off;
 				if (r.type == 1 && len > CACHE_MAX_LEN)
 					goto done;
-				if (r.type == 1 && have - pos < 28 + (size_t)len)
+				if (r.type == 1 &&
+				    have - pos < 28 + (size_t)len)
 					break; /* its payload is still on the way */
-				size_t take = 28 + (r.type == 1 ? (size_t)len : 0);
-				if (n + 16 + (r.type == 0 ? len : 0) > CACHE_BUF) {
+				size_t take =
+				    28 + (r.type == 1 ? (size_t)len : 0);
+				if (n + 16 + (r.type == 0 ? len : 0) >
+				    CACHE_BUF) {
 					if (full(c, out, n, 1))
 						goto done;
 					n = 0;
@@ -937,36 +963,47 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 				}
 				if ((r.type != 0 && r.type != 1) || bad) {
 					/* flush is a no-op (nothing here is durable) */
-					n += put_reply(out + n, r.type == 3 ? 0 : EINVAL,
+					n += put_reply(out + n,
+					               r.type == 3 ? 0 : EINVAL,
 					               r.handle);
 					pos += take;
 					continue;
 				}
-				uint64_t first = r.off / CBS, last = (r.off + len - 1) / CBS;
-				uint64_t eoff = first * CBS, eend = (last + 1) * CBS;
+				uint64_t first = r.off / CBS,
+				         last = (r.off + len - 1) / CBS;
+				uint64_t eoff = first * CBS,
+				         eend = (last + 1) * CBS;
 				if (eend > size)
 					eend = size;
 				/* A write needs the upstream only for a partial end
 				 * block that is absent. */
-				int miss = r.type == 0
-				    ? !all_present(first, last)
-				    : ((r.off > eoff && !present(first)) ||
-				       (r.off + len < eend && !present(last)));
+				int miss =
+				    r.type == 0
+				        ? !all_present(first, last)
+				        : ((r.off > eoff && !present(first)) ||
+				           (r.off + len < eend &&
+				            !present(last)));
 				if (!miss) {
 					uint32_t err = 0;
 					if (r.type == 0) {
-						if (pread(cache_fd, out + n + 16, len,
-						          (off_t)r.off) != (ssize_t)len)
+						if (pread(cache_fd,
+						          out + n + 16, len,
+						          (off_t)r.off) !=
+						    (ssize_t)len)
 							err = EIO;
-						n += put_reply(out + n, err, r.handle);
+						n += put_reply(out + n, err,
+						               r.handle);
 						n += err ? 0 : len;
 					} else {
-						if (pwrite(cache_fd, in + pos + 28, len,
-						           (off_t)r.off) != (ssize_t)len)
+						if (pwrite(cache_fd,
+						           in + pos + 28, len,
+						           (off_t)r.off) !=
+						    (ssize_t)len)
 							err = EIO;
 						else
 							mark(r.off, len);
-						n += put_reply(out + n, err, r.handle);
+						n += put_reply(out + n, err,
+						               r.handle);
 					}
 					pos += take;
 					continue;
@@ -988,7 +1025,8 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 						goto done;
 					memcpy(sl->payload, in + pos + 28, len);
 				}
-				un += put_up_read(uo + un, (unsigned)i, eoff, sl->elen);
+				un += put_up_read(uo + un, (unsigned)i, eoff,
+				                  sl->elen);
 				pos += take;
 			}
 			memmove(in, in + pos, have - pos);
@@ -1030,7 +1068,8 @@ int main(int argc, char **argv)
 {
 	if (argc == 5 && strcmp(argv[1], "--cache") == 0) {
 		uint64_t size;
-		if (up_connect(atoi(argv[3]), &size) || cache_open(argv[4], size)) {
+		if (up_connect(atoi(argv[3]), &size) ||
+		    cache_open(argv[4], size)) {
 			perror("floor_server: the upstream or the cache");
 			return 1;
 		}
@@ -1061,9 +1100,10 @@ int main(int argc, char **argv)
 	argv += relaying;
 	argc -= relaying;
 	if (argc != 3) {
-		fprintf(stderr, "usage: floor_server [--loop [--cow]] PORT IMAGE\n"
-		                "       floor_server --relay PORT UPPORT\n"
-		                "       floor_server --cache PORT UPPORT CACHE\n");
+		fprintf(stderr,
+		        "usage: floor_server [--loop [--cow]] PORT IMAGE\n"
+		        "       floor_server --relay PORT UPPORT\n"
+		        "       floor_server --cache PORT UPPORT CACHE\n");
 		return 2;
 	}
 	int img = relaying ? -1 : open(argv[2], cow ? O_RDONLY : O_RDWR);

@@ -118,9 +118,10 @@ static void json_string(const char *s)
 static int numeric_key(const char *key)
 {
 	static const char *const keys[] = {
-	    "size",           "block-size",       "blocks",  "cached-blocks",
-	    "cached-percent", "waiting-requests", "clients", "queued-requests",
-	    "max-queue-size", "buffered-bytes",   "max-buf-size",
+	    "size",           "block-size",      "blocks",
+	    "cached-blocks",  "cached-percent",  "waiting-requests",
+	    "clients",        "queued-requests", "max-queue-size",
+	    "buffered-bytes", "max-buf-size",
 	};
 	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
 		if (strcmp(key, keys[i]) == 0)
@@ -168,15 +169,19 @@ void ctl_open_failed(const struct ctl_peer *p, const char *sock, int r)
 	case -ENOENT:
 	case -ECONNREFUSED:
 		fprintf(stderr, "%s: %s: %s (is %s running?)\n", p->prog, sock,
-		        r == -ENOENT ? "no such socket" : "nobody listens there",
+		        r == -ENOENT ? "no such socket"
+		                     : "nobody listens there",
 		        p->running);
 		break;
 	case -EPROTO:
-		fprintf(stderr, "%s: %s: not an xNBD control socket\n", p->prog, sock);
+		fprintf(stderr, "%s: %s: not an xNBD control socket\n", p->prog,
+		        sock);
 		break;
 	case -EPROTONOSUPPORT:
-		fprintf(stderr, "%s: %s: the %s speaks another control protocol "
-		        "version\n", p->prog, sock, p->name);
+		fprintf(stderr,
+		        "%s: %s: the %s speaks another control protocol "
+		        "version\n",
+		        p->prog, sock, p->name);
 		break;
 	default:
 		fprintf(stderr, "%s: %s: %s\n", p->prog, sock, strerror(-r));
@@ -190,8 +195,10 @@ void ctl_call_failed(const struct ctl_peer *p, const char *cmd, int r,
 	if (msg)
 		fprintf(stderr, "%s: %s: %s\n", p->prog, cmd, msg);
 	else if (r == -ECONNRESET)
-		fprintf(stderr, "%s: %s: the %s closed the connection before "
-		        "answering\n", p->prog, cmd, p->name);
+		fprintf(stderr,
+		        "%s: %s: the %s closed the connection before "
+		        "answering\n",
+		        p->prog, cmd, p->name);
 	else
 		fprintf(stderr, "%s: %s: %s\n", p->prog, cmd, strerror(-r));
 }
@@ -216,11 +223,11 @@ int on_progress(const struct xnbd_ctl_line *l, void *ud)
 			memset(bar, '#', (size_t)fill);
 			memset(bar + fill, '-', (size_t)(width - fill));
 			bar[width] = 0;
-			printf("\r[%s] %6.2f%% %" PRIu64 "/%" PRIu64 " blocks", bar, pct,
-			       l->done, l->total);
+			printf("\r[%s] %6.2f%% %" PRIu64 "/%" PRIu64 " blocks",
+			       bar, pct, l->done, l->total);
 		} else {
-			printf("\r%6.2f%% %" PRIu64 "/%" PRIu64 " blocks", pct, l->done,
-			       l->total);
+			printf("\r%6.2f%% %" PRIu64 "/%" PRIu64 " blocks", pct,
+			       l->done, l->total);
 		}
 		fflush(stdout);
 		p->drawn = 1;

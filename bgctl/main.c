@@ -29,12 +29,14 @@ struct opts {
 
 static void usage(FILE *f)
 {
-	fprintf(f,
+	fprintf(
+	    f,
 	    "Usage: " PROG " --query [--json] CTLSOCK\n"
 	    "       " PROG " [--progress] --cache-all CTLSOCK\n"
 	    "       " PROG " [--progress] --cache-all2 CTLSOCK\n"
 	    "       " PROG " [--force] --switch CTLSOCK\n"
-	    "       " PROG " [--exportname NAME] --reconnect CTLSOCK RHOST RPORT\n"
+	    "       " PROG
+	    " [--exportname NAME] --reconnect CTLSOCK RHOST RPORT\n"
 	    "\n"
 	    "Control a running xnbd-server --proxy through its control socket CTLSOCK.\n"
 	    "\n"
@@ -57,8 +59,9 @@ static void usage(FILE *f)
 static int set_cmd(struct opts *o, enum cmd c, const char *name)
 {
 	if (o->cmd != C_NONE && (o->cmd != c || strcmp(o->cmd_name, name)))
-		return fail_usage(PROG, "%s", "give one command: --query, --cache-all, "
-		                              "--cache-all2, --switch or --reconnect");
+		return fail_usage(PROG, "%s",
+		                  "give one command: --query, --cache-all, "
+		                  "--cache-all2, --switch or --reconnect");
 	o->cmd = c;
 	o->cmd_name = name;
 	return 0;
@@ -67,24 +70,33 @@ static int set_cmd(struct opts *o, enum cmd c, const char *name)
 static int parse(int argc, char **argv, struct opts *o)
 {
 	enum {
-		O_QUERY = 256, O_CACHE_ALL, O_CACHE_ALL2, O_SWITCH, O_SHUTDOWN,
-		O_RECONNECT, O_JSON, O_PROGRESS, O_FORCE, O_EXPORTNAME, O_HELP,
+		O_QUERY = 256,
+		O_CACHE_ALL,
+		O_CACHE_ALL2,
+		O_SWITCH,
+		O_SHUTDOWN,
+		O_RECONNECT,
+		O_JSON,
+		O_PROGRESS,
+		O_FORCE,
+		O_EXPORTNAME,
+		O_HELP,
 		O_VERSION,
 	};
 	static const struct option lo[] = {
-		{"query", no_argument, NULL, O_QUERY},
-		{"cache-all", no_argument, NULL, O_CACHE_ALL},
-		{"cache-all2", no_argument, NULL, O_CACHE_ALL2},
-		{"switch", no_argument, NULL, O_SWITCH},
-		{"shutdown", no_argument, NULL, O_SHUTDOWN},
-		{"reconnect", no_argument, NULL, O_RECONNECT},
-		{"json", no_argument, NULL, O_JSON},
-		{"progress", no_argument, NULL, O_PROGRESS},
-		{"force", no_argument, NULL, O_FORCE},
-		{"exportname", required_argument, NULL, O_EXPORTNAME},
-		{"help", no_argument, NULL, O_HELP},
-		{"version", no_argument, NULL, O_VERSION},
-		{NULL, 0, NULL, 0},
+	    {"query", no_argument, NULL, O_QUERY},
+	    {"cache-all", no_argument, NULL, O_CACHE_ALL},
+	    {"cache-all2", no_argument, NULL, O_CACHE_ALL2},
+	    {"switch", no_argument, NULL, O_SWITCH},
+	    {"shutdown", no_argument, NULL, O_SHUTDOWN},
+	    {"reconnect", no_argument, NULL, O_RECONNECT},
+	    {"json", no_argument, NULL, O_JSON},
+	    {"progress", no_argument, NULL, O_PROGRESS},
+	    {"force", no_argument, NULL, O_FORCE},
+	    {"exportname", required_argument, NULL, O_EXPORTNAME},
+	    {"help", no_argument, NULL, O_HELP},
+	    {"version", no_argument, NULL, O_VERSION},
+	    {NULL, 0, NULL, 0},
 	};
 	int c, r;
 	opterr = 0;
@@ -130,16 +142,18 @@ static int parse(int argc, char **argv, struct opts *o)
 		case O_VERSION:
 			print_version(PROG, XNBD_BGCTL_VERSION);
 		default:
-			return fail_usage(PROG, "unknown or incomplete option '%s'",
+			return fail_usage(PROG,
+			                  "unknown or incomplete option '%s'",
 			                  argv[optind - 1]);
 		}
 		if (r)
 			return r;
 	}
 	if (o->cmd == C_NONE)
-		return fail_usage(PROG, "%s", "a command is required: --query, "
-		                              "--cache-all, --cache-all2, --switch or "
-		                              "--reconnect");
+		return fail_usage(PROG, "%s",
+		                  "a command is required: --query, "
+		                  "--cache-all, --cache-all2, --switch or "
+		                  "--reconnect");
 	int want = o->cmd == C_RECONNECT ? 3 : 1;
 	if (argc - optind != want)
 		return fail_usage(PROG, "%s %s", o->cmd_name,
@@ -153,11 +167,13 @@ static int parse(int argc, char **argv, struct opts *o)
 	if (o->json && o->cmd != C_QUERY)
 		return fail_usage(PROG, "%s", "--json goes with --query");
 	if (o->progress && o->cmd != C_CACHE_ALL && o->cmd != C_CACHE_ALL2)
-		return fail_usage(PROG, "%s", "--progress goes with --cache-all");
+		return fail_usage(PROG, "%s",
+		                  "--progress goes with --cache-all");
 	if (o->force && o->cmd != C_SWITCH)
 		return fail_usage(PROG, "%s", "--force goes with --switch");
 	if (o->exportname && o->cmd != C_RECONNECT)
-		return fail_usage(PROG, "%s", "--exportname goes with --reconnect");
+		return fail_usage(PROG, "%s",
+		                  "--exportname goes with --reconnect");
 	return 0;
 }
 
@@ -189,28 +205,48 @@ static void print_human(const struct kvs *k)
 	       or_dash(get(k, "state")));
 	printf("cache image:       %s\n", or_dash(get(k, "cache")));
 	printf("bitmap:            %s\n", or_dash(get(k, "bitmap")));
-	printf("disk size:         %s bytes (%s)\n", or_dash(get(k, "size")), hs);
+	printf("disk size:         %s bytes (%s)\n", or_dash(get(k, "size")),
+	       hs);
 	printf("upstream:          %s port %s, export \"%s\"\n",
-	       or_dash(get(k, "upstream-host")), or_dash(get(k, "upstream-port")),
+	       or_dash(get(k, "upstream-host")),
+	       or_dash(get(k, "upstream-port")),
 	       get(k, "upstream-export") ? get(k, "upstream-export") : "");
 	printf("cached blocks:     %s / %s (%s%%), blocks of %s bytes\n",
 	       or_dash(get(k, "cached-blocks")), or_dash(get(k, "blocks")),
-	       or_dash(get(k, "cached-percent")), or_dash(get(k, "block-size")));
+	       or_dash(get(k, "cached-percent")),
+	       or_dash(get(k, "block-size")));
 	printf("waiting requests:  %s\n", or_dash(get(k, "waiting-requests")));
 	if (get(k, "queued-requests")) {
-		const char *mq = get(k, "max-queue-size"), *mb = get(k, "max-buf-size");
+		const char *mq = get(k, "max-queue-size"),
+		           *mb = get(k, "max-buf-size");
 		printf("clients:           %s\n", or_dash(get(k, "clients")));
-		printf("queued requests:   %s / %s\n", get(k, "queued-requests"),
+		printf("queued requests:   %s / %s\n",
+		       get(k, "queued-requests"),
 		       mq && strcmp(mq, "0") ? mq : "unbounded");
-		printf("buffered bytes:    %s / %s\n", or_dash(get(k, "buffered-bytes")),
+		printf("buffered bytes:    %s / %s\n",
+		       or_dash(get(k, "buffered-bytes")),
 		       mb && strcmp(mb, "0") ? mb : "unbounded");
 	}
 	/* Keys this version does not know, as they came. */
 	static const char *const known[] = {
-	    "mode", "state", "cache", "bitmap", "size", "block-size", "blocks",
-	    "cached-blocks", "cached-percent", "upstream-host", "upstream-port",
-	    "upstream-export", "waiting-requests", "clients", "queued-requests",
-	    "max-queue-size", "buffered-bytes", "max-buf-size",
+	    "mode",
+	    "state",
+	    "cache",
+	    "bitmap",
+	    "size",
+	    "block-size",
+	    "blocks",
+	    "cached-blocks",
+	    "cached-percent",
+	    "upstream-host",
+	    "upstream-port",
+	    "upstream-export",
+	    "waiting-requests",
+	    "clients",
+	    "queued-requests",
+	    "max-queue-size",
+	    "buffered-bytes",
+	    "max-buf-size",
 	};
 	for (size_t i = 0; i < k->n; i++) {
 		size_t j = 0;

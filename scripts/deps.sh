@@ -5,7 +5,7 @@ set -eu
 
 packages="meson ninja-build pkg-config gcc libc6-dev libuv1-dev check \
 libnbd-bin python3-libnbd qemu-utils nbdkit fio nbd-server socat \
-iproute2 procps"
+iproute2 procps clang-format"
 
 missing=""
 for p in $packages; do

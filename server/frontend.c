@@ -72,7 +72,8 @@ int serve_option(const char *prog, int o, const char *arg, const char *typed,
 	switch (o) {
 	case O_LPORT:
 		if (parse_port(arg))
-			return fail_usage(prog, "invalid port '%s' (1 to 65535)", arg);
+			return fail_usage(
+			    prog, "invalid port '%s' (1 to 65535)", arg);
 		s->lport = arg;
 		break;
 	case O_LADDR:
@@ -96,13 +97,15 @@ int serve_option(const char *prog, int o, const char *arg, const char *typed,
 		break;
 	case O_MAXBUF:
 		if (parse_size(arg, &s->max_buf))
-			return fail_usage(prog, "invalid buffer size '%s'", arg);
+			return fail_usage(prog, "invalid buffer size '%s'",
+			                  arg);
 		break;
 	case O_VERBOSE:
 		s->verbose = 1;
 		break;
 	default:
-		return fail_usage(prog, "unknown or incomplete option '%s'", typed);
+		return fail_usage(prog, "unknown or incomplete option '%s'",
+		                  typed);
 	}
 	return 0;
 }
@@ -178,8 +181,8 @@ int daemonize(uv_loop_t *loop, const char *pidfile, int keep_stderr)
 	return 0;
 }
 
-void start_signal(uv_loop_t *loop, uv_signal_t *h, uv_signal_cb cb,
-                  int signum, void *data)
+void start_signal(uv_loop_t *loop, uv_signal_t *h, uv_signal_cb cb, int signum,
+                  void *data)
 {
 	uv_signal_init(loop, h);
 	h->data = data;

@@ -35,21 +35,31 @@ struct serve_opts {
 
 /* Their getopt_long values; a server's own options follow O_SERVE_END. */
 enum {
-	O_LPORT = 256, O_LADDR, O_DAEMONIZE, O_PIDFILE, O_LOGPATH, O_SYSLOG,
-	O_MAXQ, O_MAXBUF, O_VERBOSE, O_SERVE_END,
+	O_LPORT = 256,
+	O_LADDR,
+	O_DAEMONIZE,
+	O_PIDFILE,
+	O_LOGPATH,
+	O_SYSLOG,
+	O_MAXQ,
+	O_MAXBUF,
+	O_VERBOSE,
+	O_SERVE_END,
 };
 
 /* Their entries in a getopt_long table. */
-#define SERVE_OPTIONS                                        \
-	{"lport", required_argument, NULL, O_LPORT},             \
-	{"laddr", required_argument, NULL, O_LADDR},             \
-	{"daemonize", no_argument, NULL, O_DAEMONIZE},           \
-	{"pidfile", required_argument, NULL, O_PIDFILE},         \
-	{"logpath", required_argument, NULL, O_LOGPATH},         \
-	{"syslog", no_argument, NULL, O_SYSLOG},                 \
-	{"max-queue-size", required_argument, NULL, O_MAXQ},     \
-	{"max-buf-size", required_argument, NULL, O_MAXBUF},     \
-	{"verbose", no_argument, NULL, O_VERBOSE}
+#define SERVE_OPTIONS \
+	{"lport", required_argument, NULL, O_LPORT}, \
+	    {"laddr", required_argument, NULL, O_LADDR}, \
+	    {"daemonize", no_argument, NULL, O_DAEMONIZE}, \
+	    {"pidfile", required_argument, NULL, O_PIDFILE}, \
+	    {"logpath", required_argument, NULL, O_LOGPATH}, \
+	    {"syslog", no_argument, NULL, O_SYSLOG}, \
+	    {"max-queue-size", required_argument, NULL, O_MAXQ}, \
+	    {"max-buf-size", required_argument, NULL, O_MAXBUF}, \
+	{ \
+		"verbose", no_argument, NULL, O_VERBOSE \
+	}
 
 /* Take option o, one of those, with its argument arg into s; any other
  * is unknown or incomplete (typed is what was typed).  Returns 0, or the
@@ -74,8 +84,8 @@ char *abs_path(const char *p);
 int daemonize(uv_loop_t *loop, const char *pidfile, int keep_stderr);
 
 /* Handle signum on loop with cb, h->data set to data. */
-void start_signal(uv_loop_t *loop, uv_signal_t *h, uv_signal_cb cb,
-                  int signum, void *data);
+void start_signal(uv_loop_t *loop, uv_signal_t *h, uv_signal_cb cb, int signum,
+                  void *data);
 
 /* Remove h's handler and ignore its signal from now on. */
 void close_signal(uv_signal_t *h);

@@ -60,7 +60,8 @@ void logsink_write(void *ud, int level, const char *msg)
 		char ts[32];
 		time_t t = time(NULL);
 		struct tm tm;
-		strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", localtime_r(&t, &tm));
+		strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S",
+		         localtime_r(&t, &tm));
 		fprintf(logfile, "%s %s[%d]: %s: %s\n", ts, prog, (int)getpid(),
 		        level_name(level), msg);
 	} else if (!use_syslog) {

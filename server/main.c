@@ -57,10 +57,12 @@ struct app {
 
 static void usage(FILE *f)
 {
-	fprintf(f,
+	fprintf(
+	    f,
 	    "Usage: " PROG " --target [options] DISK_IMAGE\n"
 	    "       " PROG " --cow-target [options] BASE_DISK_IMAGE\n"
-	    "       " PROG " --proxy [options] RHOST RPORT CACHE_IMAGE BITMAP CTLSOCK\n"
+	    "       " PROG
+	    " --proxy [options] RHOST RPORT CACHE_IMAGE BITMAP CTLSOCK\n"
 	    "\n"
 	    "Export DISK_IMAGE over the NBD protocol.  With --cow-target, writes go to\n"
 	    "an overlay that disappears when the server ends; BASE_DISK_IMAGE is never\n"
@@ -100,25 +102,34 @@ static void usage(FILE *f)
 static int parse_args(int argc, char **argv, struct config *c)
 {
 	enum {
-		O_TARGET = O_SERVE_END, O_COW, O_PROXY, O_READONLY, O_INETD,
-		O_CONNFD, O_OLDSTYLE, O_HELP, O_VERSION, O_EXPORTNAME,
-		O_CLEARBITMAP, O_OVERLAY,
+		O_TARGET = O_SERVE_END,
+		O_COW,
+		O_PROXY,
+		O_READONLY,
+		O_INETD,
+		O_CONNFD,
+		O_OLDSTYLE,
+		O_HELP,
+		O_VERSION,
+		O_EXPORTNAME,
+		O_CLEARBITMAP,
+		O_OVERLAY,
 	};
 	static const struct option opts[] = {
-		{"target", no_argument, NULL, O_TARGET},
-		{"cow-target", no_argument, NULL, O_COW},
-		{"proxy", no_argument, NULL, O_PROXY},
-		SERVE_OPTIONS,
-		{"readonly", no_argument, NULL, O_READONLY},
-		{"inetd", no_argument, NULL, O_INETD},
-		{"connected-fd", required_argument, NULL, O_CONNFD},
-		{"oldstyle", no_argument, NULL, O_OLDSTYLE},
-		{"cow-overlay", required_argument, NULL, O_OVERLAY},
-		{"target-exportname", required_argument, NULL, O_EXPORTNAME},
-		{"clear-bitmap", no_argument, NULL, O_CLEARBITMAP},
-		{"help", no_argument, NULL, O_HELP},
-		{"version", no_argument, NULL, O_VERSION},
-		{NULL, 0, NULL, 0},
+	    {"target", no_argument, NULL, O_TARGET},
+	    {"cow-target", no_argument, NULL, O_COW},
+	    {"proxy", no_argument, NULL, O_PROXY},
+	    SERVE_OPTIONS,
+	    {"readonly", no_argument, NULL, O_READONLY},
+	    {"inetd", no_argument, NULL, O_INETD},
+	    {"connected-fd", required_argument, NULL, O_CONNFD},
+	    {"oldstyle", no_argument, NULL, O_OLDSTYLE},
+	    {"cow-overlay", required_argument, NULL, O_OVERLAY},
+	    {"target-exportname", required_argument, NULL, O_EXPORTNAME},
+	    {"clear-bitmap", no_argument, NULL, O_CLEARBITMAP},
+	    {"help", no_argument, NULL, O_HELP},
+	    {"version", no_argument, NULL, O_VERSION},
+	    {NULL, 0, NULL, 0},
 	};
 	int o, r;
 	c->serve.lport = "8520";
@@ -133,8 +144,9 @@ static int parse_args(int argc, char **argv, struct config *c)
 			              : o == O_COW  ? MODE_COW
 			                            : MODE_PROXY;
 			if (c->mode != MODE_NONE && c->mode != m)
-				return fail_usage(PROG, "%s", "choose one of --target, "
-				                              "--cow-target and --proxy");
+				return fail_usage(PROG, "%s",
+				                  "choose one of --target, "
+				                  "--cow-target and --proxy");
 			c->mode = m;
 			break;
 		}
@@ -148,7 +160,8 @@ static int parse_args(int argc, char **argv, struct config *c)
 			char *end;
 			long fd = strtol(optarg, &end, 10);
 			if (*end || end == optarg || fd < 0 || fd > INT_MAX)
-				return fail_usage(PROG, "invalid descriptor '%s'", optarg);
+				return fail_usage(
+				    PROG, "invalid descriptor '%s'", optarg);
 			c->connected_fd = (int)fd;
 			break;
 		}
@@ -177,10 +190,12 @@ static int parse_args(int argc, char **argv, struct config *c)
 		}
 	}
 	if (c->mode == MODE_NONE)
-		return fail_usage(PROG, "%s", "a mode is required: --target, "
-		                              "--cow-target or --proxy");
+		return fail_usage(PROG, "%s",
+		                  "a mode is required: --target, "
+		                  "--cow-target or --proxy");
 	if (c->overlay && c->mode != MODE_COW)
-		return fail_usage(PROG, "%s", "--cow-overlay goes with --cow-target");
+		return fail_usage(PROG, "%s",
+		                  "--cow-overlay goes with --cow-target");
 	if (c->mode != MODE_PROXY && (c->exportname || c->clear_bitmap))
 		return fail_usage(PROG, "%s",
 		                  c->exportname
@@ -188,9 +203,10 @@ static int parse_args(int argc, char **argv, struct config *c)
 		                      : "--clear-bitmap goes with --proxy");
 	if (c->mode == MODE_PROXY) {
 		if (optind + 5 != argc)
-			return fail_usage(PROG, "%s", "--proxy takes five arguments: "
-			                              "RHOST RPORT CACHE_IMAGE BITMAP "
-			                              "CTLSOCK");
+			return fail_usage(PROG, "%s",
+			                  "--proxy takes five arguments: "
+			                  "RHOST RPORT CACHE_IMAGE BITMAP "
+			                  "CTLSOCK");
 		c->rhost = argv[optind];
 		c->rport = argv[optind + 1];
 		c->cache = argv[optind + 2];
@@ -198,25 +214,31 @@ static int parse_args(int argc, char **argv, struct config *c)
 		c->ctlsock = argv[optind + 4];
 		c->image = c->cache;
 		if (parse_port(c->rport))
-			return fail_usage(PROG, "invalid upstream port '%s' (1 to 65535)",
-			                  c->rport);
+			return fail_usage(
+			    PROG, "invalid upstream port '%s' (1 to 65535)",
+			    c->rport);
 		if (!*c->rhost || !*c->cache || !*c->bitmap || !*c->ctlsock)
-			return fail_usage(PROG, "%s", "empty argument to --proxy");
+			return fail_usage(PROG, "%s",
+			                  "empty argument to --proxy");
 	} else {
 		if (optind + 1 != argc)
-			return fail_usage(PROG, "%s",
-			                  optind >= argc
-			                      ? "the disk image is missing"
-			                      : "exactly one disk image is expected");
+			return fail_usage(
+			    PROG, "%s",
+			    optind >= argc
+			        ? "the disk image is missing"
+			        : "exactly one disk image is expected");
 		c->image = argv[optind];
 	}
 	if (c->inetd && c->connected_fd >= 0)
-		return fail_usage(PROG, "%s",
-		                  "--inetd and --connected-fd exclude each other");
+		return fail_usage(
+		    PROG, "%s",
+		    "--inetd and --connected-fd exclude each other");
 	if ((c->inetd || c->connected_fd >= 0) && c->serve.daemonize)
-		return fail_usage(PROG, "%s", "--daemonize needs a listening server");
+		return fail_usage(PROG, "%s",
+		                  "--daemonize needs a listening server");
 	if (c->serve.pidfile && !c->serve.daemonize)
-		return fail_usage(PROG, "%s", "--pidfile goes with --daemonize");
+		return fail_usage(PROG, "%s",
+		                  "--pidfile goes with --daemonize");
 	return 0;
 }
 
@@ -290,8 +312,10 @@ static void on_stop_signal(uv_signal_t *h, int signum)
 		a->stop_requested = 1;
 		return;
 	}
-	logsink_printf(XNBD_LOG_INFO, "%s received: stopping after requests in "
-	               "flight", strsignal(signum));
+	logsink_printf(XNBD_LOG_INFO,
+	               "%s received: stopping after requests in "
+	               "flight",
+	               strsignal(signum));
 	stop(a);
 }
 
@@ -317,8 +341,8 @@ static void on_usr1(uv_signal_t *h, int signum)
 	         (long long)time(NULL));
 	int r = xnbd_backend_snapshot(a->backend, path, on_snapshot_done, a);
 	if (r < 0)
-		logsink_printf(XNBD_LOG_ERR, "cannot take snapshot %s: %s", path,
-		               xnbd_strerror(r));
+		logsink_printf(XNBD_LOG_ERR, "cannot take snapshot %s: %s",
+		               path, xnbd_strerror(r));
 	else
 		logsink_printf(XNBD_LOG_INFO, "snapshot started: %s", path);
 }
@@ -329,20 +353,23 @@ static void on_usr2(uv_signal_t *h, int signum)
 	if (!a->started)
 		return;
 	if (!a->proxy) {
-		logsink_printf(XNBD_LOG_NOTICE,
-		               "SIGUSR2 ignored: only a proxy switches to target mode");
+		logsink_printf(
+		    XNBD_LOG_NOTICE,
+		    "SIGUSR2 ignored: only a proxy switches to target mode");
 		return;
 	}
 	int r = xnbd_proxy_switch(a->proxy, 0);
 	if (r == -EBUSY)
-		logsink_printf(XNBD_LOG_WARNING,
-		               "SIGUSR2: not switching to target mode: %llu blocks are "
-		               "not cached yet (xnbd-bgctl --cache-all fills the cache; "
-		               "xnbd-bgctl --force --switch switches anyway)",
-		               (unsigned long long)(xnbd_proxy_blocks(a->proxy) -
-		                                    xnbd_proxy_cached_blocks(a->proxy)));
+		logsink_printf(
+		    XNBD_LOG_WARNING,
+		    "SIGUSR2: not switching to target mode: %llu blocks are "
+		    "not cached yet (xnbd-bgctl --cache-all fills the cache; "
+		    "xnbd-bgctl --force --switch switches anyway)",
+		    (unsigned long long)(xnbd_proxy_blocks(a->proxy) -
+		                         xnbd_proxy_cached_blocks(a->proxy)));
 	else if (r == -EALREADY)
-		logsink_printf(XNBD_LOG_NOTICE, "SIGUSR2: in target mode already");
+		logsink_printf(XNBD_LOG_NOTICE,
+		               "SIGUSR2: in target mode already");
 }
 
 static void on_client_end(struct xnbd_server *s, void *ud)
@@ -359,8 +386,9 @@ static void on_client_end(struct xnbd_server *s, void *ud)
 /* Release everything (also after a failed start) and return `code`. */
 static int finish(struct app *a, int code)
 {
+	/* After a failed start too: let the loops below end. */
 	if (a->loop && a->sig_term.data && !a->released)
-		release_signals(a); /* a failed start: let the loops below end */
+		release_signals(a);
 	if (a->server && !a->server_done) {
 		/* Started but never run: close its handles before freeing. */
 		close_server_now(a->loop, a->server);
@@ -417,7 +445,8 @@ static int open_proxy(struct app *a)
 	a->bitmap_abs = abs_path(c->bitmap);
 	a->ctl_abs = abs_path(c->ctlsock);
 	if (!a->cache_abs || !a->bitmap_abs || !a->ctl_abs) {
-		fprintf(stderr, PROG ": cannot resolve paths: %s\n", strerror(errno));
+		fprintf(stderr, PROG ": cannot resolve paths: %s\n",
+		        strerror(errno));
 		return 1;
 	}
 	r = xnbd_proxy_open(a->proxy, c->rhost, c->rport,
@@ -432,8 +461,9 @@ static int open_proxy(struct app *a)
 	       uv_run(a->loop, UV_RUN_ONCE))
 		;
 	if (a->stop_requested && a->proxy_opened != 1) {
-		logsink_printf(XNBD_LOG_INFO, "stopped while connecting to %s:%s",
-		               c->rhost, c->rport);
+		logsink_printf(XNBD_LOG_INFO,
+		               "stopped while connecting to %s:%s", c->rhost,
+		               c->rport);
 		return 0x100; /* exit 0, having served nothing */
 	}
 	if (a->proxy_opened != 1) {
@@ -462,11 +492,12 @@ static int open_control(struct app *a)
 	if (r == 0)
 		r = xnbd_control_listen(a->control, a->ctl_abs);
 	if (r < 0) {
-		fprintf(stderr, PROG ": cannot open the control socket '%s': %s\n",
-		        a->cfg.ctlsock,
-		        r == -EADDRINUSE ? "a running server listens there"
-		        : r == -EEXIST   ? "a file that is not a socket is in the way"
-		                         : xnbd_strerror(r));
+		fprintf(
+		    stderr, PROG ": cannot open the control socket '%s': %s\n",
+		    a->cfg.ctlsock,
+		    r == -EADDRINUSE ? "a running server listens there"
+		    : r == -EEXIST ? "a file that is not a socket is in the way"
+		                   : xnbd_strerror(r));
 		return 1;
 	}
 	return 0;
@@ -492,8 +523,8 @@ int main(int argc, char **argv)
 	int to_syslog = s->use_syslog || (c->inetd && !s->logpath);
 	r = logsink_open(PROG, s->logpath, to_syslog, s->verbose);
 	if (r < 0) {
-		fprintf(stderr, PROG ": cannot open log file '%s': %s\n", s->logpath,
-		        strerror(-r));
+		fprintf(stderr, PROG ": cannot open log file '%s': %s\n",
+		        s->logpath, strerror(-r));
 		return 1;
 	}
 
@@ -518,9 +549,9 @@ int main(int argc, char **argv)
 		return finish(&a, 1);
 	}
 	cow = c->mode == MODE_COW;
-	r = xnbd_backend_file_open(a.loop, a.image_abs,
-	                           (c->readonly || cow) ? XNBD_OPEN_READONLY : 0,
-	                           &a.image);
+	r = xnbd_backend_file_open(
+	    a.loop, a.image_abs, (c->readonly || cow) ? XNBD_OPEN_READONLY : 0,
+	    &a.image);
 	if (r < 0) {
 		fprintf(stderr, PROG ": cannot open image '%s': %s\n", c->image,
 		        r == -EINVAL ? "not a regular file or block device"
@@ -531,36 +562,44 @@ int main(int argc, char **argv)
 	/* A read-only CoW target is the base served read-only: no overlay. */
 	if (cow && !c->readonly) {
 		struct stat st;
-		const char *ov = c->overlay; /* NULL: the library's default place */
+		/* NULL: the library's default place */
+		const char *ov = c->overlay;
 		unsigned flags = XNBD_COW_TEMPORARY;
 		if (ov && !(stat(ov, &st) == 0 && S_ISDIR(st.st_mode)))
 			flags = 0; /* a new file to keep */
-		r = xnbd_backend_cow_new(a.loop, a.image, ov, flags, &a.backend);
+		r = xnbd_backend_cow_new(a.loop, a.image, ov, flags,
+		                         &a.backend);
 		if (r == -ENOTDIR && !ov) {
-			fprintf(stderr, PROG ": $TMPDIR (or /var/tmp) is not a directory "
-			        "for the overlay: set TMPDIR or --cow-overlay\n");
+			fprintf(
+			    stderr, PROG
+			    ": $TMPDIR (or /var/tmp) is not a directory "
+			    "for the overlay: set TMPDIR or --cow-overlay\n");
 			return finish(&a, 1);
 		}
 		if (r < 0) {
-			fprintf(stderr, PROG ": cannot create the overlay %s '%s': %s\n",
+			fprintf(stderr,
+			        PROG
+			        ": cannot create the overlay %s '%s': %s\n",
 			        flags ? "in" : "file", ov ? ov : "$TMPDIR",
 			        xnbd_strerror(r));
 			return finish(&a, 1);
 		}
 	}
-export:
-	if ((r = xnbd_export_new("", a.backend,
-	                         c->readonly ? XNBD_EXPORT_READONLY : 0,
-	                         &a.export)) < 0 ||
-	    (r = xnbd_export_set_description(a.export, a.image_abs)) < 0 ||
-	    (r = xnbd_server_new(a.loop, &a.server)) < 0 ||
-	    (r = xnbd_server_add_export(a.server, a.export)) < 0) {
+	export : if ((r = xnbd_export_new(
+	                  "", a.backend, c->readonly ? XNBD_EXPORT_READONLY : 0,
+	                  &a.export)) < 0 ||
+	             (r = xnbd_export_set_description(a.export, a.image_abs)) <
+	                 0 ||
+	             (r = xnbd_server_new(a.loop, &a.server)) < 0 ||
+	             (r = xnbd_server_add_export(a.server, a.export)) < 0)
+	{
 		fprintf(stderr, PROG ": %s\n", xnbd_strerror(r));
 		return finish(&a, 1);
 	}
 	xnbd_server_set_log(a.server, logsink_write, NULL);
-	xnbd_server_set_flags(a.server, XNBD_SERVER_ANY_NAME |
-	                                    (c->oldstyle ? XNBD_SERVER_OLDSTYLE : 0));
+	xnbd_server_set_flags(a.server,
+	                      XNBD_SERVER_ANY_NAME |
+	                          (c->oldstyle ? XNBD_SERVER_OLDSTYLE : 0));
 	xnbd_server_set_limits(a.server, s->max_queue, s->max_buf);
 	xnbd_server_on_client_end(a.server, on_client_end, &a);
 	if (a.proxy && (r = open_control(&a)) != 0)
@@ -571,7 +610,8 @@ export:
 		r = xnbd_server_serve_fd(a.server, fd,
 		                         c->inetd ? 0 : XNBD_SERVE_NEGOTIATED);
 		if (r < 0) {
-			logsink_printf(XNBD_LOG_ERR, "cannot serve descriptor %d: %s", fd,
+			logsink_printf(XNBD_LOG_ERR,
+			               "cannot serve descriptor %d: %s", fd,
 			               xnbd_strerror(r));
 			return finish(&a, 1);
 		}
@@ -581,7 +621,8 @@ export:
 
 	if (s->daemonize &&
 	    (r = daemonize(a.loop, s->pidfile, logsink_uses_stderr())) < 0) {
-		fprintf(stderr, PROG ": cannot daemonize: %s\n", xnbd_strerror(r));
+		fprintf(stderr, PROG ": cannot daemonize: %s\n",
+		        xnbd_strerror(r));
 		return finish(&a, 1);
 	}
 
@@ -590,10 +631,13 @@ export:
 		stop(&a);
 
 	if (!c->inetd && c->connected_fd < 0)
-		logsink_printf(XNBD_LOG_INFO, "serving %s (%llu bytes%s%s) on %s port %s",
+		logsink_printf(XNBD_LOG_INFO,
+		               "serving %s (%llu bytes%s%s) on %s port %s",
 		               a.image_abs,
 		               (unsigned long long)xnbd_backend_size(a.backend),
-		               cow ? ", copy-on-write" : a.proxy ? ", proxy" : "",
+		               cow       ? ", copy-on-write"
+		               : a.proxy ? ", proxy"
+		                         : "",
 		               c->readonly ? ", read-only" : "",
 		               s->laddr ? s->laddr : "all addresses", s->lport);
 

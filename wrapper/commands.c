@@ -22,7 +22,9 @@ static void info_u64(struct xnbd_control_req *r, const char *key, uint64_t v)
 
 static const char *state_name(enum wstate s)
 {
-	return s == W_OPENING ? "opening" : s == W_SERVING ? "serving" : "failed";
+	return s == W_OPENING   ? "opening"
+	       : s == W_SERVING ? "serving"
+	                        : "failed";
 }
 
 /* Finish with an error whose message is made from a format. */
@@ -71,35 +73,44 @@ static void cmd_list(struct xnbd_control_req *r, int argc, char **argv,
 		/* One line that cannot be sent would make the rest lie. */
 		int st = xnbd_control_info(r, "export", e->name);
 		if (st < 0) {
-			xnbd_control_finish(r, st, "an export's name does not fit a "
-			                           "reply line");
+			xnbd_control_finish(r, st,
+			                    "an export's name does not fit a "
+			                    "reply line");
 			return;
 		}
-		xnbd_control_info(r, "type", e->type == W_TARGET ? "target" : "proxy");
+		xnbd_control_info(r, "type",
+		                  e->type == W_TARGET ? "target" : "proxy");
 		xnbd_control_info(r, "state", state_name(e->state));
 		xnbd_control_info(r, "file", e->file);
-		xnbd_control_info(r, "readonly", w->cfg.readonly ? "yes" : "no");
+		xnbd_control_info(r, "readonly",
+		                  w->cfg.readonly ? "yes" : "no");
 		if (e->type == W_TARGET)
-			xnbd_control_info(r, "cow", w->cfg.cow && !w->cfg.readonly
-			                                ? "yes"
-			                                : "no");
+			xnbd_control_info(
+			    r, "cow",
+			    w->cfg.cow && !w->cfg.readonly ? "yes" : "no");
 		if (serving) {
-			info_u64(r, "clients", xnbd_export_client_count(e->export));
-			struct xnbd_backend *b = e->cow     ? e->cow
-			                         : e->proxy ? xnbd_proxy_backend(e->proxy)
-			                                    : e->image;
+			info_u64(r, "clients",
+			         xnbd_export_client_count(e->export));
+			struct xnbd_backend *b =
+			    e->cow     ? e->cow
+			    : e->proxy ? xnbd_proxy_backend(e->proxy)
+			               : e->image;
 			info_u64(r, "size", xnbd_backend_size(b));
 		}
 		if (e->type == W_PROXY) {
 			struct xnbd_proxy *p = serving ? e->proxy : NULL;
 			if (p)
-				xnbd_control_info(r, "proxy-state", proxy_state(p));
+				xnbd_control_info(r, "proxy-state",
+				                  proxy_state(p));
 			xnbd_control_info(r, "upstream-host",
-			                  p ? xnbd_proxy_upstream_host(p) : e->rhost);
+			                  p ? xnbd_proxy_upstream_host(p)
+			                    : e->rhost);
 			xnbd_control_info(r, "upstream-port",
-			                  p ? xnbd_proxy_upstream_port(p) : e->rport);
+			                  p ? xnbd_proxy_upstream_port(p)
+			                    : e->rport);
 			xnbd_control_info(r, "upstream-export",
-			                  p ? xnbd_proxy_upstream_name(p) : e->rname);
+			                  p ? xnbd_proxy_upstream_name(p)
+			                    : e->rname);
 			xnbd_control_info(r, "bitmap", e->bitmap);
 			xnbd_control_info(r, "control", e->ctlsock);
 		}
@@ -141,7 +152,8 @@ static void cmd_add_target(struct xnbd_control_req *r, int argc, char **argv,
 	int err = -errno;
 	free(abs);
 	if (!real) {
-		refuse(r, err, "cannot open image %s: %s", argv[2], strerror(-err));
+		refuse(r, err, "cannot open image %s: %s", argv[2],
+		       strerror(-err));
 		return;
 	}
 	const char *own = wrapper_file(w, real);
@@ -158,8 +170,8 @@ static void cmd_add_target(struct xnbd_control_req *r, int argc, char **argv,
 	/* Two targets may share an image; a proxy's files are its own. */
 	struct wexport *u = wexport_using(w, real);
 	if (u && u->type == W_PROXY) {
-		refuse(r, -EBUSY, "%s is in use by the proxy of export '%s'", real,
-		       u->name);
+		refuse(r, -EBUSY, "%s is in use by the proxy of export '%s'",
+		       real, u->name);
 		free(real);
 		return;
 	}
@@ -183,8 +195,8 @@ static void cmd_add_target(struct xnbd_control_req *r, int argc, char **argv,
 		refuse_db(r, w, err, "the export is not added");
 		return;
 	}
-	logsink_printf(XNBD_LOG_INFO, "export '%s' added: %s%s", e->name, e->file,
-	               e->cow ? " (copy-on-write)" : "");
+	logsink_printf(XNBD_LOG_INFO, "export '%s' added: %s%s", e->name,
+	               e->file, e->cow ? " (copy-on-write)" : "");
 	xnbd_control_finish(r, 0, NULL);
 }
 
@@ -196,8 +208,8 @@ static void proxy_added(struct wexport *e, int status)
 	/* Finishing never runs another command (a queued removal of this very
 	 * export waits for the loop), but e goes first all the same. */
 	if (status < 0) {
-		logsink_printf(XNBD_LOG_WARNING, "export '%s' not added: %s", e->name,
-		               e->error);
+		logsink_printf(XNBD_LOG_WARNING, "export '%s' not added: %s",
+		               e->name, e->error);
 		char *msg = e->error ? strdup(e->error) : NULL;
 		wexport_remove(e);
 		if (r)
@@ -213,8 +225,9 @@ static void proxy_added(struct wexport *e, int status)
 			refuse_db(r, w, err, "the export is not added");
 		return;
 	}
-	logsink_printf(XNBD_LOG_INFO, "export '%s' added: proxy of %s:%s, cache %s",
-	               e->name, e->rhost, e->rport, e->file);
+	logsink_printf(XNBD_LOG_INFO,
+	               "export '%s' added: proxy of %s:%s, cache %s", e->name,
+	               e->rhost, e->rport, e->file);
 	if (r)
 		xnbd_control_finish(r, 0, NULL);
 }
@@ -224,8 +237,9 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 {
 	struct wrapper *w = ud;
 	if (argc != 7 && argc != 8) {
-		xnbd_control_finish(r, -EINVAL, "usage: add-proxy NAME RHOST RPORT "
-		                                "CACHE BITMAP CTLSOCK [EXPORTNAME]");
+		xnbd_control_finish(r, -EINVAL,
+		                    "usage: add-proxy NAME RHOST RPORT "
+		                    "CACHE BITMAP CTLSOCK [EXPORTNAME]");
 		return;
 	}
 	const char *name = argv[1];
@@ -239,13 +253,15 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 		return;
 	}
 	if (argc == 8 && strlen(argv[7]) > XNBD_MAX_STRING) {
-		xnbd_control_finish(r, -EINVAL, "export names are at most 4096 bytes "
-		                                "long");
+		xnbd_control_finish(r, -EINVAL,
+		                    "export names are at most 4096 bytes "
+		                    "long");
 		return;
 	}
 	if (!*argv[2] || !valid_port(argv[3])) {
-		refuse(r, -EINVAL, "invalid upstream '%s' port '%s' (1 to 65535)",
-		       argv[2], argv[3]);
+		refuse(r, -EINVAL,
+		       "invalid upstream '%s' port '%s' (1 to 65535)", argv[2],
+		       argv[3]);
 		return;
 	}
 	char *paths[3] = {NULL, NULL, NULL};
@@ -255,19 +271,22 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 		paths[i] = abs ? canon_path(abs) : NULL;
 		free(abs);
 		if (!paths[i]) {
-			refuse(r, *argv[4 + i] ? -ENOMEM : -EINVAL, "empty path");
+			refuse(r, *argv[4 + i] ? -ENOMEM : -EINVAL,
+			       "empty path");
 			goto out;
 		}
 		if (word_len(paths[i]) > MAX_WORD) {
-			refuse(r, -ENAMETOOLONG, "the path %.64s... is too long",
-			       paths[i]);
+			refuse(r, -ENAMETOOLONG,
+			       "the path %.64s... is too long", paths[i]);
 			goto out;
 		}
 	}
 	/* sockaddr_un's sun_path holds 108 bytes with the final NUL. */
 	if (strlen(paths[2]) >= 108) {
-		refuse(r, -ENAMETOOLONG, "the control socket path %s is longer than "
-		       "a Unix socket address allows (107 bytes)", paths[2]);
+		refuse(r, -ENAMETOOLONG,
+		       "the control socket path %s is longer than "
+		       "a Unix socket address allows (107 bytes)",
+		       paths[2]);
 		goto out;
 	}
 	for (int i = 0; i < 3; i++) {
@@ -278,24 +297,26 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 		}
 		struct wexport *u = wexport_using(w, paths[i]);
 		if (u) {
-			refuse(r, -EBUSY, "%s is in use by export '%s'%s", paths[i],
-			       u->name,
-			       wexport_find(w, u->name) == u
-			           ? ""
-			           : " (removed; its clients are still connected)");
+			refuse(
+			    r, -EBUSY, "%s is in use by export '%s'%s",
+			    paths[i], u->name,
+			    wexport_find(w, u->name) == u
+			        ? ""
+			        : " (removed; its clients are still connected)");
 			goto out;
 		}
 	}
-	struct wexport *e = wexport_new(w, W_PROXY, name, paths[0], argv[2],
-	                                argv[3], argc == 8 ? argv[7] : "",
-	                                paths[1], paths[2]);
+	struct wexport *e =
+	    wexport_new(w, W_PROXY, name, paths[0], argv[2], argv[3],
+	                argc == 8 ? argv[7] : "", paths[1], paths[2]);
 	if (!e) {
 		xnbd_control_finish(r, -ENOMEM, NULL);
 		goto out;
 	}
 	if (wexport_clash(e, e)) { /* one file, however spelled or linked */
-		refuse(r, -EINVAL, "the cache, the bitmap and the control socket "
-		                   "must be three different files");
+		refuse(r, -EINVAL,
+		       "the cache, the bitmap and the control socket "
+		       "must be three different files");
 		wexport_discard(e);
 		goto out;
 	}
@@ -336,8 +357,9 @@ static void remove_marked(struct xnbd_control_req *r, struct wrapper *w)
 		char *name = strdup(e->name);
 		/* The engine logs the removal of what it serves. */
 		if (e->state != W_SERVING)
-			logsink_printf(XNBD_LOG_INFO, "export '%s' (%s) removed", e->name,
-			               e->state == W_OPENING ? "opening" : "failed");
+			logsink_printf(
+			    XNBD_LOG_INFO, "export '%s' (%s) removed", e->name,
+			    e->state == W_OPENING ? "opening" : "failed");
 		size_t clients = wexport_remove(e);
 		xnbd_control_info(r, "export", name ? name : "?");
 		info_u64(r, "clients", clients);
@@ -351,7 +373,8 @@ static void cmd_remove_by_exportname(struct xnbd_control_req *r, int argc,
 {
 	struct wrapper *w = ud;
 	if (argc != 2) {
-		xnbd_control_finish(r, -EINVAL, "usage: remove-by-exportname NAME");
+		xnbd_control_finish(r, -EINVAL,
+		                    "usage: remove-by-exportname NAME");
 		return;
 	}
 	struct wexport *e = wexport_find(w, argv[1]);
@@ -403,13 +426,16 @@ static void proxy_command(struct wexport *e, struct xnbd_control_req *r,
 {
 	struct wrapper *w = e->w;
 	if (e->type != W_PROXY) {
-		refuse(r, -EINVAL, "export '%s' is a target, not a proxy", e->name);
+		refuse(r, -EINVAL, "export '%s' is a target, not a proxy",
+		       e->name);
 		return;
 	}
 	if (e->state != W_SERVING) {
-		refuse(r, -EBUSY, "the proxy of export '%s' is not open%s%s", e->name,
-		       e->state == W_OPENING ? " yet" : ": ",
-		       e->state == W_OPENING ? "" : e->error ? e->error : "?");
+		refuse(r, -EBUSY, "the proxy of export '%s' is not open%s%s",
+		       e->name, e->state == W_OPENING ? " yet" : ": ",
+		       e->state == W_OPENING ? ""
+		       : e->error            ? e->error
+		                             : "?");
 		return;
 	}
 	if (strcmp(argv[0], "query") == 0 && argc == 1) {
@@ -436,12 +462,12 @@ static void cmd_bgctl(struct xnbd_control_req *r, int argc, char **argv,
 		const char *cmd, *proxy_cmd, *usage;
 		int min, max;
 	} map[] = {
-		{"bgctl-query", "query", "bgctl-query NAME", 2, 2},
-		{"bgctl-cache-all", "cache-all", "bgctl-cache-all NAME", 2, 2},
-		{"bgctl-cache-all2", "cache-all2", "bgctl-cache-all2 NAME", 2, 2},
-		{"bgctl-switch", "switch", "bgctl-switch NAME [force]", 2, 3},
-		{"bgctl-reconnect", "reconnect",
-		 "bgctl-reconnect NAME HOST PORT [EXPORTNAME]", 4, 5},
+	    {"bgctl-query", "query", "bgctl-query NAME", 2, 2},
+	    {"bgctl-cache-all", "cache-all", "bgctl-cache-all NAME", 2, 2},
+	    {"bgctl-cache-all2", "cache-all2", "bgctl-cache-all2 NAME", 2, 2},
+	    {"bgctl-switch", "switch", "bgctl-switch NAME [force]", 2, 3},
+	    {"bgctl-reconnect", "reconnect",
+	     "bgctl-reconnect NAME HOST PORT [EXPORTNAME]", 4, 5},
 	};
 	size_t i = 0;
 	while (strcmp(map[i].cmd, argv[0]) != 0)
@@ -472,7 +498,8 @@ static void cmd_shutdown(struct xnbd_control_req *r, int argc, char **argv,
 		xnbd_control_finish(r, -EINVAL, "shutdown takes no arguments");
 		return;
 	}
-	logsink_printf(XNBD_LOG_INFO, "shutdown requested on the control socket: "
+	logsink_printf(XNBD_LOG_INFO,
+	               "shutdown requested on the control socket: "
 	               "stopping after requests in flight");
 	xnbd_control_finish(r, 0, NULL);
 	wrapper_stop(w);
@@ -484,17 +511,17 @@ int commands_add(struct wrapper *w)
 		const char *name;
 		xnbd_control_handler fn;
 	} cmds[] = {
-		{"list", cmd_list},
-		{"add-target", cmd_add_target},
-		{"add-proxy", cmd_add_proxy},
-		{"remove-by-exportname", cmd_remove_by_exportname},
-		{"remove-by-file", cmd_remove_by_file},
-		{"bgctl-query", cmd_bgctl},
-		{"bgctl-cache-all", cmd_bgctl},
-		{"bgctl-cache-all2", cmd_bgctl},
-		{"bgctl-switch", cmd_bgctl},
-		{"bgctl-reconnect", cmd_bgctl},
-		{"shutdown", cmd_shutdown},
+	    {"list", cmd_list},
+	    {"add-target", cmd_add_target},
+	    {"add-proxy", cmd_add_proxy},
+	    {"remove-by-exportname", cmd_remove_by_exportname},
+	    {"remove-by-file", cmd_remove_by_file},
+	    {"bgctl-query", cmd_bgctl},
+	    {"bgctl-cache-all", cmd_bgctl},
+	    {"bgctl-cache-all2", cmd_bgctl},
+	    {"bgctl-switch", cmd_bgctl},
+	    {"bgctl-reconnect", cmd_bgctl},
+	    {"shutdown", cmd_shutdown},
 	};
 	for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
 		int r = xnbd_control_add(w->ctl, cmds[i].name, cmds[i].fn, w);

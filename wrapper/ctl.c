@@ -21,8 +21,18 @@
 #define DEFAULT_CTL_SOCKET "/tmp/xnbd_wrapper.ctl" /* as xnbd-wrapper's */
 
 enum cmd {
-	C_NONE, C_LIST, C_ADD_TARGET, C_ADD_PROXY, C_RM_FILE, C_RM_NAME, C_QUERY,
-	C_SWITCH, C_CACHE_ALL, C_CACHE_ALL2, C_RECONNECT, C_SHUTDOWN,
+	C_NONE,
+	C_LIST,
+	C_ADD_TARGET,
+	C_ADD_PROXY,
+	C_RM_FILE,
+	C_RM_NAME,
+	C_QUERY,
+	C_SWITCH,
+	C_CACHE_ALL,
+	C_CACHE_ALL2,
+	C_RECONNECT,
+	C_SHUTDOWN,
 };
 
 /* Each command: its option, its word on the control socket, the number of
@@ -34,17 +44,17 @@ static const struct {
 	int nargs;
 	unsigned paths;
 } commands[] = {
-	{C_LIST, "list", "list", 0, 0},
-	{C_ADD_TARGET, "add-target", "add-target", 2, 1U << 1},
-	{C_ADD_PROXY, "add-proxy", "add-proxy", 6, 7U << 3},
-	{C_RM_FILE, "remove-by-file", "remove-by-file", 1, 1U << 0},
-	{C_RM_NAME, "remove-by-exportname", "remove-by-exportname", 1, 0},
-	{C_QUERY, "bgctl-query", "bgctl-query", 1, 0},
-	{C_SWITCH, "bgctl-switch", "bgctl-switch", 1, 0},
-	{C_CACHE_ALL, "bgctl-cache-all", "bgctl-cache-all", 1, 0},
-	{C_CACHE_ALL2, "bgctl-cache-all2", "bgctl-cache-all2", 1, 0},
-	{C_RECONNECT, "bgctl-reconnect", "bgctl-reconnect", 3, 0},
-	{C_SHUTDOWN, "shutdown", "shutdown", 0, 0},
+    {C_LIST, "list", "list", 0, 0},
+    {C_ADD_TARGET, "add-target", "add-target", 2, 1U << 1},
+    {C_ADD_PROXY, "add-proxy", "add-proxy", 6, 7U << 3},
+    {C_RM_FILE, "remove-by-file", "remove-by-file", 1, 1U << 0},
+    {C_RM_NAME, "remove-by-exportname", "remove-by-exportname", 1, 0},
+    {C_QUERY, "bgctl-query", "bgctl-query", 1, 0},
+    {C_SWITCH, "bgctl-switch", "bgctl-switch", 1, 0},
+    {C_CACHE_ALL, "bgctl-cache-all", "bgctl-cache-all", 1, 0},
+    {C_CACHE_ALL2, "bgctl-cache-all2", "bgctl-cache-all2", 1, 0},
+    {C_RECONNECT, "bgctl-reconnect", "bgctl-reconnect", 3, 0},
+    {C_SHUTDOWN, "shutdown", "shutdown", 0, 0},
 };
 #define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))
 
@@ -57,11 +67,12 @@ struct opts {
 
 static void usage(FILE *f)
 {
-	fprintf(f,
+	fprintf(
+	    f,
 	    "Usage: " PROG " [--socket PATH] COMMAND\n"
 	    "\n"
-	    "Steer a running xnbd-wrapper through its control socket (default\n"
-	    DEFAULT_CTL_SOCKET ").  Commands:\n"
+	    "Steer a running xnbd-wrapper through its control socket (default\n" DEFAULT_CTL_SOCKET
+	    ").  Commands:\n"
 	    "\n"
 	    "  --list [--json]                         the exports and their state\n"
 	    "  --add-target NAME FILE                  serve the image FILE as NAME\n"
@@ -87,8 +98,14 @@ static void usage(FILE *f)
 static int parse(int argc, char **argv, struct opts *o)
 {
 	enum {
-		O_SOCKET = 256, O_JSON, O_FORCE, O_PROGRESS, O_EXPORTNAME, O_HELP,
-		O_VERSION, O_CMD, /* O_CMD + i: commands[i] */
+		O_SOCKET = 256,
+		O_JSON,
+		O_FORCE,
+		O_PROGRESS,
+		O_EXPORTNAME,
+		O_HELP,
+		O_VERSION,
+		O_CMD, /* O_CMD + i: commands[i] */
 	};
 	struct option lo[NCOMMANDS + 8];
 	size_t n = 0;
@@ -133,33 +150,39 @@ static int parse(int argc, char **argv, struct opts *o)
 		default:
 			if (c >= O_CMD && c < O_CMD + (int)NCOMMANDS) {
 				if (o->ci >= 0 && o->ci != c - O_CMD)
-					return fail_usage(PROG, "%s", "give one command");
+					return fail_usage(PROG, "%s",
+					                  "give one command");
 				o->ci = c - O_CMD;
 				break;
 			}
-			return fail_usage(PROG, "unknown or incomplete option '%s'",
+			return fail_usage(PROG,
+			                  "unknown or incomplete option '%s'",
 			                  argv[optind - 1]);
 		}
 	}
 	if (o->ci < 0)
-		return fail_usage(PROG, "%s", "a command is required, such as --list");
+		return fail_usage(PROG, "%s",
+		                  "a command is required, such as --list");
 	enum cmd cmd = commands[o->ci].cmd;
 	int want = commands[o->ci].nargs;
 	if (argc - optind != want)
 		return fail_usage(PROG, "--%s takes %d argument%s, not %d",
-		                  commands[o->ci].option, want, want == 1 ? "" : "s",
-		                  argc - optind);
+		                  commands[o->ci].option, want,
+		                  want == 1 ? "" : "s", argc - optind);
 	o->args = argv + optind;
 	if (o->json && cmd != C_LIST && cmd != C_QUERY)
 		return fail_usage(PROG, "%s",
 		                  "--json goes with --list or --bgctl-query");
 	if (o->force && cmd != C_SWITCH)
-		return fail_usage(PROG, "%s", "--force goes with --bgctl-switch");
+		return fail_usage(PROG, "%s",
+		                  "--force goes with --bgctl-switch");
 	if (o->progress && cmd != C_CACHE_ALL && cmd != C_CACHE_ALL2)
-		return fail_usage(PROG, "%s", "--progress goes with --bgctl-cache-all");
+		return fail_usage(PROG, "%s",
+		                  "--progress goes with --bgctl-cache-all");
 	if (o->exportname && cmd != C_ADD_PROXY && cmd != C_RECONNECT)
-		return fail_usage(PROG, "%s", "--target-exportname goes with "
-		                              "--add-proxy or --bgctl-reconnect");
+		return fail_usage(PROG, "%s",
+		                  "--target-exportname goes with "
+		                  "--add-proxy or --bgctl-reconnect");
 	return 0;
 }
 
@@ -205,27 +228,30 @@ static void print_list(const struct kvs *k, int json)
 		const char *type = or_dash(kvs_field(k, a, b, "type"));
 		const char *cow = kvs_field(k, a, b, "cow");
 		const char *ro = kvs_field(k, a, b, "readonly");
-		printf("%-*s  %-6s  %-7s  %7s  %s%s%s\n", wname, k->v[a].value, type,
-		       or_dash(kvs_field(k, a, b, "state")),
+		printf("%-*s  %-6s  %-7s  %7s  %s%s%s\n", wname, k->v[a].value,
+		       type, or_dash(kvs_field(k, a, b, "state")),
 		       or_dash(kvs_field(k, a, b, "clients")),
 		       or_dash(kvs_field(k, a, b, "file")),
 		       cow && strcmp(cow, "yes") == 0 ? " (copy-on-write)" : "",
 		       ro && strcmp(ro, "yes") == 0 ? " (read-only)" : "");
 		if (strcmp(type, "proxy") == 0) {
 			const char *ps = kvs_field(k, a, b, "proxy-state");
-			printf("%*s  proxy of %s port %s export \"%s\"%s%s%s, bitmap %s, "
-			       "control %s\n",
-			       wname, "", or_dash(kvs_field(k, a, b, "upstream-host")),
-			       or_dash(kvs_field(k, a, b, "upstream-port")),
-			       kvs_field(k, a, b, "upstream-export")
-			           ? kvs_field(k, a, b, "upstream-export")
-			           : "",
-			       ps ? " (" : "", ps ? ps : "", ps ? ")" : "",
-			       or_dash(kvs_field(k, a, b, "bitmap")),
-			       or_dash(kvs_field(k, a, b, "control")));
+			printf(
+			    "%*s  proxy of %s port %s export \"%s\"%s%s%s, bitmap %s, "
+			    "control %s\n",
+			    wname, "",
+			    or_dash(kvs_field(k, a, b, "upstream-host")),
+			    or_dash(kvs_field(k, a, b, "upstream-port")),
+			    kvs_field(k, a, b, "upstream-export")
+			        ? kvs_field(k, a, b, "upstream-export")
+			        : "",
+			    ps ? " (" : "", ps ? ps : "", ps ? ")" : "",
+			    or_dash(kvs_field(k, a, b, "bitmap")),
+			    or_dash(kvs_field(k, a, b, "control")));
 		}
 		if (kvs_field(k, a, b, "error"))
-			printf("%*s  error: %s\n", wname, "", kvs_field(k, a, b, "error"));
+			printf("%*s  error: %s\n", wname, "",
+			       kvs_field(k, a, b, "error"));
 	}
 	free(starts);
 }
@@ -329,8 +355,10 @@ int main(int argc, char **argv)
 	case C_RM_FILE:
 	case C_RM_NAME:
 		for (size_t i = 0; i + 1 < k.n; i += 2)
-			printf("removed export '%s'; %s client(s) served until they "
-			       "disconnect\n", k.v[i].value, k.v[i + 1].value);
+			printf(
+			    "removed export '%s'; %s client(s) served until they "
+			    "disconnect\n",
+			    k.v[i].value, k.v[i + 1].value);
 		break;
 	case C_SWITCH:
 		printf("switched to target mode\n");

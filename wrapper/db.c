@@ -45,9 +45,9 @@ void db_free(struct dbent *ents, size_t n)
 }
 
 __attribute__((format(printf, 5, 6))) static int bad(char *err, size_t errlen,
-                                                      const char *path,
-                                                      unsigned line,
-                                                      const char *fmt, ...)
+                                                     const char *path,
+                                                     unsigned line,
+                                                     const char *fmt, ...)
 {
 	va_list ap;
 	int n = line ? snprintf(err, errlen, "%s:%u: ", path, line)
@@ -63,7 +63,7 @@ __attribute__((format(printf, 5, 6))) static int bad(char *err, size_t errlen,
 static int dup_words(struct dbent *d, char **av, int ac)
 {
 	char **dst[] = {&d->name, &d->file};
-	char **pdst[] = {&d->name,  &d->rhost,  &d->rport,  &d->rname,
+	char **pdst[] = {&d->name, &d->rhost,  &d->rport,  &d->rname,
 	                 &d->file, &d->bitmap, &d->ctlsock};
 	char ***t = d->type == W_TARGET ? dst : pdst;
 	for (int i = 0; i < ac; i++)
@@ -92,7 +92,8 @@ static int parse(char *buf, size_t len, const char *path, struct dbent **ents,
 		if (line[0] == '#' || line[0] == '\0')
 			continue;
 		if (ended) {
-			bad(err, errlen, path, lineno, "text after the 'end' line");
+			bad(err, errlen, path, lineno,
+			    "text after the 'end' line");
 			goto fail;
 		}
 		int ac = words_split(line, av, 16);
@@ -109,8 +110,8 @@ static int parse(char *buf, size_t len, const char *path, struct dbent **ents,
 			}
 			if (strcmp(av[1], DB_VERSION) != 0) {
 				bad(err, errlen, path, lineno,
-				    "export list version %s; this program reads version "
-				    DB_VERSION, av[1]);
+				    "export list version %s; this program reads version " DB_VERSION,
+				    av[1]);
 				goto fail;
 			}
 			header = 1;
@@ -118,7 +119,8 @@ static int parse(char *buf, size_t len, const char *path, struct dbent **ents,
 		}
 		if (strcmp(av[0], "end") == 0) {
 			char *e;
-			unsigned long cnt = ac == 2 ? strtoul(av[1], &e, 10) : 0;
+			unsigned long cnt =
+			    ac == 2 ? strtoul(av[1], &e, 10) : 0;
 			if (ac != 2 || !*av[1] || *e || cnt != n) {
 				bad(err, errlen, path, lineno,
 				    "the 'end' line does not count the %zu entries above it",
@@ -137,18 +139,21 @@ static int parse(char *buf, size_t len, const char *path, struct dbent **ents,
 			type = W_PROXY;
 			want = 8;
 		} else {
-			bad(err, errlen, path, lineno, "unknown entry '%s'", av[0]);
+			bad(err, errlen, path, lineno, "unknown entry '%s'",
+			    av[0]);
 			goto fail;
 		}
 		if (ac != want) {
-			bad(err, errlen, path, lineno, "'%s' takes %d words, not %d",
-			    av[0], want - 1, ac - 1);
+			bad(err, errlen, path, lineno,
+			    "'%s' takes %d words, not %d", av[0], want - 1,
+			    ac - 1);
 			goto fail;
 		}
 		for (size_t i = 0; i < n; i++)
 			if (strcmp(v[i].name, av[1]) == 0) {
 				bad(err, errlen, path, lineno,
-				    "export '%s' is listed twice (line %u)", av[1], v[i].line);
+				    "export '%s' is listed twice (line %u)",
+				    av[1], v[i].line);
 				goto fail;
 			}
 		struct dbent *nv = realloc(v, (n + 1) * sizeof(*nv));
@@ -169,17 +174,20 @@ static int parse(char *buf, size_t len, const char *path, struct dbent **ents,
 		if (type == W_PROXY) {
 			char *pe;
 			long port = strtol(d->rport, &pe, 10);
-			if (!*d->rhost || !*d->rport || *pe || port < 1 || port > 65535) {
-				bad(err, errlen, path, lineno, "invalid upstream '%s' port '%s' "
-				    "(1 to 65535)", d->rhost, d->rport);
+			if (!*d->rhost || !*d->rport || *pe || port < 1 ||
+			    port > 65535) {
+				bad(err, errlen, path, lineno,
+				    "invalid upstream '%s' port '%s' "
+				    "(1 to 65535)",
+				    d->rhost, d->rport);
 				goto fail;
 			}
 		}
 		const char *paths[] = {d->file, d->bitmap, d->ctlsock};
 		for (int i = 0; i < (type == W_TARGET ? 1 : 3); i++)
 			if (paths[i][0] != '/') {
-				bad(err, errlen, path, lineno, "'%s' is not an absolute path",
-				    paths[i]);
+				bad(err, errlen, path, lineno,
+				    "'%s' is not an absolute path", paths[i]);
 				goto fail;
 			}
 	}
@@ -190,7 +198,8 @@ static int parse(char *buf, size_t len, const char *path, struct dbent **ents,
 		return 0;
 	}
 	if (!header) {
-		bad(err, errlen, path, 0, "no '" DB_MAGIC " " DB_VERSION "' line");
+		bad(err, errlen, path, 0,
+		    "no '" DB_MAGIC " " DB_VERSION "' line");
 		goto fail;
 	}
 	if (!ended)
@@ -225,7 +234,8 @@ int db_load(const char *path, struct dbent **ents, size_t *n, char *err,
 			if (!nb) {
 				free(buf);
 				fclose(f);
-				return bad(err, errlen, path, 0, "out of memory");
+				return bad(err, errlen, path, 0,
+				           "out of memory");
 			}
 			buf = nb;
 		}
@@ -271,8 +281,9 @@ static char *render(struct wrapper *w)
 {
 	char *b = NULL;
 	size_t len = 0, cap = 0, count = 0;
-	const char *head[] = {"#", "export", "list", "of", "xnbd-wrapper(8):",
-	                      "do", "not", "edit", "while", "it", "runs"};
+	const char *head[] = {
+	    "#",    "export", "list", "of",  "xnbd-wrapper(8):", "do", "not",
+	    "edit", "while",  "it",   "runs"};
 	if (put_line(&b, &len, &cap, head, 11) < 0)
 		goto oom;
 	const char *magic[] = {DB_MAGIC, DB_VERSION};
@@ -359,7 +370,8 @@ static int write_atomically(const char *path, const char *text)
 	}
 	/* The rename is durable once the directory is. */
 	char *slash = strrchr(path, '/');
-	char *dir = slash == path ? strdup("/") : strndup(path, (size_t)(slash - path));
+	char *dir =
+	    slash == path ? strdup("/") : strndup(path, (size_t)(slash - path));
 	if (!dir) {
 		r = -ENOMEM;
 		goto out;
@@ -390,13 +402,15 @@ int db_sync(struct wrapper *w)
 	if (r < 0) {
 		free(text);
 		if (!w->db_failing)
-			logsink_printf(XNBD_LOG_ERR, "cannot write the export list %s: %s",
+			logsink_printf(XNBD_LOG_ERR,
+			               "cannot write the export list %s: %s",
 			               w->db_abs, strerror(-r));
 		w->db_failing = 1;
 		return r;
 	}
 	if (w->db_failing)
-		logsink_printf(XNBD_LOG_NOTICE, "the export list %s is written again",
+		logsink_printf(XNBD_LOG_NOTICE,
+		               "the export list %s is written again",
 		               w->db_abs);
 	w->db_failing = 0;
 	free(w->db_saved);

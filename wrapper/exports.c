@@ -39,16 +39,19 @@ char *canon_path(const char *path)
 	 * real path and its own name. */
 	const char *slash = strrchr(path, '/');
 	const char *base = slash ? slash + 1 : path;
-	char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path))
-	                  : strdup(".");
+	char *dir =
+	    slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path))
+	          : strdup(".");
 	char *rdir = dir ? realpath(dir, NULL) : NULL;
 	free(dir);
-	if (!rdir || !*base || strcmp(base, ".") == 0 || strcmp(base, "..") == 0) {
+	if (!rdir || !*base || strcmp(base, ".") == 0 ||
+	    strcmp(base, "..") == 0) {
 		free(rdir);
 		return strdup(path);
 	}
 	char *out = NULL;
-	if (asprintf(&out, "%s/%s", strcmp(rdir, "/") == 0 ? "" : rdir, base) < 0)
+	if (asprintf(&out, "%s/%s", strcmp(rdir, "/") == 0 ? "" : rdir, base) <
+	    0)
 		out = NULL;
 	free(rdir);
 	return out;
@@ -85,7 +88,8 @@ static int fileid_same(const struct fileid *a, const struct fileid *b)
 		return 1;
 	if (a->canon && b->canon && strcmp(a->canon, b->canon) == 0)
 		return 1;
-	return a->have_ino && b->have_ino && a->dev == b->dev && a->ino == b->ino;
+	return a->have_ino && b->have_ino && a->dev == b->dev &&
+	       a->ino == b->ino;
 }
 
 static int same_file(const char *a, const char *b)
@@ -169,11 +173,11 @@ const char *wrapper_file(struct wrapper *w, const char *path)
 	const struct {
 		const char *path, *what;
 	} own[] = {
-		{w->db_abs, "the export list"},
-		{w->db_tmp_abs, "the export list's temporary file"},
-		{w->socket_abs, "the wrapper's control socket"},
-		{w->pidfile_abs, "the wrapper's pid file"},
-		{w->log_abs, "the wrapper's log file"},
+	    {w->db_abs, "the export list"},
+	    {w->db_tmp_abs, "the export list's temporary file"},
+	    {w->socket_abs, "the wrapper's control socket"},
+	    {w->pidfile_abs, "the wrapper's pid file"},
+	    {w->log_abs, "the wrapper's log file"},
 	};
 	for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++)
 		if (own[i].path && same_file(own[i].path, path))
@@ -259,7 +263,8 @@ static void reap_proxy(struct wrapper *w, struct xnbd_proxy *p)
 		struct xnbd_proxy **n = realloc(w->reap, cap * sizeof(*n));
 		if (!n) {
 			/* Leaking a proxy beats freeing it under its own feet. */
-			logsink_printf(XNBD_LOG_ERR, "out of memory freeing a proxy");
+			logsink_printf(XNBD_LOG_ERR,
+			               "out of memory freeing a proxy");
 			return;
 		}
 		w->reap = n;
@@ -291,8 +296,9 @@ static void release(struct wexport *e)
 	xnbd_backend_free(e->image);
 	e->image = NULL;
 	if (e->req) {
-		xnbd_control_finish(e->req, -ECANCELED,
-		                    "the export was removed before it was ready");
+		xnbd_control_finish(
+		    e->req, -ECANCELED,
+		    "the export was removed before it was ready");
 		e->req = NULL;
 	}
 }
@@ -302,18 +308,18 @@ static void release(struct wexport *e)
 static int add_to_server(struct wexport *e, struct xnbd_backend *b)
 {
 	struct wrapper *w = e->w;
-	int r = xnbd_export_new(e->name, b,
-	                        w->cfg.readonly ? XNBD_EXPORT_READONLY : 0,
-	                        &e->export);
+	int r = xnbd_export_new(
+	    e->name, b, w->cfg.readonly ? XNBD_EXPORT_READONLY : 0, &e->export);
 	if (r == 0)
 		r = xnbd_export_set_description(e->export, e->file);
 	if (r == 0)
 		r = xnbd_server_add_export(w->srv, e->export);
 	if (r < 0) {
 		wexport_error(e, "%s",
-		              r == -EINVAL   ? "the export name is too long"
-		              : r == -EEXIST ? "an export of that name is served"
-		                             : strerror(-r));
+		              r == -EINVAL ? "the export name is too long"
+		              : r == -EEXIST
+		                  ? "an export of that name is served"
+		                  : strerror(-r));
 		xnbd_export_free(e->export);
 		e->export = NULL;
 		return r;
@@ -330,22 +336,24 @@ int wexport_open_target(struct wexport *e)
 	int cow = w->cfg.cow && !w->cfg.readonly;
 	int r = xnbd_backend_file_open(
 	    w->loop, e->file,
-	    (w->cfg.readonly || w->cfg.cow) ? XNBD_OPEN_READONLY : 0, &e->image);
+	    (w->cfg.readonly || w->cfg.cow) ? XNBD_OPEN_READONLY : 0,
+	    &e->image);
 	if (r < 0) {
 		wexport_error(e, "cannot open image %s: %s", e->file,
-		              r == -EINVAL ? "not a regular file or block device"
-		                           : strerror(-r));
+		              r == -EINVAL
+		                  ? "not a regular file or block device"
+		                  : strerror(-r));
 		goto fail;
 	}
 	/* A read-only CoW target is its base served read-only: no overlay. */
 	if (cow) {
-		r = xnbd_backend_cow_new(w->loop, e->image, NULL, XNBD_COW_TEMPORARY,
-		                         &e->cow);
+		r = xnbd_backend_cow_new(w->loop, e->image, NULL,
+		                         XNBD_COW_TEMPORARY, &e->cow);
 		if (r < 0) {
-			wexport_error(e, "cannot create the overlay of %s in %s: %s",
-			              e->file,
-			              getenv("TMPDIR") ? "$TMPDIR" : "/var/tmp",
-			              strerror(-r));
+			wexport_error(
+			    e, "cannot create the overlay of %s in %s: %s",
+			    e->file, getenv("TMPDIR") ? "$TMPDIR" : "/var/tmp",
+			    strerror(-r));
 			goto fail;
 		}
 	}
@@ -381,7 +389,8 @@ static int proxy_ready(struct wexport *e)
 	int r = xnbd_control_new(w->loop, &e->pctl);
 	if (r == 0) {
 		xnbd_control_set_log(e->pctl, logsink_write, NULL);
-		r = xnbd_control_set_program(e->pctl, PROG "/" XNBD_WRAPPER_VERSION);
+		r = xnbd_control_set_program(e->pctl,
+		                             PROG "/" XNBD_WRAPPER_VERSION);
 	}
 	if (r == 0)
 		r = commands_add_proxy(e);
@@ -391,11 +400,12 @@ static int proxy_ready(struct wexport *e)
 	}
 	r = xnbd_control_listen(e->pctl, e->ctlsock);
 	if (r < 0) {
-		wexport_error(e, "cannot open the control socket %s: %s", e->ctlsock,
-		              r == -EADDRINUSE ? "a running program listens there"
-		              : r == -EEXIST   ? "a file that is not a socket is in "
-		                                 "the way"
-		                               : strerror(-r));
+		wexport_error(
+		    e, "cannot open the control socket %s: %s", e->ctlsock,
+		    r == -EADDRINUSE ? "a running program listens there"
+		    : r == -EEXIST   ? "a file that is not a socket is in "
+		                       "the way"
+		                     : strerror(-r));
 		return r;
 	}
 	return add_to_server(e, xnbd_proxy_backend(e->proxy));
@@ -435,9 +445,9 @@ int wexport_open_proxy(struct wexport *e, wexport_cb done)
 	xnbd_proxy_set_log(e->proxy, logsink_write, NULL);
 	e->state = W_OPENING;
 	e->done = done;
-	r = xnbd_proxy_open(e->proxy, e->rhost, e->rport, e->rname, e->file,
-	                    e->bitmap, w->cfg.readonly ? XNBD_PROXY_READONLY : 0,
-	                    proxy_opened, e);
+	r = xnbd_proxy_open(
+	    e->proxy, e->rhost, e->rport, e->rname, e->file, e->bitmap,
+	    w->cfg.readonly ? XNBD_PROXY_READONLY : 0, proxy_opened, e);
 	if (r < 0) {
 		wexport_error(e, "cannot open the proxy of %s:%s: %s", e->rhost,
 		              e->rport, strerror(-r));
@@ -500,7 +510,8 @@ void wexport_discard(struct wexport *e)
 void wexport_free_at_exit(struct wexport *e)
 {
 	if (e->req) {
-		xnbd_control_finish(e->req, -ESHUTDOWN, "the wrapper is stopping");
+		xnbd_control_finish(e->req, -ESHUTDOWN,
+		                    "the wrapper is stopping");
 		e->req = NULL;
 	}
 	release(e);
@@ -512,10 +523,13 @@ void wexport_free_at_exit(struct wexport *e)
 static void retried(struct wexport *e, int status)
 {
 	if (status == 0)
-		logsink_printf(XNBD_LOG_NOTICE, "export '%s' is served again", e->name);
+		logsink_printf(XNBD_LOG_NOTICE, "export '%s' is served again",
+		               e->name);
 	else
-		logsink_printf(XNBD_LOG_WARNING, "export '%s' still fails: %s; trying "
-		               "again in %d s", e->name, e->error, RETRY_MS / 1000);
+		logsink_printf(XNBD_LOG_WARNING,
+		               "export '%s' still fails: %s; trying "
+		               "again in %d s",
+		               e->name, e->error, RETRY_MS / 1000);
 }
 
 void wexport_retry(struct wrapper *w)

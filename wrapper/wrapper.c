@@ -16,7 +16,8 @@
 
 static void usage(FILE *f)
 {
-	fprintf(f,
+	fprintf(
+	    f,
 	    "Usage: " PROG " [options] [--imgfile FILE]...\n"
 	    "\n"
 	    "Serve many disk images on one port; clients choose one by export name.\n"
@@ -30,7 +31,8 @@ static void usage(FILE *f)
 	    "  --readonly            serve every export read-only (advertised to clients)\n"
 	    "  --lport PORT          TCP port to listen on (default 8520)\n"
 	    "  --laddr ADDRESS       address to listen on (default: all, IPv6 and IPv4)\n"
-	    "  --socket PATH         control socket (default " DEFAULT_CTL_SOCKET ")\n"
+	    "  --socket PATH         control socket (default " DEFAULT_CTL_SOCKET
+	    ")\n"
 	    "  --dbpath FILE         keep the export list in FILE across restarts\n"
 	    "  --daemonize           run in the background\n"
 	    "  --pidfile FILE        with --daemonize, write the daemon's PID to FILE\n"
@@ -49,19 +51,24 @@ static void usage(FILE *f)
 static int parse_args(int argc, char **argv, struct wconfig *c)
 {
 	enum {
-		O_IMGFILE = O_SERVE_END, O_COW, O_READONLY, O_SOCKET, O_DBPATH,
-		O_HELP, O_VERSION,
+		O_IMGFILE = O_SERVE_END,
+		O_COW,
+		O_READONLY,
+		O_SOCKET,
+		O_DBPATH,
+		O_HELP,
+		O_VERSION,
 	};
 	static const struct option opts[] = {
-		{"imgfile", required_argument, NULL, O_IMGFILE},
-		{"cow", no_argument, NULL, O_COW},
-		{"readonly", no_argument, NULL, O_READONLY},
-		{"socket", required_argument, NULL, O_SOCKET},
-		{"dbpath", required_argument, NULL, O_DBPATH},
-		SERVE_OPTIONS,
-		{"help", no_argument, NULL, O_HELP},
-		{"version", no_argument, NULL, O_VERSION},
-		{NULL, 0, NULL, 0},
+	    {"imgfile", required_argument, NULL, O_IMGFILE},
+	    {"cow", no_argument, NULL, O_COW},
+	    {"readonly", no_argument, NULL, O_READONLY},
+	    {"socket", required_argument, NULL, O_SOCKET},
+	    {"dbpath", required_argument, NULL, O_DBPATH},
+	    SERVE_OPTIONS,
+	    {"help", no_argument, NULL, O_HELP},
+	    {"version", no_argument, NULL, O_VERSION},
+	    {NULL, 0, NULL, 0},
 	};
 	int o, r;
 	c->serve.lport = "8520";
@@ -70,8 +77,8 @@ static int parse_args(int argc, char **argv, struct wconfig *c)
 	while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (o) {
 		case O_IMGFILE: {
-			const char **n =
-			    realloc(c->imgfiles, (c->nimgfiles + 1) * sizeof(*n));
+			const char **n = realloc(
+			    c->imgfiles, (c->nimgfiles + 1) * sizeof(*n));
 			if (!n) {
 				fprintf(stderr, PROG ": out of memory\n");
 				return 1;
@@ -88,7 +95,8 @@ static int parse_args(int argc, char **argv, struct wconfig *c)
 			break;
 		case O_SOCKET:
 			if (!*optarg)
-				return fail_usage(PROG, "%s", "empty --socket path");
+				return fail_usage(PROG, "%s",
+				                  "empty --socket path");
 			c->socket = optarg;
 			break;
 		case O_DBPATH:
@@ -109,10 +117,13 @@ static int parse_args(int argc, char **argv, struct wconfig *c)
 		}
 	}
 	if (optind != argc)
-		return fail_usage(PROG, "unexpected argument '%s' (images are given "
-		                  "with --imgfile)", argv[optind]);
+		return fail_usage(PROG,
+		                  "unexpected argument '%s' (images are given "
+		                  "with --imgfile)",
+		                  argv[optind]);
 	if (c->serve.pidfile && !c->serve.daemonize)
-		return fail_usage(PROG, "%s", "--pidfile goes with --daemonize");
+		return fail_usage(PROG, "%s",
+		                  "--pidfile goes with --daemonize");
 	return 0;
 }
 
@@ -132,7 +143,8 @@ static void free_all(struct wrapper *w)
 		db_sync(w);
 	for (struct wexport *e = w->exports; e; e = e->next)
 		if (e->req) {
-			xnbd_control_finish(e->req, -ESHUTDOWN, "the wrapper is stopping");
+			xnbd_control_finish(e->req, -ESHUTDOWN,
+			                    "the wrapper is stopping");
 			e->req = NULL;
 		}
 	xnbd_control_free(w->ctl);
@@ -177,8 +189,10 @@ void wrapper_stop(struct wrapper *w)
 static void on_stop_signal(uv_signal_t *h, int signum)
 {
 	struct wrapper *w = h->data;
-	logsink_printf(XNBD_LOG_INFO, "%s received: stopping after requests in "
-	               "flight", strsignal(signum));
+	logsink_printf(XNBD_LOG_INFO,
+	               "%s received: stopping after requests in "
+	               "flight",
+	               strsignal(signum));
 	wrapper_stop(w);
 }
 
@@ -202,16 +216,19 @@ static int load_table(struct wrapper *w)
 	size_t n = 0;
 	char err[1024];
 	if (w->db_abs && db_load(w->db_abs, &ents, &n, err, sizeof(err)) < 0) {
-		fprintf(stderr, PROG ": cannot use the export list %s\n"
-		        PROG ": move it away or repair it; nothing was served\n", err);
+		fprintf(stderr,
+		        PROG
+		        ": cannot use the export list %s\n" PROG
+		        ": move it away or repair it; nothing was served\n",
+		        err);
 		return 1;
 	}
 	int code = 0;
 	for (size_t i = 0; i < n; i++) {
 		struct dbent *d = &ents[i];
-		struct wexport *e = wexport_new(w, d->type, d->name, d->file, d->rhost,
-		                                d->rport, d->rname, d->bitmap,
-		                                d->ctlsock);
+		struct wexport *e =
+		    wexport_new(w, d->type, d->name, d->file, d->rhost,
+		                d->rport, d->rname, d->bitmap, d->ctlsock);
 		if (!e) {
 			code = 1;
 			break;
@@ -227,21 +244,24 @@ static int load_table(struct wrapper *w)
 		const char *name = w->cfg.imgfiles[i];
 		char *real = realpath(name, NULL);
 		if (!real) {
-			fprintf(stderr, PROG ": cannot open image '%s': %s\n", name,
-			        strerror(errno));
+			fprintf(stderr, PROG ": cannot open image '%s': %s\n",
+			        name, strerror(errno));
 			return 1;
 		}
 		struct wexport *e = wexport_find(w, name);
 		if (e && (e->type != W_TARGET || strcmp(e->file, real) != 0)) {
-			fprintf(stderr, PROG ": --imgfile %s: the export list %s has an "
-			        "export of that name for %s\n", name, w->db_abs,
+			fprintf(stderr,
+			        PROG
+			        ": --imgfile %s: the export list %s has an "
+			        "export of that name for %s\n",
+			        name, w->db_abs,
 			        e->type == W_TARGET ? e->file : "a proxy");
 			free(real);
 			return 1;
 		}
 		if (!e) {
-			e = wexport_new(w, W_TARGET, name, real, NULL, NULL, NULL, NULL,
-			                NULL);
+			e = wexport_new(w, W_TARGET, name, real, NULL, NULL,
+			                NULL, NULL, NULL);
 			if (!e) {
 				free(real);
 				fprintf(stderr, PROG ": out of memory\n");
@@ -264,7 +284,7 @@ static int check_table(struct wrapper *w)
 	for (struct wexport *e = w->exports; e; e = e->next)
 		n++;
 	/* Each path looked up once: a list of hundreds stays quick. */
-	struct fileid (*ids)[3] = calloc(n ? n : 1, sizeof(*ids));
+	struct fileid(*ids)[3] = calloc(n ? n : 1, sizeof(*ids));
 	if (!ids) {
 		fprintf(stderr, PROG ": out of memory\n");
 		return 1;
@@ -275,40 +295,56 @@ static int check_table(struct wrapper *w)
 	int code = 0;
 	size_t ei = 0;
 	for (struct wexport *e = w->exports; e && !code; e = e->next, ei++) {
-		const char *origin = e->from_imgfile ? "--imgfile" : "the export list";
+		const char *origin =
+		    e->from_imgfile ? "--imgfile" : "the export list";
 		const char *why = wexport_bad_name(e->name);
 		if (why) {
-			fprintf(stderr, PROG ": %s: export '%s': %s\n", origin, e->name,
-			        why);
+			fprintf(stderr, PROG ": %s: export '%s': %s\n", origin,
+			        e->name, why);
 			code = 1;
 			break;
 		}
 		const char *v[] = {e->file, e->bitmap, e->ctlsock};
 		for (int i = 0; i < 3 && !code; i++) {
 			if (v[i] && word_len(v[i]) > MAX_WORD) {
-				fprintf(stderr, PROG ": %s: export '%s': the path %.64s... is "
-				        "too long\n", origin, e->name, v[i]);
+				fprintf(
+				    stderr,
+				    PROG
+				    ": %s: export '%s': the path %.64s... is "
+				    "too long\n",
+				    origin, e->name, v[i]);
 				code = 1;
 				break;
 			}
 			const char *what = v[i] ? wrapper_file(w, v[i]) : NULL;
 			if (what) {
-				fprintf(stderr, PROG ": %s: export '%s' uses %s, %s\n", origin,
-				        e->name, v[i], what);
+				fprintf(stderr,
+				        PROG ": %s: export '%s' uses %s, %s\n",
+				        origin, e->name, v[i], what);
 				code = 1;
 			}
 		}
 		size_t oi = 0;
-		for (struct wexport *o = w->exports; o && !code; o = o->next, oi++) {
-			const char *path = wexport_clash_ids(e, ids[ei], o, ids[oi]);
+		for (struct wexport *o = w->exports; o && !code;
+		     o = o->next, oi++) {
+			const char *path =
+			    wexport_clash_ids(e, ids[ei], o, ids[oi]);
 			if (path && o == e) {
-				fprintf(stderr, PROG ": %s: the proxy of export '%s' uses %s "
-				        "twice\n", origin, e->name, path);
+				fprintf(
+				    stderr,
+				    PROG
+				    ": %s: the proxy of export '%s' uses %s "
+				    "twice\n",
+				    origin, e->name, path);
 				code = 1;
 			} else if (path) {
-				fprintf(stderr, PROG ": %s: exports '%s' and '%s' both use %s; "
-				        "a proxy's cache, bitmap and control socket are its "
-				        "own\n", origin, e->name, o->name, path);
+				fprintf(
+				    stderr,
+				    PROG
+				    ": %s: exports '%s' and '%s' both use %s; "
+				    "a proxy's cache, bitmap and control socket are its "
+				    "own\n",
+				    origin, e->name, o->name, path);
 				code = 1;
 			}
 			if (o == e)
@@ -326,11 +362,15 @@ static int check_table(struct wrapper *w)
 static void start_done(struct wexport *e, int status)
 {
 	if (status < 0)
-		logsink_printf(XNBD_LOG_ERR, "export '%s' is not served: %s; trying "
-		               "again every %d s", e->name, e->error, RETRY_MS / 1000);
+		logsink_printf(XNBD_LOG_ERR,
+		               "export '%s' is not served: %s; trying "
+		               "again every %d s",
+		               e->name, e->error, RETRY_MS / 1000);
 	else if (e->w->running)
-		logsink_printf(XNBD_LOG_NOTICE, "export '%s' is served: its upstream "
-		               "answered", e->name);
+		logsink_printf(XNBD_LOG_NOTICE,
+		               "export '%s' is served: its upstream "
+		               "answered",
+		               e->name);
 }
 
 static void start_wait_cb(uv_timer_t *t)
@@ -372,15 +412,18 @@ static int open_table(struct wrapper *w)
 		int opening = 0;
 		for (struct wexport *e = w->exports; e; e = e->next)
 			opening |= e->state == W_OPENING;
-		if (!opening || w->stop_pending || !uv_is_active((uv_handle_t *)wait))
+		if (!opening || w->stop_pending ||
+		    !uv_is_active((uv_handle_t *)wait))
 			break;
 		uv_run(w->loop, UV_RUN_ONCE);
 	}
 	for (struct wexport *e = w->exports; e; e = e->next)
 		if (e->state == W_OPENING && !w->stop_pending)
-			logsink_printf(XNBD_LOG_WARNING, "export '%s': no answer from its "
-			               "upstream %s:%s yet; it is served once there is",
-			               e->name, e->rhost, e->rport);
+			logsink_printf(
+			    XNBD_LOG_WARNING,
+			    "export '%s': no answer from its "
+			    "upstream %s:%s yet; it is served once there is",
+			    e->name, e->rhost, e->rport);
 	uv_close((uv_handle_t *)wait, NULL);
 	return 0;
 }
@@ -390,18 +433,20 @@ static int open_control(struct wrapper *w)
 	int r = xnbd_control_new(w->loop, &w->ctl);
 	if (r == 0) {
 		xnbd_control_set_log(w->ctl, logsink_write, NULL);
-		r = xnbd_control_set_program(w->ctl, PROG "/" XNBD_WRAPPER_VERSION);
+		r = xnbd_control_set_program(w->ctl,
+		                             PROG "/" XNBD_WRAPPER_VERSION);
 	}
 	if (r == 0)
 		r = commands_add(w);
 	if (r == 0)
 		r = xnbd_control_listen(w->ctl, w->socket_abs);
 	if (r < 0) {
-		fprintf(stderr, PROG ": cannot open the control socket '%s': %s\n",
-		        w->cfg.socket,
-		        r == -EADDRINUSE ? "a running wrapper listens there"
-		        : r == -EEXIST   ? "a file that is not a socket is in the way"
-		                         : xnbd_strerror(r));
+		fprintf(
+		    stderr, PROG ": cannot open the control socket '%s': %s\n",
+		    w->cfg.socket,
+		    r == -EADDRINUSE ? "a running wrapper listens there"
+		    : r == -EEXIST ? "a file that is not a socket is in the way"
+		                   : xnbd_strerror(r));
 		return 1;
 	}
 	return 0;
@@ -469,7 +514,8 @@ int main(int argc, char **argv)
 		w.db_tmp_abs = NULL;
 	if (!w.socket_abs || (c->dbpath && (!w.db_abs || !w.db_tmp_abs)) ||
 	    (s->pidfile && !w.pidfile_abs) || (s->logpath && !w.log_abs)) {
-		fprintf(stderr, PROG ": cannot resolve paths: %s\n", strerror(errno));
+		fprintf(stderr, PROG ": cannot resolve paths: %s\n",
+		        strerror(errno));
 		return cleanup(&w, 1);
 	}
 	w.loop = uv_default_loop();
@@ -499,8 +545,8 @@ int main(int argc, char **argv)
 	/* The log file once the table is known not to name it. */
 	r = logsink_open(PROG, s->logpath, s->use_syslog, s->verbose);
 	if (r < 0) {
-		fprintf(stderr, PROG ": cannot open log file '%s': %s\n", s->logpath,
-		        strerror(-r));
+		fprintf(stderr, PROG ": cannot open log file '%s': %s\n",
+		        s->logpath, strerror(-r));
 		return fail_start(&w, 1);
 	}
 	if ((r = open_control(&w)) != 0 || (r = open_table(&w)) != 0)
@@ -515,7 +561,8 @@ int main(int argc, char **argv)
 	}
 	if (s->daemonize &&
 	    (r = daemonize(w.loop, w.pidfile_abs, logsink_uses_stderr())) < 0) {
-		fprintf(stderr, PROG ": cannot daemonize: %s\n", xnbd_strerror(r));
+		fprintf(stderr, PROG ": cannot daemonize: %s\n",
+		        xnbd_strerror(r));
 		return fail_start(&w, 1);
 	}
 	uv_timer_start(&w.tick, on_tick, TICK_MS, TICK_MS);
@@ -526,9 +573,10 @@ int main(int argc, char **argv)
 	size_t n = 0, ok = 0;
 	for (struct wexport *e = w.exports; e; e = e->next, n++)
 		ok += e->state == W_SERVING;
-	logsink_printf(XNBD_LOG_INFO, "serving %zu of %zu export(s)%s%s on %s "
-	               "port %s; control socket %s", ok, n,
-	               c->cow ? ", copy-on-write" : "",
+	logsink_printf(XNBD_LOG_INFO,
+	               "serving %zu of %zu export(s)%s%s on %s "
+	               "port %s; control socket %s",
+	               ok, n, c->cow ? ", copy-on-write" : "",
 	               c->readonly ? ", read-only" : "",
 	               s->laddr ? s->laddr : "all addresses", s->lport,
 	               w.socket_abs);

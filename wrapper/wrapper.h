@@ -53,7 +53,7 @@ struct wexport {
 	char *file; /* target: the image; proxy: the cache image */
 	/* Proxy: its parameters as given (the upstream may change later). */
 	char *rhost, *rport, *rname, *bitmap, *ctlsock;
-	char *error; /* why it is `failed` */
+	char *error;       /* why it is `failed` */
 	uint64_t retry_at; /* uv_now() of the next attempt when failed */
 	int from_request;  /* an add-proxy not yet answered: not in the file */
 	int dropping;      /* being removed: left out of the file */
@@ -88,7 +88,7 @@ struct wrapper {
 	int db_failing;  /* the last write failed (logged once) */
 	uv_timer_t tick; /* retries and the export list file */
 	uv_timer_t start_wait; /* the start's wait for the proxies */
-	uv_timer_t reaper; /* frees proxies outside their own callbacks */
+	uv_timer_t reaper;     /* frees proxies outside their own callbacks */
 	struct xnbd_proxy **reap;
 	size_t nreap, reap_cap;
 	uv_signal_t sig_term, sig_int;
@@ -189,7 +189,7 @@ void wexport_retry(struct wrapper *w);
 
 /* Set e->error from a format. */
 __attribute__((format(printf, 2, 3))) void wexport_error(struct wexport *e,
-                                                        const char *fmt, ...);
+                                                         const char *fmt, ...);
 
 /* ---- db.c --------------------------------------------------------------------- */
 
@@ -229,7 +229,6 @@ size_t word_len(const char *s);
 /* Names and paths must fit a reply line (8192 bytes with its key) once
  * encoded: at most this many bytes. */
 #define MAX_WORD 8000U
-
 
 /* ---- commands.c ---------------------------------------------------------------- */
 

@@ -69,8 +69,7 @@ static inline void xnbd__backend_abort(struct xnbd_backend *b)
 }
 
 static inline int xnbd__backend_read_fd(struct xnbd_backend *b, uint64_t off,
-                                        uint64_t len, int *fd,
-                                        uint64_t *fd_off)
+                                        uint64_t len, int *fd, uint64_t *fd_off)
 {
 	if (!b->ops->read_fd || len == 0)
 		return -EOPNOTSUPP;

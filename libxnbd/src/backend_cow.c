@@ -62,8 +62,8 @@ struct cow_op {
 	unsigned pending;
 	int status;
 	int stage;
-	int *inline_done; /* set while inside xnbd_backend_submit() */
-	int pipe_fd;      /* a WRITE's data is in this pipe, or -1 */
+	int *inline_done;      /* set while inside xnbd_backend_submit() */
+	int pipe_fd;           /* a WRITE's data is in this pipe, or -1 */
 	struct xnbd__job wake; /* to start a waiter from the loop */
 	/* writes */
 	uint8_t *bounce; /* two blocks: head and tail copy-ups */
@@ -117,7 +117,8 @@ static uint32_t count_runs(const struct cow *c, uint64_t off, uint64_t len,
 
 static struct cow_op *op_new(struct cow *c, struct xnbd_io *io, uint32_t nsub)
 {
-	struct cow_op *op = calloc(1, sizeof(*op) + nsub * sizeof(struct cow_sub));
+	struct cow_op *op =
+	    calloc(1, sizeof(*op) + nsub * sizeof(struct cow_sub));
 	if (!op)
 		return NULL;
 	op->c = c;
@@ -149,9 +150,14 @@ static void sub_submit(struct cow_op *op, struct cow_sub *s, uint32_t type,
                        struct xnbd_extent *ext)
 {
 	struct cow *c = op->c;
-	s->io = (struct xnbd_io){.type = type, .flags = flags, .offset = off,
-	                         .length = len, .buf = buf, .extents = ext,
-	                         .max_extents = ext ? 1 : 0, .done = sub_done,
+	s->io = (struct xnbd_io){.type = type,
+	                         .flags = flags,
+	                         .offset = off,
+	                         .length = len,
+	                         .buf = buf,
+	                         .extents = ext,
+	                         .max_extents = ext ? 1 : 0,
+	                         .done = sub_done,
 	                         .user_data = op};
 	struct xnbd_backend *b = s->overlay ? c->overlay : c->lower;
 	op->pending++;
@@ -174,7 +180,8 @@ static bool conflicts(const struct cow *c, const struct cow_op *op)
 {
 	xnbd_list_for_each(l, &c->locked)
 	{
-		const struct cow_op *o = xnbd_container_of(l, struct cow_op, link);
+		const struct cow_op *o =
+		    xnbd_container_of(l, struct cow_op, link);
 		if (op->b0 <= o->b1 && o->b0 <= op->b1)
 			return true;
 	}
@@ -188,7 +195,8 @@ static bool lock_or_wait(struct cow *c, struct cow_op *op)
 	bool blocked = conflicts(c, op);
 	xnbd_list_for_each(l, &c->waiting)
 	{
-		const struct cow_op *o = xnbd_container_of(l, struct cow_op, link);
+		const struct cow_op *o =
+		    xnbd_container_of(l, struct cow_op, link);
 		if (op->b0 <= o->b1 && o->b0 <= op->b1)
 			blocked = true;
 	}
@@ -214,7 +222,8 @@ static void unlock(struct cow *c, struct cow_op *op)
 		bool blocked = conflicts(c, w);
 		for (struct xnbd_list *e = c->waiting.next; e != l && !blocked;
 		     e = e->next) {
-			struct cow_op *o = xnbd_container_of(e, struct cow_op, link);
+			struct cow_op *o =
+			    xnbd_container_of(e, struct cow_op, link);
 			if (w->b0 <= o->b1 && o->b0 <= w->b1)
 				blocked = true;
 		}
@@ -272,9 +281,10 @@ static void start_runs(struct cow_op *op)
 		s->overlay = in_overlay;
 		if (io->type == XNBD_IO_READ) {
 			sub_submit(op, s, XNBD_IO_READ, 0, pos, e - pos,
-			           (uint8_t *)io->buf + (pos - io->offset), NULL);
-		} else if (!in_overlay &&
-		           !(xnbd_backend_caps(c->lower) & XNBD_CAP_BLOCK_STATUS)) {
+			           (uint8_t *)io->buf + (pos - io->offset),
+			           NULL);
+		} else if (!in_overlay && !(xnbd_backend_caps(c->lower) &
+		                            XNBD_CAP_BLOCK_STATUS)) {
 			/* Nothing known below: one allocated extent. */
 			s->io.n_extents = 1;
 			s->io.extents = &op->ext[i - 1];
@@ -282,8 +292,8 @@ static void start_runs(struct cow_op *op)
 			s->io.length = e - pos;
 			op->ext[i - 1] = (struct xnbd_extent){e - pos, 0};
 		} else {
-			sub_submit(op, s, XNBD_IO_BLOCK_STATUS, 0, pos, e - pos, NULL,
-			           &op->ext[i - 1]);
+			sub_submit(op, s, XNBD_IO_BLOCK_STATUS, 0, pos, e - pos,
+			           NULL, &op->ext[i - 1]);
 		}
 		pos = e;
 	}
@@ -326,9 +336,10 @@ static void write_stage(struct cow_op *op)
 	bool zero = io->type != XNBD_IO_WRITE;
 	uint32_t wflags = io->flags & XNBD_IO_FUA;
 	/* TRIM is done as zeroing, without the zeroing-only flags. */
-	uint32_t zflags = io->type == XNBD_IO_ZERO
-	                      ? io->flags & (XNBD_IO_NO_HOLE | XNBD_IO_FAST_ZERO)
-	                      : 0;
+	uint32_t zflags =
+	    io->type == XNBD_IO_ZERO
+	        ? io->flags & (XNBD_IO_NO_HOLE | XNBD_IO_FAST_ZERO)
+	        : 0;
 
 	if (op->stage == 0) {
 		uint64_t blocks[2] = {op->b0, op->b1};
@@ -336,7 +347,8 @@ static void write_stage(struct cow_op *op)
 			uint64_t b = blocks[k];
 			if (k == 1 && b == op->b0)
 				break;
-			bool whole = off <= b * BS && end >= b * BS + block_len(c, b);
+			bool whole =
+			    off <= b * BS && end >= b * BS + block_len(c, b);
 			if (whole || bit_get(c, b))
 				continue;
 			op->cu[k] = true;
@@ -357,8 +369,9 @@ static void write_stage(struct cow_op *op)
 			if (op->cu[k]) {
 				uint64_t b = op->cu_block[k];
 				op->sub[k].overlay = false;
-				sub_submit(op, &op->sub[k], XNBD_IO_READ, 0, b * BS,
-				           block_len(c, b), op->bounce + k * BS, NULL);
+				sub_submit(op, &op->sub[k], XNBD_IO_READ, 0,
+				           b * BS, block_len(c, b),
+				           op->bounce + k * BS, NULL);
 			}
 		return;
 	}
@@ -368,17 +381,19 @@ static void write_stage(struct cow_op *op)
 		for (int k = 0; k < 2; k++) {
 			if (!op->cu[k])
 				continue;
-			uint64_t b = op->cu_block[k], bs = b * BS, bl = block_len(c, b);
+			uint64_t b = op->cu_block[k], bs = b * BS,
+			         bl = block_len(c, b);
 			uint64_t s0 = off > bs ? off : bs;
 			uint64_t s1 = end < bs + bl ? end : bs + bl;
 			uint8_t *dst = op->bounce + k * BS + (s0 - bs);
 			if (zero)
 				memset(dst, 0, s1 - s0);
 			else
-				memcpy(dst, (uint8_t *)io->buf + (s0 - off), s1 - s0);
+				memcpy(dst, (uint8_t *)io->buf + (s0 - off),
+				       s1 - s0);
 			op->sub[k].overlay = true;
-			sub_submit(op, &op->sub[k], XNBD_IO_WRITE, wflags, bs, bl,
-			           op->bounce + k * BS, NULL);
+			sub_submit(op, &op->sub[k], XNBD_IO_WRITE, wflags, bs,
+			           bl, op->bounce + k * BS, NULL);
 			/* The copied-up blocks are at the ends of the range. */
 			if (bs <= ws)
 				ws = bs + bl < we ? bs + bl : we;
@@ -389,11 +404,12 @@ static void write_stage(struct cow_op *op)
 			struct cow_sub *s = &op->sub[2];
 			s->overlay = true;
 			if (zero)
-				sub_submit(op, s, XNBD_IO_ZERO, wflags | zflags, ws, we - ws,
-				           NULL, NULL);
+				sub_submit(op, s, XNBD_IO_ZERO, wflags | zflags,
+				           ws, we - ws, NULL, NULL);
 			else
-				sub_submit(op, s, XNBD_IO_WRITE, wflags, ws, we - ws,
-				           (uint8_t *)io->buf + (ws - off), NULL);
+				sub_submit(
+				    op, s, XNBD_IO_WRITE, wflags, ws, we - ws,
+				    (uint8_t *)io->buf + (ws - off), NULL);
 		}
 		return;
 	}
@@ -421,9 +437,11 @@ static void op_run(struct cow_op *op)
 					start_runs(op);
 				} else {
 					/* CACHE warms the layer below; FLUSH the overlay. */
-					op->sub[0].overlay = io->type == XNBD_IO_FLUSH;
-					sub_submit(op, &op->sub[0], io->type, 0, io->offset,
-					           io->length, NULL, NULL);
+					op->sub[0].overlay =
+					    io->type == XNBD_IO_FLUSH;
+					sub_submit(op, &op->sub[0], io->type, 0,
+					           io->offset, io->length, NULL,
+					           NULL);
 				}
 				continue;
 			}
@@ -483,7 +501,8 @@ static int cow_start(struct cow *c, struct xnbd_io *io, int pipe_fd)
 	if (io->type == XNBD_IO_READ)
 		nsub = count_runs(c, io->offset, io->length, UINT32_MAX, &span);
 	else if (io->type == XNBD_IO_BLOCK_STATUS)
-		nsub = count_runs(c, io->offset, io->length, MAX_STATUS_RUNS, &span);
+		nsub = count_runs(c, io->offset, io->length, MAX_STATUS_RUNS,
+		                  &span);
 	struct cow_op *op = op_new(c, io, nsub);
 	if (!op)
 		return -ENOMEM;
@@ -526,17 +545,17 @@ static int cow_read_fd(struct xnbd_backend *b, uint64_t off, uint64_t len,
 	uint64_t span;
 	if (count_runs(c, off, len, 1, &span) != 1 || span != len)
 		return -EAGAIN;
-	return xnbd__backend_read_fd(bit_get(c, off / BS) ? c->overlay : c->lower,
-	                             off, len, fd, fd_off);
+	return xnbd__backend_read_fd(
+	    bit_get(c, off / BS) ? c->overlay : c->lower, off, len, fd, fd_off);
 }
 
 static const struct xnbd__backend_ops cow_ops = {
-	.name = "cow",
-	.submit = cow_submit,
-	.read_fd = cow_read_fd,
-	.write_pipe = cow_write_pipe,
-	.pipe_ok = cow_pipe_ok,
-	.free = cow_free,
+    .name = "cow",
+    .submit = cow_submit,
+    .read_fd = cow_read_fd,
+    .write_pipe = cow_write_pipe,
+    .pipe_ok = cow_pipe_ok,
+    .free = cow_free,
 };
 
 int xnbd_backend_cow_new(uv_loop_t *loop, struct xnbd_backend *lower,

@@ -53,12 +53,12 @@
 #include "pool.h"
 
 #define SNAP_CHUNK (1024U * 1024U)
-#define ALLOC_CHUNK (1024U * 1024U) /* see alloc_ahead */
+#define ALLOC_CHUNK (1024U * 1024U)        /* see alloc_ahead */
 #define ALLOC_MARGIN (64ULL * ALLOC_CHUNK) /* free space it never takes */
 #define EXT4_MAGIC 0xEF53
 #define XFS_MAGIC 0x58465342
 #define INLINE_MAX (128U * 1024U) /* largest I/O tried on the loop thread */
-#define SNAPSHOT_DONE 0xffffffffU  /* io type of a snapshot's end */
+#define SNAPSHOT_DONE 0xffffffffU /* io type of a snapshot's end */
 
 /* Where small writes run (file_submit): on the loop thread.  An inline
  * write that took PLACE_STALL_NS or more sends the writes to the lane for
@@ -116,7 +116,7 @@ struct file_backend {
 	_Atomic uint64_t *alloc;
 	atomic_bool alloc_ok;
 	atomic_uint_fast64_t allocated; /* chunks fallocated (tests) */
-	struct snapshot *snap; /* running snapshot, loop thread only */
+	struct snapshot *snap;          /* running snapshot, loop thread only */
 	struct { /* where small writes run (write_here); loop thread only */
 		/* Writes, trims and zeroings on the lane or the pool, not yet
 		 * completed: they may hold the inode's lock. */
@@ -124,9 +124,9 @@ struct file_backend {
 		uint64_t hold_until, hold_ns;
 		uint64_t fsize_limit; /* RLIMIT_FSIZE at the open: no inline
 		                         write past it (SIGXFSZ) */
-		uint64_t stall_ns; /* PLACE_STALL_NS but in tests */
-		bool lane_only;    /* tests */
-		uint64_t lane_ios; /* I/Os the lane took (tests) */
+		uint64_t stall_ns;    /* PLACE_STALL_NS but in tests */
+		bool lane_only;       /* tests */
+		uint64_t lane_ios;    /* I/Os the lane took (tests) */
 	} place;
 	/* Pool work comes back through it; writes take its serial queue,
 	 * the write lane (see lane_takes). */
@@ -188,7 +188,8 @@ static int full_pwrite(int fd, const void *buf, uint64_t len, uint64_t off,
 {
 	const uint8_t *p = buf;
 	while (len) {
-		struct iovec iov = {(void *)p, rwf || len <= piece ? len : piece};
+		struct iovec iov = {(void *)p,
+		                    rwf || len <= piece ? len : piece};
 		ssize_t n = pwritev2(fd, &iov, 1, (off_t)off, rwf);
 		if (n < 0) {
 			if (errno == EINTR)
@@ -217,7 +218,8 @@ static int range_cached(struct file_backend *fb, uint64_t off, uint64_t len)
 	/* ENOSYS: an older kernel; EPERM: since Linux 6.14 only for files the
 	 * caller may write or owns.  Neither changes later. */
 	if (r == -ENOSYS || r == -EPERM || r == -EOPNOTSUPP || r == -EINVAL)
-		atomic_store_explicit(&fb->cachestat_ok, false, memory_order_relaxed);
+		atomic_store_explicit(&fb->cachestat_ok, false,
+		                      memory_order_relaxed);
 	return r;
 }
 
@@ -225,13 +227,11 @@ static int range_cached(struct file_backend *fb, uint64_t off, uint64_t len)
  * where some of its pages are not cached, so that their folios are made
  * small; whole where they all are (their folios exist), and where
  * cachestat cannot tell. */
-static uint64_t write_piece(struct file_backend *fb, uint64_t off,
-                            uint64_t len)
+static uint64_t write_piece(struct file_backend *fb, uint64_t off, uint64_t len)
 {
 	if (len <= fb->piece || range_cached(fb, off, len) != 0)
 		return UINT64_MAX;
-	atomic_fetch_add_explicit(&fb->pieced, 1,
-	                          memory_order_relaxed);
+	atomic_fetch_add_explicit(&fb->pieced, 1, memory_order_relaxed);
 	return fb->piece;
 }
 
@@ -308,8 +308,8 @@ static int pipe_to_file(int fd, int pipe_fd, void *bounce, uint64_t len,
 {
 	while (len) {
 		loff_t o = (loff_t)off;
-		ssize_t n = splice(pipe_fd, NULL, fd, &o, len < piece ? len : piece,
-		                   SPLICE_F_MOVE);
+		ssize_t n = splice(pipe_fd, NULL, fd, &o,
+		                   len < piece ? len : piece, SPLICE_F_MOVE);
 		if (n > 0) {
 			off += (uint64_t)n;
 			len -= (uint64_t)n;
@@ -392,7 +392,8 @@ static int do_zero(struct file_backend *fb, struct xnbd_io *io)
 {
 	off_t off = (off_t)io->offset, len = (off_t)io->length;
 	if (!(io->flags & XNBD_IO_NO_HOLE) && atomic_load(&fb->punch_ok)) {
-		if (fallocate(fb->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off,
+		if (fallocate(fb->fd,
+		              FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off,
 		              len) == 0)
 			return 0;
 		if (errno != EOPNOTSUPP)
@@ -400,7 +401,8 @@ static int do_zero(struct file_backend *fb, struct xnbd_io *io)
 		atomic_store(&fb->punch_ok, false);
 	}
 	if (atomic_load(&fb->zero_range_ok)) {
-		if (fallocate(fb->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off,
+		if (fallocate(fb->fd,
+		              FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off,
 		              len) == 0)
 			return 0;
 		if (errno != EOPNOTSUPP)
@@ -411,7 +413,8 @@ static int do_zero(struct file_backend *fb, struct xnbd_io *io)
 		return -ENOTSUP;
 	uint64_t o = io->offset, left = io->length;
 	while (left) {
-		uint64_t n = left < sizeof(zero_chunk) ? left : sizeof(zero_chunk);
+		uint64_t n =
+		    left < sizeof(zero_chunk) ? left : sizeof(zero_chunk);
 		int r = full_pwrite(fb->fd, zero_chunk, n, o, 0, fb->piece);
 		if (r)
 			return r;
@@ -445,7 +448,9 @@ static int do_block_status(struct file_backend *fb, struct xnbd_io *io)
 			flags = XNBD_STATE_HOLE | XNBD_STATE_ZERO;
 		} else {
 			off_t hole = lseek(fb->fd, (off_t)off, SEEK_HOLE);
-			next = (hole < 0 || (uint64_t)hole > end) ? end : (uint64_t)hole;
+			next = (hole < 0 || (uint64_t)hole > end)
+			           ? end
+			           : (uint64_t)hole;
 			if (next <= off)
 				next = end;
 			flags = 0;
@@ -473,23 +478,25 @@ static void work_cb(struct xnbd_io *io)
 
 	switch (io->type) {
 	case XNBD_IO_READ:
-		r = full_pread(fb->fd, (uint8_t *)io->buf + done, io->length - done,
-		               io->offset + done);
+		r = full_pread(fb->fd, (uint8_t *)io->buf + done,
+		               io->length - done, io->offset + done);
 		break;
 	case XNBD_IO_WRITE:
 		copy_before_write(snap, io->offset, io->length);
 		alloc_ahead(fb, io->offset + done, io->length - done);
 		if (io->priv.scratch) { /* the data is in a pipe */
-			r = pipe_to_file(fb->fd, (int)(io->priv.scratch - 1), io->buf,
-			                 io->length, io->offset,
-			                 write_piece(fb, io->offset, io->length));
+			r = pipe_to_file(
+			    fb->fd, (int)(io->priv.scratch - 1), io->buf,
+			    io->length, io->offset,
+			    write_piece(fb, io->offset, io->length));
 			r = sync_if_fua(fb, io, r);
 			break;
 		}
-		r = full_pwrite(fb->fd, (uint8_t *)io->buf + done, io->length - done,
-		                io->offset + done,
-		                (io->flags & XNBD_IO_FUA) ? RWF_DSYNC : 0,
-		                write_piece(fb, io->offset + done, io->length - done));
+		r = full_pwrite(
+		    fb->fd, (uint8_t *)io->buf + done, io->length - done,
+		    io->offset + done,
+		    (io->flags & XNBD_IO_FUA) ? RWF_DSYNC : 0,
+		    write_piece(fb, io->offset + done, io->length - done));
 		break;
 	case XNBD_IO_FLUSH:
 		r = fdatasync(fb->fd) ? -errno : 0;
@@ -497,7 +504,8 @@ static void work_cb(struct xnbd_io *io)
 	case XNBD_IO_TRIM:
 		copy_before_write(snap, io->offset, io->length);
 		if (atomic_load(&fb->punch_ok) &&
-		    fallocate(fb->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		    fallocate(fb->fd,
+		              FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 		              (off_t)io->offset, (off_t)io->length) != 0) {
 			/* Trimming is advisory: where it cannot be done, it is a no-op. */
 			if (errno == EOPNOTSUPP)
@@ -599,19 +607,20 @@ static int write_inline(struct file_backend *fb, struct xnbd_io *io,
 {
 	uint64_t done = io->priv.done_bytes;
 	alloc_ahead(fb, io->offset + done, io->length - done);
-	io->status = full_pwrite(fb->fd, (uint8_t *)io->buf + done,
-	                         io->length - done, io->offset + done, 0,
-	                         write_piece(fb, io->offset + done,
-	                                     io->length - done));
+	io->status =
+	    full_pwrite(fb->fd, (uint8_t *)io->buf + done, io->length - done,
+	                io->offset + done, 0,
+	                write_piece(fb, io->offset + done, io->length - done));
 	uint64_t now = uv_hrtime();
 	if (now - t0 >= fb->place.stall_ns) {
 		/* A stall within the longest hold's time from the end of the
 		 * last hold doubles it. */
 		if (fb->place.hold_until &&
 		    now - fb->place.hold_until < PLACE_HOLD_MAX_NS)
-			fb->place.hold_ns = fb->place.hold_ns * 2 > PLACE_HOLD_MAX_NS
-			                        ? PLACE_HOLD_MAX_NS
-			                        : fb->place.hold_ns * 2;
+			fb->place.hold_ns =
+			    fb->place.hold_ns * 2 > PLACE_HOLD_MAX_NS
+			        ? PLACE_HOLD_MAX_NS
+			        : fb->place.hold_ns * 2;
 		else
 			fb->place.hold_ns = PLACE_HOLD_MIN_NS;
 		fb->place.hold_until = now + fb->place.hold_ns;
@@ -687,9 +696,11 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 	 * a large copy would hold the loop up for longer than a hand-off to
 	 * the pool costs, and on the pool several copies run in parallel. */
 	bool small = io->length <= INLINE_MAX;
-	if (io->type == XNBD_IO_READ && small && atomic_load(&fb->nowait_read)) {
+	if (io->type == XNBD_IO_READ && small &&
+	    atomic_load(&fb->nowait_read)) {
 		struct iovec iov = {io->buf, io->length};
-		ssize_t n = preadv2(fb->fd, &iov, 1, (off_t)io->offset, RWF_NOWAIT);
+		ssize_t n =
+		    preadv2(fb->fd, &iov, 1, (off_t)io->offset, RWF_NOWAIT);
 		if (n == (ssize_t)io->length)
 			return XNBD_IO_COMPLETED;
 		if (n > 0)
@@ -706,7 +717,8 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 				return XNBD_IO_COMPLETED;
 			if (n > 0)
 				io->priv.done_bytes = (uint64_t)n;
-			else if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
+			else if (n < 0 &&
+			         (errno == EOPNOTSUPP || errno == EINVAL))
 				atomic_store(&fb->nowait_write, false);
 		}
 		/* Where the kernel has no RWF_NOWAIT writes for the file, the
@@ -822,7 +834,9 @@ static void snapshot_work(struct snapshot *s)
 	 * for the attempt (a reflink is quick), then either find every chunk
 	 * done or copy before they write. */
 	bool cloned = ioctl(s->fd, FICLONE, s->fb->fd) == 0;
-	int tr = cloned ? 0 : (ftruncate(s->fd, (off_t)s->fb->base.size) ? -errno : 0);
+	int tr = cloned
+	             ? 0
+	             : (ftruncate(s->fd, (off_t)s->fb->base.size) ? -errno : 0);
 	uv_mutex_lock(&s->mu);
 	if (cloned) {
 		memset(s->state, CHUNK_DONE, s->nchunks);
@@ -957,7 +971,8 @@ static int file_snapshot(struct xnbd_backend *b, const char *path,
 		return -ENOMEM;
 	}
 	snprintf(s->tmp_path, tl, "%s.partial", path);
-	s->fd = open(s->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	s->fd =
+	    open(s->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
 	int r = s->fd < 0 ? -errno : 0;
 	if (r == 0) {
 		struct stat st;
@@ -1028,14 +1043,14 @@ static void file_free(struct xnbd_backend *b)
 }
 
 static const struct xnbd__backend_ops file_ops = {
-	.name = "file",
-	.submit = file_submit,
-	.snapshot = file_snapshot,
-	.snapshot_cancel = file_snapshot_cancel,
-	.snapshot_running = file_snapshot_running,
-	.read_fd = file_read_fd,
-	.write_pipe = file_write_pipe,
-	.free = file_free,
+    .name = "file",
+    .submit = file_submit,
+    .snapshot = file_snapshot,
+    .snapshot_cancel = file_snapshot_cancel,
+    .snapshot_running = file_snapshot_running,
+    .read_fd = file_read_fd,
+    .write_pipe = file_write_pipe,
+    .free = file_free,
 };
 
 int xnbd_backend_file_open(uv_loop_t *loop, const char *path, unsigned flags,
@@ -1115,10 +1130,10 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 	}
 	fb->place.stall_ns = PLACE_STALL_NS;
 	struct rlimit rl;
-	fb->place.fsize_limit = getrlimit(RLIMIT_FSIZE, &rl) == 0 &&
-	                                rl.rlim_cur != RLIM_INFINITY
-	                            ? (uint64_t)rl.rlim_cur
-	                            : UINT64_MAX;
+	fb->place.fsize_limit =
+	    getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY
+	        ? (uint64_t)rl.rlim_cur
+	        : UINT64_MAX;
 	int r = xnbd__chan_init(&fb->chan, loop, work_cb, after_work_cb);
 	if (r < 0) {
 		free(fb->alloc);

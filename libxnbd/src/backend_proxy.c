@@ -55,18 +55,18 @@
 #include "wire.h"
 
 #define BS XNBD_PROXY_BLOCK
-#define MAX_UP 256U                /* upstream reads in flight */
-#define MAX_SEG (1U << 20)         /* longest upstream read */
-#define ROUND_SUBS 64U             /* sub-I/Os of one round */
-#define CACHE_ROUND (1U << 20)     /* bounce bytes of a CACHE round */
-#define DIRECT_MIN (128U * 1024U)  /* stores larger than this: O_DIRECT */
-#define EARLY_MAX (128U * 1024U)   /* cold reads answered before their store */
-#define DETACH_MAX (8U << 20)      /* bytes such stores may hold at once */
-#define MAX_CACHE_OPS 8U           /* CACHE requests fetching at once */
-#define FILL_OPS 4U                /* CACHE requests of a background fill */
-#define FILL_CHUNK (1U << 20)      /* bytes each of them covers */
-#define STATUS_SCAN (1ULL << 16)   /* blocks one cache-map query looks at */
-#define PERSIST_MS 2000            /* bits wait at most this long on disk */
+#define MAX_UP 256U               /* upstream reads in flight */
+#define MAX_SEG (1U << 20)        /* longest upstream read */
+#define ROUND_SUBS 64U            /* sub-I/Os of one round */
+#define CACHE_ROUND (1U << 20)    /* bounce bytes of a CACHE round */
+#define DIRECT_MIN (128U * 1024U) /* stores larger than this: O_DIRECT */
+#define EARLY_MAX (128U * 1024U)  /* cold reads answered before their store */
+#define DETACH_MAX (8U << 20)     /* bytes such stores may hold at once */
+#define MAX_CACHE_OPS 8U          /* CACHE requests fetching at once */
+#define FILL_OPS 4U               /* CACHE requests of a background fill */
+#define FILL_CHUNK (1U << 20)     /* bytes each of them covers */
+#define STATUS_SCAN (1ULL << 16)  /* blocks one cache-map query looks at */
+#define PERSIST_MS 2000           /* bits wait at most this long on disk */
 #define RETRY_MIN_MS 250
 #define RETRY_MAX_MS 4000
 #define PROGRESS_MS 250
@@ -298,7 +298,8 @@ static void maybe_free(struct xnbd_proxy *p);
 
 static void persist_work_cb(struct xnbd__job *j)
 {
-	struct xnbd_proxy *p = xnbd_container_of(j, struct xnbd_proxy, persist_job);
+	struct xnbd_proxy *p =
+	    xnbd_container_of(j, struct xnbd_proxy, persist_job);
 	/* The data first: a bit on disk must never vouch for data that is not. */
 	if (fdatasync(p->cache_fd) != 0) {
 		p->persist_status = -errno;
@@ -311,7 +312,8 @@ static void persist_start(struct xnbd_proxy *p);
 
 static void persist_after(struct xnbd__job *j)
 {
-	struct xnbd_proxy *p = xnbd_container_of(j, struct xnbd_proxy, persist_job);
+	struct xnbd_proxy *p =
+	    xnbd_container_of(j, struct xnbd_proxy, persist_job);
 	int st = p->persist_status;
 	p->persisting = false;
 	if (st)
@@ -326,8 +328,8 @@ static void persist_after(struct xnbd__job *j)
 	if (!xnbd_list_empty(&p->pw_next))
 		persist_start(p);
 	while (!xnbd_list_empty(&answered)) {
-		struct persist_waiter *pw =
-		    xnbd_container_of(answered.next, struct persist_waiter, link);
+		struct persist_waiter *pw = xnbd_container_of(
+		    answered.next, struct persist_waiter, link);
 		xnbd_list_remove(&pw->link);
 		pw->fn(pw->ud, st);
 	}
@@ -421,7 +423,8 @@ static void unlock(struct xnbd_proxy *p, struct pop *op)
 	for (; l != &p->waiting; l = n) {
 		n = l->next;
 		struct pop *w = xnbd_container_of(l, struct pop, link);
-		if (blocked_by(&p->locked, w, NULL) || blocked_by(&p->waiting, w, l))
+		if (blocked_by(&p->locked, w, NULL) ||
+		    blocked_by(&p->waiting, w, l))
 			continue;
 		xnbd_list_remove(&w->link);
 		xnbd_list_insert(p->locked.prev, &w->link);
@@ -435,13 +438,16 @@ static void sub_done(struct xnbd_io *sio);
 
 /* Submit to a backend, with the data from a pipe when pipe_fd >= 0; a
  * sub that finished at once is not pending. */
-static void sub_send_from(struct pop *op, struct sub *s,
-                          struct xnbd_backend *b, uint32_t type,
-                          uint32_t flags, int pipe_fd)
+static void sub_send_from(struct pop *op, struct sub *s, struct xnbd_backend *b,
+                          uint32_t type, uint32_t flags, int pipe_fd)
 {
-	s->io = (struct xnbd_io){.type = type, .flags = flags, .offset = s->off,
-	                         .length = s->len, .buf = s->buf,
-	                         .done = sub_done, .user_data = s};
+	s->io = (struct xnbd_io){.type = type,
+	                         .flags = flags,
+	                         .offset = s->off,
+	                         .length = s->len,
+	                         .buf = s->buf,
+	                         .done = sub_done,
+	                         .user_data = s};
 	if (type == XNBD_IO_ZERO)
 		s->io.buf = NULL;
 	op->pending++;
@@ -479,7 +485,8 @@ static void upq_pump(struct xnbd_proxy *p)
 	while ((p->switched || p->freeing || (p->giving_up && !p->up_ok) ||
 	        (p->up_ok && p->up_inflight < MAX_UP)) &&
 	       !xnbd_list_empty(&p->upq)) {
-		struct sub *s = xnbd_container_of(p->upq.next, struct sub, link);
+		struct sub *s =
+		    xnbd_container_of(p->upq.next, struct sub, link);
 		struct pop *op = s->op;
 		xnbd_list_remove(&s->link);
 		xnbd_list_init(&s->link);
@@ -571,9 +578,12 @@ static void fetch_send(struct pop *op, struct sub *s)
 		return;
 	}
 	if (p->up_ok && p->up_inflight < MAX_UP) {
-		s->io = (struct xnbd_io){.type = XNBD_IO_READ, .offset = s->off,
-		                         .length = s->len, .buf = s->buf,
-		                         .done = sub_done, .user_data = s};
+		s->io = (struct xnbd_io){.type = XNBD_IO_READ,
+		                         .offset = s->off,
+		                         .length = s->len,
+		                         .buf = s->buf,
+		                         .done = sub_done,
+		                         .user_data = s};
 		int r = xnbd_backend_submit(xnbd_client_backend(p->up), &s->io);
 		if (r == XNBD_IO_PENDING) {
 			p->up_inflight++;
@@ -628,8 +638,9 @@ static void sub_done(struct xnbd_io *sio)
 			if (p->switched) {
 				fetch_switched(op, s);
 			} else if (!is_write(op->type)) {
+				/* After early_got, s->buf is the stores' copy. */
 				if (op->early)
-					early_got(op, s); /* s->buf is now the stores' copy */
+					early_got(op, s);
 				fetch_store(op, s);
 			}
 			/* A write's edge block is stored merged, in its stage 1. */
@@ -650,7 +661,8 @@ static void cache_slot_release(struct xnbd_proxy *p)
 {
 	p->cache_ops--;
 	if (!xnbd_list_empty(&p->cacheq)) {
-		struct pop *w = xnbd_container_of(p->cacheq.next, struct pop, link);
+		struct pop *w =
+		    xnbd_container_of(p->cacheq.next, struct pop, link);
 		xnbd_list_remove(&w->link);
 		xnbd_list_init(&w->link);
 		w->cache_slot = true;
@@ -705,11 +717,12 @@ static void op_finish(struct pop *op)
 		int st = op->store_status ? op->store_status : op->status;
 		uint64_t n = st ? ++p->store_failures : 0;
 		if (n && !(n & (n - 1)))
-			plog(p, XNBD_LOG_WARNING,
-			     "storing fetched blocks %" PRIu64 "-%" PRIu64
-			     " in the cache: %s (they will be fetched again; %" PRIu64
-			     " such failure(s) so far)",
-			     op->b0, op->b1, strerror(-st), p->store_failures);
+			plog(
+			    p, XNBD_LOG_WARNING,
+			    "storing fetched blocks %" PRIu64 "-%" PRIu64
+			    " in the cache: %s (they will be fetched again; %" PRIu64
+			    " such failure(s) so far)",
+			    op->b0, op->b1, strerror(-st), p->store_failures);
 		p->detached--;
 		op_free(op);
 		maybe_free(p);
@@ -759,7 +772,8 @@ static void edge_copy(struct xnbd_io *io, const struct sub *s)
 	uint64_t e = s->off + s->len;
 	if (e > io->offset + io->length)
 		e = io->offset + io->length;
-	memcpy((uint8_t *)io->buf + (a - io->offset), s->buf + (a - s->off), e - a);
+	memcpy((uint8_t *)io->buf + (a - io->offset), s->buf + (a - s->off),
+	       e - a);
 }
 
 /* Copy what the caller asked for out of a fetched bounce block, and zero
@@ -773,7 +787,8 @@ static void round_finish(struct pop *op)
 		if (s->kind != SUB_FETCH)
 			continue;
 		if (s->phase == 1)
-			set_bits(p, s->off, s->len); /* stored: now it vouches */
+			set_bits(p, s->off,
+			         s->len); /* stored: now it vouches */
 		if (op->early || op->type != XNBD_IO_READ || !s->edge)
 			continue; /* (an early reply's edges went out with it) */
 		edge_copy(io, s);
@@ -797,14 +812,15 @@ static bool round_start(struct pop *op)
 		/* A run: same state, at most MAX_SEG bytes, and a partial edge
 		 * block of a read is a run of its own (it goes through a bounce). */
 		uint64_t e = b + 1;
-		bool edge_b = rd && !have &&
-		              ((b == op->b0 && io->offset % BS) ||
-		               (b == op->b1 && end < (b + 1) * BS && end < p->base.size));
+		bool edge_b =
+		    rd && !have &&
+		    ((b == op->b0 && io->offset % BS) ||
+		     (b == op->b1 && end < (b + 1) * BS && end < p->base.size));
 		if (!edge_b)
 			while (e <= op->b1 && present(p, e) == have &&
 			       (have || (e - b) * BS < MAX_SEG) &&
-			       !(rd && !have && e == op->b1 && end < (e + 1) * BS &&
-			         end < p->base.size))
+			       !(rd && !have && e == op->b1 &&
+			         end < (e + 1) * BS && end < p->base.size))
 				e++;
 		uint64_t off = b * BS, len = 0;
 		for (uint64_t k = b; k < e; k++)
@@ -813,12 +829,16 @@ static bool round_start(struct pop *op)
 			if (rd) {
 				/* Present: read the wanted part from the cache.  After a
 				 * forced switch an absent block reads as zeroes. */
-				uint64_t a = off > io->offset ? off : io->offset;
+				uint64_t a =
+				    off > io->offset ? off : io->offset;
 				uint64_t z = off + len < end ? off + len : end;
-				uint8_t *dst = (uint8_t *)io->buf + (a - io->offset);
+				uint8_t *dst =
+				    (uint8_t *)io->buf + (a - io->offset);
 				if (have) {
-					struct sub *s = sub_take(op, SUB_READ, a, z - a, dst, false);
-					sub_send(op, s, p->cache, XNBD_IO_READ, 0);
+					struct sub *s = sub_take(
+					    op, SUB_READ, a, z - a, dst, false);
+					sub_send(op, s, p->cache, XNBD_IO_READ,
+					         0);
 				} else {
 					memset(dst, 0, z - a);
 				}
@@ -917,7 +937,8 @@ static void early_got(struct pop *op, struct sub *s)
 	if (s->kind == SUB_FETCH && s->edge) {
 		edge_copy(io, s);
 	} else if (s->kind == SUB_FETCH && s->phase == 0) {
-		memcpy(s->store, s->buf, s->len); /* (after a switch: not stored) */
+		/* (after a switch: not stored) */
+		memcpy(s->store, s->buf, s->len);
 		s->buf = s->store;
 	}
 	if (--op->unreplied || op->status)
@@ -940,9 +961,10 @@ static void write_stage(struct pop *op)
 	uint64_t off = io->offset, end = io->offset + io->length;
 	bool zero = io->type != XNBD_IO_WRITE;
 	uint32_t wflags = io->flags & XNBD_IO_FUA;
-	uint32_t zflags = io->type == XNBD_IO_ZERO
-	                      ? io->flags & (XNBD_IO_NO_HOLE | XNBD_IO_FAST_ZERO)
-	                      : 0;
+	uint32_t zflags =
+	    io->type == XNBD_IO_ZERO
+	        ? io->flags & (XNBD_IO_NO_HOLE | XNBD_IO_FAST_ZERO)
+	        : 0;
 	if (op->stage == 0) {
 		uint64_t blocks[2] = {op->b0, op->b1};
 		op->used = 0;
@@ -950,7 +972,8 @@ static void write_stage(struct pop *op)
 			uint64_t b = blocks[k];
 			if (k == 1 && b == op->b0)
 				break;
-			bool whole = off <= b * BS && end >= b * BS + block_len(p, b);
+			bool whole =
+			    off <= b * BS && end >= b * BS + block_len(p, b);
 			if (whole || present(p, b))
 				continue;
 			if (zflags & XNBD_IO_FAST_ZERO) {
@@ -961,8 +984,9 @@ static void write_stage(struct pop *op)
 				op->status = -ENOMEM;
 				return;
 			}
-			struct sub *s = sub_take(op, SUB_FETCH, b * BS, block_len(p, b),
-			                         op->bounce + k * BS, true);
+			struct sub *s =
+			    sub_take(op, SUB_FETCH, b * BS, block_len(p, b),
+			             op->bounce + k * BS, true);
 			s->phase = 0;
 			fetch_send(op, s);
 		}
@@ -980,7 +1004,9 @@ static void write_stage(struct pop *op)
 			if (zero)
 				memset(dst, 0, s1 - s0);
 			else
-				memcpy(dst, (const uint8_t *)io->buf + (s0 - off), s1 - s0);
+				memcpy(dst,
+				       (const uint8_t *)io->buf + (s0 - off),
+				       s1 - s0);
 			s->kind = SUB_WRITE;
 			sub_send(op, s, p->cache, XNBD_IO_WRITE, wflags);
 			if (bs <= ws)
@@ -989,15 +1015,16 @@ static void write_stage(struct pop *op)
 				we = bs > ws ? bs : ws;
 		}
 		if (ws < we) {
-			struct sub *s = sub_take(op, SUB_WRITE, ws, we - ws,
-			                         zero ? NULL
-			                              : (uint8_t *)io->buf + (ws - off),
-			                         false);
+			struct sub *s = sub_take(
+			    op, SUB_WRITE, ws, we - ws,
+			    zero ? NULL : (uint8_t *)io->buf + (ws - off),
+			    false);
 			/* A write from a pipe is of whole blocks (proxy_pipe_ok):
 			 * nothing was fetched, and this is its only write. */
 			sub_send_from(op, s, p->cache,
 			              zero ? XNBD_IO_ZERO : XNBD_IO_WRITE,
-			              wflags | (zero ? zflags : 0), op->pipe_fd);
+			              wflags | (zero ? zflags : 0),
+			              op->pipe_fd);
 		}
 		return;
 	}
@@ -1023,7 +1050,8 @@ static void block_status(struct xnbd_proxy *p, struct xnbd_io *io)
 		bool have = present(p, b);
 		uint64_t e = (b + 1) * BS;
 		scanned++;
-		while (e < end && present(p, e / BS) == have && scanned < STATUS_SCAN) {
+		while (e < end && present(p, e / BS) == have &&
+		       scanned < STATUS_SCAN) {
 			e += BS;
 			scanned++;
 		}
@@ -1096,15 +1124,15 @@ static void op_run(struct pop *op)
 /* How many sub-I/Os a round of a read of blocks b0..b1 would use, at
  * most ROUND_SUBS: a run per change of state, absent runs split at
  * MAX_SEG, and the two edge blocks on their own. */
-static uint32_t read_subs(const struct xnbd_proxy *p, uint64_t b0,
-                          uint64_t b1)
+static uint32_t read_subs(const struct xnbd_proxy *p, uint64_t b0, uint64_t b1)
 {
 	uint32_t n = 2;
 	uint64_t run = 0;
 	bool prev = false;
 	for (uint64_t b = b0; b <= b1 && n < ROUND_SUBS; b++) {
 		bool have = present(p, b);
-		if (b == b0 || have != prev || (!have && ++run * BS >= MAX_SEG)) {
+		if (b == b0 || have != prev ||
+		    (!have && ++run * BS >= MAX_SEG)) {
 			n++;
 			run = 0;
 		}
@@ -1242,13 +1270,13 @@ static int proxy_read_fd(struct xnbd_backend *b, uint64_t off, uint64_t len,
 }
 
 static const struct xnbd__backend_ops proxy_ops = {
-	.name = "proxy",
-	.submit = proxy_submit,
-	.abort = proxy_abort,
-	.read_fd = proxy_read_fd,
-	.write_pipe = proxy_write_pipe,
-	.pipe_ok = proxy_pipe_ok,
-	.free = proxy_backend_free,
+    .name = "proxy",
+    .submit = proxy_submit,
+    .abort = proxy_abort,
+    .read_fd = proxy_read_fd,
+    .write_pipe = proxy_write_pipe,
+    .pipe_ok = proxy_pipe_ok,
+    .free = proxy_backend_free,
 };
 
 /* ---- the upstream connection ------------------------------------------------------------------- */
@@ -1322,8 +1350,9 @@ static void try_connected(struct xnbd_client *c, int status, void *ud)
 			p->try_port = po;
 			p->try_name = n;
 		}
-		plog(p, XNBD_LOG_NOTICE, "upstream %s:%s export \"%s\" connected",
-		     p->host, p->port, p->name);
+		plog(p, XNBD_LOG_NOTICE,
+		     "upstream %s:%s export \"%s\" connected", p->host, p->port,
+		     p->name);
 		upstream_set(p, c);
 		try_done(p, 0);
 		return;
@@ -1336,8 +1365,8 @@ static void try_connected(struct xnbd_client *c, int status, void *ud)
 		     " bytes, not the %" PRIu64 " of this proxy: not used",
 		     p->trying_user ? p->try_host : p->host,
 		     p->trying_user ? p->try_port : p->port,
-		     p->trying_user ? p->try_name : p->name, xnbd_client_size(c),
-		     p->base.size);
+		     p->trying_user ? p->try_name : p->name,
+		     xnbd_client_size(c), p->base.size);
 	try_done(p, status);
 }
 
@@ -1363,8 +1392,8 @@ static void try_done(struct xnbd_proxy *p, int status)
 		cb(p, status, ud);
 }
 
-static int try_connect(struct xnbd_proxy *p, const char *host,
-                       const char *port, const char *name)
+static int try_connect(struct xnbd_proxy *p, const char *host, const char *port,
+                       const char *name)
 {
 	struct xnbd_client *c;
 	int r = xnbd_client_new(p->loop, &c);
@@ -1416,7 +1445,8 @@ int xnbd_proxy_reconnect(struct xnbd_proxy *p, const char *host,
 	    (r = try_connect(p, host, port, name ? name : "")) < 0) {
 		/* Nothing started: the automatic retries go on. */
 		if (!p->up_ok)
-			uv_timer_start(&p->retry_timer, retry_timer_cb, p->retry_ms, 0);
+			uv_timer_start(&p->retry_timer, retry_timer_cb,
+			               p->retry_ms, 0);
 		return r;
 	}
 	p->trying_user = true;
@@ -1473,7 +1503,8 @@ int xnbd_proxy_switch(struct xnbd_proxy *p, int force)
 		p->up = NULL;
 		p->up_ok = false;
 		xnbd_client_on_disconnect(c, NULL, NULL);
-		xnbd_client_free(c); /* fetches in flight end as after a switch */
+		/* fetches in flight end as after a switch */
+		xnbd_client_free(c);
 	}
 	upq_pump(p);
 	/* Fills that are idle end now; the others when their fetches have. */
@@ -1516,8 +1547,8 @@ static void job_progress(struct xnbd_proxy_job *job)
 	uint64_t now = uv_now(job->p->loop);
 	if (job->progress && now - job->last_progress >= PROGRESS_MS) {
 		job->last_progress = now;
-		job->progress(job->p, xnbd_bitmap_count(job->p->bm), job->p->nblocks,
-		              job->ud);
+		job->progress(job->p, xnbd_bitmap_count(job->p->bm),
+		              job->p->nblocks, job->ud);
 	}
 }
 
@@ -1529,8 +1560,9 @@ static void fill_done(struct xnbd_io *io)
 	job->running--;
 	if (io->status && !job->err) {
 		job->err = io->status;
-		plog(job->p, XNBD_LOG_ERR, "cache fill: fetch at %" PRIu64 ": %s",
-		     io->offset, strerror(-io->status));
+		plog(job->p, XNBD_LOG_ERR,
+		     "cache fill: fetch at %" PRIu64 ": %s", io->offset,
+		     strerror(-io->status));
 	}
 	job_progress(job);
 	job_next(job, k);
@@ -1545,12 +1577,15 @@ static void job_next(struct xnbd_proxy_job *job, unsigned k)
 		if (b >= p->nblocks)
 			break;
 		uint64_t off = b * BS;
-		uint64_t len = p->base.size - off < FILL_CHUNK ? p->base.size - off
-		                                                 : FILL_CHUNK;
+		uint64_t len = p->base.size - off < FILL_CHUNK
+		                   ? p->base.size - off
+		                   : FILL_CHUNK;
 		job->cursor = b + len / BS + (len % BS ? 1 : 0);
 		struct xnbd_io *io = &job->fill[k].io;
-		*io = (struct xnbd_io){.type = XNBD_IO_CACHE, .offset = off,
-		                       .length = len, .done = fill_done,
+		*io = (struct xnbd_io){.type = XNBD_IO_CACHE,
+		                       .offset = off,
+		                       .length = len,
+		                       .done = fill_done,
 		                       .user_data = job};
 		p->base.in_flight++;
 		int r = submit_op(p, io, job->own, -1);
@@ -1608,7 +1643,9 @@ static void job_connected(struct xnbd_client *c, int status, void *ud)
 		job->own = NULL;
 		reap_client(p, c);
 		job->started = true;
-		job_end(job, status ? status : job->err ? job->err : -ECANCELED);
+		job_end(job, status     ? status
+		             : job->err ? job->err
+		                        : -ECANCELED);
 		return;
 	}
 	job_start(job);
@@ -1638,8 +1675,8 @@ int xnbd_proxy_cache_all(struct xnbd_proxy *p, unsigned flags,
 		int r = xnbd_client_new(p->loop, &job->own);
 		if (r == 0) {
 			xnbd_client_set_log(job->own, p->log, p->log_ud);
-			r = xnbd_client_connect(job->own, p->host, p->port, p->name,
-			                        job_connected, job);
+			r = xnbd_client_connect(job->own, p->host, p->port,
+			                        p->name, job_connected, job);
 			if (r < 0) {
 				xnbd_client_free(job->own);
 				job->own = NULL;
@@ -1667,7 +1704,8 @@ int xnbd_proxy_cache_all(struct xnbd_proxy *p, unsigned flags,
 
 static void job_kick(struct xnbd__job *j)
 {
-	struct xnbd_proxy_job *job = xnbd_container_of(j, struct xnbd_proxy_job, kick);
+	struct xnbd_proxy_job *job =
+	    xnbd_container_of(j, struct xnbd_proxy_job, kick);
 	job->running--;
 	if (job->cancel || job->err) {
 		job->started = true;
@@ -1748,14 +1786,15 @@ static int open_cache(struct xnbd_proxy *p, uint64_t size)
 	if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < size &&
 	    ftruncate(fd, (off_t)size) != 0) {
 		int e = -errno;
-		plog(p, XNBD_LOG_ERR, "cache image %s: cannot grow it to %" PRIu64
-		     " bytes: %s", p->cache_path, size, strerror(-e));
+		plog(p, XNBD_LOG_ERR,
+		     "cache image %s: cannot grow it to %" PRIu64 " bytes: %s",
+		     p->cache_path, size, strerror(-e));
 		close(fd);
 		return e;
 	}
 	struct xnbd_backend *b;
-	int r = xnbd__backend_file_from_fd(p->loop, fd, XNBD__OPEN_ALLOC_AHEAD,
-	                                   &b);
+	int r =
+	    xnbd__backend_file_from_fd(p->loop, fd, XNBD__OPEN_ALLOC_AHEAD, &b);
 	if (r < 0) {
 		close(fd);
 		plog(p, XNBD_LOG_ERR, "cache image %s: %s", p->cache_path,
@@ -1766,7 +1805,8 @@ static int open_cache(struct xnbd_proxy *p, uint64_t size)
 		uint64_t have = xnbd_backend_size(b);
 		xnbd_backend_free(b);
 		plog(p, XNBD_LOG_ERR,
-		     "cache image %s has %" PRIu64 " bytes, more than the %" PRIu64
+		     "cache image %s has %" PRIu64
+		     " bytes, more than the %" PRIu64
 		     " of the upstream export (or it cannot grow); refusing to "
 		     "use it",
 		     p->cache_path, have, size);
@@ -1778,10 +1818,11 @@ static int open_cache(struct xnbd_proxy *p, uint64_t size)
 	 * path, which may have been replaced meanwhile. */
 	char self[64];
 	snprintf(self, sizeof(self), "/proc/self/fd/%d", fd);
-	int dfd = S_ISREG(st.st_mode) ? open(self, O_RDWR | O_DIRECT | O_CLOEXEC)
-	                              : -1;
-	if (dfd >= 0 && xnbd__backend_file_from_fd(p->loop, dfd, 0,
-	                                           &p->cache_direct) < 0) {
+	int dfd = S_ISREG(st.st_mode)
+	              ? open(self, O_RDWR | O_DIRECT | O_CLOEXEC)
+	              : -1;
+	if (dfd >= 0 &&
+	    xnbd__backend_file_from_fd(p->loop, dfd, 0, &p->cache_direct) < 0) {
 		close(dfd);
 		p->cache_direct = NULL;
 	}
@@ -1796,8 +1837,8 @@ static void open_connected(struct xnbd_client *c, int status, void *ud)
 	p->open_cb = NULL;
 	p->trying = NULL;
 	if (status) {
-		plog(p, XNBD_LOG_ERR, "upstream %s:%s export \"%s\": %s", p->host,
-		     p->port, p->name, strerror(-status));
+		plog(p, XNBD_LOG_ERR, "upstream %s:%s export \"%s\": %s",
+		     p->host, p->port, p->name, strerror(-status));
 		reap_client(p, c);
 		cb(p, status, cud);
 		return;
@@ -1811,17 +1852,19 @@ static void open_connected(struct xnbd_client *c, int status, void *ud)
 		                         : 0,
 		                     &p->bm);
 		if (r == -EBADMSG)
-			plog(p, XNBD_LOG_ERR,
-			     "bitmap %s is not an xNBD bitmap, or is damaged; "
-			     "refusing to use it (move it away, or start afresh with "
-			     "--clear-bitmap)",
-			     p->bitmap_path);
+			plog(
+			    p, XNBD_LOG_ERR,
+			    "bitmap %s is not an xNBD bitmap, or is damaged; "
+			    "refusing to use it (move it away, or start afresh with "
+			    "--clear-bitmap)",
+			    p->bitmap_path);
 		else if (r == -EINVAL)
-			plog(p, XNBD_LOG_ERR,
-			     "bitmap %s was made for another image (block size or "
-			     "image size differ from %" PRIu64
-			     " bytes in blocks of %u); refusing to use it",
-			     p->bitmap_path, size, BS);
+			plog(
+			    p, XNBD_LOG_ERR,
+			    "bitmap %s was made for another image (block size or "
+			    "image size differ from %" PRIu64
+			    " bytes in blocks of %u); refusing to use it",
+			    p->bitmap_path, size, BS);
 		else if (r < 0)
 			plog(p, XNBD_LOG_ERR, "bitmap %s: %s", p->bitmap_path,
 			     strerror(-r));
@@ -1899,10 +1942,12 @@ int xnbd_proxy_open(struct xnbd_proxy *p, const char *host, const char *port,
                     const char *name, const char *cache, const char *bitmap,
                     unsigned flags, xnbd_proxy_cb cb, void *ud)
 {
-	if (p->opened || p->open_cb || !host || !port || !cache || !bitmap || !cb)
+	if (p->opened || p->open_cb || !host || !port || !cache || !bitmap ||
+	    !cb)
 		return -EINVAL;
 	int r;
-	if ((r = dupstr(&p->host, host)) < 0 || (r = dupstr(&p->port, port)) < 0 ||
+	if ((r = dupstr(&p->host, host)) < 0 ||
+	    (r = dupstr(&p->port, port)) < 0 ||
 	    (r = dupstr(&p->name, name)) < 0 ||
 	    (r = dupstr(&p->cache_path, cache)) < 0 ||
 	    (r = dupstr(&p->bitmap_path, bitmap)) < 0)
@@ -1912,7 +1957,8 @@ int xnbd_proxy_open(struct xnbd_proxy *p, const char *host, const char *port,
 	if ((r = xnbd_client_new(p->loop, &c)) < 0)
 		return r;
 	xnbd_client_set_log(c, p->log, p->log_ud);
-	r = xnbd_client_connect(c, p->host, p->port, p->name, open_connected, p);
+	r = xnbd_client_connect(c, p->host, p->port, p->name, open_connected,
+	                        p);
 	if (r < 0) {
 		xnbd_client_free(c);
 		return r;
@@ -2002,10 +2048,12 @@ static void free_now(struct xnbd_proxy *p)
 	if (p->bm && p->cache) {
 		/* Blocking, once: the last bits become durable after their data. */
 		xnbd_bitmap_stage(p->bm);
-		if (fdatasync(p->cache_fd) != 0 || xnbd_bitmap_write_staged(p->bm) != 0)
-			plog(p, XNBD_LOG_ERR,
-			     "cannot make the cache durable at exit: the blocks cached "
-			     "since the last sync will be fetched again");
+		if (fdatasync(p->cache_fd) != 0 ||
+		    xnbd_bitmap_write_staged(p->bm) != 0)
+			plog(
+			    p, XNBD_LOG_ERR,
+			    "cannot make the cache durable at exit: the blocks cached "
+			    "since the last sync will be fetched again");
 	}
 	for (unsigned i = 0; i < p->nreap; i++)
 		xnbd_client_free(p->reap[i]);
@@ -2047,7 +2095,8 @@ void xnbd_proxy_free(struct xnbd_proxy *p)
 	struct xnbd_list *l = p->jobs.next, *n;
 	for (; l != &p->jobs; l = n) {
 		n = l->next;
-		xnbd_proxy_job_cancel(xnbd_container_of(l, struct xnbd_proxy_job, link));
+		xnbd_proxy_job_cancel(
+		    xnbd_container_of(l, struct xnbd_proxy_job, link));
 	}
 	if (p->trying) {
 		struct xnbd_client *c = p->trying;
@@ -2058,7 +2107,8 @@ void xnbd_proxy_free(struct xnbd_proxy *p)
 		p->try_cb = NULL;
 		xnbd_client_free(c);
 		if (cb)
-			cb(p, -ECANCELED, ud); /* a user's reconnect gets its answer */
+			cb(p, -ECANCELED,
+			   ud); /* a user's reconnect gets its answer */
 	}
 	if (p->up) {
 		struct xnbd_client *c = p->up;

@@ -53,8 +53,7 @@ static uint64_t fnv1a(const uint8_t *p, size_t n)
 
 /* Header: magic[8] version[4] header_size[4] block_size[4] reserved[4]
  * block_count[8] image_size[8] checksum[8] (of the bytes before it). */
-static void make_header(uint8_t *h, uint32_t bs, uint64_t blocks,
-                        uint64_t size)
+static void make_header(uint8_t *h, uint32_t bs, uint64_t blocks, uint64_t size)
 {
 	memset(h, 0, HDR_SIZE);
 	memcpy(h, magic, 8);
@@ -92,9 +91,8 @@ static uint64_t popcount_bytes(const uint8_t *p, uint64_t n)
 	return c;
 }
 
-int xnbd_bitmap_open(const char *path, uint64_t image_size,
-                     uint32_t block_size, unsigned flags,
-                     struct xnbd_bitmap **out)
+int xnbd_bitmap_open(const char *path, uint64_t image_size, uint32_t block_size,
+                     unsigned flags, struct xnbd_bitmap **out)
 {
 	if (!path || block_size < 512 || block_size > (1U << 20) ||
 	    (block_size & (block_size - 1)))
@@ -114,10 +112,10 @@ int xnbd_bitmap_open(const char *path, uint64_t image_size,
 	bm->inlist = calloc(1, bm->pages / 8 + 1);
 	bm->list = calloc(bm->pages + 1, sizeof(uint64_t));
 	uint8_t *h = malloc(HDR_SIZE);
-	int r = (bm->bits && bm->staged && bm->dirty && bm->inlist && bm->list &&
-	         h)
-	            ? 0
-	            : -ENOMEM;
+	int r =
+	    (bm->bits && bm->staged && bm->dirty && bm->inlist && bm->list && h)
+	        ? 0
+	        : -ENOMEM;
 	if (r == 0) {
 		bm->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
 		if (bm->fd < 0)
@@ -139,13 +137,15 @@ int xnbd_bitmap_open(const char *path, uint64_t image_size,
 			r = -EBADMSG;
 		if (r == 0)
 			r = full_io(bm->fd, h, HDR_SIZE, 0, false);
-		if (r == 0 && (memcmp(h, magic, 8) != 0 || xnbd__get32(h + 8) != VERSION ||
+		if (r == 0 && (memcmp(h, magic, 8) != 0 ||
+		               xnbd__get32(h + 8) != VERSION ||
 		               xnbd__get32(h + 12) != HDR_SIZE ||
 		               xnbd__get64(h + 40) != fnv1a(h, 40)))
 			r = -EBADMSG;
 		/* Reserved bytes are zero in every file we write: anything else is
 		 * damage (or a newer format, which must change the version). */
-		if (r == 0 && (xnbd__get32(h + 20) != 0 || !xnbd__is_zero(h + 48, HDR_SIZE - 48)))
+		if (r == 0 && (xnbd__get32(h + 20) != 0 ||
+		               !xnbd__is_zero(h + 48, HDR_SIZE - 48)))
 			r = -EBADMSG;
 		if (r == 0 && (xnbd__get32(h + 16) != block_size ||
 		               xnbd__get64(h + 24) != blocks ||
@@ -154,7 +154,8 @@ int xnbd_bitmap_open(const char *path, uint64_t image_size,
 		if (r == 0 && (uint64_t)st.st_size != HDR_SIZE + bm->body)
 			r = -EBADMSG;
 		if (r == 0 && !(flags & XNBD_BITMAP_CLEAR) && bm->body)
-			r = full_io(bm->fd, bm->bits, bm->body, HDR_SIZE, false);
+			r = full_io(bm->fd, bm->bits, bm->body, HDR_SIZE,
+			            false);
 		if (r == 0 && (flags & XNBD_BITMAP_CLEAR) && bm->body) {
 			r = full_io(bm->fd, bm->bits, bm->body, HDR_SIZE, true);
 			if (r == 0 && fdatasync(bm->fd))
@@ -227,7 +228,8 @@ uint64_t xnbd_bitmap_stage(struct xnbd_bitmap *bm)
 		if (!(bm->dirty[p / 8] & (1U << (p % 8))))
 			continue;
 		bm->dirty[p / 8] &= (uint8_t) ~(1U << (p % 8));
-		uint64_t len = bm->body - p * PAGE < PAGE ? bm->body - p * PAGE : PAGE;
+		uint64_t len =
+		    bm->body - p * PAGE < PAGE ? bm->body - p * PAGE : PAGE;
 		memcpy(bm->staged + p * PAGE, bm->bits + p * PAGE, len);
 		/* A page staged twice before a write is listed once. */
 		if (!(bm->inlist[p / 8] & (1U << (p % 8)))) {
@@ -243,7 +245,8 @@ int xnbd_bitmap_write_staged(struct xnbd_bitmap *bm)
 {
 	for (uint64_t k = 0; k < bm->nlist; k++) {
 		uint64_t p = bm->list[k];
-		uint64_t len = bm->body - p * PAGE < PAGE ? bm->body - p * PAGE : PAGE;
+		uint64_t len =
+		    bm->body - p * PAGE < PAGE ? bm->body - p * PAGE : PAGE;
 		int r = full_io(bm->fd, bm->staged + p * PAGE, len,
 		                (off_t)(HDR_SIZE + p * PAGE), true);
 		if (r)

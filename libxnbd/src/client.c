@@ -88,7 +88,7 @@ struct xnbd_client {
 	uv_connect_t conn;
 	uv_timer_t timer; /* the time limit of connecting and negotiating */
 	uint64_t timeout_ms;
-	int nhandles; /* tcp, timer, flush and kick: initialised, close
+	int nhandles;     /* tcp, timer, flush and kick: initialised, close
 	                 callback not run */
 	uv_check_t flush; /* writes the queued requests (flush_cb) */
 	uv_idle_t kick;   /* active with flush: poll does not block */
@@ -124,7 +124,8 @@ struct xnbd_client {
 
 #define NO_SLOT UINT32_MAX
 
-#define clog_(c, level, ...) xnbd__logf((c)->log, (c)->log_ud, level, __VA_ARGS__)
+#define clog_(c, level, ...) \
+	xnbd__logf((c)->log, (c)->log_ud, level, __VA_ARGS__)
 
 /* ---- slots --------------------------------------------------------------- */
 
@@ -178,7 +179,8 @@ static int cover(struct slot *s, uint64_t a, uint64_t b)
 	} else {
 		if (s->ncov == COV_MAX)
 			return -1;
-		memmove(&s->cov[i + 1], &s->cov[i], (s->ncov - i) * sizeof(s->cov[0]));
+		memmove(&s->cov[i + 1], &s->cov[i],
+		        (s->ncov - i) * sizeof(s->cov[0]));
 		s->cov[i].a = a;
 		s->cov[i].b = b;
 		s->ncov++;
@@ -309,7 +311,8 @@ static void flush_cb(uv_check_t *h)
 	unsigned nbufs = 0;
 	for (uint32_t i = c->q_head; i != NO_SLOT; i = c->slots[i].next_q) {
 		struct slot *s = &c->slots[i];
-		c->bufs[nbufs++] = uv_buf_init((char *)s->hdr, XNBD_REQUEST_SIZE);
+		c->bufs[nbufs++] =
+		    uv_buf_init((char *)s->hdr, XNBD_REQUEST_SIZE);
 		if (s->io->type == XNBD_IO_WRITE)
 			c->bufs[nbufs++] =
 			    uv_buf_init(s->io->buf, (unsigned)s->io->length);
@@ -358,12 +361,12 @@ static int client_submit(struct xnbd_backend *b, struct xnbd_io *io)
 {
 	struct xnbd_client *c = (struct xnbd_client *)b;
 	static const uint16_t cmd[] = {
-		[XNBD_IO_READ] = XNBD_CMD_READ,
-		[XNBD_IO_WRITE] = XNBD_CMD_WRITE,
-		[XNBD_IO_FLUSH] = XNBD_CMD_FLUSH,
-		[XNBD_IO_TRIM] = XNBD_CMD_TRIM,
-		[XNBD_IO_ZERO] = XNBD_CMD_WRITE_ZEROES,
-		[XNBD_IO_CACHE] = XNBD_CMD_CACHE,
+	    [XNBD_IO_READ] = XNBD_CMD_READ,
+	    [XNBD_IO_WRITE] = XNBD_CMD_WRITE,
+	    [XNBD_IO_FLUSH] = XNBD_CMD_FLUSH,
+	    [XNBD_IO_TRIM] = XNBD_CMD_TRIM,
+	    [XNBD_IO_ZERO] = XNBD_CMD_WRITE_ZEROES,
+	    [XNBD_IO_CACHE] = XNBD_CMD_CACHE,
 	};
 	if (c->state != C_READY)
 		return -ENOTCONN;
@@ -391,7 +394,8 @@ static int client_submit(struct xnbd_backend *b, struct xnbd_io *io)
 	xnbd__put16(h + 6, cmd[io->type]);
 	xnbd__put64(h + 8, ((uint64_t)s->gen << 32) | idx);
 	xnbd__put64(h + 16, io->type == XNBD_IO_FLUSH ? 0 : io->offset);
-	xnbd__put32(h + 24, io->type == XNBD_IO_FLUSH ? 0 : (uint32_t)io->length);
+	xnbd__put32(h + 24,
+	            io->type == XNBD_IO_FLUSH ? 0 : (uint32_t)io->length);
 	s->io = io;
 	s->err = 0;
 	s->covered = 0;
@@ -433,7 +437,8 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 	size_t used = 0;
 	while (used < len) {
 		if (c->cur_left) {
-			size_t n = len - used < c->cur_left ? len - used : c->cur_left;
+			size_t n =
+			    len - used < c->cur_left ? len - used : c->cur_left;
 			if (c->cur_dst) {
 				memcpy(c->cur_dst, p + used, n);
 				c->cur_dst += n;
@@ -456,8 +461,10 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 				break;
 			uint32_t err = xnbd__get32(h + 4);
 			struct slot *s = slot_for(c, xnbd__get64(h + 8));
-			if (!s || (c->structured && s->io->type == XNBD_IO_READ)) {
-				die(c, -EPROTO, "reply to a request never sent");
+			if (!s ||
+			    (c->structured && s->io->type == XNBD_IO_READ)) {
+				die(c, -EPROTO,
+				    "reply to a request never sent");
 				return -1;
 			}
 			used += XNBD_SIMPLE_REPLY_SIZE;
@@ -484,7 +491,8 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 		uint32_t plen = xnbd__get32(h + 16);
 		bool last = flags & XNBD_REPLY_FLAG_DONE;
 		if (!s) {
-			die(c, -EPROTO, "structured reply to a request never sent");
+			die(c, -EPROTO,
+			    "structured reply to a request never sent");
 			return -1;
 		}
 		struct xnbd_io *io = s->io;
@@ -502,8 +510,8 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 		case XNBD_REPLY_TYPE_OFFSET_DATA:
 		case XNBD_REPLY_TYPE_OFFSET_HOLE: {
 			bool hole = type == XNBD_REPLY_TYPE_OFFSET_HOLE;
-			if (io->type != XNBD_IO_READ || plen < (hole ? 12U : 9U) ||
-			    (hole && plen != 12)) {
+			if (io->type != XNBD_IO_READ ||
+			    plen < (hole ? 12U : 9U) || (hole && plen != 12)) {
 				die(c, -EPROTO, "bad data chunk");
 				return -1;
 			}
@@ -513,11 +521,14 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 			uint64_t n = hole ? xnbd__get32(pl + 8) : plen - 8;
 			if (off < io->offset || n == 0 || n > io->length ||
 			    off - io->offset > io->length - n) {
-				die(c, -EPROTO, "data chunk outside the request");
+				die(c, -EPROTO,
+				    "data chunk outside the request");
 				return -1;
 			}
-			if (cover(s, off - io->offset, off - io->offset + n) < 0) {
-				die(c, -EPROTO, "data chunks overlap (or are too scattered)");
+			if (cover(s, off - io->offset, off - io->offset + n) <
+			    0) {
+				die(c, -EPROTO,
+				    "data chunks overlap (or are too scattered)");
 				return -1;
 			}
 			s->covered += n;
@@ -546,8 +557,9 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 				goto need_more;
 			uint32_t e = xnbd__get32(pl);
 			s->err = xnbd__nbd_to_errno(e ? e : XNBD_EIO);
+			/* Errors need no coverage. */
 			if (io->type == XNBD_IO_READ)
-				s->covered = io->length; /* errors need no coverage */
+				s->covered = io->length;
 			used += XNBD_STRUCTURED_REPLY_SIZE + plen;
 			if (last)
 				slot_complete(c, s, s->err);
@@ -715,11 +727,13 @@ static ssize_t parse_handshake(struct xnbd_client *c, const uint8_t *p,
 			used += 2;
 			bool fixed = sf & XNBD_FLAG_FIXED_NEWSTYLE;
 			c->no_zeroes = sf & XNBD_FLAG_NO_ZEROES;
-			uint32_t cf = (fixed ? XNBD_FLAG_C_FIXED_NEWSTYLE : 0) |
-			              (c->no_zeroes ? XNBD_FLAG_C_NO_ZEROES : 0);
+			uint32_t cf =
+			    (fixed ? XNBD_FLAG_C_FIXED_NEWSTYLE : 0) |
+			    (c->no_zeroes ? XNBD_FLAG_C_NO_ZEROES : 0);
 			xnbd__put32(c->hs_out, cf);
 			if (fixed) {
-				put_opt(c->hs_out + 4, XNBD_OPT_STRUCTURED_REPLY, 0);
+				put_opt(c->hs_out + 4,
+				        XNBD_OPT_STRUCTURED_REPLY, 0);
 				c->hs = H_SR;
 				r = hs_send(c, 20);
 			} else {
@@ -733,7 +747,8 @@ static ssize_t parse_handshake(struct xnbd_client *c, const uint8_t *p,
 				return (ssize_t)used;
 			uint32_t type = xnbd__get32(h + 12);
 			uint32_t rl = xnbd__get32(h + 16);
-			if (xnbd__get64(h) != XNBD_MAGIC_REP || rl > MAX_OPT_REPLY) {
+			if (xnbd__get64(h) != XNBD_MAGIC_REP ||
+			    rl > MAX_OPT_REPLY) {
 				die(c, -EPROTO, "bad option reply");
 				return -1;
 			}
@@ -747,9 +762,11 @@ static ssize_t parse_handshake(struct xnbd_client *c, const uint8_t *p,
 				break;
 			}
 			if (type == XNBD_REP_INFO) {
-				if (rl >= 2 && xnbd__get16(d) == XNBD_INFO_EXPORT) {
+				if (rl >= 2 &&
+				    xnbd__get16(d) == XNBD_INFO_EXPORT) {
 					if (rl != 12) {
-						die(c, -EPROTO, "bad NBD_INFO_EXPORT");
+						die(c, -EPROTO,
+						    "bad NBD_INFO_EXPORT");
 						return -1;
 					}
 					c->size = xnbd__get64(d + 2);
@@ -765,10 +782,12 @@ static ssize_t parse_handshake(struct xnbd_client *c, const uint8_t *p,
 				r = send_export_name(c, 0);
 				break;
 			}
-			die(c, type == XNBD_REP_ERR_UNKNOWN ? -ENOENT
-			       : (type == XNBD_REP_ERR_POLICY || type == XNBD_REP_ERR_TLS_REQD)
-			           ? -EACCES
-			           : -EPROTO,
+			die(c,
+			    type == XNBD_REP_ERR_UNKNOWN ? -ENOENT
+			    : (type == XNBD_REP_ERR_POLICY ||
+			       type == XNBD_REP_ERR_TLS_REQD)
+			        ? -EACCES
+			        : -EPROTO,
 			    "the server refused the export");
 			return -1;
 		}
@@ -796,7 +815,8 @@ static ssize_t parse_handshake(struct xnbd_client *c, const uint8_t *p,
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
 	struct xnbd_client *c = h->data;
-	*buf = uv_buf_init((char *)c->rbuf + c->rlen, (unsigned)(RBUF - c->rlen));
+	*buf =
+	    uv_buf_init((char *)c->rbuf + c->rlen, (unsigned)(RBUF - c->rlen));
 }
 
 static void read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
@@ -806,15 +826,17 @@ static void read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 		return;
 	if (nread < 0) {
 		die(c, nread == UV_EOF ? -ECONNRESET : (int)nread,
-		    nread == UV_EOF ? "closed by the server" : uv_strerror((int)nread));
+		    nread == UV_EOF ? "closed by the server"
+		                    : uv_strerror((int)nread));
 		return;
 	}
 	c->rlen += (size_t)nread;
 	size_t pos = 0;
 	while (pos < c->rlen && c->state != C_DEAD) {
-		ssize_t u = c->state == C_HANDSHAKE
-		                ? parse_handshake(c, c->rbuf + pos, c->rlen - pos)
-		                : parse_replies(c, c->rbuf + pos, c->rlen - pos);
+		ssize_t u =
+		    c->state == C_HANDSHAKE
+		        ? parse_handshake(c, c->rbuf + pos, c->rlen - pos)
+		        : parse_replies(c, c->rbuf + pos, c->rlen - pos);
 		if (u < 0)
 			return;
 		if (u == 0)
@@ -913,7 +935,8 @@ int xnbd_client_connect(struct xnbd_client *c, const char *host,
 	struct addrinfo hints = {0};
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
-	int r = uv_getaddrinfo(c->loop, &c->gai, on_resolved, host, port, &hints);
+	int r =
+	    uv_getaddrinfo(c->loop, &c->gai, on_resolved, host, port, &hints);
 	if (r < 0)
 		return r;
 	c->state = C_RESOLVING;
@@ -928,9 +951,9 @@ static void client_backend_free(struct xnbd_backend *b)
 }
 
 static const struct xnbd__backend_ops client_ops = {
-	.name = "nbd-client",
-	.submit = client_submit,
-	.free = client_backend_free,
+    .name = "nbd-client",
+    .submit = client_submit,
+    .free = client_backend_free,
 };
 
 int xnbd_client_new(uv_loop_t *loop, struct xnbd_client **out)
@@ -1024,8 +1047,8 @@ void xnbd_client_free(struct xnbd_client *c)
 	if (c->state == C_READY) {
 		/* A soft disconnect; if the socket does not take it at once, the
 		 * server sees the connection close instead. */
-		static const uint8_t disc[XNBD_REQUEST_SIZE] = {0x25, 0x60, 0x95, 0x13,
-		                                                0,    0,    0,    2};
+		static const uint8_t disc[XNBD_REQUEST_SIZE] = {
+		    0x25, 0x60, 0x95, 0x13, 0, 0, 0, 2};
 		uv_buf_t b = uv_buf_init((char *)disc, sizeof(disc));
 		uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
 	}

@@ -82,7 +82,7 @@ struct xnbd_control_req {
 };
 
 struct conn {
-	struct xnbd_list link; /* ctl->conns */
+	struct xnbd_list link;       /* ctl->conns */
 	struct xnbd_list ready_link; /* ctl->ready when `queued` */
 	bool queued;
 	struct xnbd_control *ctl;
@@ -90,11 +90,11 @@ struct conn {
 	uv_write_t wreq;
 	bool reading;
 	bool writing;
-	bool eof;         /* the client shut its sending side */
-	bool ending;      /* close once the output is written */
-	bool closing;     /* uv_close called: nothing more is sent */
+	bool eof;     /* the client shut its sending side */
+	bool ending;  /* close once the output is written */
+	bool closing; /* uv_close called: nothing more is sent */
 	bool handle_closed;
-	bool dispatching; /* inside conn_process: do not recurse */
+	bool dispatching;     /* inside conn_process: do not recurse */
 	struct xnbd__buf out; /* lines not yet handed to libuv */
 	struct xnbd__buf wr;  /* the lines of the write in flight */
 	struct xnbd_control_req req;
@@ -212,7 +212,7 @@ int xnbd_control_add(struct xnbd_control *ctl, const char *command,
 	size_t i = cmd_pos(ctl, command);
 	memmove(&ctl->cmds[i + 1], &ctl->cmds[i],
 	        (ctl->ncmds - i) * sizeof(ctl->cmds[0]));
-	ctl->cmds[i] = (struct command){ name, fn, user_data };
+	ctl->cmds[i] = (struct command){name, fn, user_data};
 	ctl->ncmds++;
 	return 0;
 }
@@ -312,18 +312,19 @@ static void conn_error(struct conn *c, int status, const char *message)
 	if (!message)
 		message = strerror(-status);
 	char msg[XNBD_CONTROL_MAX_LINE];
-	size_t room = XNBD_CONTROL_MAX_LINE - strlen("error  \n") - strlen(name);
+	size_t room =
+	    XNBD_CONTROL_MAX_LINE - strlen("error  \n") - strlen(name);
 	size_t n = xnbd__ctl_fit(message, room);
 	memcpy(msg, message, n);
 	msg[n] = '\0';
-	const char *w[] = { "error", name, msg };
+	const char *w[] = {"error", name, msg};
 	conn_line(c, w, 3);
 }
 
 /* ---- requests ------------------------------------------------------------------------ */
 
-void xnbd_control_on_gone(struct xnbd_control_req *req,
-                          xnbd_control_gone_cb cb, void *user_data)
+void xnbd_control_on_gone(struct xnbd_control_req *req, xnbd_control_gone_cb cb,
+                          void *user_data)
 {
 	req->gone = cb;
 	req->gone_ud = user_data;
@@ -334,8 +335,8 @@ static bool key_ok(const char *key)
 	size_t n = 0;
 	for (; key[n]; n++) {
 		char k = key[n];
-		if (!((k >= 'a' && k <= 'z') || (k >= '0' && k <= '9') || k == '_' ||
-		      k == '-' || k == '.'))
+		if (!((k >= 'a' && k <= 'z') || (k >= '0' && k <= '9') ||
+		      k == '_' || k == '-' || k == '.'))
 			return false;
 	}
 	return n > 0 && n <= MAX_KEY;
@@ -348,7 +349,7 @@ int xnbd_control_info(struct xnbd_control_req *req, const char *key,
 		return -EINVAL;
 	if (req->c->closing)
 		return -EPIPE;
-	const char *w[] = { "info", key, value };
+	const char *w[] = {"info", key, value};
 	return conn_line(req->c, w, 3);
 }
 
@@ -363,7 +364,7 @@ int xnbd_control_progress(struct xnbd_control_req *req, uint64_t done,
 	char d[24], t[24];
 	snprintf(d, sizeof(d), "%llu", (unsigned long long)done);
 	snprintf(t, sizeof(t), "%llu", (unsigned long long)total);
-	const char *w[] = { "progress", d, t };
+	const char *w[] = {"progress", d, t};
 	return conn_line(c, w, 3);
 }
 
@@ -377,7 +378,8 @@ static void kick_cb(uv_idle_t *h)
 	xnbd_list_init(&now);
 	xnbd_list_splice(&now, &ctl->ready);
 	while (!xnbd_list_empty(&now)) {
-		struct conn *c = xnbd_container_of(now.next, struct conn, ready_link);
+		struct conn *c =
+		    xnbd_container_of(now.next, struct conn, ready_link);
 		xnbd_list_remove(&c->ready_link);
 		c->queued = false;
 		conn_process(c);
@@ -410,7 +412,7 @@ void xnbd_control_finish(struct xnbd_control_req *req, int status,
 		return; /* finished twice: the first one counts */
 	if (!c->closing) {
 		if (status == 0) {
-			const char *w[] = { "ok" };
+			const char *w[] = {"ok"};
 			conn_line(c, w, 1);
 		} else {
 			conn_error(c, status > 0 ? -status : status, message);
@@ -469,8 +471,8 @@ static void dispatch(struct conn *c, size_t len)
 	const struct command *cmd = cmd_find(ctl, c->argv[0]);
 	if (!cmd) {
 		char msg[128];
-		snprintf(msg, sizeof(msg), "unknown command: %.*s", (int)MAX_COMMAND,
-		         c->argv[0]);
+		snprintf(msg, sizeof(msg), "unknown command: %.*s",
+		         (int)MAX_COMMAND, c->argv[0]);
 		xnbd_control_finish(req, -ENOSYS, msg);
 		return;
 	}
@@ -493,7 +495,7 @@ static bool peer_hung_up(struct conn *c)
 	uv_os_fd_t fd;
 	if (uv_fileno((uv_handle_t *)&c->pipe, &fd) < 0)
 		return true;
-	struct pollfd p = { .fd = fd, .events = POLLOUT };
+	struct pollfd p = {.fd = fd, .events = POLLOUT};
 	if (poll(&p, 1, 0) < 0)
 		return true;
 	return (p.revents & (POLLHUP | POLLERR)) != 0;
@@ -526,8 +528,8 @@ static void read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 /* Read while there is room and the client may still send. */
 static void conn_update_reading(struct conn *c)
 {
-	bool want = !c->eof && !c->ending && !c->closing &&
-	            c->rlen < sizeof(c->rbuf);
+	bool want =
+	    !c->eof && !c->ending && !c->closing && c->rlen < sizeof(c->rbuf);
 	if (want == c->reading)
 		return;
 	int r = want ? uv_read_start((uv_stream_t *)&c->pipe, alloc_cb, read_cb)
@@ -553,12 +555,15 @@ static void conn_process(struct conn *c)
 		if (!nl) {
 			if (c->rlen == sizeof(c->rbuf)) {
 				/* No way to find the next request reliably. */
-				conn_error(c, -EINVAL, "line longer than 8192 bytes");
-				ctl_log(c->ctl, XNBD_LOG_WARNING,
-				        "control: line too long, closing the connection");
+				conn_error(c, -EINVAL,
+				           "line longer than 8192 bytes");
+				ctl_log(
+				    c->ctl, XNBD_LOG_WARNING,
+				    "control: line too long, closing the connection");
 				c->ending = true;
 			} else if (c->eof) {
-				c->ending = true; /* a last line without newline is dropped */
+				/* a last line without newline is dropped */
+				c->ending = true;
 			}
 			break;
 		}
@@ -595,7 +600,8 @@ static void conn_maybe_free(struct conn *c)
 static void conn_close_cb(uv_handle_t *h)
 {
 	struct conn *c = h->data;
-	c->writing = false; /* libuv has called write_cb, cancelled if need be */
+	/* libuv has called write_cb, cancelled if need be */
+	c->writing = false;
 	/* handle_closed is set after the gone callback: a finish inside it
 	 * must not free the connection under our feet. */
 	if (c->req.active && c->req.gone) {
@@ -641,13 +647,14 @@ static void on_connection(uv_stream_t *server, int status)
 	c->wreq.data = c;
 	int r = uv_accept(server, (uv_stream_t *)&c->pipe);
 	if (r < 0) {
-		ctl_log(ctl, XNBD_LOG_WARNING, "control: accept: %s", uv_strerror(r));
+		ctl_log(ctl, XNBD_LOG_WARNING, "control: accept: %s",
+		        uv_strerror(r));
 		conn_close(c);
 		return;
 	}
 	char v[16];
 	snprintf(v, sizeof(v), "%d", XNBD_CONTROL_VERSION);
-	const char *w[] = { "xnbd-control", v, ctl->program };
+	const char *w[] = {"xnbd-control", v, ctl->program};
 	if (conn_line(c, w, 3) < 0)
 		return;
 	conn_update_reading(c);
@@ -767,7 +774,8 @@ int xnbd_control_listen(struct xnbd_control *ctl, const char *path)
 	if (r < 0) {
 		close(fd); /* not the handle's yet */
 	} else {
-		r = uv_listen((uv_stream_t *)&ctl->listener, BACKLOG, on_connection);
+		r = uv_listen((uv_stream_t *)&ctl->listener, BACKLOG,
+		              on_connection);
 	}
 	if (r < 0) {
 		remove_socket_file(ctl);
@@ -788,7 +796,8 @@ static void kick_close_cb(uv_handle_t *h)
 
 static void ctl_maybe_free(struct xnbd_control *ctl)
 {
-	if (!ctl->freeing || ctl->listener_open || !xnbd_list_empty(&ctl->conns))
+	if (!ctl->freeing || ctl->listener_open ||
+	    !xnbd_list_empty(&ctl->conns))
 		return;
 	if (ctl->kick_open) {
 		if (!uv_is_closing((uv_handle_t *)&ctl->kick))
@@ -812,6 +821,6 @@ void xnbd_control_free(struct xnbd_control *ctl)
 	if (ctl->listener_open && !uv_is_closing((uv_handle_t *)&ctl->listener))
 		uv_close((uv_handle_t *)&ctl->listener, listener_close_cb);
 	xnbd_list_for_each(it, &ctl->conns)
-		conn_close(xnbd_container_of(it, struct conn, link));
+	    conn_close(xnbd_container_of(it, struct conn, link));
 	ctl_maybe_free(ctl);
 }

@@ -65,8 +65,9 @@ static int read_line(struct xnbd_ctl *c, const char *prefix)
 			if (r == 0)
 				return -ECONNRESET;
 			if (r < 0)
-				return errno == EAGAIN || errno == EWOULDBLOCK ? -ETIMEDOUT
-				                                                : -errno;
+				return errno == EAGAIN || errno == EWOULDBLOCK
+				           ? -ETIMEDOUT
+				           : -errno;
 			c->rpos = 0;
 			c->rlen = (size_t)r;
 		}
@@ -106,9 +107,10 @@ static int send_all(int fd, const char *p, size_t len)
 
 static int set_rcvtimeo(int fd, int seconds)
 {
-	struct timeval tv = { .tv_sec = seconds };
-	return setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) < 0 ? -errno
-	                                                                    : 0;
+	struct timeval tv = {.tv_sec = seconds};
+	return setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) < 0
+	           ? -errno
+	           : 0;
 }
 
 /* Check the greeting in c->line: `xnbd-control VERSION PROGRAM`, with
@@ -140,7 +142,7 @@ static int parse_greeting(struct xnbd_ctl *c, size_t len)
 
 int xnbd_ctl_open(const char *path, struct xnbd_ctl **out)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	size_t plen = path ? strlen(path) : 0;
 	if (plen == 0)
 		return -EINVAL;
@@ -216,8 +218,7 @@ static bool parse_u64(const char *s, uint64_t *v)
 
 /* Encode the request into c->line with its newline; returns the length,
  * -EINVAL or -E2BIG or -EMSGSIZE. */
-static int encode_request(struct xnbd_ctl *c, int argc,
-                          const char *const *argv)
+static int encode_request(struct xnbd_ctl *c, int argc, const char *const *argv)
 {
 	if (argc < 1 || !argv)
 		return -EINVAL;
@@ -244,7 +245,7 @@ static int encode_request(struct xnbd_ctl *c, int argc,
 }
 
 /* The line kinds of version 1, in the order read_reply's switch uses. */
-static const char *const kinds[] = { "info", "progress", "ok", "error" };
+static const char *const kinds[] = {"info", "progress", "ok", "error"};
 
 /* Read reply lines up to the final one; *in_step tells whether it was
  * read (the stream is then ready for the next request). */
@@ -271,7 +272,7 @@ static int read_reply(struct xnbd_ctl *c, xnbd_ctl_line_cb cb, void *ud,
 		if (argc < 0)
 			return -EPROTO;
 		char **av = c->argv;
-		struct xnbd_ctl_line l = { .kind = kinds[kind] };
+		struct xnbd_ctl_line l = {.kind = kinds[kind]};
 		switch (kind) {
 		case 0: /* info KEY VALUE */
 			if (argc < 3)

@@ -107,24 +107,37 @@ int xnbd__ctl_split(char *line, size_t len, char **argv, int max)
 /* Errors by name.  Where two names share a value on Linux (EAGAIN and
  * EWOULDBLOCK, ENOTSUP and EOPNOTSUPP) the first one is sent and both are
  * understood. */
-#define E(x) { #x, x }
+#define E(x) \
+	{ \
+#x, x \
+	}
 static const struct {
 	const char *name;
 	int value;
 } errnames[] = {
-	E(EPERM), E(ENOENT), E(ESRCH), E(EINTR), E(EIO), E(ENXIO), E(E2BIG),
-	E(EBADF), E(EAGAIN), E(EWOULDBLOCK), E(ENOMEM), E(EACCES), E(EBUSY),
-	E(EEXIST), E(EXDEV), E(ENODEV), E(ENOTDIR), E(EISDIR), E(EINVAL),
-	E(EMFILE), E(ENFILE), E(ETXTBSY), E(EFBIG), E(ENOSPC), E(ESPIPE),
-	E(EROFS), E(EPIPE), E(EDOM), E(ERANGE), E(EDEADLK), E(ENAMETOOLONG),
-	E(ENOLCK), E(ENOSYS), E(ENOTEMPTY), E(ELOOP), E(ENODATA), E(ETIME),
-	E(EPROTO), E(EBADMSG), E(EOVERFLOW), E(EILSEQ), E(ENOTSOCK),
-	E(EDESTADDRREQ), E(EMSGSIZE), E(EPROTONOSUPPORT), E(ENOTSUP),
-	E(EOPNOTSUPP), E(EAFNOSUPPORT), E(EADDRINUSE), E(EADDRNOTAVAIL),
-	E(ENETDOWN), E(ENETUNREACH), E(ECONNABORTED), E(ECONNRESET),
-	E(ENOBUFS), E(EISCONN), E(ENOTCONN), E(ESHUTDOWN), E(ETIMEDOUT),
-	E(ECONNREFUSED), E(EHOSTDOWN), E(EHOSTUNREACH), E(EALREADY),
-	E(EINPROGRESS), E(ESTALE), E(EDQUOT), E(ECANCELED), E(ENOMEDIUM),
+    E(EPERM),        E(ENOENT),        E(ESRCH),
+    E(EINTR),        E(EIO),           E(ENXIO),
+    E(E2BIG),        E(EBADF),         E(EAGAIN),
+    E(EWOULDBLOCK),  E(ENOMEM),        E(EACCES),
+    E(EBUSY),        E(EEXIST),        E(EXDEV),
+    E(ENODEV),       E(ENOTDIR),       E(EISDIR),
+    E(EINVAL),       E(EMFILE),        E(ENFILE),
+    E(ETXTBSY),      E(EFBIG),         E(ENOSPC),
+    E(ESPIPE),       E(EROFS),         E(EPIPE),
+    E(EDOM),         E(ERANGE),        E(EDEADLK),
+    E(ENAMETOOLONG), E(ENOLCK),        E(ENOSYS),
+    E(ENOTEMPTY),    E(ELOOP),         E(ENODATA),
+    E(ETIME),        E(EPROTO),        E(EBADMSG),
+    E(EOVERFLOW),    E(EILSEQ),        E(ENOTSOCK),
+    E(EDESTADDRREQ), E(EMSGSIZE),      E(EPROTONOSUPPORT),
+    E(ENOTSUP),      E(EOPNOTSUPP),    E(EAFNOSUPPORT),
+    E(EADDRINUSE),   E(EADDRNOTAVAIL), E(ENETDOWN),
+    E(ENETUNREACH),  E(ECONNABORTED),  E(ECONNRESET),
+    E(ENOBUFS),      E(EISCONN),       E(ENOTCONN),
+    E(ESHUTDOWN),    E(ETIMEDOUT),     E(ECONNREFUSED),
+    E(EHOSTDOWN),    E(EHOSTUNREACH),  E(EALREADY),
+    E(EINPROGRESS),  E(ESTALE),        E(EDQUOT),
+    E(ECANCELED),    E(ENOMEDIUM),
 };
 #undef E
 

@@ -63,7 +63,6 @@ void xnbd__buf_append(struct xnbd__buf *b, const void *p, size_t n)
 		memcpy(d, p, n);
 }
 
-
 /* ---- replies ------------------------------------------------------------ */
 
 static void opt_reply(struct xnbd__hs *hs, uint32_t type, const void *data,
@@ -105,13 +104,13 @@ static void send_block_size(struct xnbd__hs *hs,
 	opt_reply(hs, XNBD_REP_INFO, b, sizeof(b));
 }
 
-static void send_info_string(struct xnbd__hs *hs, uint16_t type,
-                             const char *s)
+static void send_info_string(struct xnbd__hs *hs, uint16_t type, const char *s)
 {
 	size_t n = strlen(s);
 	if (n > XNBD_MAX_STRING)
 		n = XNBD_MAX_STRING;
-	uint8_t *p = xnbd__buf_push(&hs->out, XNBD_OPTION_REPLY_HEADER_SIZE + 2 + n);
+	uint8_t *p =
+	    xnbd__buf_push(&hs->out, XNBD_OPTION_REPLY_HEADER_SIZE + 2 + n);
 	if (!p)
 		return;
 	xnbd__put64(p, XNBD_MAGIC_REP);
@@ -157,10 +156,11 @@ static void opt_export_name(struct xnbd__hs *hs)
 		hs->state = XNBD__HS_CLOSE;
 		return;
 	}
-	const struct xnbd__hs_export *e =
-	    hs->catalog->find(hs->catalog->ud, (const char *)hs->data, hs->opt_len);
+	const struct xnbd__hs_export *e = hs->catalog->find(
+	    hs->catalog->ud, (const char *)hs->data, hs->opt_len);
 	if (!e) {
-		hs->close_reason = "unknown export requested by NBD_OPT_EXPORT_NAME";
+		hs->close_reason =
+		    "unknown export requested by NBD_OPT_EXPORT_NAME";
 		hs->state = XNBD__HS_CLOSE;
 		return;
 	}
@@ -178,16 +178,18 @@ static void opt_export_name(struct xnbd__hs *hs)
 static void opt_list(struct xnbd__hs *hs)
 {
 	if (hs->opt_len != 0) {
-		opt_error(hs, XNBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+		opt_error(hs, XNBD_REP_ERR_INVALID,
+		          "NBD_OPT_LIST takes no data");
 		return;
 	}
 	size_t n = hs->catalog->count(hs->catalog->ud);
 	for (size_t i = 0; i < n; i++) {
-		const struct xnbd__hs_export *e = hs->catalog->get(hs->catalog->ud, i);
+		const struct xnbd__hs_export *e =
+		    hs->catalog->get(hs->catalog->ud, i);
 		size_t nl = strlen(e->name);
 		size_t dl = e->description ? strlen(e->description) : 0;
-		uint8_t *p = xnbd__buf_push(&hs->out,
-		                            XNBD_OPTION_REPLY_HEADER_SIZE + 4 + nl + dl);
+		uint8_t *p = xnbd__buf_push(
+		    &hs->out, XNBD_OPTION_REPLY_HEADER_SIZE + 4 + nl + dl);
 		if (!p)
 			return;
 		xnbd__put64(p, XNBD_MAGIC_REP);
@@ -212,13 +214,15 @@ static void opt_info_go(struct xnbd__hs *hs)
 	}
 	uint32_t nl = xnbd__get32(d);
 	if (nl > len - 6) {
-		opt_error(hs, XNBD_REP_ERR_INVALID, "export name length exceeds option");
+		opt_error(hs, XNBD_REP_ERR_INVALID,
+		          "export name length exceeds option");
 		return;
 	}
 	uint16_t nreq = xnbd__get16(d + 4 + nl);
 	if ((uint64_t)4 + nl + 2 + 2ULL * nreq != len) {
-		opt_error(hs, XNBD_REP_ERR_INVALID,
-		          "information request count does not match option length");
+		opt_error(
+		    hs, XNBD_REP_ERR_INVALID,
+		    "information request count does not match option length");
 		return;
 	}
 	if (!valid_string(d + 4, nl)) {
@@ -254,8 +258,8 @@ static void opt_info_go(struct xnbd__hs *hs)
 }
 
 static const char *const ctx_names[XNBD__CTX_COUNT] = {
-	"base:allocation",
-	"x-xnbd:cache", /* namespaces are base, nbd-server, x-* or registered */
+    "base:allocation",
+    "x-xnbd:cache", /* namespaces are base, nbd-server, x-* or registered */
 };
 
 /* Contexts of `avail` matched by one query; -1 if the query is malformed.
@@ -283,7 +287,8 @@ static int match_query(const uint8_t *q, uint32_t n, uint32_t avail, bool set)
 static void send_context(struct xnbd__hs *hs, int i, uint32_t id)
 {
 	size_t n = strlen(ctx_names[i]);
-	uint8_t *p = xnbd__buf_push(&hs->out, XNBD_OPTION_REPLY_HEADER_SIZE + 4 + n);
+	uint8_t *p =
+	    xnbd__buf_push(&hs->out, XNBD_OPTION_REPLY_HEADER_SIZE + 4 + n);
 	if (!p)
 		return;
 	xnbd__put64(p, XNBD_MAGIC_REP);
@@ -312,7 +317,8 @@ static void opt_meta_context(struct xnbd__hs *hs)
 	}
 	uint32_t nl = xnbd__get32(d);
 	if (nl > len - 8) {
-		opt_error(hs, XNBD_REP_ERR_INVALID, "export name length exceeds option");
+		opt_error(hs, XNBD_REP_ERR_INVALID,
+		          "export name length exceeds option");
 		return;
 	}
 	uint32_t nq = xnbd__get32(d + 4 + nl);
@@ -325,13 +331,15 @@ static void opt_meta_context(struct xnbd__hs *hs)
 		}
 		uint32_t ql = xnbd__get32(d + off);
 		if (ql > len - off - 4) {
-			opt_error(hs, XNBD_REP_ERR_INVALID, "query length exceeds option");
+			opt_error(hs, XNBD_REP_ERR_INVALID,
+			          "query length exceeds option");
 			return;
 		}
 		off += 4 + ql;
 	}
 	if (off != len) {
-		opt_error(hs, XNBD_REP_ERR_INVALID, "trailing bytes after queries");
+		opt_error(hs, XNBD_REP_ERR_INVALID,
+		          "trailing bytes after queries");
 		return;
 	}
 	if (!hs->structured) {
@@ -358,7 +366,8 @@ static void opt_meta_context(struct xnbd__hs *hs)
 			uint32_t ql = xnbd__get32(d + off);
 			int m = match_query(d + off + 4, ql, e->contexts, set);
 			if (m < 0) {
-				opt_error(hs, XNBD_REP_ERR_INVALID, "malformed query");
+				opt_error(hs, XNBD_REP_ERR_INVALID,
+				          "malformed query");
 				return;
 			}
 			mask |= (uint32_t)m;
@@ -382,7 +391,8 @@ static void process_option(struct xnbd__hs *hs)
 			hs->close_reason = "server shutting down";
 			hs->state = XNBD__HS_CLOSE;
 		} else {
-			opt_error(hs, XNBD_REP_ERR_SHUTDOWN, "server shutting down");
+			opt_error(hs, XNBD_REP_ERR_SHUTDOWN,
+			          "server shutting down");
 		}
 		return;
 	}
@@ -401,9 +411,11 @@ static void process_option(struct xnbd__hs *hs)
 		break;
 	case XNBD_OPT_STARTTLS:
 		if (hs->opt_len != 0)
-			opt_error(hs, XNBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+			opt_error(hs, XNBD_REP_ERR_INVALID,
+			          "NBD_OPT_STARTTLS takes no data");
 		else
-			opt_error(hs, XNBD_REP_ERR_POLICY, "TLS is not offered by this server");
+			opt_error(hs, XNBD_REP_ERR_POLICY,
+			          "TLS is not offered by this server");
 		break;
 	case XNBD_OPT_INFO:
 	case XNBD_OPT_GO:
@@ -456,7 +468,8 @@ void xnbd__hs_init(struct xnbd__hs *hs, const struct xnbd__hs_catalog *cat,
 			xnbd__put64(p, XNBD_MAGIC_INIT);
 			xnbd__put64(p + 8, XNBD_MAGIC_OLDSTYLE);
 			xnbd__put64(p + 16, e->size);
-			xnbd__put32(p + 24, (uint32_t)(e->tflags | XNBD_FLAG_HAS_FLAGS));
+			xnbd__put32(p + 24, (uint32_t)(e->tflags |
+			                               XNBD_FLAG_HAS_FLAGS));
 		}
 		xnbd__buf_append(&hs->out, zeroes, sizeof(zeroes));
 		hs->ctx_export = NULL;
@@ -467,7 +480,8 @@ void xnbd__hs_init(struct xnbd__hs *hs, const struct xnbd__hs_catalog *cat,
 	if (p) {
 		xnbd__put64(p, XNBD_MAGIC_INIT);
 		xnbd__put64(p + 8, XNBD_MAGIC_OPTS);
-		xnbd__put16(p + 16, XNBD_FLAG_FIXED_NEWSTYLE | XNBD_FLAG_NO_ZEROES);
+		xnbd__put16(p + 16,
+		            XNBD_FLAG_FIXED_NEWSTYLE | XNBD_FLAG_NO_ZEROES);
 	}
 	hs->state = XNBD__HS_CLIENT_FLAGS;
 }
@@ -506,12 +520,14 @@ size_t xnbd__hs_input(struct xnbd__hs *hs, const uint8_t *p, size_t len)
 	while (used < len) {
 		switch (hs->state) {
 		case XNBD__HS_CLIENT_FLAGS: {
-			used += gather(hs->hdr, &hs->hdr_have, 4, p + used, len - used);
+			used += gather(hs->hdr, &hs->hdr_have, 4, p + used,
+			               len - used);
 			if (hs->hdr_have < 4)
 				break;
 			uint32_t f = xnbd__get32(hs->hdr);
 			hs->hdr_have = 0;
-			if (f & ~(XNBD_FLAG_C_FIXED_NEWSTYLE | XNBD_FLAG_C_NO_ZEROES)) {
+			if (f & ~(XNBD_FLAG_C_FIXED_NEWSTYLE |
+			          XNBD_FLAG_C_NO_ZEROES)) {
 				hs->close_reason = "unknown client flags";
 				hs->state = XNBD__HS_CLOSE;
 				return used;
@@ -522,8 +538,9 @@ size_t xnbd__hs_input(struct xnbd__hs *hs, const uint8_t *p, size_t len)
 			break;
 		}
 		case XNBD__HS_OPT_HEADER:
-			used += gather(hs->hdr, &hs->hdr_have, XNBD_OPTION_HEADER_SIZE,
-			               p + used, len - used);
+			used += gather(hs->hdr, &hs->hdr_have,
+			               XNBD_OPTION_HEADER_SIZE, p + used,
+			               len - used);
 			if (hs->hdr_have < XNBD_OPTION_HEADER_SIZE)
 				break;
 			hs->hdr_have = 0;
@@ -537,7 +554,8 @@ size_t xnbd__hs_input(struct xnbd__hs *hs, const uint8_t *p, size_t len)
 			hs->opt_have = 0;
 			if (hs->opt_len > XNBD__HS_MAX_OPTION) {
 				if (hs->opt == XNBD_OPT_EXPORT_NAME) {
-					hs->close_reason = "export name too long";
+					hs->close_reason =
+					    "export name too long";
 					hs->state = XNBD__HS_CLOSE;
 					return used;
 				}
@@ -557,14 +575,15 @@ size_t xnbd__hs_input(struct xnbd__hs *hs, const uint8_t *p, size_t len)
 				goto process;
 			break;
 		case XNBD__HS_OPT_DATA:
-			used += gather(hs->data, &hs->opt_have, hs->opt_len, p + used,
-			               len - used);
+			used += gather(hs->data, &hs->opt_have, hs->opt_len,
+			               p + used, len - used);
 			if (hs->opt_have < hs->opt_len)
 				break;
 		process:
 			hs->state = XNBD__HS_OPT_HEADER;
 			process_option(hs);
-			if (hs->state == XNBD__HS_DONE || hs->state == XNBD__HS_CLOSE)
+			if (hs->state == XNBD__HS_DONE ||
+			    hs->state == XNBD__HS_CLOSE)
 				return used;
 			break;
 		case XNBD__HS_OPT_SKIP: {
@@ -580,7 +599,8 @@ size_t xnbd__hs_input(struct xnbd__hs *hs, const uint8_t *p, size_t len)
 					process_option(hs);
 					return used;
 				}
-				opt_error(hs, XNBD_REP_ERR_TOO_BIG, "option data too long");
+				opt_error(hs, XNBD_REP_ERR_TOO_BIG,
+				          "option data too long");
 			}
 			break;
 		}

@@ -41,8 +41,14 @@ static struct {
 	struct xnbd_io *head, *tail;
 	unsigned queued, threads, idle;
 	struct xnbd__chan *chans; /* every open channel, for fork() */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL,
-          0, 0, 0, NULL};
+} pool = {PTHREAD_MUTEX_INITIALIZER,
+          PTHREAD_COND_INITIALIZER,
+          NULL,
+          NULL,
+          0,
+          0,
+          0,
+          NULL};
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
@@ -306,7 +312,8 @@ static void chan_closed_cb(uv_handle_t *h)
 		/* I/O under way could never complete.  The same descriptor was
 		 * watched a moment ago: only a full epoll (max_user_watches)
 		 * gets here. */
-		fprintf(stderr, "libxnbd: cannot watch the I/O channel again: %s\n",
+		fprintf(stderr,
+		        "libxnbd: cannot watch the I/O channel again: %s\n",
 		        uv_strerror(r));
 		abort();
 	}
@@ -318,8 +325,8 @@ int xnbd__chan_init(struct xnbd__chan *c, uv_loop_t *loop,
                     void (*work)(struct xnbd_io *io),
                     void (*complete)(struct xnbd_io *io))
 {
-	*c = (struct xnbd__chan){.loop = loop, .work = work,
-	                         .complete = complete};
+	*c = (struct xnbd__chan){
+	    .loop = loop, .work = work, .complete = complete};
 	c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (c->efd < 0)
 		return -errno;

@@ -40,10 +40,11 @@ struct xnbd__chan {
 	int efd;
 	uv_mutex_t mu;
 	/* Under mu: */
-	bool signalled;                    /* efd written since the last drain */
+	/* efd written since the last drain */
+	bool signalled;
 	struct xnbd_io *done, *done_tail; /* worked, to complete */
 	struct xnbd_io *lane, *lane_tail; /* serial I/O queued */
-	bool lane_running;                 /* the runner is queued or running */
+	bool lane_running;                /* the runner is queued or running */
 	/* Loop thread only: */
 	size_t outstanding; /* submitted, not yet completed */
 	bool poll_open, poll_closing;

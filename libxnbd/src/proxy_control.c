@@ -51,7 +51,8 @@ static void cmd_query(struct xnbd_control_req *r, int argc, char **argv,
 		xnbd_control_finish(r, -EINVAL, "query takes no arguments");
 		return;
 	}
-	uint64_t blocks = xnbd_proxy_blocks(p), cached = xnbd_proxy_cached_blocks(p);
+	uint64_t blocks = xnbd_proxy_blocks(p),
+	         cached = xnbd_proxy_cached_blocks(p);
 	xnbd_control_info(r, "mode", "proxy");
 	xnbd_control_info(r, "state", state_name(xnbd_proxy_state(p)));
 	xnbd_control_info(r, "cache", xnbd_proxy_cache_path(p));
@@ -90,8 +91,8 @@ struct fill {
 	struct xnbd_proxy_job *job;
 };
 
-static void fill_progress(struct xnbd_proxy *p, uint64_t cached,
-                          uint64_t total, void *ud)
+static void fill_progress(struct xnbd_proxy *p, uint64_t cached, uint64_t total,
+                          void *ud)
 {
 	struct fill *f = ud;
 	(void)p;
@@ -109,7 +110,8 @@ static void fill_done(struct xnbd_proxy *p, int status, void *ud)
 	else if (status == -ECANCELED)
 		m = "the fill was stopped";
 	else if (status) {
-		snprintf(msg, sizeof(msg), "fetching from the upstream failed: %s",
+		snprintf(msg, sizeof(msg),
+		         "fetching from the upstream failed: %s",
 		         strerror(-status));
 		m = msg;
 	}
@@ -183,16 +185,18 @@ static void cmd_switch(struct xnbd_control_req *r, int argc, char **argv,
 		char msg[200];
 		uint64_t missing =
 		    xnbd_proxy_blocks(c->p) - xnbd_proxy_cached_blocks(c->p);
-		snprintf(msg, sizeof(msg),
-		         "%" PRIu64 " blocks are not cached yet: fill the cache first "
-		         "(cache-all), or force the switch and they read as zeroes",
-		         missing);
+		snprintf(
+		    msg, sizeof(msg),
+		    "%" PRIu64
+		    " blocks are not cached yet: fill the cache first "
+		    "(cache-all), or force the switch and they read as zeroes",
+		    missing);
 		xnbd_control_finish(r, st, msg);
 		return;
 	}
-	xnbd_control_finish(r, st,
-	                    st == -EALREADY ? "the proxy is in target mode already"
-	                                    : NULL);
+	xnbd_control_finish(
+	    r, st,
+	    st == -EALREADY ? "the proxy is in target mode already" : NULL);
 }
 
 /* ---- reconnect ------------------------------------------------------------ */
@@ -207,7 +211,8 @@ static void reconnected(struct xnbd_proxy *p, int status, void *ud)
 	} else if (status == -EALREADY) {
 		m = "the proxy switched to target mode meanwhile";
 	} else if (status) {
-		snprintf(msg, sizeof(msg), "cannot connect: %s", strerror(-status));
+		snprintf(msg, sizeof(msg), "cannot connect: %s",
+		         strerror(-status));
 		m = msg;
 	}
 	(void)p;
@@ -219,36 +224,35 @@ static void cmd_reconnect(struct xnbd_control_req *r, int argc, char **argv,
 {
 	struct pctl *c = ud;
 	if (argc != 3 && argc != 4) {
-		xnbd_control_finish(r, -EINVAL, "usage: reconnect HOST PORT [EXPORT]");
+		xnbd_control_finish(r, -EINVAL,
+		                    "usage: reconnect HOST PORT [EXPORT]");
 		return;
 	}
 	int st = xnbd_proxy_reconnect(c->p, argv[1], argv[2],
 	                              argc == 4 ? argv[3] : "", reconnected, r);
 	if (st < 0)
-		xnbd_control_finish(r, st,
-		                    st == -EALREADY ? "the proxy is in target mode "
-		                                      "already: no upstream to use"
-		                    : st == -EBUSY ? "another reconnect is under way"
-		                                   : NULL);
+		xnbd_control_finish(
+		    r, st,
+		    st == -EALREADY ? "the proxy is in target mode "
+		                      "already: no upstream to use"
+		    : st == -EBUSY  ? "another reconnect is under way"
+		                    : NULL);
 }
 
 static const struct {
 	const char *name;
 	xnbd_control_handler fn;
 } cmds[] = {
-	{"query", cmd_query},
-	{"cache-all", cmd_cache_all},
-	{"cache-all2", cmd_cache_all2},
-	{"switch", cmd_switch},
-	{"reconnect", cmd_reconnect},
+    {"query", cmd_query},           {"cache-all", cmd_cache_all},
+    {"cache-all2", cmd_cache_all2}, {"switch", cmd_switch},
+    {"reconnect", cmd_reconnect},
 };
 
 /* The handlers use their struct pctl only while they run (what they start
  * keeps the request, never the pctl), so a program routing commands itself
  * passes one on the stack. */
 void xnbd_proxy_control_run(struct xnbd_proxy *p, struct xnbd_server *srv,
-                            struct xnbd_control_req *req, int argc,
-                            char **argv)
+                            struct xnbd_control_req *req, int argc, char **argv)
 {
 	struct pctl c = {p, srv};
 	for (size_t i = 0; argc >= 1 && i < sizeof(cmds) / sizeof(cmds[0]); i++)
@@ -263,7 +267,8 @@ int xnbd_proxy_control_add(struct xnbd_proxy *p, struct xnbd_control *ctl,
                            struct xnbd_server *srv)
 {
 	/* The commands' state lives in the proxy, freed with it. */
-	_Static_assert(sizeof(struct pctl) <= sizeof(struct xnbd__proxy_ctl_area),
+	_Static_assert(sizeof(struct pctl) <=
+	                   sizeof(struct xnbd__proxy_ctl_area),
 	               "room for the control state");
 	struct pctl *c = (struct pctl *)xnbd__proxy_ctl_area(p);
 	c->p = p;

@@ -23,14 +23,18 @@ static uint16_t allowed_flags(const struct xnbd__tx *tx, uint16_t type)
 	/* FUA is valid on every command once advertised (the spec: "the server
 	 * MUST accept all commands with this bit set (even by ignoring the
 	 * bit)"); it only matters on writes. */
-	uint16_t fua = (tx->tflags & XNBD_FLAG_SEND_FUA) ? XNBD_CMD_FLAG_FUA : 0;
+	uint16_t fua =
+	    (tx->tflags & XNBD_FLAG_SEND_FUA) ? XNBD_CMD_FLAG_FUA : 0;
 	switch (type) {
 	case XNBD_CMD_READ:
-		return fua | ((tx->tflags & XNBD_FLAG_SEND_DF) ? XNBD_CMD_FLAG_DF : 0);
+		return fua |
+		       ((tx->tflags & XNBD_FLAG_SEND_DF) ? XNBD_CMD_FLAG_DF
+		                                         : 0);
 	case XNBD_CMD_WRITE_ZEROES:
 		return fua | XNBD_CMD_FLAG_NO_HOLE |
-		       ((tx->tflags & XNBD_FLAG_SEND_FAST_ZERO) ? XNBD_CMD_FLAG_FAST_ZERO
-		                                                : 0);
+		       ((tx->tflags & XNBD_FLAG_SEND_FAST_ZERO)
+		            ? XNBD_CMD_FLAG_FAST_ZERO
+		            : 0);
 	case XNBD_CMD_BLOCK_STATUS:
 		return fua | XNBD_CMD_FLAG_REQ_ONE;
 	default:
@@ -105,7 +109,8 @@ uint32_t xnbd__request_check(const struct xnbd__tx *tx,
 
 	/* The range: offset + length must not pass the end (nor wrap). */
 	if (r->offset > tx->size || r->length > tx->size - r->offset) {
-		if (r->type == XNBD_CMD_WRITE || r->type == XNBD_CMD_WRITE_ZEROES)
+		if (r->type == XNBD_CMD_WRITE ||
+		    r->type == XNBD_CMD_WRITE_ZEROES)
 			return XNBD_ENOSPC;
 		return XNBD_EINVAL;
 	}

@@ -66,7 +66,7 @@
  * backend writes those from the loop thread, without a pool hand-off. */
 #define SPLICE_MIN (128U * 1024U)
 #define PIPE_SIZE (1024U * 1024U)
-#define PIPES_MAX 16U   /* per session, in use */
+#define PIPES_MAX 16U /* per session, in use */
 /* Kept open while unused: each counts PIPE_SIZE against the user's pipe
  * page limit (pipe-user-pages-soft), full or not. */
 #define PIPES_KEEP 2U
@@ -78,7 +78,7 @@ struct xnbd_export {
 	struct xnbd_backend *backend;
 	unsigned flags;
 	struct xnbd__hs_export hs; /* as the handshake sees it */
-	size_t clients; /* sessions in transmission with it */
+	size_t clients;            /* sessions in transmission with it */
 	/* Removed from a server, waiting for its last client to end. */
 	bool removing;
 	xnbd_export_removed_cb removed_cb;
@@ -117,7 +117,7 @@ struct req {
 	uint32_t src_resumes; /* the session's wresumes when it was checked */
 	struct xnbd_extent *extents; /* 2 * MAX_EXTENTS: one half a context */
 	uint32_t n_ext[XNBD__CTX_COUNT]; /* BLOCK_STATUS: extents per context */
-	uint32_t ctx_left; /* BLOCK_STATUS: contexts still to ask about */
+	uint32_t ctx_left;    /* BLOCK_STATUS: contexts still to ask about */
 	struct xnbd__buf hdr; /* reply headers */
 	struct seg segs[8];
 	struct seg *xsegs; /* when more than 8 are needed */
@@ -146,34 +146,35 @@ struct session {
 	bool reading;
 	bool draining; /* DISC or a failed handshake: take no new requests */
 	bool shutting; /* server shutdown: answer new requests ESHUTDOWN */
-	bool fin_sent; /* shutting and drained: write side shut, reading to EOF */
+	/* shutting and drained: write side shut, reading to EOF */
+	bool fin_sent;
 	uv_shutdown_t shut;
-	bool direct;   /* the last alloc_cb handed out cur's buffer */
+	bool direct; /* the last alloc_cb handed out cur's buffer */
 	struct xnbd__hs hs;
 	struct xnbd_export *export;
 	struct xnbd__tx tx;
 	uint8_t *rbuf;
 	size_t rpos, rlen;
-	struct req *cur; /* WRITE whose payload is being received */
-	uint64_t skip;   /* payload bytes to discard */
+	struct req *cur;      /* WRITE whose payload is being received */
+	uint64_t skip;        /* payload bytes to discard */
 	struct req *skip_req; /* the rejected write they belong to */
-	struct xnbd_list out;   /* finished requests not yet written */
+	struct xnbd_list out; /* finished requests not yet written */
 	struct xnbd_list free_reqs;
 	size_t nfree;
-	size_t queued;   /* requests received and not yet released */
-	size_t buffered; /* bytes charged by those requests */
+	size_t queued;         /* requests received and not yet released */
+	size_t buffered;       /* bytes charged by those requests */
 	size_t writes_pending; /* handshake and batch writes with libuv */
 	/* Output of the transmission phase, written by the session itself. */
-	int fd;          /* the stream's descriptor */
-	bool is_sock;    /* sendmsg and MSG_MORE work on it */
+	int fd;           /* the stream's descriptor */
+	bool is_sock;     /* sendmsg and MSG_MORE work on it */
 	bool sendfile_ok; /* large cached reads go out with sendfile */
-	bool wblocked;   /* the socket is full: waiting on wpoll */
-	bool wpoll_init; /* wpoll (on wfd, a dup of fd) is initialised */
+	bool wblocked;    /* the socket is full: waiting on wpoll */
+	bool wpoll_init;  /* wpoll (on wfd, a dup of fd) is initialised */
 	bool wpoll_closed;
 	uv_poll_t wpoll;
 	int wfd;
-	uint32_t wseg;   /* write cursor: segment of the first request in out */
-	uint32_t woff;   /* and bytes of it already written */
+	uint32_t wseg; /* write cursor: segment of the first request in out */
+	uint32_t woff; /* and bytes of it already written */
 	/* Times the writer went on after a stop (room in the socket, a load,
 	 * a handshake write): a file segment checked before the last one may
 	 * have left the page cache while it waited. */
@@ -274,7 +275,8 @@ static void export_refresh(struct xnbd_export *e)
 {
 	unsigned caps = xnbd_backend_caps(e->backend);
 	uint16_t f = XNBD_FLAG_HAS_FLAGS;
-	bool ro = (e->flags & XNBD_EXPORT_READONLY) || (caps & XNBD_CAP_READ_ONLY);
+	bool ro =
+	    (e->flags & XNBD_EXPORT_READONLY) || (caps & XNBD_CAP_READ_ONLY);
 	if (ro)
 		f |= XNBD_FLAG_READ_ONLY;
 	if (caps & XNBD_CAP_FLUSH)
@@ -417,7 +419,8 @@ int xnbd_server_new(uv_loop_t *loop, struct xnbd_server **out)
 		return r;
 	}
 	srv->loop = loop;
-	srv->catalog = (struct xnbd__hs_catalog){cat_count, cat_get, cat_find, srv};
+	srv->catalog =
+	    (struct xnbd__hs_catalog){cat_count, cat_get, cat_find, srv};
 	xnbd_list_init(&srv->listeners);
 	xnbd_list_init(&srv->sessions);
 	xnbd_list_init(&srv->dirty);
@@ -489,8 +492,8 @@ static void reap_cb(uv_timer_t *t)
 {
 	struct xnbd_server *srv = t->data;
 	while (!xnbd_list_empty(&srv->removed_due)) {
-		struct xnbd_export *e = xnbd_container_of(srv->removed_due.next,
-		                                          struct xnbd_export, due_link);
+		struct xnbd_export *e = xnbd_container_of(
+		    srv->removed_due.next, struct xnbd_export, due_link);
 		xnbd_list_remove(&e->due_link);
 		xnbd_export_removed_cb cb = e->removed_cb;
 		void *ud = e->removed_ud;
@@ -533,8 +536,10 @@ int xnbd_server_remove_export(struct xnbd_server *srv, struct xnbd_export *e,
 		if (s->state == S_HANDSHAKE)
 			xnbd__hs_forget_export(&s->hs, &e->hs);
 	}
-	slog(srv, XNBD_LOG_INFO, "export '%s' removed; %zu client(s) still "
-	     "served to the end of their sessions", e->name, e->clients);
+	slog(srv, XNBD_LOG_INFO,
+	     "export '%s' removed; %zu client(s) still "
+	     "served to the end of their sessions",
+	     e->name, e->clients);
 	if (e->clients == 0)
 		removal_due(srv, e);
 	return 0;
@@ -869,8 +874,9 @@ static void reply_read(struct req *q)
 	if (len == 0) {
 		uint8_t *p = hdr_push(q, XNBD_STRUCTURED_REPLY_SIZE);
 		if (p)
-			xnbd__chunk_header(p, XNBD_REPLY_FLAG_DONE, XNBD_REPLY_TYPE_NONE,
-			                   q->r.cookie, 0);
+			xnbd__chunk_header(p, XNBD_REPLY_FLAG_DONE,
+			                   XNBD_REPLY_TYPE_NONE, q->r.cookie,
+			                   0);
 		return;
 	}
 	/* Data sent from a file is not looked at: it goes as one chunk. */
@@ -885,7 +891,8 @@ static void reply_read(struct req *q)
 	uint64_t run_start = 0;
 	while (pos < len) {
 		uint64_t abs = q->r.offset + pos;
-		uint64_t next = (abs / HOLE_GRAIN + 1) * HOLE_GRAIN - q->r.offset;
+		uint64_t next =
+		    (abs / HOLE_GRAIN + 1) * HOLE_GRAIN - q->r.offset;
 		if (next > len)
 			next = len;
 		bool z = xnbd__is_zero(q->buf + pos, next - pos);
@@ -893,9 +900,11 @@ static void reply_read(struct req *q)
 			run_zero = z;
 		else if (z != run_zero) {
 			if (run_zero)
-				chunk_hole(q, run_start, pos - run_start, false);
+				chunk_hole(q, run_start, pos - run_start,
+				           false);
 			else
-				chunk_data(q, run_start, pos - run_start, false);
+				chunk_data(q, run_start, pos - run_start,
+				           false);
 			run_start = pos;
 			run_zero = z;
 		}
@@ -920,11 +929,13 @@ static void reply_block_status(struct req *q)
 			continue;
 		uint32_t n = q->n_ext[c];
 		const struct xnbd_extent *ext = q->extents + c * MAX_EXTENTS;
-		uint8_t *p = hdr_push(q, XNBD_STRUCTURED_REPLY_SIZE + 4 + 8ULL * n);
+		uint8_t *p =
+		    hdr_push(q, XNBD_STRUCTURED_REPLY_SIZE + 4 + 8ULL * n);
 		if (!p)
 			return;
 		xnbd__chunk_header(p, c == last ? XNBD_REPLY_FLAG_DONE : 0,
-		                   XNBD_REPLY_TYPE_BLOCK_STATUS, q->r.cookie, 4 + 8 * n);
+		                   XNBD_REPLY_TYPE_BLOCK_STATUS, q->r.cookie,
+		                   4 + 8 * n);
 		/* Context ID: bit number plus one, as handshake.c hands them out. */
 		xnbd__put32(p + 20, c + 1);
 		for (uint32_t i = 0; i < n; i++) {
@@ -980,21 +991,22 @@ static void io_done(struct xnbd_io *io)
 		return;
 	}
 	if (io->status)
-		slog(q->s->srv, XNBD_LOG_WARNING, "%s: I/O error at offset %llu: %s",
-		     q->s->peer, (unsigned long long)io->offset, strerror(-io->status));
+		slog(q->s->srv, XNBD_LOG_WARNING,
+		     "%s: I/O error at offset %llu: %s", q->s->peer,
+		     (unsigned long long)io->offset, strerror(-io->status));
 	req_finish(q, io->status);
 }
 
 static void req_submit(struct req *q)
 {
 	static const uint32_t io_type[] = {
-		[XNBD_CMD_READ] = XNBD_IO_READ,
-		[XNBD_CMD_WRITE] = XNBD_IO_WRITE,
-		[XNBD_CMD_FLUSH] = XNBD_IO_FLUSH,
-		[XNBD_CMD_TRIM] = XNBD_IO_TRIM,
-		[XNBD_CMD_CACHE] = XNBD_IO_CACHE,
-		[XNBD_CMD_WRITE_ZEROES] = XNBD_IO_ZERO,
-		[XNBD_CMD_BLOCK_STATUS] = XNBD_IO_BLOCK_STATUS,
+	    [XNBD_CMD_READ] = XNBD_IO_READ,
+	    [XNBD_CMD_WRITE] = XNBD_IO_WRITE,
+	    [XNBD_CMD_FLUSH] = XNBD_IO_FLUSH,
+	    [XNBD_CMD_TRIM] = XNBD_IO_TRIM,
+	    [XNBD_CMD_CACHE] = XNBD_IO_CACHE,
+	    [XNBD_CMD_WRITE_ZEROES] = XNBD_IO_ZERO,
+	    [XNBD_CMD_BLOCK_STATUS] = XNBD_IO_BLOCK_STATUS,
 	};
 	struct xnbd_io *io = &q->io;
 	io->type = io_type[q->r.type];
@@ -1052,7 +1064,8 @@ static int status_next(struct req *q)
 	for (;;) {
 		if (io->extents) {
 			/* The previous context's answer. */
-			uint32_t c = (uint32_t)((io->extents - q->extents) / MAX_EXTENTS);
+			uint32_t c = (uint32_t)((io->extents - q->extents) /
+			                        MAX_EXTENTS);
 			q->n_ext[c] = io->n_extents;
 		}
 		if (!q->ctx_left)
@@ -1060,7 +1073,8 @@ static int status_next(struct req *q)
 		uint32_t c = (uint32_t)__builtin_ctz(q->ctx_left);
 		q->ctx_left &= q->ctx_left - 1;
 		io->type = XNBD_IO_BLOCK_STATUS;
-		io->flags = c == 1 ? XNBD_IO_STATUS_CACHED : 0; /* x-xnbd:cache */
+		/* x-xnbd:cache */
+		io->flags = c == 1 ? XNBD_IO_STATUS_CACHED : 0;
 		io->offset = q->r.offset;
 		io->length = q->r.length;
 		io->extents = q->extents + c * MAX_EXTENTS;
@@ -1148,16 +1162,16 @@ static void handle_request(struct session *s, const struct xnbd__request *r)
 		charge(q, r->length);
 	} else if (r->type == XNBD_CMD_BLOCK_STATUS) {
 		if (!q->extents) {
-			q->extents =
-			    malloc(XNBD__CTX_COUNT * MAX_EXTENTS * sizeof(*q->extents));
+			q->extents = malloc(XNBD__CTX_COUNT * MAX_EXTENTS *
+			                    sizeof(*q->extents));
 			if (!q->extents) {
 				queue_error(q, XNBD_ENOMEM);
 				return;
 			}
 		}
-		charge(q, XNBD__CTX_COUNT *
-		              (sizeof(*q->extents) * MAX_EXTENTS +
-		               XNBD_STRUCTURED_REPLY_SIZE + 4 + 8U * MAX_EXTENTS));
+		charge(q, XNBD__CTX_COUNT * (sizeof(*q->extents) * MAX_EXTENTS +
+		                             XNBD_STRUCTURED_REPLY_SIZE + 4 +
+		                             8U * MAX_EXTENTS));
 	}
 	req_submit(q);
 }
@@ -1209,9 +1223,10 @@ static int wpoll_ensure(struct session *s)
 		int d = fcntl(s->fd, F_DUPFD_CLOEXEC, 0);
 		if (d < 0) {
 			int e = errno;
-			slog(s->srv, XNBD_LOG_ERR,
-			     "%s: no descriptor to wait for room in the socket: %s",
-			     s->peer, strerror(e));
+			slog(
+			    s->srv, XNBD_LOG_ERR,
+			    "%s: no descriptor to wait for room in the socket: %s",
+			    s->peer, strerror(e));
 			return -e;
 		}
 		int r = uv_poll_init(s->srv->loop, &s->wpoll, d);
@@ -1228,7 +1243,8 @@ static int wpoll_ensure(struct session *s)
 
 static int wpoll_update(struct session *s)
 {
-	int ev = (s->wblocked ? UV_WRITABLE : 0) | (s->wait_in ? UV_READABLE : 0);
+	int ev =
+	    (s->wblocked ? UV_WRITABLE : 0) | (s->wait_in ? UV_READABLE : 0);
 	if (!ev)
 		return uv_poll_stop(&s->wpoll);
 	return uv_poll_start(&s->wpoll, ev, wpoll_cb);
@@ -1298,7 +1314,8 @@ static struct req *out_head(struct session *s, struct xnbd_list *done,
                             struct seg **sg)
 {
 	while (!xnbd_list_empty(&s->out)) {
-		struct req *q = xnbd_container_of(s->out.next, struct req, link);
+		struct req *q =
+		    xnbd_container_of(s->out.next, struct req, link);
 		while (s->wseg < q->nsegs && seg_at(q, s->wseg)->len == 0)
 			s->wseg++;
 		if (s->wseg < q->nsegs) {
@@ -1351,7 +1368,8 @@ static size_t out_gather(struct session *s, size_t *bytes, bool *file_next)
 				continue;
 			if (k == WRITE_IOV_MAX)
 				goto out;
-			uint8_t *base = sg->kind == SEG_DATA ? q->buf : q->hdr.data;
+			uint8_t *base =
+			    sg->kind == SEG_DATA ? q->buf : q->hdr.data;
 			s->iov[k].iov_base = base + sg->off + off;
 			s->iov[k].iov_len = sg->len - off;
 			total += sg->len - off;
@@ -1402,15 +1420,16 @@ static void load_done(struct xnbd__job *j)
 		return;
 	}
 	if (s->load_status == -ENODATA) {
-		slog(s->srv, XNBD_LOG_ERR, "%s: the image ends before offset %llu",
-		     s->peer, (unsigned long long)(s->load_at + s->load_left));
+		slog(s->srv, XNBD_LOG_ERR,
+		     "%s: the image ends before offset %llu", s->peer,
+		     (unsigned long long)(s->load_at + s->load_left));
 		session_close(s, "a reply's data is gone");
 		return;
 	}
 	if (s->load_status < 0) {
-		slog(s->srv, XNBD_LOG_ERR, "%s: reading the image at offset %llu: %s",
-		     s->peer, (unsigned long long)s->load_at,
-		     strerror(-s->load_status));
+		slog(s->srv, XNBD_LOG_ERR,
+		     "%s: reading the image at offset %llu: %s", s->peer,
+		     (unsigned long long)s->load_at, strerror(-s->load_status));
 		session_close(s, "a reply's data could not be read");
 		return;
 	}
@@ -1425,7 +1444,8 @@ static int load_segment(struct session *s, struct req *q, struct seg *sg)
 	int r = req_buf(q, q->r.length);
 	if (r < 0)
 		return r;
-	s->load_rel = sg->off - q->src_off; /* where the segment is in the read */
+	/* where the segment is in the read */
+	s->load_rel = sg->off - q->src_off;
 	s->load_dst = q->buf + s->load_rel + s->woff;
 	s->load_at = sg->off + s->woff;
 	s->load_left = sg->len - s->woff;
@@ -1467,7 +1487,8 @@ static void session_flush(struct session *s)
 			off_t off = (off_t)(sg->off + s->woff);
 			want = sg->len - s->woff;
 			if (q->src_resumes != s->wresumes &&
-			    xnbd__fd_cached(q->src_fd, (uint64_t)off, want) == 0) {
+			    xnbd__fd_cached(q->src_fd, (uint64_t)off, want) ==
+			        0) {
 				/* Evicted while the reply waited. */
 				err = load_segment(s, q, sg);
 				if (err || s->loading)
@@ -1478,8 +1499,8 @@ static void session_flush(struct session *s)
 			if (n == 0) {
 				err = -EIO;
 				slog(s->srv, XNBD_LOG_ERR,
-				     "%s: the image ends before offset %llu", s->peer,
-				     (unsigned long long)off);
+				     "%s: the image ends before offset %llu",
+				     s->peer, (unsigned long long)off);
 				break;
 			}
 			if (n < 0 && (errno == EINVAL || errno == ENOSYS ||
@@ -1496,7 +1517,8 @@ static void session_flush(struct session *s)
 			if (file_next && s->is_sock) {
 				/* The file's bytes follow at once: no segment of its own
 				 * for the header. */
-				struct msghdr m = {.msg_iov = s->iov, .msg_iovlen = k};
+				struct msghdr m = {.msg_iov = s->iov,
+				                   .msg_iovlen = k};
 				n = sendmsg(s->fd, &m, MSG_MORE | MSG_NOSIGNAL);
 			} else {
 				n = writev(s->fd, s->iov, (int)k);
@@ -1527,8 +1549,8 @@ static void check_cb(uv_check_t *h)
 {
 	struct xnbd_server *srv = h->data;
 	while (!xnbd_list_empty(&srv->dirty)) {
-		struct session *s =
-		    xnbd_container_of(srv->dirty.next, struct session, dirty_link);
+		struct session *s = xnbd_container_of(
+		    srv->dirty.next, struct session, dirty_link);
 		xnbd_list_remove(&s->dirty_link);
 		xnbd_list_init(&s->dirty_link);
 		session_flush(s);
@@ -1548,8 +1570,8 @@ static void check_cb(uv_check_t *h)
 
 static bool session_over_limits(const struct session *s)
 {
-	return s->queued >= SESSION_MAX_QUEUE || s->buffered >= SESSION_MAX_BUF ||
-	       server_over_limits(s->srv);
+	return s->queued >= SESSION_MAX_QUEUE ||
+	       s->buffered >= SESSION_MAX_BUF || server_over_limits(s->srv);
 }
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
@@ -1589,9 +1611,10 @@ static void read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 		return;
 	if (nread < 0) {
 		if (nread == UV_EOF)
-			slog(s->srv, XNBD_LOG_INFO, "%s: connection closed by client",
-			     s->peer);
-		session_close(s, nread == UV_EOF ? NULL : uv_strerror((int)nread));
+			slog(s->srv, XNBD_LOG_INFO,
+			     "%s: connection closed by client", s->peer);
+		session_close(s,
+		              nread == UV_EOF ? NULL : uv_strerror((int)nread));
 		return;
 	}
 	if (s->fin_sent) {
@@ -1651,7 +1674,8 @@ static int splice_abandon(struct session *s, struct req *q)
 		if (k < 0 && errno == EINTR)
 			continue;
 		if (k <= 0) {
-			session_close(s, "a write's data went missing in its pipe");
+			session_close(
+			    s, "a write's data went missing in its pipe");
 			return -1;
 		}
 		got += (uint32_t)k;
@@ -1680,15 +1704,16 @@ static int splice_in(struct session *s, struct req *q)
 		}
 	}
 	while (q->have < q->r.length) {
-		ssize_t n = splice(s->fd, NULL, q->pw, NULL, q->r.length - q->have,
-		                   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+		ssize_t n =
+		    splice(s->fd, NULL, q->pw, NULL, q->r.length - q->have,
+		           SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
 		if (n > 0) {
 			q->have += (uint32_t)n;
 			continue;
 		}
 		if (n == 0) {
-			slog(s->srv, XNBD_LOG_INFO, "%s: connection closed by client",
-			     s->peer);
+			slog(s->srv, XNBD_LOG_INFO,
+			     "%s: connection closed by client", s->peer);
 			session_close(s, NULL);
 			return SPLICE_CLOSED;
 		}
@@ -1703,15 +1728,17 @@ static int splice_in(struct session *s, struct req *q)
 				 * hides the end from splice, and a readable socket that
 				 * never gives anything would spin the loop. */
 				char c;
-				ssize_t k = recv(s->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+				ssize_t k =
+				    recv(s->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
 				if (k == 0) {
 					slog(s->srv, XNBD_LOG_INFO,
-					     "%s: connection closed by client", s->peer);
+					     "%s: connection closed by client",
+					     s->peer);
 					session_close(s, NULL);
 					return SPLICE_CLOSED;
 				}
-				if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK &&
-				    errno != EINTR) {
+				if (k < 0 && errno != EAGAIN &&
+				    errno != EWOULDBLOCK && errno != EINTR) {
 					session_close(s, strerror(errno));
 					return SPLICE_CLOSED;
 				}
@@ -1724,7 +1751,8 @@ static int splice_in(struct session *s, struct req *q)
 				retried = true;
 				continue;
 			}
-		} else if (errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
+		} else if (errno == EINVAL || errno == ENOSYS ||
+		           errno == EOPNOTSUPP) {
 			s->splice_ok = false; /* not with this stream */
 		} else {
 			session_close(s, strerror(errno));
@@ -1915,16 +1943,16 @@ static void enter_transmission(struct session *s, struct xnbd_export *e,
 	s->tx.structured = structured;
 	s->tx.contexts = contexts;
 	s->state = S_TRANSMIT;
-	slog(s->srv, XNBD_LOG_INFO,
-	     "%s: serving export '%s' (%llu bytes%s%s)", s->peer, e->name,
-	     (unsigned long long)e->hs.size,
+	slog(s->srv, XNBD_LOG_INFO, "%s: serving export '%s' (%llu bytes%s%s)",
+	     s->peer, e->name, (unsigned long long)e->hs.size,
 	     (tflags & XNBD_FLAG_READ_ONLY) ? ", read-only" : "",
 	     structured ? ", structured replies" : "");
 }
 
 static void session_handshake_input(struct session *s)
 {
-	size_t used = xnbd__hs_input(&s->hs, s->rbuf + s->rpos, s->rlen - s->rpos);
+	size_t used =
+	    xnbd__hs_input(&s->hs, s->rbuf + s->rpos, s->rlen - s->rpos);
 	s->rpos += used;
 	int r = send_hs_output(s);
 	if (r < 0) {
@@ -1933,8 +1961,8 @@ static void session_handshake_input(struct session *s)
 	}
 	if (s->hs.state == XNBD__HS_CLOSE) {
 		if (s->hs.close_reason)
-			slog(s->srv, XNBD_LOG_NOTICE, "%s: handshake ended: %s", s->peer,
-			     s->hs.close_reason);
+			slog(s->srv, XNBD_LOG_NOTICE, "%s: handshake ended: %s",
+			     s->peer, s->hs.close_reason);
 		/* Let the last reply (e.g. the ACK of NBD_OPT_ABORT) go out first. */
 		s->draining = true;
 		session_pause(s);
@@ -1943,8 +1971,8 @@ static void session_handshake_input(struct session *s)
 	}
 	if (s->hs.state == XNBD__HS_DONE) {
 		struct xnbd__hs *hs = &s->hs;
-		enter_transmission(s, hs->export->handle, hs->tflags, hs->structured,
-		                   hs->contexts);
+		enter_transmission(s, hs->export->handle, hs->tflags,
+		                   hs->structured, hs->contexts);
 		xnbd__hs_free(hs);
 		session_process(s);
 		return;
@@ -2021,7 +2049,8 @@ static void session_start(struct session *s, bool negotiated)
 		return;
 	}
 	if (s->hs.state == XNBD__HS_DONE) {
-		enter_transmission(s, s->hs.export->handle, s->hs.tflags, false, 0);
+		enter_transmission(s, s->hs.export->handle, s->hs.tflags, false,
+		                   0);
 		xnbd__hs_free(&s->hs);
 	} else if (s->hs.state == XNBD__HS_CLOSE) {
 		session_close(s, s->hs.close_reason);
@@ -2035,7 +2064,8 @@ static void session_free(struct session *s)
 	struct xnbd_server *srv = s->srv;
 	struct xnbd_export *e = s->export;
 	while (!xnbd_list_empty(&s->free_reqs)) {
-		struct req *q = xnbd_container_of(s->free_reqs.next, struct req, link);
+		struct req *q =
+		    xnbd_container_of(s->free_reqs.next, struct req, link);
 		xnbd_list_remove(&q->link);
 		req_destroy(q);
 	}
@@ -2082,8 +2112,8 @@ static void session_close(struct session *s, const char *why)
 	if (s->state == S_CLOSING)
 		return;
 	if (why)
-		slog(s->srv, XNBD_LOG_NOTICE, "%s: closing connection: %s", s->peer,
-		     why);
+		slog(s->srv, XNBD_LOG_NOTICE, "%s: closing connection: %s",
+		     s->peer, why);
 	s->state = S_CLOSING;
 	if (!xnbd_list_empty(&s->dirty_link)) {
 		xnbd_list_remove(&s->dirty_link);
@@ -2091,7 +2121,8 @@ static void session_close(struct session *s, const char *why)
 	}
 	/* Replies never written and requests never submitted are dropped. */
 	while (!xnbd_list_empty(&s->out)) {
-		struct req *q = xnbd_container_of(s->out.next, struct req, link);
+		struct req *q =
+		    xnbd_container_of(s->out.next, struct req, link);
 		xnbd_list_remove(&q->link);
 		xnbd_list_init(&q->link);
 		if (q != s->loading) /* that one is released by load_done */
@@ -2208,7 +2239,8 @@ int xnbd_server_listen(struct xnbd_server *srv, const char *host,
 		return g == EAI_SYSTEM ? -errno : -ENOENT;
 	int first_err = 0, ok = 0;
 	for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-		unsigned flags = ai->ai_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0;
+		unsigned flags =
+		    ai->ai_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0;
 		int r = listen_addr(srv, ai->ai_addr, flags);
 		if (r == 0)
 			ok++;
@@ -2311,8 +2343,10 @@ static void maybe_finish_shutdown(struct xnbd_server *srv)
 static void grace_cb(uv_timer_t *t)
 {
 	struct xnbd_server *srv = t->data;
-	slog(srv, XNBD_LOG_WARNING, "shutdown grace period over: closing %zu "
-	     "connection(s)", srv->nsessions);
+	slog(srv, XNBD_LOG_WARNING,
+	     "shutdown grace period over: closing %zu "
+	     "connection(s)",
+	     srv->nsessions);
 	struct xnbd_list *l, *n;
 	for (l = srv->sessions.next; l != &srv->sessions; l = n) {
 		n = l->next;
@@ -2340,7 +2374,8 @@ int xnbd_server_shutdown(struct xnbd_server *srv, unsigned grace_ms,
 	struct xnbd_list *l, *n;
 	for (l = srv->listeners.next; l != &srv->listeners; l = n) {
 		n = l->next;
-		struct listener *li = xnbd_container_of(l, struct listener, link);
+		struct listener *li =
+		    xnbd_container_of(l, struct listener, link);
 		if (!uv_is_closing((uv_handle_t *)&li->tcp))
 			uv_close((uv_handle_t *)&li->tcp, listener_close_cb);
 	}

@@ -85,9 +85,9 @@ struct xnbd__hs_export {
 	const char *name;
 	const char *description; /* may be NULL */
 	uint64_t size;
-	uint16_t tflags;      /* transmission flags, without SEND_DF */
-	uint32_t contexts;    /* meta contexts the export can answer */
-	uint32_t min_block;   /* NBD_INFO_BLOCK_SIZE */
+	uint16_t tflags;    /* transmission flags, without SEND_DF */
+	uint32_t contexts;  /* meta contexts the export can answer */
+	uint32_t min_block; /* NBD_INFO_BLOCK_SIZE */
 	uint32_t pref_block;
 	uint32_t max_block;
 	void *handle; /* the engine's export, passed through */
@@ -124,7 +124,7 @@ struct xnbd__hs {
 	bool fixed;         /* client set FIXED_NEWSTYLE */
 	bool no_zeroes;
 	bool structured;
-	uint32_t contexts;      /* selected by SET_META_CONTEXT */
+	uint32_t contexts; /* selected by SET_META_CONTEXT */
 	const struct xnbd__hs_export *ctx_export; /* export they were set for */
 	/* current option */
 	uint32_t opt;
@@ -173,7 +173,7 @@ int xnbd__request_parse(const uint8_t *p, struct xnbd__request *r);
 /* The negotiated state a request is checked against. */
 struct xnbd__tx {
 	uint64_t size;
-	uint16_t tflags;   /* as sent to the client */
+	uint16_t tflags; /* as sent to the client */
 	bool structured;
 	uint32_t contexts; /* selected meta contexts */
 };

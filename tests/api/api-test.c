@@ -43,13 +43,13 @@ static void on_down(struct xnbd_server *s, void *ud)
 	*(int *)ud = 1;
 }
 
-#define CHECK(c)                                                  \
-	do {                                                          \
-		if (!(c)) {                                               \
-			fprintf(stderr, "api-test: failed: %s (line %d)\n", #c, \
-			        __LINE__);                                    \
-			return 1;                                             \
-		}                                                         \
+#define CHECK(c) \
+	do { \
+		if (!(c)) { \
+			fprintf(stderr, "api-test: failed: %s (line %d)\n", \
+			        #c, __LINE__); \
+			return 1; \
+		} \
 	} while (0)
 
 int main(int argc, char **argv)
@@ -68,17 +68,23 @@ int main(int argc, char **argv)
 
 	char out[4096], in[4096];
 	memset(out, 0xa5, sizeof(out));
-	struct xnbd_io io = {.type = XNBD_IO_WRITE, .offset = 8192,
-	                     .length = sizeof(out), .buf = out};
+	struct xnbd_io io = {.type = XNBD_IO_WRITE,
+	                     .offset = 8192,
+	                     .length = sizeof(out),
+	                     .buf = out};
 	CHECK(run_io(loop, b, &io) == 0);
 	io = (struct xnbd_io){.type = XNBD_IO_FLUSH};
 	CHECK(run_io(loop, b, &io) == 0);
-	io = (struct xnbd_io){.type = XNBD_IO_READ, .offset = 8192,
-	                      .length = sizeof(in), .buf = in};
+	io = (struct xnbd_io){.type = XNBD_IO_READ,
+	                      .offset = 8192,
+	                      .length = sizeof(in),
+	                      .buf = in};
 	CHECK(run_io(loop, b, &io) == 0);
 	CHECK(memcmp(in, out, sizeof(in)) == 0);
-	io = (struct xnbd_io){.type = XNBD_IO_READ, .offset = (1 << 20) - 10,
-	                      .length = 20, .buf = in};
+	io = (struct xnbd_io){.type = XNBD_IO_READ,
+	                      .offset = (1 << 20) - 10,
+	                      .length = 20,
+	                      .buf = in};
 	CHECK(xnbd_backend_submit(b, &io) == -EINVAL);
 
 	char snap[64];

@@ -15,12 +15,12 @@
 #include "wire.h"
 
 static const struct xnbd__hs_export exports[] = {
-	{"", "default", 1 << 20, XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_SEND_FLUSH |
-	                             XNBD_FLAG_SEND_FUA | XNBD_FLAG_SEND_TRIM |
-	                             XNBD_FLAG_SEND_WRITE_ZEROES,
-	 XNBD__CTX_BASE_ALLOCATION, 1, 4096, 32 << 20, NULL},
-	{"ro", NULL, 4096, XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_READ_ONLY, 0, 1, 4096,
-	 32 << 20, NULL},
+    {"", "default", 1 << 20,
+     XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_SEND_FLUSH | XNBD_FLAG_SEND_FUA |
+         XNBD_FLAG_SEND_TRIM | XNBD_FLAG_SEND_WRITE_ZEROES,
+     XNBD__CTX_BASE_ALLOCATION, 1, 4096, 32 << 20, NULL},
+    {"ro", NULL, 4096, XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_READ_ONLY, 0, 1, 4096,
+     32 << 20, NULL},
 };
 
 static size_t cat_count(void *ud)
@@ -40,7 +40,8 @@ static const struct xnbd__hs_export *cat_find(void *ud, const char *n,
 {
 	(void)ud;
 	for (size_t i = 0; i < 2; i++)
-		if (strlen(exports[i].name) == len && memcmp(exports[i].name, n, len) == 0)
+		if (strlen(exports[i].name) == len &&
+		    memcmp(exports[i].name, n, len) == 0)
 			return &exports[i];
 	return NULL;
 }
@@ -94,14 +95,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			pos += XNBD_REQUEST_SIZE;
 			requests_checked++;
 			uint32_t err = xnbd__request_check(&tx, &r);
-			if (err == 0 && r.type != XNBD_CMD_DISC && r.type != XNBD_CMD_FLUSH &&
+			if (err == 0 && r.type != XNBD_CMD_DISC &&
+			    r.type != XNBD_CMD_FLUSH &&
 			    ((uint64_t)r.offset + r.length > tx.size))
 				abort(); /* accepted a range past the end */
-			if (err == 0 && (r.type == XNBD_CMD_READ || r.type == XNBD_CMD_WRITE) &&
+			if (err == 0 &&
+			    (r.type == XNBD_CMD_READ ||
+			     r.type == XNBD_CMD_WRITE) &&
 			    r.length > XNBD_MAX_PAYLOAD)
 				abort(); /* accepted an unbounded payload */
 			if (err == 0 && xnbd__request_has_payload(&r))
-				pos += r.length < size - pos ? r.length : size - pos;
+				pos += r.length < size - pos ? r.length
+				                             : size - pos;
 		}
 	}
 	xnbd__hs_free(&hs);
@@ -143,7 +148,8 @@ int main(int argc, char **argv)
 		uint8_t meta[27] = {0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 15};
 		memcpy(meta + 12, "base:allocation", 15);
 		n += put_opt(buf + n, XNBD_OPT_STRUCTURED_REPLY, NULL, 0);
-		n += put_opt(buf + n, XNBD_OPT_SET_META_CONTEXT, meta, sizeof(meta));
+		n += put_opt(buf + n, XNBD_OPT_SET_META_CONTEXT, meta,
+		             sizeof(meta));
 		n += put_opt(buf + n, XNBD_OPT_GO, go, 8);
 		for (int k = 0; k < 16; k++) {
 			uint8_t *p = buf + n;
@@ -163,9 +169,10 @@ int main(int argc, char **argv)
 			n = 1 + next() % n;
 		LLVMFuzzerTestOneInput(buf, n);
 	}
-	printf("fuzz-wire-smoke: %ld generated inputs, %lu reached transmission, "
-	       "%lu requests checked, no failure\n",
-	       iterations, reached_transmission, requests_checked);
+	printf(
+	    "fuzz-wire-smoke: %ld generated inputs, %lu reached transmission, "
+	    "%lu requests checked, no failure\n",
+	    iterations, reached_transmission, requests_checked);
 	/* A generator that never gets past the handshake tests little. */
 	return reached_transmission > (unsigned long)iterations / 4 ? 0 : 1;
 }

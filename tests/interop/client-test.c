@@ -83,7 +83,8 @@ int main(int argc, char **argv)
 	srand(7);
 	for (int i = 0; i < N; i++) {
 		len[i] = 1 + (uint64_t)rand() % (SLOT - 1);
-		off[i] = (uint64_t)i * SLOT + (uint64_t)rand() % (SLOT - len[i]);
+		off[i] =
+		    (uint64_t)i * SLOT + (uint64_t)rand() % (SLOT - len[i]);
 		wbuf[i] = malloc(len[i]);
 		rbuf[i] = malloc(len[i]);
 		for (uint64_t k = 0; k < len[i]; k++)
@@ -91,15 +92,20 @@ int main(int argc, char **argv)
 	}
 
 	if (readonly) {
-		io[0] = (struct xnbd_io){.type = XNBD_IO_WRITE, .offset = 0,
-		                         .length = 512, .buf = wbuf[0]};
+		io[0] = (struct xnbd_io){.type = XNBD_IO_WRITE,
+		                         .offset = 0,
+		                         .length = 512,
+		                         .buf = wbuf[0]};
 		int r = xnbd_backend_submit(b, &io[0]);
 		if (r != -EPERM)
-			fail("write to a read-only export not refused with EPERM",
-			     r < 0 ? r : 0);
+			fail(
+			    "write to a read-only export not refused with EPERM",
+			    r < 0 ? r : 0);
 		static uint8_t rb[65536];
-		io[0] = (struct xnbd_io){.type = XNBD_IO_READ, .offset = 4096,
-		                         .length = sizeof(rb), .buf = rb};
+		io[0] = (struct xnbd_io){.type = XNBD_IO_READ,
+		                         .offset = 4096,
+		                         .length = sizeof(rb),
+		                         .buf = rb};
 		submit(b, &io[0]);
 		wait_all();
 		if (io[0].status)
@@ -111,8 +117,10 @@ int main(int argc, char **argv)
 	}
 
 	for (int i = 0; i < N; i++) {
-		io[i] = (struct xnbd_io){.type = XNBD_IO_WRITE, .offset = off[i],
-		                         .length = len[i], .buf = wbuf[i]};
+		io[i] = (struct xnbd_io){.type = XNBD_IO_WRITE,
+		                         .offset = off[i],
+		                         .length = len[i],
+		                         .buf = wbuf[i]};
 		submit(b, &io[i]);
 	}
 	if (xnbd_client_in_flight(c) < N / 2)
@@ -123,8 +131,10 @@ int main(int argc, char **argv)
 			fail("write", io[i].status);
 	for (int i = 0; i < N; i++) {
 		memset(rbuf[i], 0xee, len[i]);
-		io[i] = (struct xnbd_io){.type = XNBD_IO_READ, .offset = off[i],
-		                         .length = len[i], .buf = rbuf[i]};
+		io[i] = (struct xnbd_io){.type = XNBD_IO_READ,
+		                         .offset = off[i],
+		                         .length = len[i],
+		                         .buf = rbuf[i]};
 		submit(b, &io[i]);
 	}
 	wait_all();
@@ -139,16 +149,18 @@ int main(int argc, char **argv)
 	/* Zero a whole slot and read it: zeroes (a hole chunk where the server
 	 * sends them), the neighbours intact. */
 	if (xnbd_client_flags(c) & XNBD_FLAG_SEND_WRITE_ZEROES) {
-		io[0] = (struct xnbd_io){.type = XNBD_IO_ZERO, .offset = 3 * SLOT,
-		                         .length = SLOT};
+		io[0] = (struct xnbd_io){
+		    .type = XNBD_IO_ZERO, .offset = 3 * SLOT, .length = SLOT};
 		submit(b, &io[0]);
 		wait_all();
 		if (io[0].status)
 			fail("zero", io[0].status);
 		static uint8_t big[3 * SLOT];
 		memset(big, 0xee, sizeof(big));
-		io[0] = (struct xnbd_io){.type = XNBD_IO_READ, .offset = 2 * SLOT,
-		                         .length = 3 * SLOT, .buf = big};
+		io[0] = (struct xnbd_io){.type = XNBD_IO_READ,
+		                         .offset = 2 * SLOT,
+		                         .length = 3 * SLOT,
+		                         .buf = big};
 		submit(b, &io[0]);
 		wait_all();
 		if (io[0].status)
@@ -168,15 +180,19 @@ int main(int argc, char **argv)
 	wait_all();
 	if (io[0].status)
 		fail("flush", io[0].status);
-	io[0] = (struct xnbd_io){.type = XNBD_IO_READ, .offset = size - 10,
-	                         .length = 20, .buf = rbuf[0]};
+	io[0] = (struct xnbd_io){.type = XNBD_IO_READ,
+	                         .offset = size - 10,
+	                         .length = 20,
+	                         .buf = rbuf[0]};
 	if (xnbd_backend_submit(b, &io[0]) != -EINVAL)
 		fail("read past the end not refused", 0);
 
 	/* Free with requests in flight: they complete with -ECANCELED. */
 	for (int i = 0; i < 8; i++) {
-		io[i] = (struct xnbd_io){.type = XNBD_IO_READ, .offset = off[i],
-		                         .length = len[i], .buf = rbuf[i]};
+		io[i] = (struct xnbd_io){.type = XNBD_IO_READ,
+		                         .offset = off[i],
+		                         .length = len[i],
+		                         .buf = rbuf[i]};
 		submit(b, &io[i]);
 	}
 	xnbd_client_free(c);
@@ -184,7 +200,8 @@ int main(int argc, char **argv)
 		fail("requests left pending after free", 0);
 	for (int i = 0; i < 8; i++)
 		if (io[i].status != -ECANCELED)
-			fail("in-flight request not cancelled by free", io[i].status);
+			fail("in-flight request not cancelled by free",
+			     io[i].status);
 	uv_run(loop, UV_RUN_DEFAULT);
 	if (uv_loop_close(loop))
 		fail("handles left open", 0);

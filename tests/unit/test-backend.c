@@ -54,7 +54,8 @@ static void op_done(struct xnbd_io *io)
 
 static void open_backend(void)
 {
-	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend), 0);
+	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend),
+	                 0);
 	xnbd__file_write_place(backend, true, NO_STALL);
 }
 
@@ -140,13 +141,15 @@ START_TEST(lane_writes_all_land_in_order)
 		/* Sizes of 1 byte to 8 KiB, unaligned; every fourth write goes
 		 * over the range of the one before it. */
 		uint64_t len = 1 + (uint64_t)(rand() % 8192);
-		uint64_t off = (i % 4 == 3) ? ops[i - 1].io.offset + 1
-		                            : (uint64_t)(rand() % (IMG_SIZE - 8192));
+		uint64_t off = (i % 4 == 3)
+		                   ? ops[i - 1].io.offset + 1
+		                   : (uint64_t)(rand() % (IMG_SIZE - 8192));
 		fill(ops[i].data, len, i);
 		submit(&ops[i], XNBD_IO_WRITE, off, len);
 		memcpy(model + off, ops[i].data, len);
+		/* A batch may finish meanwhile. */
 		if (i == NIO / 2)
-			uv_run(&loop, UV_RUN_NOWAIT); /* a batch may finish meanwhile */
+			uv_run(&loop, UV_RUN_NOWAIT);
 	}
 	uv_run(&loop, UV_RUN_DEFAULT);
 	for (unsigned i = 0; i < NIO; i++) {
@@ -160,8 +163,9 @@ START_TEST(lane_writes_all_land_in_order)
 		submit(&rd, XNBD_IO_READ, off, sizeof(rd.data));
 		uv_run(&loop, UV_RUN_DEFAULT);
 		ck_assert_int_eq(rd.io.status, 0);
-		ck_assert_msg(memcmp(rd.data, model + off, sizeof(rd.data)) == 0,
-		              "backend read at %llu differs", (unsigned long long)off);
+		ck_assert_msg(
+		    memcmp(rd.data, model + off, sizeof(rd.data)) == 0,
+		    "backend read at %llu differs", (unsigned long long)off);
 	}
 	int fd = open(img_path, O_RDONLY);
 	ck_assert_int_ge(fd, 0);
@@ -233,11 +237,12 @@ START_TEST(lane_and_pool_writes_mix)
 		if (i % 8 == 0) {
 			unsigned k = i / 8;
 			fill(bigbuf + k * BIG, BIG, 200 + k);
-			submit_buf(&big[k], XNBD_IO_WRITE, 0, 2U * 1024 * 1024 + k * BIG,
-			           BIG, bigbuf + k * BIG);
+			submit_buf(&big[k], XNBD_IO_WRITE, 0,
+			           2U * 1024 * 1024 + k * BIG, BIG,
+			           bigbuf + k * BIG);
 			fill(fua[k].data, 4096, 300 + k);
-			submit_buf(&fua[k], XNBD_IO_WRITE, XNBD_IO_FUA, base + 8192, 4096,
-			           NULL);
+			submit_buf(&fua[k], XNBD_IO_WRITE, XNBD_IO_FUA,
+			           base + 8192, 4096, NULL);
 		}
 	}
 	uv_run(&loop, UV_RUN_DEFAULT);
@@ -256,12 +261,14 @@ START_TEST(lane_and_pool_writes_mix)
 	for (unsigned k = 0; k < 4; k++) {
 		ck_assert_int_eq(big[k].ncalls, 1);
 		ck_assert_int_eq(big[k].io.status, 0);
-		ck_assert_int_eq(pread(fd, buf, BIG, 2 * 1024 * 1024 + (off_t)k * BIG),
-		                 (ssize_t)BIG);
+		ck_assert_int_eq(
+		    pread(fd, buf, BIG, 2 * 1024 * 1024 + (off_t)k * BIG),
+		    (ssize_t)BIG);
 		ck_assert(memcmp(buf, bigbuf + k * BIG, BIG) == 0);
 		ck_assert_int_eq(fua[k].ncalls, 1);
 		ck_assert_int_eq(fua[k].io.status, 0);
-		ck_assert_int_eq(pread(fd, buf, 4096, (off_t)k * 8 * 65536 + 8192), 4096);
+		ck_assert_int_eq(
+		    pread(fd, buf, 4096, (off_t)k * 8 * 65536 + 8192), 4096);
 		ck_assert(memcmp(buf, fua[k].data, 4096) == 0);
 	}
 	close(fd);
@@ -357,7 +364,8 @@ START_TEST(backend_freed_in_last_callback)
 		free_after = 10 + 20 * round;
 		for (int i = 0; i < free_after; i++) {
 			fill(ops[i].data, 4096, (unsigned)i);
-			submit(&ops[i], XNBD_IO_WRITE, (uint64_t)i * 4096, 4096);
+			submit(&ops[i], XNBD_IO_WRITE, (uint64_t)i * 4096,
+			       4096);
 			ops[i].io.done = free_when_last;
 			if (round == 2 && i == 5)
 				uv_run(&loop, UV_RUN_NOWAIT);
@@ -613,8 +621,8 @@ START_TEST(snapshot_ends_through_the_channel)
 	snprintf(snap_path, sizeof(snap_path), "%s.snap", img_path);
 	unlink(snap_path);
 	snap_status = 1;
-	ck_assert_int_eq(xnbd_backend_snapshot(backend, snap_path, snap_done, NULL),
-	                 0);
+	ck_assert_int_eq(
+	    xnbd_backend_snapshot(backend, snap_path, snap_done, NULL), 0);
 	ck_assert_int_eq(xnbd_backend_snapshot_running(backend), 1);
 	while (backend)
 		uv_run(&loop, UV_RUN_ONCE);
@@ -724,8 +732,8 @@ START_TEST(sparse_files_of_ours_are_allocated_a_chunk_ahead)
 		return; /* not ext4 nor XFS: never allocated ahead */
 	ck_assert_int_eq(truncate(img_path, (off_t)size), 0);
 	xnbd_backend_free(backend);
-	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path,
-	                                        XNBD__OPEN_ALLOC_AHEAD, &backend),
+	ck_assert_int_eq(xnbd_backend_file_open(
+	                     &loop, img_path, XNBD__OPEN_ALLOC_AHEAD, &backend),
 	                 0);
 	write_and_check(&o, C + 8192, 4096, 1);
 	ck_assert_uint_lt(allocated_bytes(), 64 * 1024);
@@ -734,9 +742,9 @@ START_TEST(sparse_files_of_ours_are_allocated_a_chunk_ahead)
 	xnbd_backend_free(backend);
 	int fd = open(img_path, O_RDWR);
 	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(
-	    xnbd__backend_file_from_fd(&loop, fd, XNBD__OPEN_ALLOC_AHEAD, &backend),
-	    0);
+	ck_assert_int_eq(xnbd__backend_file_from_fd(
+	                     &loop, fd, XNBD__OPEN_ALLOC_AHEAD, &backend),
+	                 0);
 	xnbd__file_write_place(backend, true, NO_STALL); /* the lane */
 	write_and_check(&o, C + 16384, 4096, 2);
 	ck_assert_uint_eq(xnbd__file_chunks_allocated(backend), 1);
@@ -760,7 +768,7 @@ START_TEST(sparse_files_of_ours_are_allocated_a_chunk_ahead)
 
 	fill(o.data, 4096, 5);
 	submit(&o, XNBD_IO_WRITE, size - 4096, 4096); /* chunk 3, short */
-	ck_assert_int_eq(o.ncalls, 1); /* allocated: inline */
+	ck_assert_int_eq(o.ncalls, 1);                /* allocated: inline */
 	ck_assert_int_eq(o.io.status, 0);
 	ck_assert(file_is(o.data, size - 4096, 4096));
 	ck_assert_uint_eq(xnbd__file_chunks_allocated(backend), 3);
@@ -814,7 +822,8 @@ START_TEST(idle_small_writes_are_made_inline)
 	ck_assert_int_ge(fd, 0);
 	ck_assert_int_eq(ftruncate(fd, IMG_SIZE / 2), 0); /* shrunk under it */
 	close(fd);
-	submit(&o, XNBD_IO_WRITE, IMG_SIZE / 2 + 4096, 4096); /* past the limit */
+	/* past the limit */
+	submit(&o, XNBD_IO_WRITE, IMG_SIZE / 2 + 4096, 4096);
 	ck_assert_int_eq(o.ncalls, 1);
 	ck_assert_int_eq(o.io.status, -EFBIG);
 }
@@ -831,7 +840,8 @@ START_TEST(writes_past_the_file_size_limit_leave_the_loop_thread)
 	signal(SIGXFSZ, SIG_DFL);
 	struct rlimit rl = {IMG_SIZE / 2, IMG_SIZE / 2};
 	ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &rl), 0);
-	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend), 0);
+	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend),
+	                 0);
 	xnbd__file_write_place(backend, false, NO_STALL);
 	fill(o.data, 4096, 1);
 	submit(&o, XNBD_IO_WRITE, IMG_SIZE / 2 - 4096, 4096);
@@ -856,8 +866,8 @@ START_TEST(small_writes_leave_the_loop_while_others_are_out)
 	fill(bigdata, sizeof(bigdata), 9);
 	for (int k = 0; k < 2; k++) {
 		if (k == 0)
-			submit_buf(&big, XNBD_IO_WRITE, 0, 1U << 20, sizeof(bigdata),
-			           bigdata);
+			submit_buf(&big, XNBD_IO_WRITE, 0, 1U << 20,
+			           sizeof(bigdata), bigdata);
 		else
 			submit(&z, XNBD_IO_ZERO, 2U << 20, 1U << 20);
 		fill(o.data, 4096, 3);
@@ -894,7 +904,8 @@ START_TEST(a_stream_of_writes_stays_on_the_loop_thread)
 	ck_assert_int_ge(fd, 0);
 	ck_assert_int_eq(fdatasync(fd), 0);
 	ck_assert_int_eq(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
-	ck_assert_int_eq(pwrite(fd, data, sizeof(data), 0), (ssize_t)sizeof(data));
+	ck_assert_int_eq(pwrite(fd, data, sizeof(data), 0),
+	                 (ssize_t)sizeof(data));
 	close(fd);
 	xnbd__file_write_place(backend, false, NO_STALL);
 	/* No ck_assert in the loop: each costs a message to Check's parent,
@@ -970,10 +981,12 @@ static Suite *suite(void)
 	tcase_add_test(tc, large_writes_into_uncached_pages_go_in_pieces);
 	tcase_add_test(tc, sparse_files_of_ours_are_allocated_a_chunk_ahead);
 	tcase_add_test(tc, idle_small_writes_are_made_inline);
-	tcase_add_test(tc, writes_past_the_file_size_limit_leave_the_loop_thread);
+	tcase_add_test(tc,
+	               writes_past_the_file_size_limit_leave_the_loop_thread);
 	tcase_add_test(tc, small_writes_leave_the_loop_while_others_are_out);
 	tcase_add_test(tc, a_stream_of_writes_stays_on_the_loop_thread);
-	tcase_add_test(tc, a_stalled_write_sends_writes_to_the_lane_for_a_while);
+	tcase_add_test(tc,
+	               a_stalled_write_sends_writes_to_the_lane_for_a_while);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -48,7 +48,8 @@ START_TEST(create_layout)
 {
 	struct xnbd_bitmap *bm;
 	/* 10 blocks and a bit: 11 blocks, 2 body bytes. */
-	ck_assert_int_eq(xnbd_bitmap_open(path, 10 * 4096 + 1, 4096, 0, &bm), 0);
+	ck_assert_int_eq(xnbd_bitmap_open(path, 10 * 4096 + 1, 4096, 0, &bm),
+	                 0);
 	ck_assert_uint_eq(xnbd_bitmap_blocks(bm), 11);
 	ck_assert_uint_eq(xnbd_bitmap_count(bm), 0);
 	ck_assert_int_eq(file_size(), 4096 + 2);
@@ -64,7 +65,7 @@ START_TEST(bits_are_lsb_first_and_durable_after_write)
 	ck_assert_int_eq(xnbd_bitmap_open(path, 100 * 4096, 4096, 0, &bm), 0);
 	xnbd_bitmap_set(bm, 0);
 	xnbd_bitmap_set(bm, 9);
-	xnbd_bitmap_set(bm, 9); /* twice: counted once */
+	xnbd_bitmap_set(bm, 9);    /* twice: counted once */
 	xnbd_bitmap_set(bm, 1000); /* past the end: ignored */
 	ck_assert_uint_eq(xnbd_bitmap_count(bm), 2);
 	ck_assert_int_eq(xnbd_bitmap_test(bm, 9), 1);
@@ -92,9 +93,9 @@ START_TEST(bits_are_lsb_first_and_durable_after_write)
 	xnbd_bitmap_close(bm);
 
 	/* Reopened with CLEAR: nothing set, in memory and on disk. */
-	ck_assert_int_eq(xnbd_bitmap_open(path, 100 * 4096, 4096,
-	                                  XNBD_BITMAP_CLEAR, &bm),
-	                 0);
+	ck_assert_int_eq(
+	    xnbd_bitmap_open(path, 100 * 4096, 4096, XNBD_BITMAP_CLEAR, &bm),
+	    0);
 	ck_assert_uint_eq(xnbd_bitmap_count(bm), 0);
 	ck_assert_int_eq(file_byte(4096), 0);
 	xnbd_bitmap_close(bm);
@@ -142,8 +143,10 @@ START_TEST(refuses_mismatch_and_foreign_files)
 	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, 0, &bm), 0);
 	xnbd_bitmap_close(bm);
 	/* Another image size or block size: refused, file untouched. */
-	ck_assert_int_eq(xnbd_bitmap_open(path, 65 * 4096, 4096, 0, &bm), -EINVAL);
-	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 512, 0, &bm), -EINVAL);
+	ck_assert_int_eq(xnbd_bitmap_open(path, 65 * 4096, 4096, 0, &bm),
+	                 -EINVAL);
+	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 512, 0, &bm),
+	                 -EINVAL);
 	ck_assert_int_eq(file_size(), 4096 + 8);
 	/* Bad arguments. */
 	ck_assert_int_eq(xnbd_bitmap_open(path, 4096, 1000, 0, &bm), -EINVAL);
@@ -153,7 +156,8 @@ START_TEST(refuses_mismatch_and_foreign_files)
 	int fd = open(path, O_WRONLY);
 	ck_assert_int_eq(pwrite(fd, "\x7f", 1, 20), 1);
 	close(fd);
-	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, 0, &bm), -EBADMSG);
+	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, 0, &bm),
+	                 -EBADMSG);
 
 	/* Damage in the reserved, unchecksummed part of the header too. */
 	unlink(path);
@@ -162,21 +166,24 @@ START_TEST(refuses_mismatch_and_foreign_files)
 	fd = open(path, O_WRONLY);
 	ck_assert_int_eq(pwrite(fd, "garbage!", 8, 100), 8);
 	close(fd);
-	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, 0, &bm), -EBADMSG);
-	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, XNBD_BITMAP_CLEAR,
-	                                  &bm),
+	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, 0, &bm),
 	                 -EBADMSG);
+	ck_assert_int_eq(
+	    xnbd_bitmap_open(path, 64 * 4096, 4096, XNBD_BITMAP_CLEAR, &bm),
+	    -EBADMSG);
 
 	/* Something else entirely: refused, not overwritten. */
 	fd = open(path, O_WRONLY | O_TRUNC);
 	ck_assert_int_eq(write(fd, "hello world, not a bitmap", 25), 25);
 	close(fd);
-	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, 0, &bm), -EBADMSG);
+	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096, 4096, 0, &bm),
+	                 -EBADMSG);
 	ck_assert_int_eq(file_size(), 25);
 
 	/* A truncated body is refused. */
 	unlink(path);
-	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096 * 8, 4096, 0, &bm), 0);
+	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096 * 8, 4096, 0, &bm),
+	                 0);
 	xnbd_bitmap_close(bm);
 	ck_assert_int_eq(truncate(path, 4096 + 10), 0);
 	ck_assert_int_eq(xnbd_bitmap_open(path, 64 * 4096 * 8, 4096, 0, &bm),

@@ -88,9 +88,8 @@ static struct xnbd_client *start(struct result *r, uint64_t ms)
 	ck_assert_int_eq(xnbd_client_new(&loop, &c), 0);
 	if (ms != UINT64_MAX)
 		ck_assert_int_eq(xnbd_client_set_connect_timeout(c, ms), 0);
-	ck_assert_int_eq(xnbd_client_connect(c, "127.0.0.1", port, "", connected,
-	                                     r),
-	                 0);
+	ck_assert_int_eq(
+	    xnbd_client_connect(c, "127.0.0.1", port, "", connected, r), 0);
 	return c;
 }
 
@@ -205,11 +204,13 @@ static struct xnbd_client *connect_oldstyle(int *fd)
 	}
 	ck_assert_int_ge(*fd, 0);
 	uint8_t hello[8 + 8 + 8 + 4 + 124] = "NBDMAGIC";
-	static const uint8_t old[8] = {0, 0, 0x42, 0x02, 0x81, 0x86, 0x12, 0x53};
+	static const uint8_t old[8] = {0,    0,    0x42, 0x02,
+	                               0x81, 0x86, 0x12, 0x53};
 	memcpy(hello + 8, old, 8);
 	hello[16 + 5] = 0x10; /* 1 MiB */
 	hello[24 + 3] = 1;    /* HAS_FLAGS */
-	ck_assert_int_eq(send(*fd, hello, sizeof(hello), 0), (ssize_t)sizeof(hello));
+	ck_assert_int_eq(send(*fd, hello, sizeof(hello), 0),
+	                 (ssize_t)sizeof(hello));
 	run_until(&r, 5);
 	ck_assert_int_eq(r.calls, 1);
 	ck_assert_int_eq(r.status, 0);
@@ -252,11 +253,15 @@ START_TEST(requests_of_one_iteration_go_out_together)
 	struct done d[NREQ] = {{0}};
 	for (int i = 0; i < NREQ; i++) {
 		memset(bufs[i], i == 3 ? 0xab : 0, sizeof(bufs[i]));
-		io[i] = (struct xnbd_io){.type = i == 3 ? XNBD_IO_WRITE : XNBD_IO_READ,
+		io[i] = (struct xnbd_io){.type = i == 3 ? XNBD_IO_WRITE
+		                                        : XNBD_IO_READ,
 		                         .offset = (uint64_t)(NREQ - i) * 4096,
-		                         .length = 4096, .buf = bufs[i],
-		                         .done = io_done, .user_data = &d[i]};
-		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]), XNBD_IO_PENDING);
+		                         .length = 4096,
+		                         .buf = bufs[i],
+		                         .done = io_done,
+		                         .user_data = &d[i]};
+		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]),
+		                 XNBD_IO_PENDING);
 	}
 	/* Nothing is sent while the iteration that submitted them runs... */
 	ck_assert_int_eq(pending_bytes(fd), 0);
@@ -311,8 +316,8 @@ END_TEST
 START_TEST(a_batch_larger_than_the_socket_goes_out_whole)
 {
 	int small = 4096;
-	ck_assert_int_eq(setsockopt(lfd, SOL_SOCKET, SO_RCVBUF, &small,
-	                            sizeof(small)), 0);
+	ck_assert_int_eq(
+	    setsockopt(lfd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)), 0);
 	int fd;
 	struct xnbd_client *c = connect_oldstyle(&fd);
 	struct xnbd_backend *b = xnbd_client_backend(c);
@@ -325,9 +330,11 @@ START_TEST(a_batch_larger_than_the_socket_goes_out_whole)
 		io[i] = (struct xnbd_io){.type = XNBD_IO_WRITE,
 		                         .offset = (uint64_t)(i % 16) * BIG,
 		                         .length = BIG,
-		                         .buf = bufs[i], .done = io_done,
+		                         .buf = bufs[i],
+		                         .done = io_done,
 		                         .user_data = &d[i]};
-		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]), XNBD_IO_PENDING);
+		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]),
+		                 XNBD_IO_PENDING);
 	}
 	uv_run(&loop, UV_RUN_NOWAIT);
 	const size_t total = NBIG * (28 + BIG);
@@ -353,7 +360,8 @@ START_TEST(a_batch_larger_than_the_socket_goes_out_whole)
 		q += 28;
 		ck_assert(memcmp(q, bufs[i], BIG) == 0);
 		q += BIG;
-		ck_assert_int_eq(send(fd, rep, sizeof(rep), 0), (ssize_t)sizeof(rep));
+		ck_assert_int_eq(send(fd, rep, sizeof(rep), 0),
+		                 (ssize_t)sizeof(rep));
 	}
 	wait_all_done(d, NBIG);
 	xnbd_client_free(c);
@@ -373,10 +381,14 @@ START_TEST(requests_queued_at_free_are_cancelled)
 	struct xnbd_io io[4];
 	struct done d[4] = {{0}};
 	for (int i = 0; i < 4; i++) {
-		io[i] = (struct xnbd_io){.type = XNBD_IO_READ, .offset = 0,
-		                         .length = 4096, .buf = buf[i],
-		                         .done = io_done, .user_data = &d[i]};
-		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]), XNBD_IO_PENDING);
+		io[i] = (struct xnbd_io){.type = XNBD_IO_READ,
+		                         .offset = 0,
+		                         .length = 4096,
+		                         .buf = buf[i],
+		                         .done = io_done,
+		                         .user_data = &d[i]};
+		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]),
+		                 XNBD_IO_PENDING);
 	}
 	xnbd_client_free(c);
 	uv_run(&loop, UV_RUN_DEFAULT);

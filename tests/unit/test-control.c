@@ -57,12 +57,13 @@ END_TEST
 START_TEST(decode_rejects_malformed_words)
 {
 	static const char *const bad[] = {
-		"%", "%4", "ab%4", "%4G", "%G4", "%00", "a b", "a\tb", "a\nb",
-		"\x7f", "\x80", "caf\xc3\xa9", "%%41",
+	    "%",    "%4",   "ab%4", "%4G",  "%G4",         "%00",  "a b",
+	    "a\tb", "a\nb", "\x7f", "\x80", "caf\xc3\xa9", "%%41",
 	};
 	char out[32];
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
-		ck_assert_msg(xnbd__ctl_decode(out, bad[i], strlen(bad[i])) == -EINVAL,
+		ck_assert_msg(xnbd__ctl_decode(out, bad[i], strlen(bad[i])) ==
+		                  -EINVAL,
 		              "accepted \"%s\"", bad[i]);
 	/* Lower-case hex and needless escapes are understood. */
 	ck_assert_int_eq(xnbd__ctl_decode(out, "%7e%41%c3%A9", 12), 4);
@@ -121,11 +122,12 @@ END_TEST
 START_TEST(errno_names_map_both_ways)
 {
 	static const char *const names[] = {
-		"EINVAL", "ENOENT", "EBUSY", "EPERM", "EIO", "ENOSYS", "EEXIST",
-		"EADDRINUSE", "EAGAIN", "ECANCELED", "ENOTCONN", "EALREADY",
-		"ESHUTDOWN", "ENOSPC", "ENOMEM", "EPROTO", "ETIMEDOUT",
-		"ECONNREFUSED", "ENODATA", "EOVERFLOW", "EACCES", "ENAMETOOLONG",
-		"ENOTSUP", "E2BIG", "EMSGSIZE", "EROFS", "ECONNRESET", "EPIPE",
+	    "EINVAL",   "ENOENT",       "EBUSY",        "EPERM",   "EIO",
+	    "ENOSYS",   "EEXIST",       "EADDRINUSE",   "EAGAIN",  "ECANCELED",
+	    "ENOTCONN", "EALREADY",     "ESHUTDOWN",    "ENOSPC",  "ENOMEM",
+	    "EPROTO",   "ETIMEDOUT",    "ECONNREFUSED", "ENODATA", "EOVERFLOW",
+	    "EACCES",   "ENAMETOOLONG", "ENOTSUP",      "E2BIG",   "EMSGSIZE",
+	    "EROFS",    "ECONNRESET",   "EPIPE",
 	};
 	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
 		int v = xnbd__ctl_errno_value(names[i]);
@@ -402,10 +404,11 @@ static void server_start(void)
 {
 	ck_assert_int_eq(uv_loop_init(&S.loop), 0);
 	ck_assert_int_eq(xnbd_control_new(&S.loop, &S.ctl), 0);
-	ck_assert_int_eq(xnbd_control_set_program(S.ctl, "test-prog/1 with space"),
-	                 0);
+	ck_assert_int_eq(
+	    xnbd_control_set_program(S.ctl, "test-prog/1 with space"), 0);
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "echo", cmd_echo, NULL), 0);
-	ck_assert_int_eq(xnbd_control_add(S.ctl, "count", cmd_count, &S.loop), 0);
+	ck_assert_int_eq(xnbd_control_add(S.ctl, "count", cmd_count, &S.loop),
+	                 0);
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "hang", cmd_hang, NULL), 0);
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "fail", cmd_fail, NULL), 0);
 	ck_assert_int_eq(xnbd_control_add(S.ctl, "keys", cmd_keys, NULL), 0);
@@ -460,7 +463,8 @@ static int cap_cb(const struct xnbd_ctl_line *l, void *ud)
 		ck_assert_str_eq(l->kind, "progress");
 		ck_assert_ptr_null(l->key);
 		snprintf(tmp, sizeof(tmp), "p %llu %llu\n",
-		         (unsigned long long)l->done, (unsigned long long)l->total);
+		         (unsigned long long)l->done,
+		         (unsigned long long)l->total);
 		if (c->nprog && l->done <= c->last_done)
 			c->increasing = false;
 		c->last_done = l->done;
@@ -494,23 +498,23 @@ static int call(struct xnbd_ctl *c, struct cap *cap, char **msg, int argc,
 	return xnbd_ctl_call(c, argc, argv, cap ? cap_cb : NULL, cap, msg);
 }
 
-#define CALL(c, cap, msg, ...)                                               \
-	call(c, cap, msg,                                                      \
-	     (int)(sizeof((const char *[]){ __VA_ARGS__ }) / sizeof(char *)), \
-	     (const char *const[]){ __VA_ARGS__ })
+#define CALL(c, cap, msg, ...) \
+	call(c, cap, msg, \
+	     (int)(sizeof((const char *[]){__VA_ARGS__}) / sizeof(char *)), \
+	     (const char *const[]){__VA_ARGS__})
 
 static int raw_connect(const char *p)
 {
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	ck_assert_int_ge(fd, 0);
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	strcpy(sa.sun_path, p);
 	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
 		int e = errno;
 		close(fd);
 		return -e;
 	}
-	struct timeval tv = { .tv_sec = 10 };
+	struct timeval tv = {.tv_sec = 10};
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	return fd;
 }
@@ -545,11 +549,11 @@ static void raw_send(int fd, const char *s, size_t len)
 }
 
 #define RAW_SEND(fd, s) raw_send(fd, s, strlen(s))
-#define RAW_EXPECT(fd, s)                                       \
-	do {                                                        \
-		char b_[XNBD_CONTROL_MAX_LINE * 2];                     \
-		ck_assert_int_ge(raw_line(fd, b_, sizeof(b_)), 0);      \
-		ck_assert_str_eq(b_, s);                                \
+#define RAW_EXPECT(fd, s) \
+	do { \
+		char b_[XNBD_CONTROL_MAX_LINE * 2]; \
+		ck_assert_int_ge(raw_line(fd, b_, sizeof(b_)), 0); \
+		ck_assert_str_eq(b_, s); \
 	} while (0)
 
 static int raw_open(void)
@@ -595,8 +599,7 @@ START_TEST(deferred_request_streams_progress)
 	struct cap cap;
 	cap_init(&cap);
 	ck_assert_int_eq(CALL(c, &cap, NULL, "count", "5"), 0);
-	ck_assert_str_eq(cap_text(&cap),
-	                 "p 1 5\np 2 5\np 3 5\np 4 5\np 5 5\n");
+	ck_assert_str_eq(cap_text(&cap), "p 1 5\np 2 5\np 3 5\np 4 5\np 5 5\n");
 	free(cap.text);
 	ck_assert_int_eq(atomic_load(&gone_count), 0);
 	xnbd_ctl_close(c);
@@ -622,7 +625,8 @@ START_TEST(errors_carry_name_and_message)
 	free(msg);
 	/* A message too long for a line is shortened, not refused. */
 	ck_assert_int_eq(CALL(c, NULL, &msg, "fail", "long"), -EIO);
-	ck_assert_uint_eq(strlen(msg), XNBD_CONTROL_MAX_LINE - strlen("error EIO \n"));
+	ck_assert_uint_eq(strlen(msg),
+	                  XNBD_CONTROL_MAX_LINE - strlen("error EIO \n"));
 	free(msg);
 	ck_assert_int_eq(CALL(c, NULL, &msg, "no such"), -ENOSYS);
 	ck_assert_ptr_nonnull(strstr(msg, "unknown command"));
@@ -688,9 +692,9 @@ START_TEST(client_refuses_requests_it_cannot_send)
 	for (int i = 0; i <= XNBD__CTL_MAX_WORDS; i++)
 		argv[i] = "w";
 	argv[0] = "echo";
-	ck_assert_int_eq(xnbd_ctl_call(c, XNBD__CTL_MAX_WORDS + 1, argv, NULL,
-	                               NULL, NULL),
-	                 -E2BIG);
+	ck_assert_int_eq(
+	    xnbd_ctl_call(c, XNBD__CTL_MAX_WORDS + 1, argv, NULL, NULL, NULL),
+	    -E2BIG);
 	ck_assert_int_eq(xnbd_ctl_call(c, 0, argv, NULL, NULL, NULL), -EINVAL);
 	ck_assert_int_eq(CALL(c, NULL, NULL, ""), -EINVAL);
 	char *big = malloc(XNBD_CONTROL_MAX_LINE);
@@ -700,10 +704,10 @@ START_TEST(client_refuses_requests_it_cannot_send)
 	/* 256 words and a line of exactly the limit still go through. */
 	struct cap cap;
 	cap_init(&cap);
-	ck_assert_int_eq(xnbd_ctl_call(c, XNBD__CTL_MAX_WORDS, argv, cap_cb, &cap,
-	                               NULL),
-	                 0);
-	ck_assert_uint_eq(cap.len, (XNBD__CTL_MAX_WORDS - 1) * strlen("i arg w\n"));
+	ck_assert_int_eq(
+	    xnbd_ctl_call(c, XNBD__CTL_MAX_WORDS, argv, cap_cb, &cap, NULL), 0);
+	ck_assert_uint_eq(cap.len,
+	                  (XNBD__CTL_MAX_WORDS - 1) * strlen("i arg w\n"));
 	free(cap.text);
 	big[XNBD_CONTROL_MAX_LINE - strlen("size \n")] = '\0';
 	cap_init(&cap);
@@ -755,19 +759,24 @@ START_TEST(bad_lines_get_errors_and_empty_lines_nothing)
 	server_start();
 	int fd = raw_open();
 	RAW_SEND(fd, "\n\n\necho%zz\necho a%\necho%00\nnope\n");
-	RAW_EXPECT(fd, "error EINVAL badly%20encoded%20word%20in%20a%20request");
-	RAW_EXPECT(fd, "error EINVAL badly%20encoded%20word%20in%20a%20request");
-	RAW_EXPECT(fd, "error EINVAL badly%20encoded%20word%20in%20a%20request");
+	RAW_EXPECT(fd,
+	           "error EINVAL badly%20encoded%20word%20in%20a%20request");
+	RAW_EXPECT(fd,
+	           "error EINVAL badly%20encoded%20word%20in%20a%20request");
+	RAW_EXPECT(fd,
+	           "error EINVAL badly%20encoded%20word%20in%20a%20request");
 	RAW_EXPECT(fd, "error ENOSYS unknown%20command:%20nope");
 	/* Raw control bytes are not words either. */
 	RAW_SEND(fd, "echo a\tb\n");
-	RAW_EXPECT(fd, "error EINVAL badly%20encoded%20word%20in%20a%20request");
+	RAW_EXPECT(fd,
+	           "error EINVAL badly%20encoded%20word%20in%20a%20request");
 	char many[2 * 300 + 8] = "echo";
 	for (int i = 0; i < 300; i++)
 		strcat(many, " w");
 	strcat(many, "\n");
 	RAW_SEND(fd, many);
-	RAW_EXPECT(fd, "error E2BIG more%20than%20256%20words%20in%20a%20request");
+	RAW_EXPECT(fd,
+	           "error E2BIG more%20than%20256%20words%20in%20a%20request");
 	/* An empty word is a word. */
 	RAW_SEND(fd, "\necho  x \n");
 	RAW_EXPECT(fd, "info arg ");
@@ -841,7 +850,8 @@ START_TEST(client_that_does_not_read_is_not_buffered_for)
 	int sent = 0;
 	size_t off = 0;
 	for (int idle = 0; idle < 300 && sent < 2000;) {
-		ssize_t r = send(fd, line + off, sizeof(line) - off, MSG_NOSIGNAL);
+		ssize_t r =
+		    send(fd, line + off, sizeof(line) - off, MSG_NOSIGNAL);
 		if (r < 0) {
 			ck_assert(errno == EAGAIN);
 			idle++;
@@ -892,7 +902,8 @@ START_TEST(half_closed_client_gets_eof_after_a_large_reply)
 	usleep(300 * 1000); /* the reply piles up unread meanwhile */
 	static char b[8192];
 	for (int i = 0; i < 400; i++)
-		ck_assert_int_eq(raw_line(fd, b, sizeof(b)), 1007); /* info l V */
+		ck_assert_int_eq(raw_line(fd, b, sizeof(b)),
+		                 1007); /* info l V */
 	RAW_EXPECT(fd, "ok");
 	ck_assert_int_eq(raw_line(fd, b, sizeof(b)), -1); /* EOF, no timeout */
 	close(fd);
@@ -1027,7 +1038,7 @@ static void check_mode_0600(void)
 
 START_TEST(socket_is_0600_whatever_the_umask_and_removed_on_free)
 {
-	static const mode_t masks[] = { 0, 022, 0277 };
+	static const mode_t masks[] = {0, 022, 0277};
 	for (size_t i = 0; i < 3; i++) {
 		mode_t old = umask(masks[i]);
 		server_start();
@@ -1047,7 +1058,7 @@ END_TEST
 START_TEST(stale_socket_is_replaced)
 {
 	int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	strcpy(sa.sun_path, path);
 	ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
 	close(fd); /* the file stays, nobody listens */
@@ -1106,7 +1117,7 @@ START_TEST(other_files_are_left_alone)
 	ck_assert_int_eq(write(fd, "data", 4), 4);
 	close(fd);
 	ck_assert_int_eq(listen_once(path), -EEXIST);
-	char b[8] = { 0 };
+	char b[8] = {0};
 	fd = open(path, O_RDONLY);
 	ck_assert_int_eq(read(fd, b, sizeof(b)), 4);
 	close(fd);
@@ -1120,7 +1131,7 @@ START_TEST(other_files_are_left_alone)
 	char target[300];
 	snprintf(target, sizeof(target), "%s/stale", dir);
 	int s = socket(AF_UNIX, SOCK_STREAM, 0);
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	strcpy(sa.sun_path, target);
 	ck_assert_int_eq(bind(s, (struct sockaddr *)&sa, sizeof(sa)), 0);
 	close(s);
@@ -1163,7 +1174,8 @@ START_TEST(registration_is_checked)
 	struct xnbd_control *ctl;
 	ck_assert_int_eq(uv_loop_init(&loop), 0);
 	ck_assert_int_eq(xnbd_control_new(&loop, &ctl), 0);
-	ck_assert_int_eq(xnbd_control_add(ctl, "help", cmd_echo, NULL), -EEXIST);
+	ck_assert_int_eq(xnbd_control_add(ctl, "help", cmd_echo, NULL),
+	                 -EEXIST);
 	ck_assert_int_eq(xnbd_control_add(ctl, "x", cmd_echo, NULL), 0);
 	ck_assert_int_eq(xnbd_control_add(ctl, "x", cmd_echo, NULL), -EEXIST);
 	ck_assert_int_eq(xnbd_control_add(ctl, "", cmd_echo, NULL), -EINVAL);
@@ -1229,7 +1241,7 @@ static void fake_start(struct fake *f, const char *greeting, const char *reply)
 	f->greeting = greeting;
 	f->reply = reply;
 	f->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	strcpy(sa.sun_path, path);
 	unlink(path);
 	ck_assert_int_eq(bind(f->lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
@@ -1263,7 +1275,8 @@ START_TEST(client_refuses_other_servers_and_versions)
 	                 -EPROTONOSUPPORT);
 	ck_assert_int_eq(fake_open("xnbd-control 10\n"), -EPROTONOSUPPORT);
 	ck_assert_int_eq(fake_open("SSH-2.0-OpenSSH_9.2\n"), -EPROTO);
-	ck_assert_int_eq(fake_open("NBDMAGIC"), -EPROTO); /* no newline: early */
+	ck_assert_int_eq(fake_open("NBDMAGIC"),
+	                 -EPROTO); /* no newline: early */
 	ck_assert_int_eq(fake_open("xnbd-control x\n"), -EPROTO);
 	ck_assert_int_eq(fake_open("xnbd-control 1 bad%zz\n"), -EPROTO);
 	ck_assert_int_eq(fake_open("xnbd-control\n"), -EPROTO);
@@ -1273,7 +1286,7 @@ START_TEST(client_refuses_other_servers_and_versions)
 	ck_assert_int_eq(fake_open("xnbd-control 1 prog more words\n"), 0);
 	/* A stale socket file: nobody there. */
 	int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	strcpy(sa.sun_path, path);
 	ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
 	close(fd);
@@ -1311,7 +1324,8 @@ START_TEST(client_reads_replies_strictly_but_forward_compatibly)
 	                 0);
 	ck_assert_str_eq(t, "i color blue\np 1 2\n");
 	ck_assert_ptr_null(m);
-	ck_assert(usable); /* the fake then closes: -ECONNRESET, not -ENOTCONN */
+	/* the fake then closes: -ECONNRESET, not -ENOTCONN */
+	ck_assert(usable);
 	free(t);
 	ck_assert_int_eq(fake_call("progress 18446744073709551615 "
 	                           "18446744073709551615\nok\n",
@@ -1320,8 +1334,8 @@ START_TEST(client_reads_replies_strictly_but_forward_compatibly)
 	ck_assert_str_eq(t, "p 18446744073709551615 18446744073709551615\n");
 	free(t);
 	/* An error from the future is an I/O error, with its message. */
-	ck_assert_int_eq(fake_call("error EFUTURE some%20thing\n", &t, &m, &usable),
-	                 -EIO);
+	ck_assert_int_eq(
+	    fake_call("error EFUTURE some%20thing\n", &t, &m, &usable), -EIO);
 	ck_assert_str_eq(m, "some thing");
 	free(m);
 	free(t);
@@ -1331,16 +1345,17 @@ START_TEST(client_reads_replies_strictly_but_forward_compatibly)
 	free(t);
 	/* Broken replies: -EPROTO, and the connection is given up. */
 	static const char *const broken[] = {
-		"progress x 2\nok\n",
-		"progress 1\nok\n",
-		"progress -1 2\nok\n",
-		"progress 18446744073709551616 1\nok\n",
-		"info onlykey\nok\n",
-		"info a b%4\nok\n",
-		"error\n",
+	    "progress x 2\nok\n",
+	    "progress 1\nok\n",
+	    "progress -1 2\nok\n",
+	    "progress 18446744073709551616 1\nok\n",
+	    "info onlykey\nok\n",
+	    "info a b%4\nok\n",
+	    "error\n",
 	};
 	for (size_t i = 0; i < sizeof(broken) / sizeof(broken[0]); i++) {
-		ck_assert_int_eq(fake_call(broken[i], &t, &m, &usable), -EPROTO);
+		ck_assert_int_eq(fake_call(broken[i], &t, &m, &usable),
+		                 -EPROTO);
 		ck_assert_ptr_null(m);
 		ck_assert(!usable);
 		free(t);
@@ -1416,7 +1431,8 @@ int main(void)
 	tc = tcase_create("socket file");
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 60);
-	tcase_add_test(tc, socket_is_0600_whatever_the_umask_and_removed_on_free);
+	tcase_add_test(tc,
+	               socket_is_0600_whatever_the_umask_and_removed_on_free);
 	tcase_add_test(tc, stale_socket_is_replaced);
 	tcase_add_test(tc, live_socket_is_not_taken_over);
 	tcase_add_test(tc, other_files_are_left_alone);
@@ -1427,7 +1443,8 @@ int main(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 60);
 	tcase_add_test(tc, client_refuses_other_servers_and_versions);
-	tcase_add_test(tc, client_reads_replies_strictly_but_forward_compatibly);
+	tcase_add_test(tc,
+	               client_reads_replies_strictly_but_forward_compatibly);
 	tcase_add_test(tc, client_refuses_overlong_reply_lines);
 	suite_add_tcase(s, tc);
 

@@ -61,7 +61,8 @@ static void setup(void)
 	ck_assert_int_ge(fd, 0);
 	ck_assert_int_eq(ftruncate(fd, IMG_SIZE), 0);
 	close(fd);
-	ck_assert_int_eq(xnbd_backend_file_open(&loop, up_path, 0, &up_backend), 0);
+	ck_assert_int_eq(xnbd_backend_file_open(&loop, up_path, 0, &up_backend),
+	                 0);
 	ck_assert_int_eq(xnbd_export_new("", up_backend, 0, &up_export), 0);
 	ck_assert_int_eq(xnbd_server_new(&loop, &up_server), 0);
 	ck_assert_int_eq(xnbd_server_add_export(up_server, up_export), 0);
@@ -76,8 +77,8 @@ static void setup(void)
 
 static void teardown(void)
 {
-	ck_assert_int_eq(xnbd_server_shutdown(up_server, 1000, on_up_down, NULL),
-	                 0);
+	ck_assert_int_eq(
+	    xnbd_server_shutdown(up_server, 1000, on_up_down, NULL), 0);
 	while (!up_down)
 		uv_run(&loop, UV_RUN_ONCE);
 	xnbd_server_free(up_server);

@@ -44,8 +44,8 @@ static void put64(uint8_t *p, uint64_t v)
 
 static uint32_t get32(const uint8_t *p)
 {
-	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
-	       p[3];
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+	       (uint32_t)p[2] << 8 | p[3];
 }
 
 static double now(void)
@@ -62,7 +62,8 @@ static void recv_n(int fd, void *buf, size_t n)
 	double end = now() + 5;
 	while (have < n) {
 		uv_run(&loop, UV_RUN_NOWAIT);
-		ssize_t k = recv(fd, (uint8_t *)buf + have, n - have, MSG_DONTWAIT);
+		ssize_t k =
+		    recv(fd, (uint8_t *)buf + have, n - have, MSG_DONTWAIT);
 		if (k > 0)
 			have += (size_t)k;
 		ck_assert_msg(k != 0, "server closed the connection");
@@ -86,7 +87,8 @@ static void spin(int n)
 static int client(void)
 {
 	int sv[2];
-	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv),
+	                 0);
 	ck_assert_int_eq(xnbd_server_serve_fd(srv, sv[1], 0), 0);
 	uint8_t g[18];
 	recv_n(sv[0], g, sizeof(g));
@@ -147,7 +149,8 @@ static void list(int fd, char *out, size_t cap)
 		if (out[0])
 			strncat(out, ",", cap - strlen(out) - 1);
 		strncat(out, (const char *)r + 4,
-		        nl < cap - strlen(out) - 1 ? nl : cap - strlen(out) - 1);
+		        nl < cap - strlen(out) - 1 ? nl
+		                                   : cap - strlen(out) - 1);
 	}
 	ck_assert_uint_eq(t, XNBD_REP_ACK);
 }
@@ -196,7 +199,8 @@ static void setup(void)
 		buf[i] = (uint8_t)(i * 13 + 5);
 	ck_assert_int_eq(write(fd, buf, sizeof(buf)), (ssize_t)sizeof(buf));
 	close(fd);
-	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend), 0);
+	ck_assert_int_eq(xnbd_backend_file_open(&loop, img_path, 0, &backend),
+	                 0);
 	ck_assert_int_eq(xnbd_server_new(&loop, &srv), 0);
 	step = 0;
 }
@@ -215,7 +219,8 @@ static void on_down(struct xnbd_server *s, void *ud)
 static void stop_server(void)
 {
 	if (!down) {
-		ck_assert_int_eq(xnbd_server_shutdown(srv, 0, on_down, NULL), 0);
+		ck_assert_int_eq(xnbd_server_shutdown(srv, 0, on_down, NULL),
+		                 0);
 		while (!down)
 			uv_run(&loop, UV_RUN_ONCE);
 	}
@@ -244,21 +249,32 @@ static struct xnbd_export *add(const char *name)
  * what xnbd_export_name_check refuses. */
 START_TEST(export_names_are_checked)
 {
-	static const char *const good[] = {
-	    "", "disk", "caf\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x92\xbe",
-	    "\xef\xbf\xbf", "\xf4\x8f\xbf\xbf"};
+	static const char *const good[] = {"",
+	                                   "disk",
+	                                   "caf\xc3\xa9",
+	                                   "\xe2\x82\xac",
+	                                   "\xf0\x9f\x92\xbe",
+	                                   "\xef\xbf\xbf",
+	                                   "\xf4\x8f\xbf\xbf"};
 	static const char *const bad[] = {
-	    "\xff", "a\x80", "\xc0\x80",         /* stray, overlong NUL */
-	    "\xe0\x80\x80", "\xf0\x80\x80\x80", /* overlong */
-	    "\xed\xa0\x80",                      /* a surrogate */
-	    "\xf4\x90\x80\x80",                  /* past U+10FFFF */
-	    "\xc3", "x\xe2\x82"};                 /* cut short */
+	    "\xff",
+	    "a\x80",
+	    "\xc0\x80", /* stray, overlong NUL */
+	    "\xe0\x80\x80",
+	    "\xf0\x80\x80\x80", /* overlong */
+	    "\xed\xa0\x80",     /* a surrogate */
+	    "\xf4\x90\x80\x80", /* past U+10FFFF */
+	    "\xc3",
+	    "x\xe2\x82"}; /* cut short */
 	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
-		ck_assert_msg(xnbd_export_name_check(good[i]) == 0, "good %zu", i);
+		ck_assert_msg(xnbd_export_name_check(good[i]) == 0, "good %zu",
+		              i);
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-		ck_assert_msg(xnbd_export_name_check(bad[i]) == -EINVAL, "bad %zu", i);
+		ck_assert_msg(xnbd_export_name_check(bad[i]) == -EINVAL,
+		              "bad %zu", i);
 		struct xnbd_export *e = NULL;
-		ck_assert_int_eq(xnbd_export_new(bad[i], backend, 0, &e), -EINVAL);
+		ck_assert_int_eq(xnbd_export_new(bad[i], backend, 0, &e),
+		                 -EINVAL);
 	}
 	static char name[4098];
 	memset(name, 'n', 4096);
@@ -280,7 +296,8 @@ START_TEST(removed_export_serves_its_clients_to_the_end)
 	ck_assert_uint_eq(xnbd_export_client_count(a), 1);
 
 	struct calls calls = {0};
-	ck_assert_int_eq(xnbd_server_remove_export(srv, a, on_removed, &calls), 0);
+	ck_assert_int_eq(xnbd_server_remove_export(srv, a, on_removed, &calls),
+	                 0);
 	spin(5);
 	ck_assert_int_eq(calls.removed, 0);
 	ck_assert_int_eq(xnbd_server_add_export(srv, a), -EBUSY);
@@ -329,8 +346,10 @@ START_TEST(removal_without_clients_calls_back_later)
 {
 	struct xnbd_export *a = add("a");
 	struct calls calls = {0};
-	ck_assert_int_eq(xnbd_server_remove_export(srv, a, NULL, NULL), -EINVAL);
-	ck_assert_int_eq(xnbd_server_remove_export(srv, a, on_removed, &calls), 0);
+	ck_assert_int_eq(xnbd_server_remove_export(srv, a, NULL, NULL),
+	                 -EINVAL);
+	ck_assert_int_eq(xnbd_server_remove_export(srv, a, on_removed, &calls),
+	                 0);
 	ck_assert_int_eq(calls.removed, 0); /* never inside the call */
 	ck_assert_int_eq(xnbd_server_remove_export(srv, a, on_removed, &calls),
 	                 -ENOENT);
@@ -349,7 +368,8 @@ START_TEST(shutdown_waits_for_removal_callbacks)
 	ck_assert_uint_eq(go(c1, "a"), XNBD_REP_ACK);
 	spin(3);
 	struct calls calls = {0};
-	ck_assert_int_eq(xnbd_server_remove_export(srv, a, on_removed, &calls), 0);
+	ck_assert_int_eq(xnbd_server_remove_export(srv, a, on_removed, &calls),
+	                 0);
 	ck_assert_int_eq(xnbd_server_shutdown(srv, 1000, on_down, NULL), 0);
 	close(c1);
 	double end = now() + 5;
@@ -393,7 +413,8 @@ static size_t read_while_image_shrinks(unsigned flags)
 	xnbd_server_set_flags(srv, flags);
 
 	int sv[2], small = 16384;
-	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv),
+	                 0);
 	setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
 	setsockopt(sv[0], SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
 	ck_assert_int_eq(xnbd_server_serve_fd(srv, sv[1], 0), 0);
@@ -428,7 +449,8 @@ static size_t read_while_image_shrinks(unsigned flags)
 	end = now() + 5;
 	while (have < 16 + N && now() < end) {
 		uv_run(&loop, UV_RUN_NOWAIT);
-		ssize_t k = recv(sv[0], got + have, 16 + N - have, MSG_DONTWAIT);
+		ssize_t k =
+		    recv(sv[0], got + have, 16 + N - have, MSG_DONTWAIT);
 		if (k == 0)
 			break; /* the server closed the connection */
 		if (k > 0)
@@ -438,11 +460,12 @@ static size_t read_while_image_shrinks(unsigned flags)
 	ck_assert_uint_eq(get32(got), XNBD_MAGIC_SIMPLE_REPLY);
 	ck_assert_uint_eq(get32(got + 4), 0);
 	for (size_t i = 16; i < have; i++)
-		ck_assert_msg(got[i] == pat[OFF + i - 16], "byte %zu of the reply",
-		              i - 16);
+		ck_assert_msg(got[i] == pat[OFF + i - 16],
+		              "byte %zu of the reply", i - 16);
 	close(sv[0]);
 	struct calls calls = {0};
-	ck_assert_int_eq(xnbd_server_remove_export(srv, e, on_removed, &calls), 0);
+	ck_assert_int_eq(xnbd_server_remove_export(srv, e, on_removed, &calls),
+	                 0);
 	while (!calls.removed && now() < end + 5)
 		uv_run(&loop, UV_RUN_NOWAIT);
 	ck_assert_int_eq(calls.removed, 1);
@@ -527,7 +550,8 @@ static int pipes_for_a_large_write(unsigned flags)
 	ck_assert_int_eq(xnbd_server_add_export(srv, e), 0);
 	xnbd_server_set_flags(srv, flags);
 	int sv[2];
-	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv),
+	                 0);
 	ck_assert_int_eq(xnbd_server_serve_fd(srv, sv[1], 0), 0);
 	uint8_t g[18], f[4];
 	recv_n(sv[0], g, sizeof(g));
@@ -559,7 +583,8 @@ static int pipes_for_a_large_write(unsigned flags)
 	ck_assert_int_ge(fd, 0);
 	ck_assert_int_eq(pread(fd, got, N, OFF), N);
 	close(fd);
-	ck_assert_msg(memcmp(got, msg + 28, N) == 0, "the image holds the write");
+	ck_assert_msg(memcmp(got, msg + 28, N) == 0,
+	              "the image holds the write");
 	close(sv[0]);
 	stop_server();
 	xnbd_export_free(e);

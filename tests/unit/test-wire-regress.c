@@ -14,7 +14,8 @@ static struct fake_catalog fc;
 static void begin(struct xnbd__hs *hs)
 {
 	fake_catalog_init(&fc, test_exports, N_TEST_EXPORTS);
-	hs_begin(hs, &fc.cat, XNBD_FLAG_C_FIXED_NEWSTYLE | XNBD_FLAG_C_NO_ZEROES);
+	hs_begin(hs, &fc.cat,
+	         XNBD_FLAG_C_FIXED_NEWSTYLE | XNBD_FLAG_C_NO_ZEROES);
 }
 
 static void structured(struct xnbd__hs *hs)
@@ -42,29 +43,28 @@ static const struct {
 	uint64_t offset;
 	uint32_t length;
 } fua_cmds[] = {
-	{XNBD_CMD_READ, 0, 4096},
-	{XNBD_CMD_FLUSH, 0, 0},
-	{XNBD_CMD_CACHE, 0, 4096},
-	{XNBD_CMD_BLOCK_STATUS, 0, 4096},
-	{XNBD_CMD_DISC, 0, 0},
+    {XNBD_CMD_READ, 0, 4096},  {XNBD_CMD_FLUSH, 0, 0},
+    {XNBD_CMD_CACHE, 0, 4096}, {XNBD_CMD_BLOCK_STATUS, 0, 4096},
+    {XNBD_CMD_DISC, 0, 0},
 };
 
 START_TEST(bug_fua_accepted_on_every_command)
 {
 	struct xnbd__tx tx = {
-		.size = 1ULL << 30,
-		.tflags = XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_SEND_FLUSH |
-		          XNBD_FLAG_SEND_FUA | XNBD_FLAG_SEND_CACHE |
-		          XNBD_FLAG_SEND_DF,
-		.structured = true,
-		.contexts = XNBD__CTX_BASE_ALLOCATION,
+	    .size = 1ULL << 30,
+	    .tflags = XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_SEND_FLUSH |
+	              XNBD_FLAG_SEND_FUA | XNBD_FLAG_SEND_CACHE |
+	              XNBD_FLAG_SEND_DF,
+	    .structured = true,
+	    .contexts = XNBD__CTX_BASE_ALLOCATION,
 	};
 	uint32_t got = check_req(&tx, fua_cmds[_i].type, XNBD_CMD_FLAG_FUA,
 	                         fua_cmds[_i].offset, fua_cmds[_i].length);
-	ck_assert_msg(got == 0,
-	              "command %u with NBD_CMD_FLAG_FUA (SEND_FUA advertised)"
-	              " refused with %u; the spec says the server MUST accept it",
-	              (unsigned)fua_cmds[_i].type, (unsigned)got);
+	ck_assert_msg(
+	    got == 0,
+	    "command %u with NBD_CMD_FLAG_FUA (SEND_FUA advertised)"
+	    " refused with %u; the spec says the server MUST accept it",
+	    (unsigned)fua_cmds[_i].type, (unsigned)got);
 }
 END_TEST
 
@@ -137,10 +137,11 @@ START_TEST(bug_failed_set_meta_context_clears_selection)
 	ob_info(&d, "", 0, NULL);
 	hs_opt_ob(&hs, XNBD_OPT_GO, &d);
 	ck_assert_int_eq(hs.state, XNBD__HS_DONE);
-	ck_assert_msg(hs.contexts == 0,
-	              "contexts 0x%x still selected after a failed "
-	              "NBD_OPT_SET_META_CONTEXT; the spec says it replaces them",
-	              (unsigned)hs.contexts);
+	ck_assert_msg(
+	    hs.contexts == 0,
+	    "contexts 0x%x still selected after a failed "
+	    "NBD_OPT_SET_META_CONTEXT; the spec says it replaces them",
+	    (unsigned)hs.contexts);
 	xnbd__hs_free(&hs);
 }
 END_TEST

@@ -131,7 +131,8 @@ START_TEST(buf_append_grows_and_keeps_bytes)
 	xnbd__buf_init(&b);
 	size_t off = 0, step = 1;
 	while (off < sizeof(want)) {
-		size_t n = step < sizeof(want) - off ? step : sizeof(want) - off;
+		size_t n =
+		    step < sizeof(want) - off ? step : sizeof(want) - off;
 		xnbd__buf_append(&b, want + off, n);
 		off += n;
 		step = step * 3 + 1;
@@ -239,9 +240,9 @@ END_TEST
 START_TEST(hs_greeting_bytes)
 {
 	static const uint8_t want[18] = {
-		0x4e, 0x42, 0x44, 0x4d, 0x41, 0x47, 0x49, 0x43, /* NBDMAGIC */
-		0x49, 0x48, 0x41, 0x56, 0x45, 0x4f, 0x50, 0x54, /* IHAVEOPT */
-		0x00, 0x03, /* FIXED_NEWSTYLE | NO_ZEROES */
+	    0x4e, 0x42, 0x44, 0x4d, 0x41, 0x47, 0x49, 0x43, /* NBDMAGIC */
+	    0x49, 0x48, 0x41, 0x56, 0x45, 0x4f, 0x50, 0x54, /* IHAVEOPT */
+	    0x00, 0x03, /* FIXED_NEWSTYLE | NO_ZEROES */
 	};
 	struct xnbd__hs hs;
 	xnbd__hs_init(&hs, catalog(), false);
@@ -267,7 +268,7 @@ START_TEST(hs_client_flags_known)
 END_TEST
 
 static const uint32_t bad_client_flags[] = {
-	1U << 2, 1U << 3, 1U << 31, 0xffffffffU, CF_BOTH | (1U << 2),
+    1U << 2, 1U << 3, 1U << 31, 0xffffffffU, CF_BOTH | (1U << 2),
 };
 
 START_TEST(hs_client_flags_unknown_close)
@@ -293,7 +294,8 @@ START_TEST(hs_oldstyle_greeting)
 	uint8_t want[152];
 	memset(want, 0, sizeof(want));
 	memcpy(want, "NBDMAGIC", 8);
-	memcpy(want + 8, "\x00\x00\x42\x02\x81\x86\x12\x53", 8); /* cliserv_magic */
+	memcpy(want + 8, "\x00\x00\x42\x02\x81\x86\x12\x53",
+	       8); /* cliserv_magic */
 	xnbd__put64(want + 16, DEFAULT_SIZE);
 	xnbd__put32(want + 24, DEFAULT_TFLAGS | XNBD_FLAG_HAS_FLAGS);
 	/* 124 zero bytes follow. */
@@ -396,7 +398,8 @@ START_TEST(hs_export_name_leaves_transmission_bytes)
 	ck_assert_uint_eq(hs_feed(&hs, &ob), optlen);
 	ck_assert_int_eq(hs.state, XNBD__HS_DONE);
 	ck_assert_uint_eq(hs.out.len, 10);
-	ck_assert_uint_eq(xnbd__hs_input(&hs, ob.d + optlen, ob.len - optlen), 0);
+	ck_assert_uint_eq(xnbd__hs_input(&hs, ob.d + optlen, ob.len - optlen),
+	                  0);
 	ck_assert_uint_eq(hs.out.len, 10);
 	xnbd__hs_free(&hs);
 }
@@ -409,10 +412,10 @@ END_TEST
 START_TEST(hs_abort_acks_then_closes)
 {
 	static const uint8_t ack[20] = {
-		0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, /* reply magic */
-		0x00, 0x00, 0x00, 0x02,                         /* NBD_OPT_ABORT */
-		0x00, 0x00, 0x00, 0x01,                         /* NBD_REP_ACK */
-		0x00, 0x00, 0x00, 0x00,                         /* no data */
+	    0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, /* reply magic */
+	    0x00, 0x00, 0x00, 0x02,                         /* NBD_OPT_ABORT */
+	    0x00, 0x00, 0x00, 0x01,                         /* NBD_REP_ACK */
+	    0x00, 0x00, 0x00, 0x00,                         /* no data */
 	};
 	struct xnbd__hs hs;
 	struct obuf ob;
@@ -445,12 +448,13 @@ START_TEST(hs_list_exports)
 {
 	/* The first NBD_REP_SERVER reply, byte by byte. */
 	static const uint8_t first[20 + 4 + 14] = {
-		0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9,
-		0x00, 0x00, 0x00, 0x03, /* NBD_OPT_LIST */
-		0x00, 0x00, 0x00, 0x02, /* NBD_REP_SERVER */
-		0x00, 0x00, 0x00, 0x12, /* 4 + 0 + 14 */
-		0x00, 0x00, 0x00, 0x00, /* name "" */
-		'd', 'e', 'f', 'a', 'u', 'l', 't', ' ', 'e', 'x', 'p', 'o', 'r', 't',
+	    0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65,
+	    0xa9, 0x00, 0x00, 0x00, 0x03, /* NBD_OPT_LIST */
+	    0x00, 0x00, 0x00, 0x02,       /* NBD_REP_SERVER */
+	    0x00, 0x00, 0x00, 0x12,       /* 4 + 0 + 14 */
+	    0x00, 0x00, 0x00, 0x00,       /* name "" */
+	    'd',  'e',  'f',  'a',  'u',  'l',  't',
+	    ' ',  'e',  'x',  'p',  'o',  'r',  't',
 	};
 	struct xnbd__hs hs;
 	begin(&hs, CF_BOTH);
@@ -543,7 +547,8 @@ START_TEST(hs_info_default_export)
 	rc_init(&rc, &hs.out);
 	ck_assert_uint_eq(rc_infos(&rc, opt, &is), XNBD_REP_ACK);
 	rc_end(&rc); /* in particular: no zero padding after GO's ACK */
-	check_info_export(&is, DEFAULT_SIZE, DEFAULT_TFLAGS | XNBD_FLAG_HAS_FLAGS);
+	check_info_export(&is, DEFAULT_SIZE,
+	                  DEFAULT_TFLAGS | XNBD_FLAG_HAS_FLAGS);
 	check_info_block(&is, 1, 4096, 32U * 1024 * 1024);
 	ck_assert_uint_eq(is.count[XNBD_INFO_NAME], 0);
 	ck_assert_uint_eq(is.count[XNBD_INFO_DESCRIPTION], 0);
@@ -551,7 +556,8 @@ START_TEST(hs_info_default_export)
 	if (opt == XNBD_OPT_GO) {
 		ck_assert_int_eq(hs.state, XNBD__HS_DONE);
 		ck_assert_ptr_eq(hs.export, exp_(EXP_DEFAULT));
-		ck_assert_uint_eq(hs.tflags, DEFAULT_TFLAGS | XNBD_FLAG_HAS_FLAGS);
+		ck_assert_uint_eq(hs.tflags,
+		                  DEFAULT_TFLAGS | XNBD_FLAG_HAS_FLAGS);
 		uint8_t more[8] = {0};
 		ck_assert_uint_eq(xnbd__hs_input(&hs, more, sizeof(more)), 0);
 	} else {
@@ -579,8 +585,7 @@ START_TEST(hs_info_block_size_from_export)
 	rc_end(&rc);
 	check_info_block(&is, 512, 65536, 1024 * 1024);
 	check_info_export(&is, DISK2_SIZE, DISK2_TFLAGS | XNBD_FLAG_HAS_FLAGS);
-	ck_assert_int_eq(hs.state,
-	                 _i ? XNBD__HS_DONE : XNBD__HS_OPT_HEADER);
+	ck_assert_int_eq(hs.state, _i ? XNBD__HS_DONE : XNBD__HS_OPT_HEADER);
 	ck_assert_ptr_eq(hs.export, _i ? exp_(EXP_DISK2) : NULL);
 	xnbd__hs_free(&hs);
 }
@@ -588,8 +593,8 @@ END_TEST
 
 START_TEST(hs_info_name_and_description)
 {
-	static const uint16_t req[] = {XNBD_INFO_DESCRIPTION, 0x7fff /* unknown */,
-	                               XNBD_INFO_NAME};
+	static const uint16_t req[] = {XNBD_INFO_DESCRIPTION,
+	                               0x7fff /* unknown */, XNBD_INFO_NAME};
 	struct xnbd__hs hs;
 	struct rcur rc;
 	struct info_set is;
@@ -601,7 +606,8 @@ START_TEST(hs_info_name_and_description)
 	rc_end(&rc);
 	check_info_string(&is, XNBD_INFO_NAME, "");
 	check_info_string(&is, XNBD_INFO_DESCRIPTION, DEFAULT_DESC);
-	check_info_export(&is, DEFAULT_SIZE, DEFAULT_TFLAGS | XNBD_FLAG_HAS_FLAGS);
+	check_info_export(&is, DEFAULT_SIZE,
+	                  DEFAULT_TFLAGS | XNBD_FLAG_HAS_FLAGS);
 	ck_assert_uint_eq(is.unknown, 0);
 	xnbd__buf_reset(&hs.out);
 
@@ -611,7 +617,8 @@ START_TEST(hs_info_name_and_description)
 	rc_end(&rc);
 	check_info_string(&is, XNBD_INFO_NAME, "both");
 	check_info_string(&is, XNBD_INFO_DESCRIPTION, "two contexts");
-	check_info_export(&is, BOTH_SIZE, XNBD_FLAG_SEND_FLUSH | XNBD_FLAG_HAS_FLAGS);
+	check_info_export(&is, BOTH_SIZE,
+	                  XNBD_FLAG_SEND_FLUSH | XNBD_FLAG_HAS_FLAGS);
 	ck_assert_int_eq(hs.state, XNBD__HS_OPT_HEADER);
 	xnbd__hs_free(&hs);
 }
@@ -800,8 +807,8 @@ END_TEST
 START_TEST(hs_send_df_only_after_structured)
 {
 	bool sr = _i & 1;
-	uint16_t want = DEFAULT_TFLAGS | XNBD_FLAG_HAS_FLAGS |
-	                (sr ? XNBD_FLAG_SEND_DF : 0);
+	uint16_t want =
+	    DEFAULT_TFLAGS | XNBD_FLAG_HAS_FLAGS | (sr ? XNBD_FLAG_SEND_DF : 0);
 	struct xnbd__hs hs;
 	begin(&hs, CF_BOTH);
 	if (sr)
@@ -815,12 +822,14 @@ START_TEST(hs_send_df_only_after_structured)
 		struct info_set is;
 		send_info(&hs, XNBD_OPT_INFO, "", 0, NULL);
 		rc_init(&rc, &hs.out);
-		ck_assert_uint_eq(rc_infos(&rc, XNBD_OPT_INFO, &is), XNBD_REP_ACK);
+		ck_assert_uint_eq(rc_infos(&rc, XNBD_OPT_INFO, &is),
+		                  XNBD_REP_ACK);
 		check_info_export(&is, DEFAULT_SIZE, want);
 		xnbd__buf_reset(&hs.out);
 		send_info(&hs, XNBD_OPT_GO, "", 0, NULL);
 		rc_init(&rc, &hs.out);
-		ck_assert_uint_eq(rc_infos(&rc, XNBD_OPT_GO, &is), XNBD_REP_ACK);
+		ck_assert_uint_eq(rc_infos(&rc, XNBD_OPT_GO, &is),
+		                  XNBD_REP_ACK);
 		check_info_export(&is, DEFAULT_SIZE, want);
 	}
 	ck_assert_int_eq(hs.state, XNBD__HS_DONE);
@@ -857,9 +866,8 @@ START_TEST(hs_meta_needs_structured)
 END_TEST
 
 /* Run one meta option and collect its contexts; checks the final reply. */
-static void meta(struct xnbd__hs *hs, uint32_t opt, const char *name,
-                 size_t nq, const char *const *q, uint32_t final,
-                 struct ctx_set *cs)
+static void meta(struct xnbd__hs *hs, uint32_t opt, const char *name, size_t nq,
+                 const char *const *q, uint32_t final, struct ctx_set *cs)
 {
 	struct rcur rc;
 	send_meta(hs, opt, name, nq, q);
@@ -880,7 +888,7 @@ START_TEST(hs_list_meta_exact)
 	meta(&hs, XNBD_OPT_LIST_META_CONTEXT, "", 1, q, XNBD_REP_ACK, &cs);
 	ck_assert_uint_eq(cs.n, 1);
 	ck_assert_str_eq(cs.name[0], "base:allocation");
-	ck_assert_uint_eq(cs.id[0], 0); /* reserved in LIST replies */
+	ck_assert_uint_eq(cs.id[0], 0);    /* reserved in LIST replies */
 	ck_assert_uint_eq(hs.contexts, 0); /* listing selects nothing */
 	go(&hs, "");
 	ck_assert_uint_eq(hs.contexts, 0);
@@ -920,9 +928,11 @@ START_TEST(hs_list_meta_no_queries_returns_all)
 	ck_assert_uint_eq(cs.n, 1);
 	ck_assert_str_eq(cs.name[0], "base:allocation");
 	ck_assert_uint_eq(cs.id[0], 0);
-	meta(&hs, XNBD_OPT_LIST_META_CONTEXT, "disk2", 0, NULL, XNBD_REP_ACK, &cs);
+	meta(&hs, XNBD_OPT_LIST_META_CONTEXT, "disk2", 0, NULL, XNBD_REP_ACK,
+	     &cs);
 	ck_assert_uint_eq(cs.n, 0);
-	meta(&hs, XNBD_OPT_LIST_META_CONTEXT, "both", 0, NULL, XNBD_REP_ACK, &cs);
+	meta(&hs, XNBD_OPT_LIST_META_CONTEXT, "both", 0, NULL, XNBD_REP_ACK,
+	     &cs);
 	ck_assert_uint_eq(cs.n, 2);
 	ck_assert_int_ge(ctx_find(&cs, "base:allocation"), 0);
 	ck_assert_str_ne(cs.name[0], cs.name[1]);
@@ -1120,7 +1130,8 @@ START_TEST(hs_set_meta_ids_unique_nonzero)
 	struct ctx_set all, set;
 	begin(&hs, CF_BOTH);
 	structured(&hs);
-	meta(&hs, XNBD_OPT_LIST_META_CONTEXT, "both", 0, NULL, XNBD_REP_ACK, &all);
+	meta(&hs, XNBD_OPT_LIST_META_CONTEXT, "both", 0, NULL, XNBD_REP_ACK,
+	     &all);
 	ck_assert_uint_eq(all.n, 2);
 	const char *q[2] = {all.name[0], all.name[1]};
 	meta(&hs, XNBD_OPT_SET_META_CONTEXT, "both", 2, q, XNBD_REP_ACK, &set);
@@ -1231,7 +1242,7 @@ END_TEST
 /* ======================================================================== */
 
 static const uint32_t unknown_opts[] = {
-	99, XNBD_OPT_EXTENDED_HEADERS, XNBD_OPT_PEEK_EXPORT, 0, 12, 0xffffffffU,
+    99, XNBD_OPT_EXTENDED_HEADERS, XNBD_OPT_PEEK_EXPORT, 0, 12, 0xffffffffU,
 };
 
 /* _i: option * 2 + (0 = no data, 1 = 7 bytes of data). */
@@ -1270,8 +1281,11 @@ START_TEST(hs_option_at_limit_is_processed)
 END_TEST
 
 static const uint32_t overlong_opts[] = {
-	XNBD_OPT_LIST, XNBD_OPT_STRUCTURED_REPLY, XNBD_OPT_GO,
-	XNBD_OPT_SET_META_CONTEXT, 99,
+    XNBD_OPT_LIST,
+    XNBD_OPT_STRUCTURED_REPLY,
+    XNBD_OPT_GO,
+    XNBD_OPT_SET_META_CONTEXT,
+    99,
 };
 
 /* Over-long option data is counted off without being stored, answered
@@ -1331,7 +1345,8 @@ START_TEST(hs_huge_option_not_buffered)
 	xnbd__put32(hdr.d + 12, 0xffffffffU);
 	ck_assert_uint_eq(hs_feed(&hs, &hdr), XNBD_OPTION_HEADER_SIZE);
 	for (int i = 0; i < 64; i++) /* 4 MiB */
-		ck_assert_uint_eq(xnbd__hs_input(&hs, junk, sizeof(junk)), sizeof(junk));
+		ck_assert_uint_eq(xnbd__hs_input(&hs, junk, sizeof(junk)),
+		                  sizeof(junk));
 	ck_assert_int_eq(hs.state, XNBD__HS_OPT_SKIP);
 	ck_assert_ptr_null(hs.data);
 	ck_assert_uint_eq(hs.out.len, 0);
@@ -1357,8 +1372,11 @@ START_TEST(hs_overlong_export_name_closes)
 END_TEST
 
 static const uint64_t bad_magics[] = {
-	0x49484156454F5055ULL, /* IHAVEOPU */
-	XNBD_MAGIC_REP, XNBD_MAGIC_INIT, 0, 0x54504F4556414849ULL /* IHAVEOPT byte-swapped */,
+    0x49484156454F5055ULL, /* IHAVEOPU */
+    XNBD_MAGIC_REP,
+    XNBD_MAGIC_INIT,
+    0,
+    0x54504F4556414849ULL /* IHAVEOPT byte-swapped */,
 };
 
 START_TEST(hs_bad_option_magic_closes)
@@ -1487,9 +1505,15 @@ END_TEST
 /* ======================================================================== */
 
 static const uint32_t shutdown_opts[] = {
-	XNBD_OPT_LIST, XNBD_OPT_STARTTLS, XNBD_OPT_INFO, XNBD_OPT_GO,
-	XNBD_OPT_STRUCTURED_REPLY, XNBD_OPT_LIST_META_CONTEXT,
-	XNBD_OPT_SET_META_CONTEXT, 99, XNBD_OPT_EXTENDED_HEADERS,
+    XNBD_OPT_LIST,
+    XNBD_OPT_STARTTLS,
+    XNBD_OPT_INFO,
+    XNBD_OPT_GO,
+    XNBD_OPT_STRUCTURED_REPLY,
+    XNBD_OPT_LIST_META_CONTEXT,
+    XNBD_OPT_SET_META_CONTEXT,
+    99,
+    XNBD_OPT_EXTENDED_HEADERS,
 };
 
 START_TEST(hs_shutdown_errors_options)
@@ -1549,12 +1573,12 @@ END_TEST
 START_TEST(req_parse_fields)
 {
 	static const uint8_t p[XNBD_REQUEST_SIZE] = {
-		0x25, 0x60, 0x95, 0x13,                         /* magic */
-		0x00, 0x05,                                     /* flags */
-		0x00, 0x01,                                     /* type */
-		0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, /* cookie */
-		0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, /* offset */
-		0xa1, 0xa2, 0xa3, 0xa4,                         /* length */
+	    0x25, 0x60, 0x95, 0x13,                         /* magic */
+	    0x00, 0x05,                                     /* flags */
+	    0x00, 0x01,                                     /* type */
+	    0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, /* cookie */
+	    0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, /* offset */
+	    0xa1, 0xa2, 0xa3, 0xa4,                         /* length */
 	};
 	struct xnbd__request r;
 	memset(&r, 0, sizeof(r));
@@ -1569,9 +1593,11 @@ START_TEST(req_parse_fields)
 END_TEST
 
 static const uint32_t bad_request_magics[] = {
-	0x12560953U, /* historic */
-	0x13956025U, /* byte-swapped */
-	XNBD_MAGIC_SIMPLE_REPLY, 0, 0x25609514U,
+    0x12560953U, /* historic */
+    0x13956025U, /* byte-swapped */
+    XNBD_MAGIC_SIMPLE_REPLY,
+    0,
+    0x25609514U,
 };
 
 START_TEST(req_parse_bad_magic)
@@ -1588,7 +1614,8 @@ START_TEST(req_only_write_has_payload)
 {
 	for (uint16_t t = 0; t <= 10; t++) {
 		struct xnbd__request r = {.type = t, .length = 512};
-		ck_assert(xnbd__request_has_payload(&r) == (t == XNBD_CMD_WRITE));
+		ck_assert(xnbd__request_has_payload(&r) ==
+		          (t == XNBD_CMD_WRITE));
 	}
 }
 END_TEST
@@ -1604,13 +1631,13 @@ END_TEST
 static struct xnbd__tx full_tx(void)
 {
 	struct xnbd__tx tx = {
-		.size = TX_SIZE,
-		.tflags = XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_SEND_FLUSH |
-		          XNBD_FLAG_SEND_FUA | XNBD_FLAG_SEND_TRIM |
-		          XNBD_FLAG_SEND_WRITE_ZEROES | XNBD_FLAG_SEND_DF |
-		          XNBD_FLAG_SEND_CACHE | XNBD_FLAG_SEND_FAST_ZERO,
-		.structured = true,
-		.contexts = XNBD__CTX_BASE_ALLOCATION,
+	    .size = TX_SIZE,
+	    .tflags = XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_SEND_FLUSH |
+	              XNBD_FLAG_SEND_FUA | XNBD_FLAG_SEND_TRIM |
+	              XNBD_FLAG_SEND_WRITE_ZEROES | XNBD_FLAG_SEND_DF |
+	              XNBD_FLAG_SEND_CACHE | XNBD_FLAG_SEND_FAST_ZERO,
+	    .structured = true,
+	    .contexts = XNBD__CTX_BASE_ALLOCATION,
 	};
 	return tx;
 }
@@ -1623,37 +1650,37 @@ struct req_case {
 };
 
 static const struct req_case ok_reqs[] = {
-	{XNBD_CMD_READ, 0, 0, 4096},
-	{XNBD_CMD_READ, 0, TX_SIZE - 512, 512},
-	{XNBD_CMD_READ, XNBD_CMD_FLAG_DF, 0, 65536},
-	{XNBD_CMD_READ, 0, TX_SIZE, 0},
-	{XNBD_CMD_WRITE, 0, 512, 4096},
-	{XNBD_CMD_WRITE, XNBD_CMD_FLAG_FUA, TX_SIZE - 1, 1},
-	{XNBD_CMD_DISC, 0, 0, 0},
-	{XNBD_CMD_FLUSH, 0, 0, 0},
-	{XNBD_CMD_TRIM, 0, 0, 1 << 20},
-	{XNBD_CMD_TRIM, XNBD_CMD_FLAG_FUA, 4096, 4096},
-	{XNBD_CMD_CACHE, 0, 0, 1 << 20},
-	{XNBD_CMD_WRITE_ZEROES, 0, 0, 1 << 20},
-	{XNBD_CMD_WRITE_ZEROES,
-	 XNBD_CMD_FLAG_FUA | XNBD_CMD_FLAG_NO_HOLE | XNBD_CMD_FLAG_FAST_ZERO,
-	 0, 1 << 20},
-	{XNBD_CMD_BLOCK_STATUS, 0, 0, 1},
-	{XNBD_CMD_BLOCK_STATUS, XNBD_CMD_FLAG_REQ_ONE, TX_SIZE - 1, 1},
+    {XNBD_CMD_READ, 0, 0, 4096},
+    {XNBD_CMD_READ, 0, TX_SIZE - 512, 512},
+    {XNBD_CMD_READ, XNBD_CMD_FLAG_DF, 0, 65536},
+    {XNBD_CMD_READ, 0, TX_SIZE, 0},
+    {XNBD_CMD_WRITE, 0, 512, 4096},
+    {XNBD_CMD_WRITE, XNBD_CMD_FLAG_FUA, TX_SIZE - 1, 1},
+    {XNBD_CMD_DISC, 0, 0, 0},
+    {XNBD_CMD_FLUSH, 0, 0, 0},
+    {XNBD_CMD_TRIM, 0, 0, 1 << 20},
+    {XNBD_CMD_TRIM, XNBD_CMD_FLAG_FUA, 4096, 4096},
+    {XNBD_CMD_CACHE, 0, 0, 1 << 20},
+    {XNBD_CMD_WRITE_ZEROES, 0, 0, 1 << 20},
+    {XNBD_CMD_WRITE_ZEROES,
+     XNBD_CMD_FLAG_FUA | XNBD_CMD_FLAG_NO_HOLE | XNBD_CMD_FLAG_FAST_ZERO, 0,
+     1 << 20},
+    {XNBD_CMD_BLOCK_STATUS, 0, 0, 1},
+    {XNBD_CMD_BLOCK_STATUS, XNBD_CMD_FLAG_REQ_ONE, TX_SIZE - 1, 1},
 };
 
 START_TEST(req_valid_accepted)
 {
 	struct xnbd__tx tx = full_tx();
 	const struct req_case *c = &ok_reqs[_i];
-	ck_assert_uint_eq(check_req(&tx, c->type, c->flags, c->offset, c->length),
-	                  0);
+	ck_assert_uint_eq(
+	    check_req(&tx, c->type, c->flags, c->offset, c->length), 0);
 }
 END_TEST
 
 static const uint16_t ranged_cmds[] = {
-	XNBD_CMD_READ, XNBD_CMD_WRITE, XNBD_CMD_TRIM,
-	XNBD_CMD_CACHE, XNBD_CMD_WRITE_ZEROES, XNBD_CMD_BLOCK_STATUS,
+    XNBD_CMD_READ,  XNBD_CMD_WRITE,        XNBD_CMD_TRIM,
+    XNBD_CMD_CACHE, XNBD_CMD_WRITE_ZEROES, XNBD_CMD_BLOCK_STATUS,
 };
 
 static uint32_t past_end_error(uint16_t type)
@@ -1702,9 +1729,11 @@ START_TEST(req_read_only)
 {
 	struct xnbd__tx tx = full_tx();
 	tx.tflags |= XNBD_FLAG_READ_ONLY;
-	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_WRITE, 0, 0, 512), XNBD_EPERM);
-	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_WRITE, XNBD_CMD_FLAG_FUA, 0, 512),
+	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_WRITE, 0, 0, 512),
 	                  XNBD_EPERM);
+	ck_assert_uint_eq(
+	    check_req(&tx, XNBD_CMD_WRITE, XNBD_CMD_FLAG_FUA, 0, 512),
+	    XNBD_EPERM);
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_TRIM, 0, 0, 512), XNBD_EPERM);
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_WRITE_ZEROES, 0, 0, 512),
 	                  XNBD_EPERM);
@@ -1725,39 +1754,41 @@ static const uint16_t unknown_cmds[] = {XNBD_CMD_RESIZE, 9, 100, 0x8000,
 START_TEST(req_unknown_command)
 {
 	struct xnbd__tx tx = full_tx();
-	ck_assert_uint_eq(check_req(&tx, unknown_cmds[_i], 0, 0, 512), XNBD_EINVAL);
+	ck_assert_uint_eq(check_req(&tx, unknown_cmds[_i], 0, 0, 512),
+	                  XNBD_EINVAL);
 }
 END_TEST
 
 /* Flags not documented for the command are refused. */
 static const struct req_case bad_flag_reqs[] = {
-	{XNBD_CMD_WRITE, XNBD_CMD_FLAG_DF, 0, 512},
-	{XNBD_CMD_WRITE, XNBD_CMD_FLAG_REQ_ONE, 0, 512},
-	{XNBD_CMD_WRITE, XNBD_CMD_FLAG_NO_HOLE, 0, 512},
-	{XNBD_CMD_WRITE, XNBD_CMD_FLAG_FAST_ZERO, 0, 512},
-	{XNBD_CMD_READ, XNBD_CMD_FLAG_REQ_ONE, 0, 512},
-	{XNBD_CMD_READ, XNBD_CMD_FLAG_NO_HOLE, 0, 512},
-	{XNBD_CMD_READ, XNBD_CMD_FLAG_FAST_ZERO, 0, 512},
-	{XNBD_CMD_TRIM, XNBD_CMD_FLAG_NO_HOLE, 0, 512},
-	{XNBD_CMD_TRIM, XNBD_CMD_FLAG_DF, 0, 512},
-	{XNBD_CMD_TRIM, XNBD_CMD_FLAG_FAST_ZERO, 0, 512},
-	{XNBD_CMD_WRITE_ZEROES, XNBD_CMD_FLAG_DF, 0, 512},
-	{XNBD_CMD_WRITE_ZEROES, XNBD_CMD_FLAG_REQ_ONE, 0, 512},
-	{XNBD_CMD_BLOCK_STATUS, XNBD_CMD_FLAG_DF, 0, 512},
-	{XNBD_CMD_BLOCK_STATUS, XNBD_CMD_FLAG_NO_HOLE, 0, 512},
-	{XNBD_CMD_CACHE, XNBD_CMD_FLAG_DF, 0, 512},
-	{XNBD_CMD_CACHE, XNBD_CMD_FLAG_REQ_ONE, 0, 512},
-	{XNBD_CMD_FLUSH, XNBD_CMD_FLAG_DF, 0, 0},
-	{XNBD_CMD_FLUSH, XNBD_CMD_FLAG_NO_HOLE, 0, 0},
-	{XNBD_CMD_DISC, XNBD_CMD_FLAG_REQ_ONE, 0, 0},
+    {XNBD_CMD_WRITE, XNBD_CMD_FLAG_DF, 0, 512},
+    {XNBD_CMD_WRITE, XNBD_CMD_FLAG_REQ_ONE, 0, 512},
+    {XNBD_CMD_WRITE, XNBD_CMD_FLAG_NO_HOLE, 0, 512},
+    {XNBD_CMD_WRITE, XNBD_CMD_FLAG_FAST_ZERO, 0, 512},
+    {XNBD_CMD_READ, XNBD_CMD_FLAG_REQ_ONE, 0, 512},
+    {XNBD_CMD_READ, XNBD_CMD_FLAG_NO_HOLE, 0, 512},
+    {XNBD_CMD_READ, XNBD_CMD_FLAG_FAST_ZERO, 0, 512},
+    {XNBD_CMD_TRIM, XNBD_CMD_FLAG_NO_HOLE, 0, 512},
+    {XNBD_CMD_TRIM, XNBD_CMD_FLAG_DF, 0, 512},
+    {XNBD_CMD_TRIM, XNBD_CMD_FLAG_FAST_ZERO, 0, 512},
+    {XNBD_CMD_WRITE_ZEROES, XNBD_CMD_FLAG_DF, 0, 512},
+    {XNBD_CMD_WRITE_ZEROES, XNBD_CMD_FLAG_REQ_ONE, 0, 512},
+    {XNBD_CMD_BLOCK_STATUS, XNBD_CMD_FLAG_DF, 0, 512},
+    {XNBD_CMD_BLOCK_STATUS, XNBD_CMD_FLAG_NO_HOLE, 0, 512},
+    {XNBD_CMD_CACHE, XNBD_CMD_FLAG_DF, 0, 512},
+    {XNBD_CMD_CACHE, XNBD_CMD_FLAG_REQ_ONE, 0, 512},
+    {XNBD_CMD_FLUSH, XNBD_CMD_FLAG_DF, 0, 0},
+    {XNBD_CMD_FLUSH, XNBD_CMD_FLAG_NO_HOLE, 0, 0},
+    {XNBD_CMD_DISC, XNBD_CMD_FLAG_REQ_ONE, 0, 0},
 };
 
 START_TEST(req_flags_not_for_command)
 {
 	struct xnbd__tx tx = full_tx();
 	const struct req_case *c = &bad_flag_reqs[_i];
-	ck_assert_uint_eq(check_req(&tx, c->type, c->flags, c->offset, c->length),
-	                  XNBD_EINVAL);
+	ck_assert_uint_eq(
+	    check_req(&tx, c->type, c->flags, c->offset, c->length),
+	    XNBD_EINVAL);
 }
 END_TEST
 
@@ -1766,12 +1797,13 @@ START_TEST(req_unknown_flag_bits)
 {
 	struct xnbd__tx tx = full_tx();
 	for (uint16_t t = XNBD_CMD_READ; t <= XNBD_CMD_BLOCK_STATUS; t++) {
-		uint32_t len = (t == XNBD_CMD_FLUSH || t == XNBD_CMD_DISC) ? 0 : 512;
+		uint32_t len =
+		    (t == XNBD_CMD_FLUSH || t == XNBD_CMD_DISC) ? 0 : 512;
 		for (int bit = 5; bit < 16; bit++)
-			ck_assert_msg(check_req(&tx, t, (uint16_t)(1U << bit), 0, len) ==
-			                  XNBD_EINVAL,
-			              "command %u with flag bit %d accepted", (unsigned)t,
-			              bit);
+			ck_assert_msg(check_req(&tx, t, (uint16_t)(1U << bit),
+			                        0, len) == XNBD_EINVAL,
+			              "command %u with flag bit %d accepted",
+			              (unsigned)t, bit);
 	}
 }
 END_TEST
@@ -1783,11 +1815,13 @@ START_TEST(req_fua_needs_send_fua)
 	                             XNBD_CMD_WRITE_ZEROES};
 	struct xnbd__tx tx = full_tx();
 	for (size_t i = 0; i < 3; i++)
-		ck_assert_uint_eq(check_req(&tx, w[i], XNBD_CMD_FLAG_FUA, 0, 512), 0);
+		ck_assert_uint_eq(
+		    check_req(&tx, w[i], XNBD_CMD_FLAG_FUA, 0, 512), 0);
 	tx.tflags &= (uint16_t)~XNBD_FLAG_SEND_FUA;
 	for (size_t i = 0; i < 3; i++) {
-		ck_assert_uint_eq(check_req(&tx, w[i], XNBD_CMD_FLAG_FUA, 0, 512),
-		                  XNBD_EINVAL);
+		ck_assert_uint_eq(
+		    check_req(&tx, w[i], XNBD_CMD_FLAG_FUA, 0, 512),
+		    XNBD_EINVAL);
 		ck_assert_uint_eq(check_req(&tx, w[i], 0, 0, 512), 0);
 	}
 }
@@ -1803,10 +1837,10 @@ START_TEST(req_fast_zero_needs_advert)
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_WRITE_ZEROES,
 	                            XNBD_CMD_FLAG_FAST_ZERO, 0, 512),
 	                  XNBD_EINVAL);
-	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_WRITE_ZEROES,
-	                            XNBD_CMD_FLAG_FAST_ZERO | XNBD_CMD_FLAG_NO_HOLE,
-	                            0, 512),
-	                  XNBD_EINVAL);
+	ck_assert_uint_eq(
+	    check_req(&tx, XNBD_CMD_WRITE_ZEROES,
+	              XNBD_CMD_FLAG_FAST_ZERO | XNBD_CMD_FLAG_NO_HOLE, 0, 512),
+	    XNBD_EINVAL);
 	/* NO_HOLE needs nothing beyond SEND_WRITE_ZEROES. */
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_WRITE_ZEROES,
 	                            XNBD_CMD_FLAG_NO_HOLE, 0, 512),
@@ -1817,11 +1851,12 @@ END_TEST
 START_TEST(req_df_needs_send_df)
 {
 	struct xnbd__tx tx = full_tx();
-	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_READ, XNBD_CMD_FLAG_DF, 0, 512),
-	                  0);
+	ck_assert_uint_eq(
+	    check_req(&tx, XNBD_CMD_READ, XNBD_CMD_FLAG_DF, 0, 512), 0);
 	tx.tflags &= (uint16_t)~XNBD_FLAG_SEND_DF;
-	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_READ, XNBD_CMD_FLAG_DF, 0, 512),
-	                  XNBD_EINVAL);
+	ck_assert_uint_eq(
+	    check_req(&tx, XNBD_CMD_READ, XNBD_CMD_FLAG_DF, 0, 512),
+	    XNBD_EINVAL);
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_READ, 0, 0, 512), 0);
 }
 END_TEST
@@ -1850,8 +1885,8 @@ START_TEST(req_block_status_conditions)
 	                  XNBD_EINVAL);
 	/* The length is a hint, not bound by the maximum payload. */
 	tx.size = 1ULL << 40;
-	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_BLOCK_STATUS, 0, 0, 0xffffffffU),
-	                  0);
+	ck_assert_uint_eq(
+	    check_req(&tx, XNBD_CMD_BLOCK_STATUS, 0, 0, 0xffffffffU), 0);
 	tx.size = TX_SIZE;
 	tx.structured = false;
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_BLOCK_STATUS, 0, 0, 4096),
@@ -1900,14 +1935,16 @@ END_TEST
 START_TEST(req_unadvertised_commands)
 {
 	struct xnbd__tx tx = {
-		.size = TX_SIZE,
-		.tflags = XNBD_FLAG_HAS_FLAGS,
-		.structured = true,
-		.contexts = XNBD__CTX_BASE_ALLOCATION,
+	    .size = TX_SIZE,
+	    .tflags = XNBD_FLAG_HAS_FLAGS,
+	    .structured = true,
+	    .contexts = XNBD__CTX_BASE_ALLOCATION,
 	};
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_FLUSH, 0, 0, 0), XNBD_EINVAL);
-	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_TRIM, 0, 0, 512), XNBD_EINVAL);
-	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_CACHE, 0, 0, 512), XNBD_EINVAL);
+	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_TRIM, 0, 0, 512),
+	                  XNBD_EINVAL);
+	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_CACHE, 0, 0, 512),
+	                  XNBD_EINVAL);
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_WRITE_ZEROES, 0, 0, 512),
 	                  XNBD_EINVAL);
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_READ, 0, 0, 512), 0);
@@ -1920,7 +1957,8 @@ START_TEST(req_unadvertised_commands)
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_FLUSH, 0, 0, 0), XNBD_EINVAL);
 	tx.tflags = XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_SEND_FLUSH;
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_FLUSH, 0, 0, 0), 0);
-	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_TRIM, 0, 0, 512), XNBD_EINVAL);
+	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_TRIM, 0, 0, 512),
+	                  XNBD_EINVAL);
 	tx.tflags = XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_SEND_CACHE;
 	ck_assert_uint_eq(check_req(&tx, XNBD_CMD_CACHE, 0, 0, 512), 0);
 	tx.tflags = XNBD_FLAG_HAS_FLAGS | XNBD_FLAG_SEND_WRITE_ZEROES;
@@ -1935,8 +1973,8 @@ END_TEST
 START_TEST(simple_reply_bytes)
 {
 	static const uint8_t want[16] = {
-		0x67, 0x44, 0x66, 0x98, 0x00, 0x00, 0x00, 0x16,
-		0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0xf8,
+	    0x67, 0x44, 0x66, 0x98, 0x00, 0x00, 0x00, 0x16,
+	    0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0xf8,
 	};
 	uint8_t p[XNBD_SIMPLE_REPLY_SIZE];
 	memset(p, 0xee, sizeof(p));
@@ -1952,22 +1990,25 @@ END_TEST
 START_TEST(chunk_header_bytes)
 {
 	static const uint8_t want[20] = {
-		0x66, 0x8e, 0x33, 0xef, /* magic */
-		0x00, 0x01,             /* NBD_REPLY_FLAG_DONE */
-		0x80, 0x02,             /* NBD_REPLY_TYPE_ERROR_OFFSET */
-		0xf1, 0xe2, 0xd3, 0xc4, 0xb5, 0xa6, 0x97, 0x88, /* cookie */
-		0x11, 0x22, 0x33, 0x44, /* length */
+	    0x66, 0x8e, 0x33, 0xef, /* magic */
+	    0x00, 0x01,             /* NBD_REPLY_FLAG_DONE */
+	    0x80, 0x02,             /* NBD_REPLY_TYPE_ERROR_OFFSET */
+	    0xf1, 0xe2, 0xd3, 0xc4, 0xb5, 0xa6, 0x97, 0x88, /* cookie */
+	    0x11, 0x22, 0x33, 0x44,                         /* length */
 	};
 	uint8_t p[XNBD_STRUCTURED_REPLY_SIZE];
 	memset(p, 0xee, sizeof(p));
-	xnbd__chunk_header(p, XNBD_REPLY_FLAG_DONE, XNBD_REPLY_TYPE_ERROR_OFFSET,
-	                   0xf1e2d3c4b5a69788ULL, 0x11223344U);
+	xnbd__chunk_header(p, XNBD_REPLY_FLAG_DONE,
+	                   XNBD_REPLY_TYPE_ERROR_OFFSET, 0xf1e2d3c4b5a69788ULL,
+	                   0x11223344U);
 	ck_assert_mem_eq(p, want, sizeof(want));
 
 	memset(p, 0xee, sizeof(p));
 	xnbd__chunk_header(p, 0, XNBD_REPLY_TYPE_OFFSET_DATA, 7, 8 + 4096);
-	ck_assert_mem_eq(p, "\x66\x8e\x33\xef\x00\x00\x00\x01"
-	                    "\0\0\0\0\0\0\0\x07\x00\x00\x10\x08", 20);
+	ck_assert_mem_eq(p,
+	                 "\x66\x8e\x33\xef\x00\x00\x00\x01"
+	                 "\0\0\0\0\0\0\0\x07\x00\x00\x10\x08",
+	                 20);
 }
 END_TEST
 
@@ -1977,25 +2018,25 @@ START_TEST(errno_mapping)
 		int err;
 		uint32_t nbd;
 	} map[] = {
-		{0, 0},
-		{EPERM, XNBD_EPERM},
-		{EROFS, XNBD_EPERM},
-		{EACCES, XNBD_EPERM},
-		{ENOMEM, XNBD_ENOMEM},
-		{EINVAL, XNBD_EINVAL},
-		{ENOSPC, XNBD_ENOSPC},
-		{EFBIG, XNBD_ENOSPC},  /* the spec: SHOULD map to ENOSPC */
-		{EDQUOT, XNBD_ENOSPC}, /* likewise */
-		{EOVERFLOW, XNBD_EOVERFLOW},
-		{ENOTSUP, XNBD_ENOTSUP},
-		{EOPNOTSUPP, XNBD_ENOTSUP},
-		{ESHUTDOWN, XNBD_ESHUTDOWN},
-		{EIO, XNBD_EIO},
-		{EBADF, XNBD_EIO},
-		{EAGAIN, XNBD_EIO},
-		{ENOENT, XNBD_EIO},
-		{EPROTO, XNBD_EIO},
-		{4000, XNBD_EIO},
+	    {0, 0},
+	    {EPERM, XNBD_EPERM},
+	    {EROFS, XNBD_EPERM},
+	    {EACCES, XNBD_EPERM},
+	    {ENOMEM, XNBD_ENOMEM},
+	    {EINVAL, XNBD_EINVAL},
+	    {ENOSPC, XNBD_ENOSPC},
+	    {EFBIG, XNBD_ENOSPC},  /* the spec: SHOULD map to ENOSPC */
+	    {EDQUOT, XNBD_ENOSPC}, /* likewise */
+	    {EOVERFLOW, XNBD_EOVERFLOW},
+	    {ENOTSUP, XNBD_ENOTSUP},
+	    {EOPNOTSUPP, XNBD_ENOTSUP},
+	    {ESHUTDOWN, XNBD_ESHUTDOWN},
+	    {EIO, XNBD_EIO},
+	    {EBADF, XNBD_EIO},
+	    {EAGAIN, XNBD_EIO},
+	    {ENOENT, XNBD_EIO},
+	    {EPROTO, XNBD_EIO},
+	    {4000, XNBD_EIO},
 	};
 	for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++) {
 		ck_assert_msg(xnbd__errno_to_nbd(-map[i].err) == map[i].nbd,
@@ -2059,12 +2100,14 @@ static Suite *wire_suite(void)
 	tcase_add_loop_test(tc, hs_unknown_option_unsupported, 0,
 	                    N(unknown_opts) * 2);
 	tcase_add_test(tc, hs_option_at_limit_is_processed);
-	tcase_add_loop_test(tc, hs_overlong_option_skipped, 0, N(overlong_opts));
+	tcase_add_loop_test(tc, hs_overlong_option_skipped, 0,
+	                    N(overlong_opts));
 	tcase_add_test(tc, hs_huge_option_not_buffered);
 	tcase_add_test(tc, hs_overlong_export_name_closes);
 	tcase_add_loop_test(tc, hs_bad_option_magic_closes, 0, N(bad_magics));
 	tcase_add_loop_test(tc, hs_split_input_same_result, 0, N(chunk_sizes));
-	tcase_add_loop_test(tc, hs_shutdown_errors_options, 0, N(shutdown_opts));
+	tcase_add_loop_test(tc, hs_shutdown_errors_options, 0,
+	                    N(shutdown_opts));
 	tcase_add_test(tc, hs_shutdown_abort_acked);
 	tcase_add_test(tc, hs_shutdown_export_name_closes);
 	suite_add_tcase(s, tc);

@@ -4,36 +4,39 @@
 #include "wire-test-util.h"
 
 const struct xnbd__hs_export test_exports[N_TEST_EXPORTS] = {
-	[EXP_DEFAULT] = {
-		.name = "",
-		.description = DEFAULT_DESC,
-		.size = DEFAULT_SIZE,
-		.tflags = DEFAULT_TFLAGS,
-		.contexts = XNBD__CTX_BASE_ALLOCATION,
-		.min_block = 1,
-		.pref_block = 4096,
-		.max_block = XNBD_MAX_PAYLOAD,
-	},
-	[EXP_DISK2] = {
-		.name = "disk2",
-		.description = NULL,
-		.size = DISK2_SIZE,
-		.tflags = DISK2_TFLAGS,
-		.contexts = 0,
-		.min_block = 512,
-		.pref_block = 65536,
-		.max_block = 1024 * 1024,
-	},
-	[EXP_BOTH] = {
-		.name = "both",
-		.description = "two contexts",
-		.size = BOTH_SIZE,
-		.tflags = XNBD_FLAG_SEND_FLUSH,
-		.contexts = XNBD__CTX_BASE_ALLOCATION | XNBD__CTX_XNBD_CACHE,
-		.min_block = 1,
-		.pref_block = 4096,
-		.max_block = XNBD_MAX_PAYLOAD,
-	},
+    [EXP_DEFAULT] =
+        {
+            .name = "",
+            .description = DEFAULT_DESC,
+            .size = DEFAULT_SIZE,
+            .tflags = DEFAULT_TFLAGS,
+            .contexts = XNBD__CTX_BASE_ALLOCATION,
+            .min_block = 1,
+            .pref_block = 4096,
+            .max_block = XNBD_MAX_PAYLOAD,
+        },
+    [EXP_DISK2] =
+        {
+            .name = "disk2",
+            .description = NULL,
+            .size = DISK2_SIZE,
+            .tflags = DISK2_TFLAGS,
+            .contexts = 0,
+            .min_block = 512,
+            .pref_block = 65536,
+            .max_block = 1024 * 1024,
+        },
+    [EXP_BOTH] =
+        {
+            .name = "both",
+            .description = "two contexts",
+            .size = BOTH_SIZE,
+            .tflags = XNBD_FLAG_SEND_FLUSH,
+            .contexts = XNBD__CTX_BASE_ALLOCATION | XNBD__CTX_XNBD_CACHE,
+            .min_block = 1,
+            .pref_block = 4096,
+            .max_block = XNBD_MAX_PAYLOAD,
+        },
 };
 
 /* ---- fake catalog ------------------------------------------------------- */
@@ -47,7 +50,8 @@ static size_t fc_count(void *ud)
 static const struct xnbd__hs_export *fc_get(void *ud, size_t i)
 {
 	const struct fake_catalog *fc = ud;
-	ck_assert_msg(i < fc->n, "catalog get(%zu) past the end (%zu)", i, fc->n);
+	ck_assert_msg(i < fc->n, "catalog get(%zu) past the end (%zu)", i,
+	              fc->n);
 	return &fc->v[i];
 }
 
@@ -57,13 +61,14 @@ static const struct xnbd__hs_export *fc_find(void *ud, const char *name,
 	struct fake_catalog *fc = ud;
 	fc->find_calls++;
 	for (size_t i = 0; i < fc->n; i++)
-		if (strlen(fc->v[i].name) == len && memcmp(fc->v[i].name, name, len) == 0)
+		if (strlen(fc->v[i].name) == len &&
+		    memcmp(fc->v[i].name, name, len) == 0)
 			return &fc->v[i];
 	return NULL;
 }
 
-void fake_catalog_init(struct fake_catalog *fc,
-                       const struct xnbd__hs_export *v, size_t n)
+void fake_catalog_init(struct fake_catalog *fc, const struct xnbd__hs_export *v,
+                       size_t n)
 {
 	memset(fc, 0, sizeof(*fc));
 	fc->v = v;
@@ -150,9 +155,8 @@ void hs_begin(struct xnbd__hs *hs, const struct xnbd__hs_catalog *cat,
               uint32_t client_flags)
 {
 	static const uint8_t greeting[18] = {
-		'N', 'B', 'D', 'M', 'A', 'G', 'I', 'C',
-		'I', 'H', 'A', 'V', 'E', 'O', 'P', 'T',
-		0x00, 0x03,
+	    'N', 'B', 'D', 'M', 'A', 'G', 'I', 'C',  'I',
+	    'H', 'A', 'V', 'E', 'O', 'P', 'T', 0x00, 0x03,
 	};
 	xnbd__hs_init(hs, cat, false);
 	ck_assert_int_eq(hs->state, XNBD__HS_CLIENT_FLAGS);
@@ -203,16 +207,18 @@ bool rc_at_end(const struct rcur *rc)
 void rc_next(struct rcur *rc, struct orep *r)
 {
 	const struct xnbd__buf *b = rc->b;
-	ck_assert_msg(b->len - rc->off >= XNBD_OPTION_REPLY_HEADER_SIZE,
-	              "expected an option reply at offset %zu, only %zu bytes left",
-	              rc->off, b->len - rc->off);
+	ck_assert_msg(
+	    b->len - rc->off >= XNBD_OPTION_REPLY_HEADER_SIZE,
+	    "expected an option reply at offset %zu, only %zu bytes left",
+	    rc->off, b->len - rc->off);
 	const uint8_t *p = b->data + rc->off;
 	ck_assert_msg(xnbd__get64(p) == XNBD_MAGIC_REP,
 	              "bad option reply magic at offset %zu", rc->off);
 	r->opt = xnbd__get32(p + 8);
 	r->type = xnbd__get32(p + 12);
 	r->len = xnbd__get32(p + 16);
-	ck_assert_msg(r->len <= b->len - rc->off - XNBD_OPTION_REPLY_HEADER_SIZE,
+	ck_assert_msg(r->len <=
+	                  b->len - rc->off - XNBD_OPTION_REPLY_HEADER_SIZE,
 	              "option reply data (%u bytes) runs past the output",
 	              (unsigned)r->len);
 	r->data = p + XNBD_OPTION_REPLY_HEADER_SIZE;
@@ -301,11 +307,11 @@ uint32_t check_req(const struct xnbd__tx *tx, uint16_t type, uint16_t flags,
                    uint64_t offset, uint32_t length)
 {
 	struct xnbd__request r = {
-		.flags = flags,
-		.type = type,
-		.cookie = 0x0102030405060708ULL,
-		.offset = offset,
-		.length = length,
+	    .flags = flags,
+	    .type = type,
+	    .cookie = 0x0102030405060708ULL,
+	    .offset = offset,
+	    .length = length,
 	};
 	return xnbd__request_check(tx, &r);
 }

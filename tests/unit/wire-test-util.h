@@ -24,13 +24,13 @@ enum { EXP_DEFAULT, EXP_DISK2, EXP_BOTH, N_TEST_EXPORTS };
 extern const struct xnbd__hs_export test_exports[N_TEST_EXPORTS];
 
 #define DEFAULT_SIZE 0x0011223344556677ULL
-#define DEFAULT_TFLAGS                                                       \
-	(XNBD_FLAG_SEND_FLUSH | XNBD_FLAG_SEND_FUA | XNBD_FLAG_SEND_TRIM |       \
-	 XNBD_FLAG_SEND_WRITE_ZEROES | XNBD_FLAG_SEND_CACHE |                    \
+#define DEFAULT_TFLAGS \
+	(XNBD_FLAG_SEND_FLUSH | XNBD_FLAG_SEND_FUA | XNBD_FLAG_SEND_TRIM | \
+	 XNBD_FLAG_SEND_WRITE_ZEROES | XNBD_FLAG_SEND_CACHE | \
 	 XNBD_FLAG_SEND_FAST_ZERO | XNBD_FLAG_CAN_MULTI_CONN)
 #define DEFAULT_DESC "default export"
 #define DISK2_SIZE 0x00000000A1B2C300ULL
-#define DISK2_TFLAGS                                                         \
+#define DISK2_TFLAGS \
 	(XNBD_FLAG_READ_ONLY | XNBD_FLAG_SEND_FLUSH | XNBD_FLAG_ROTATIONAL)
 #define BOTH_SIZE 0x0000000000100000ULL
 
@@ -41,8 +41,8 @@ struct fake_catalog {
 	struct xnbd__hs_catalog cat;
 };
 
-void fake_catalog_init(struct fake_catalog *fc,
-                       const struct xnbd__hs_export *v, size_t n);
+void fake_catalog_init(struct fake_catalog *fc, const struct xnbd__hs_export *v,
+                       size_t n);
 
 /* ---- client bytes ------------------------------------------------------- */
 

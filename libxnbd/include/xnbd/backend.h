@@ -99,8 +99,9 @@ struct xnbd_io {
 };
 
 /* Values returned by xnbd_backend_submit() besides negative errnos. */
-#define XNBD_IO_PENDING 0   /* `done` will be called later */
-#define XNBD_IO_COMPLETED 1 /* finished inline: io->status holds the result
+#define XNBD_IO_PENDING 0 /* `done` will be called later */
+#define XNBD_IO_COMPLETED \
+	1 /* finished inline: io->status holds the result
                                and `done` is not called */
 
 /* Flags of xnbd_backend_file_open(). */
@@ -157,8 +158,7 @@ XNBD_EXPORT unsigned xnbd_backend_caps(const struct xnbd_backend *b);
  * the loop thread), XNBD_IO_COMPLETED (done inline; no callback), or a
  * negative errno (-EINVAL, -EPERM on a read-only backend, -ENOTSUP for an
  * operation the backend lacks), in which case the callback never runs. */
-XNBD_EXPORT int xnbd_backend_submit(struct xnbd_backend *b,
-                                    struct xnbd_io *io);
+XNBD_EXPORT int xnbd_backend_submit(struct xnbd_backend *b, struct xnbd_io *io);
 
 /* Number of I/Os submitted and not yet completed. */
 XNBD_EXPORT size_t xnbd_backend_in_flight(const struct xnbd_backend *b);
@@ -177,9 +177,8 @@ typedef void (*xnbd_snapshot_cb)(struct xnbd_backend *b, int status,
  * 0 or a negative errno.  Returns 0, -EBUSY while a snapshot runs,
  * -EEXIST if path exists, -ENOTSUP for backends that cannot, or another
  * negative errno; on error cb is never called. */
-XNBD_EXPORT int xnbd_backend_snapshot(struct xnbd_backend *b,
-                                      const char *path, xnbd_snapshot_cb cb,
-                                      void *user_data);
+XNBD_EXPORT int xnbd_backend_snapshot(struct xnbd_backend *b, const char *path,
+                                      xnbd_snapshot_cb cb, void *user_data);
 
 /* Is a snapshot still being written? */
 XNBD_EXPORT int xnbd_backend_snapshot_running(const struct xnbd_backend *b);

@@ -63,8 +63,7 @@ XNBD_EXPORT int xnbd_client_set_connect_timeout(struct xnbd_client *c,
 /* Have cb called when an established connection is lost or closed by the
  * server, after every request in flight has completed with an error. */
 XNBD_EXPORT void xnbd_client_on_disconnect(struct xnbd_client *c,
-                                           xnbd_client_cb cb,
-                                           void *user_data);
+                                           xnbd_client_cb cb, void *user_data);
 
 /* Size of the export (0 before a connection is established). */
 XNBD_EXPORT uint64_t xnbd_client_size(const struct xnbd_client *c);

@@ -61,8 +61,8 @@ typedef void (*xnbd_control_gone_cb)(struct xnbd_control_req *req,
 XNBD_EXPORT int xnbd_control_new(uv_loop_t *loop, struct xnbd_control **out);
 
 /* Where its messages go; without a handler they are dropped. */
-XNBD_EXPORT void xnbd_control_set_log(struct xnbd_control *ctl,
-                                      xnbd_log_fn fn, void *user_data);
+XNBD_EXPORT void xnbd_control_set_log(struct xnbd_control *ctl, xnbd_log_fn fn,
+                                      void *user_data);
 
 /* The text of the greeting after the version, telling clients what they
  * talk to, e.g. "xnbd-server/0.1.0" (copied; by default
@@ -91,16 +91,15 @@ XNBD_EXPORT void xnbd_control_free(struct xnbd_control *ctl);
 
 /* Have cb called if the request's peer leaves before it is finished. */
 XNBD_EXPORT void xnbd_control_on_gone(struct xnbd_control_req *req,
-                                      xnbd_control_gone_cb cb,
-                                      void *user_data);
+                                      xnbd_control_gone_cb cb, void *user_data);
 
 /* Add an `info KEY VALUE` line to the reply.  KEY is a word of
  * [a-z0-9_-.], at most 64 bytes; VALUE any string.  Returns 0, -EINVAL
  * (bad key), -EMSGSIZE (the encoded line would exceed
  * XNBD_CONTROL_MAX_LINE; nothing is sent), -ENOMEM (the connection is then
  * closed), or -EPIPE when the peer has gone (the line is dropped). */
-XNBD_EXPORT int xnbd_control_info(struct xnbd_control_req *req,
-                                  const char *key, const char *value);
+XNBD_EXPORT int xnbd_control_info(struct xnbd_control_req *req, const char *key,
+                                  const char *value);
 
 /* Add a `progress DONE TOTAL` line.  Returns as xnbd_control_info().
  * While the client leaves more than 64 KiB of the reply unread, progress

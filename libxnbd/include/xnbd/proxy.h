@@ -173,8 +173,8 @@ struct xnbd_control_req;
  * command with -ENOSYS.  A fill stops when the requester goes away. */
 XNBD_EXPORT void xnbd_proxy_control_run(struct xnbd_proxy *p,
                                         struct xnbd_server *srv,
-                                        struct xnbd_control_req *req,
-                                        int argc, char **argv);
+                                        struct xnbd_control_req *req, int argc,
+                                        char **argv);
 
 /* Let the upstream go, stop the fills, and once their fetches under way
  * have finished, sync the cache and the bitmap (blocking) and free the

@@ -83,15 +83,15 @@ XNBD_EXPORT void xnbd_server_set_flags(struct xnbd_server *s, unsigned flags);
  * bound the server stops reading from clients until it drains.  0 means no
  * bound of one's own; a fixed per-connection safety bound (1024 requests,
  * 256 MiB) always applies. */
-XNBD_EXPORT void xnbd_server_set_limits(struct xnbd_server *s,
-                                        size_t max_queue, size_t max_buf);
+XNBD_EXPORT void xnbd_server_set_limits(struct xnbd_server *s, size_t max_queue,
+                                        size_t max_buf);
 
 /* How much is queued now (requests received and not yet answered, and the
  * bytes buffered for them), and the bounds set by
  * xnbd_server_set_limits().  Any pointer may be NULL. */
-XNBD_EXPORT void xnbd_server_usage(const struct xnbd_server *s,
-                                   size_t *queued, size_t *buffered,
-                                   size_t *max_queue, size_t *max_buf);
+XNBD_EXPORT void xnbd_server_usage(const struct xnbd_server *s, size_t *queued,
+                                   size_t *buffered, size_t *max_queue,
+                                   size_t *max_buf);
 
 /* Add an export; the server refers to it until xnbd_server_free(), or
  * until the callback of xnbd_server_remove_export().  Exports may be added
@@ -103,8 +103,7 @@ XNBD_EXPORT int xnbd_server_add_export(struct xnbd_server *s,
                                        struct xnbd_export *e);
 
 typedef void (*xnbd_export_removed_cb)(struct xnbd_server *s,
-                                       struct xnbd_export *e,
-                                       void *user_data);
+                                       struct xnbd_export *e, void *user_data);
 
 /* Remove an export while the server runs.  At once, it is neither listed
  * (NBD_OPT_LIST) nor found by clients that negotiate (NBD_OPT_INFO and
@@ -164,9 +163,8 @@ typedef void (*xnbd_shutdown_cb)(struct xnbd_server *s, void *user_data);
  * negotiating are disconnected.  After `grace_ms` milliseconds, what is
  * left is closed hard.  cb runs once everything is closed; then the server
  * may be freed.  Returns 0, or -EALREADY if a shutdown is under way. */
-XNBD_EXPORT int xnbd_server_shutdown(struct xnbd_server *s,
-                                     unsigned grace_ms, xnbd_shutdown_cb cb,
-                                     void *user_data);
+XNBD_EXPORT int xnbd_server_shutdown(struct xnbd_server *s, unsigned grace_ms,
+                                     xnbd_shutdown_cb cb, void *user_data);
 
 /* Free a server that has no open handles: one never started, or one whose
  * shutdown callback has run.  Accepts NULL. */
