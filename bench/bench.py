@@ -576,7 +576,8 @@ def main():
 
         def measure(fn, name, row, i):
             """One run of row with server name: (value, unit, work per
-            CPU-s, client's share of a core)."""
+            server CPU-s, client's share of a core, work per machine
+            CPU-s or None for the yardsticks that are no server)."""
             with_server = getattr(fn, "with_server", False)
             extra = getattr(fn, "extra", [])
             if name == "kernel":
