@@ -163,6 +163,11 @@ static int parse(int argc, char **argv, struct opts *o)
 	if (o->cmd == C_RECONNECT) {
 		o->rhost = argv[optind + 1];
 		o->rport = argv[optind + 2];
+		if (!*o->rhost)
+			return fail_usage(PROG, "%s", "empty RHOST");
+		if (parse_port(o->rport))
+			return fail_usage(
+			    PROG, "invalid RPORT '%s' (1 to 65535)", o->rport);
 	}
 	if (o->json && o->cmd != C_QUERY)
 		return fail_usage(PROG, "%s", "--json goes with --query");

@@ -37,7 +37,7 @@ int parse_size(const char *s, size_t *out)
 {
 	char *end;
 	errno = 0;
-	if (!*s || *s == '-')
+	if (*s < '0' || *s > '9') /* no sign, no spaces */
 		return -1;
 	unsigned long long v = strtoull(s, &end, 10);
 	if (errno || end == s)
@@ -60,8 +60,10 @@ int parse_size(const char *s, size_t *out)
 int parse_port(const char *s)
 {
 	char *end;
+	if (*s < '0' || *s > '9') /* no sign, no spaces */
+		return -1;
 	long p = strtol(s, &end, 10);
-	if (*end || end == s || p < 1 || p > 65535)
+	if (*end || p < 1 || p > 65535)
 		return -1;
 	return 0;
 }
@@ -77,6 +79,13 @@ int serve_option(const char *prog, int o, const char *arg, const char *typed,
 		s->lport = arg;
 		break;
 	case O_LADDR:
+		/* An empty address (an unset shell variable) must not turn into
+		 * "every address". */
+		if (!*arg)
+			return fail_usage(
+			    prog, "%s",
+			    "empty --laddr (leave the option out to "
+			    "listen on every address)");
 		s->laddr = arg;
 		break;
 	case O_DAEMONIZE:
@@ -117,7 +126,8 @@ int serve_listen(const char *prog, struct xnbd_server *srv,
 	if (r < 0)
 		fprintf(stderr, "%s: cannot listen on %s port %s: %s\n", prog,
 		        s->laddr ? s->laddr : "all addresses", s->lport,
-		        xnbd_strerror(r));
+		        r == -ENOENT && s->laddr ? "no such local address"
+		                                 : xnbd_strerror(r));
 	return r;
 }
 

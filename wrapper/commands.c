@@ -124,9 +124,7 @@ static void cmd_list(struct xnbd_control_req *r, int argc, char **argv,
 
 static int valid_port(const char *s)
 {
-	char *end;
-	long p = strtol(s, &end, 10);
-	return *s && !*end && p >= 1 && p <= 65535;
+	return parse_port(s) == 0;
 }
 
 static void cmd_add_target(struct xnbd_control_req *r, int argc, char **argv,
@@ -479,6 +477,13 @@ static void cmd_bgctl(struct xnbd_control_req *r, int argc, char **argv,
 	struct wexport *e = wexport_find(w, argv[1]);
 	if (!e) {
 		refuse(r, -ENOENT, "no export named '%s'", argv[1]);
+		return;
+	}
+	if (strcmp(map[i].proxy_cmd, "reconnect") == 0 &&
+	    (!*argv[2] || !valid_port(argv[3]))) {
+		refuse(r, -EINVAL,
+		       "invalid upstream '%s' port '%s' (1 to 65535)", argv[2],
+		       argv[3]);
 		return;
 	}
 	/* The proxy's command line: its name, then the arguments after NAME. */

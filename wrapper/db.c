@@ -172,10 +172,7 @@ static int parse(char *buf, size_t len, const char *path, struct dbent **ents,
 		}
 		struct dbent *d = &v[n - 1];
 		if (type == W_PROXY) {
-			char *pe;
-			long port = strtol(d->rport, &pe, 10);
-			if (!*d->rhost || !*d->rport || *pe || port < 1 ||
-			    port > 65535) {
+			if (!*d->rhost || parse_port(d->rport)) {
 				bad(err, errlen, path, lineno,
 				    "invalid upstream '%s' port '%s' "
 				    "(1 to 65535)",

@@ -1768,49 +1768,140 @@ int xnbd_proxy_sync(struct xnbd_proxy *p, xnbd_proxy_cb cb, void *ud)
 
 /* ---- open ----------------------------------------------------------------------------------------------------- */
 
+/* Open the bitmap, with the messages its refusals deserve. */
+static int open_bitmap(struct xnbd_proxy *p, uint64_t size)
+{
+	int r = xnbd_bitmap_open(
+	    p->bitmap_path, size, BS,
+	    (p->flags & XNBD_PROXY_CLEAR_BITMAP) ? XNBD_BITMAP_CLEAR : 0,
+	    &p->bm);
+	if (r == -EBADMSG)
+		plog(p, XNBD_LOG_ERR,
+		     "bitmap %s is not an xNBD bitmap, or is damaged; refusing "
+		     "to use it, also with --clear-bitmap (it may be other "
+		     "data under a mistyped name: check the paths, and remove "
+		     "it by hand to start afresh)",
+		     p->bitmap_path);
+	else if (r == -EINVAL)
+		plog(p, XNBD_LOG_ERR,
+		     "bitmap %s was made for another image (block size or "
+		     "image size differ from %" PRIu64
+		     " bytes in blocks of %u); refusing to use it "
+		     "(--clear-bitmap starts afresh)",
+		     p->bitmap_path, size, BS);
+	else if (r < 0)
+		plog(p, XNBD_LOG_ERR, "bitmap %s: %s", p->bitmap_path,
+		     strerror(-r));
+	return r;
+}
+
+/* The first block at or after `from` that the bitmap says is cached, or
+ * the block count. */
+static uint64_t next_set(const struct xnbd_bitmap *bm, uint64_t from)
+{
+	uint64_t n = xnbd_bitmap_blocks(bm);
+	while (from < n && !xnbd_bitmap_test(bm, from))
+		from++;
+	return from;
+}
+
+/* Open the cache image and the bitmap, in an order that changes neither
+ * before both are known to be what they claim: the cache file is grown to
+ * the export's size only after the bitmap was accepted, and only when no
+ * bit vouches for a block the file did not hold (a cache image deleted,
+ * truncated or replaced while its bitmap was kept would otherwise be
+ * served as zeroes).  A cache file made here is removed again if the
+ * start is refused. */
 static int open_cache(struct xnbd_proxy *p, uint64_t size)
 {
-	int fd = open(p->cache_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	bool created = false;
+	int fd = open(p->cache_path, O_RDWR | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT) {
+		fd = open(p->cache_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC,
+		          0600);
+		created = fd >= 0;
+	}
 	if (fd < 0) {
 		int e = -errno;
 		plog(p, XNBD_LOG_ERR, "cache image %s: %s", p->cache_path,
 		     strerror(-e));
 		return e;
 	}
-	struct stat st;
-	if (fstat(fd, &st) != 0) {
-		int e = -errno;
-		close(fd);
-		return e;
+	struct stat st = {0}, bst;
+	int r = fstat(fd, &st) != 0 ? -errno : 0;
+	if (r == 0 && stat(p->bitmap_path, &bst) == 0 &&
+	    bst.st_dev == st.st_dev && bst.st_ino == st.st_ino) {
+		plog(p, XNBD_LOG_ERR,
+		     "cache image %s and bitmap %s are the same file; refusing "
+		     "to use them",
+		     p->cache_path, p->bitmap_path);
+		r = -EINVAL;
 	}
-	if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < size &&
-	    ftruncate(fd, (off_t)size) != 0) {
-		int e = -errno;
+	bool small = S_ISREG(st.st_mode) && (uint64_t)st.st_size < size;
+	if (r == 0 && small && st.st_size > 0 &&
+	    xnbd__bitmap_file_is_ours(fd)) {
+		/* Growing it would ruin somebody's bitmap: CACHE and BITMAP
+		 * swapped, or another proxy's bitmap named by mistake. */
+		plog(
+		    p, XNBD_LOG_ERR,
+		    "cache image %s is an xNBD bitmap (are the cache image and "
+		    "the bitmap swapped?); refusing to use it",
+		    p->cache_path);
+		r = -EINVAL;
+	}
+	if (r == 0)
+		r = open_bitmap(p, size);
+	if (r == 0 && small && xnbd_bitmap_count(p->bm)) {
+		uint64_t b = next_set(p->bm, (uint64_t)st.st_size / BS);
+		if (b < xnbd_bitmap_blocks(p->bm)) {
+			plog(
+			    p, XNBD_LOG_ERR,
+			    "cache image %s holds %" PRIu64
+			    " bytes, but bitmap %s says block %" PRIu64
+			    " (byte %" PRIu64
+			    ") and maybe more are cached: the cache image was "
+			    "truncated or replaced; refusing to serve what it "
+			    "lacks (restore it, or start with --clear-bitmap to "
+			    "fetch every block again)",
+			    p->cache_path, (uint64_t)st.st_size, p->bitmap_path,
+			    b, b * BS);
+			r = -EUCLEAN;
+		}
+	}
+	if (r == 0 && small && ftruncate(fd, (off_t)size) != 0) {
+		r = -errno;
 		plog(p, XNBD_LOG_ERR,
 		     "cache image %s: cannot grow it to %" PRIu64 " bytes: %s",
-		     p->cache_path, size, strerror(-e));
-		close(fd);
-		return e;
+		     p->cache_path, size, strerror(-r));
 	}
-	struct xnbd_backend *b;
-	int r =
-	    xnbd__backend_file_from_fd(p->loop, fd, XNBD__OPEN_ALLOC_AHEAD, &b);
-	if (r < 0) {
-		close(fd);
-		plog(p, XNBD_LOG_ERR, "cache image %s: %s", p->cache_path,
-		     strerror(-r));
-		return r;
+	struct xnbd_backend *b = NULL;
+	if (r == 0) {
+		r = xnbd__backend_file_from_fd(p->loop, fd,
+		                               XNBD__OPEN_ALLOC_AHEAD, &b);
+		if (r < 0)
+			plog(p, XNBD_LOG_ERR, "cache image %s: %s",
+			     p->cache_path, strerror(-r));
 	}
-	if (xnbd_backend_size(b) != size) {
+	if (r == 0 && xnbd_backend_size(b) != size) {
 		uint64_t have = xnbd_backend_size(b);
-		xnbd_backend_free(b);
 		plog(p, XNBD_LOG_ERR,
 		     "cache image %s has %" PRIu64
 		     " bytes, more than the %" PRIu64
 		     " of the upstream export (or it cannot grow); refusing to "
 		     "use it",
 		     p->cache_path, have, size);
-		return have > size ? -EFBIG : -ENOSPC;
+		r = have > size ? -EFBIG : -ENOSPC;
+	}
+	if (r < 0) {
+		if (b)
+			xnbd_backend_free(b); /* closes fd */
+		else
+			close(fd);
+		xnbd_bitmap_close(p->bm);
+		p->bm = NULL;
+		if (created)
+			unlink(p->cache_path);
+		return r;
 	}
 	p->cache = b;
 	p->cache_fd = fd;
@@ -1845,36 +1936,6 @@ static void open_connected(struct xnbd_client *c, int status, void *ud)
 	}
 	uint64_t size = xnbd_client_size(c);
 	int r = open_cache(p, size);
-	if (r == 0) {
-		r = xnbd_bitmap_open(p->bitmap_path, size, BS,
-		                     (p->flags & XNBD_PROXY_CLEAR_BITMAP)
-		                         ? XNBD_BITMAP_CLEAR
-		                         : 0,
-		                     &p->bm);
-		if (r == -EBADMSG)
-			plog(
-			    p, XNBD_LOG_ERR,
-			    "bitmap %s is not an xNBD bitmap, or is damaged; "
-			    "refusing to use it (move it away, or start afresh with "
-			    "--clear-bitmap)",
-			    p->bitmap_path);
-		else if (r == -EINVAL)
-			plog(
-			    p, XNBD_LOG_ERR,
-			    "bitmap %s was made for another image (block size or "
-			    "image size differ from %" PRIu64
-			    " bytes in blocks of %u); refusing to use it",
-			    p->bitmap_path, size, BS);
-		else if (r < 0)
-			plog(p, XNBD_LOG_ERR, "bitmap %s: %s", p->bitmap_path,
-			     strerror(-r));
-		if (r < 0) {
-			xnbd_backend_free(p->cache);
-			p->cache = NULL;
-			xnbd_backend_free(p->cache_direct);
-			p->cache_direct = NULL;
-		}
-	}
 	if (r < 0) {
 		reap_client(p, c);
 		cb(p, r, cud);

@@ -177,6 +177,16 @@ int xnbd_bitmap_open(const char *path, uint64_t image_size, uint32_t block_size,
 	return 0;
 }
 
+bool xnbd__bitmap_file_is_ours(int fd)
+{
+	uint8_t h[48];
+	if (full_io(fd, h, sizeof(h), 0, false) != 0)
+		return false;
+	return memcmp(h, magic, 8) == 0 && xnbd__get32(h + 8) == VERSION &&
+	       xnbd__get32(h + 12) == HDR_SIZE &&
+	       xnbd__get64(h + 40) == fnv1a(h, 40);
+}
+
 uint64_t xnbd_bitmap_blocks(const struct xnbd_bitmap *bm)
 {
 	return bm->blocks;

@@ -918,13 +918,29 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 		die(c, r, uv_strerror(r));
 }
 
+bool xnbd__port_ok(const char *s)
+{
+	unsigned long v = 0;
+	if (!*s)
+		return false;
+	for (; *s; s++) {
+		if (*s < '0' || *s > '9')
+			return false;
+		v = v * 10 + (unsigned long)(*s - '0');
+		if (v > 65535)
+			return false;
+	}
+	return v >= 1;
+}
+
 int xnbd_client_connect(struct xnbd_client *c, const char *host,
                         const char *port, const char *name, xnbd_client_cb cb,
                         void *ud)
 {
 	if (c->state != C_IDLE)
 		return -EALREADY;
-	if (!host || !port || !name || !cb || strlen(name) > XNBD_MAX_STRING)
+	if (!host || !port || !name || !cb || strlen(name) > XNBD_MAX_STRING ||
+	    !xnbd__port_ok(port))
 		return -EINVAL;
 	c->name = strdup(name);
 	if (!c->name)

@@ -228,6 +228,10 @@ static void cmd_reconnect(struct xnbd_control_req *r, int argc, char **argv,
 		                    "usage: reconnect HOST PORT [EXPORT]");
 		return;
 	}
+	if (!xnbd__port_ok(argv[2])) {
+		xnbd_control_finish(r, -EINVAL, "invalid port (1 to 65535)");
+		return;
+	}
 	int st = xnbd_proxy_reconnect(c->p, argv[1], argv[2],
 	                              argc == 4 ? argv[3] : "", reconnected, r);
 	if (st < 0)

@@ -19,6 +19,8 @@
   paths too long for a socket, before connecting.
 - One cache spelled two ways (./, ../, a symlinked directory, a hard
   link) was two files to the checks: two proxies shared one cache.
+- bgctl-reconnect to port 70000 reached port 4464 and put 70000 in the
+  export list, which the next start refused whole.
   (The pid file is in the same list; it goes with --daemonize, which this
   test does not use.)
 """
@@ -283,6 +285,21 @@ def refused_files_and_names(t, img):
               t.join("fd/b.img"), t.join("img.hardlink"), t.join("fd/b.sock"),
               rc=1)
     xt.check("in use by export" in r.stderr, "hard link: %r" % r.stderr)
+    # A reconnect to a port out of range (getaddrinfo took 70000 as 4464,
+    # and the export list then recorded a port no start accepts) is
+    # refused, and the list keeps the upstream.
+    c = Ctl(w.sock)
+    for port in ("70000", "0", "+1", "x"):
+        c.send("bgctl-reconnect pa 127.0.0.1 %s\n" % port)
+        r = c.reply()
+        xt.check(r[-1].startswith("error EINVAL") and "65535" in r[-1]
+                 and "upstream" in r[-1],
+                 "bgctl-reconnect to port %s: %r" % (port, r))
+    c.close()
+    with open(db) as f:
+        listed = f.read()
+    xt.check("70000" not in listed and str(srv.port) in listed,
+             "export list after refused reconnects: %r" % listed)
     w.ctl("--remove-by-exportname", "pa")
     w.ctl("--remove-by-exportname", "hl")
     r = w.ctl("--add-target", "caf\u00e9", img)  # UTF-8 is fine

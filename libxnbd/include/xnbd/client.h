@@ -37,7 +37,8 @@ XNBD_EXPORT int xnbd_client_new(uv_loop_t *loop, struct xnbd_client **out);
 XNBD_EXPORT void xnbd_client_set_log(struct xnbd_client *c, xnbd_log_fn fn,
                                      void *user_data);
 
-/* Connect to host:port and open the export `name` ("" for the default).
+/* Connect to host:port and open the export `name` ("" for the default);
+ * port is a decimal number from 1 to 65535 (anything else: -EINVAL).
  * cb runs once with 0 when transmission may start, or with a negative
  * errno: -ECONNREFUSED and other socket errors, -ENOENT (no such export
  * or host), -EPROTO (the server broke the protocol), -ENOTSUP (it offers

@@ -54,14 +54,19 @@ XNBD_EXPORT int xnbd_proxy_new(uv_loop_t *loop, struct xnbd_proxy **out);
 XNBD_EXPORT void xnbd_proxy_set_log(struct xnbd_proxy *p, xnbd_log_fn fn,
                                     void *user_data);
 
-/* Connect to the export `name` at host:port, then open the cache image at
- * `cache` (created, or grown, to the export's size) and the bitmap at
- * `bitmap` (created, or reused unless XNBD_PROXY_CLEAR_BITMAP).  cb runs
+/* Connect to the export `name` at host:port (port: 1 to 65535), then open
+ * the bitmap at `bitmap` (created, or reused unless
+ * XNBD_PROXY_CLEAR_BITMAP) and the cache image at `cache` (created, or
+ * grown, to the export's size, only once the bitmap was accepted).  cb runs
  * once: with 0 when the backend is ready, or with a negative errno (that
  * of xnbd_client_connect(); -EFBIG when the cache image is larger than the
  * export; -EBADMSG or -EINVAL from xnbd_bitmap_open() for a bitmap that is
- * damaged or made for another image), the reason also logged.  Returns 0,
- * or a negative errno when nothing was started. */
+ * damaged or made for another image; -EINVAL when cache and bitmap are one
+ * file, or the cache image is itself an xNBD bitmap; -EUCLEAN when the
+ * bitmap says a block is cached that lies past the cache image's end, as
+ * after the cache was truncated or replaced), the reason also logged.
+ * Nothing is changed on a refusal, and a cache image made by the attempt
+ * is removed.  Returns 0, or a negative errno when nothing was started. */
 XNBD_EXPORT int xnbd_proxy_open(struct xnbd_proxy *p, const char *host,
                                 const char *port, const char *name,
                                 const char *cache, const char *bitmap,
@@ -107,8 +112,9 @@ XNBD_EXPORT const char *xnbd_proxy_bitmap_path(const struct xnbd_proxy *p);
 /* Requests waiting for the upstream to come back. */
 XNBD_EXPORT uint64_t xnbd_proxy_waiting(const struct xnbd_proxy *p);
 
-/* Point the proxy at the export `name` on host:port and go on: requests
- * that waited are served from there.  The export must have the same size.
+/* Point the proxy at the export `name` on host:port (port: 1 to 65535, or
+ * -EINVAL) and go on: requests that waited are served from there.  The
+ * export must have the same size.
  * cb runs once with 0, or a negative errno (-EINVAL when the size differs,
  * -EALREADY after a switch, or a connection error); a failed reconnect
  * leaves the proxy as it was.  Returns 0, or a negative errno when nothing
