@@ -133,6 +133,12 @@ static int parse(int argc, char **argv, struct opts *o)
 			r = 0;
 			break;
 		case O_EXPORTNAME:
+			if (strlen(optarg) > XNBD_MAX_STRING)
+				return fail_usage(
+				    PROG,
+				    "--exportname: longer than the "
+				    "protocol's %u bytes",
+				    XNBD_MAX_STRING);
 			o->exportname = optarg;
 			r = 0;
 			break;

@@ -172,6 +172,12 @@ static int parse_args(int argc, char **argv, struct config *c)
 			c->overlay = optarg;
 			break;
 		case O_EXPORTNAME:
+			if (strlen(optarg) > XNBD_MAX_STRING)
+				return fail_usage(
+				    PROG,
+				    "--target-exportname: longer than "
+				    "the protocol's %u bytes",
+				    XNBD_MAX_STRING);
 			c->exportname = optarg;
 			break;
 		case O_CLEARBITMAP:

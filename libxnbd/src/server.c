@@ -2343,10 +2343,12 @@ static void maybe_finish_shutdown(struct xnbd_server *srv)
 static void grace_cb(uv_timer_t *t)
 {
 	struct xnbd_server *srv = t->data;
-	slog(srv, XNBD_LOG_WARNING,
-	     "shutdown grace period over: closing %zu "
-	     "connection(s)",
-	     srv->nsessions);
+	/* With no connection left there is nothing to warn about (a start
+	 * that failed after the loop ran gets here too). */
+	if (srv->nsessions)
+		slog(srv, XNBD_LOG_WARNING,
+		     "shutdown grace period over: closing %zu connection(s)",
+		     srv->nsessions);
 	struct xnbd_list *l, *n;
 	for (l = srv->sessions.next; l != &srv->sessions; l = n) {
 		n = l->next;

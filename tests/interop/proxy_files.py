@@ -15,7 +15,8 @@ file is changed.
    says it is invalid (exit 2), the control socket answers EINVAL, and
    the proxy keeps its upstream.
 5. The server's own options: an empty --laddr (it listened on every
-   address) and ports with a sign or a space are usage errors (exit 2).
+   address), ports with a sign or a space, and export names over 4096
+   bytes (for xnbd-bgctl too) are usage errors (exit 2).
 """
 import hashlib
 import os
@@ -140,6 +141,17 @@ def main():
                                capture_output=True, text=True, timeout=20)
             xt.check(r.returncode == 2 and what in r.stderr,
                      "%s: exit %d, %s" % (what, r.returncode, r.stderr))
+        # An export name past the protocol's 4096 bytes, on the command line.
+        long = "a" * 5000
+        r = subprocess.run([xt.SERVER, "--proxy", "--target-exportname", long,
+                            "--lport", "0", "127.0.0.1", str(up.port),
+                            t.join("x.cache"), t.join("x.bitmap"), t.join("x.ctl")],
+                           capture_output=True, text=True, timeout=20)
+        xt.check(r.returncode == 2 and "4096" in r.stderr,
+                 "long --target-exportname: exit %d, %s" % (r.returncode, r.stderr))
+        r = xt.bgctl("--exportname", long, "--reconnect", t.join("x.ctl"),
+                     "127.0.0.1", up.port, check_rc=2)
+        xt.check("4096" in r.stderr, "bgctl's long --exportname: " + r.stderr)
         del nbd
 
 
