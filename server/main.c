@@ -627,7 +627,9 @@ int main(int argc, char **argv)
 
 	if (s->daemonize &&
 	    (r = daemonize(a.loop, s->pidfile, logsink_uses_stderr())) < 0) {
-		fprintf(stderr, PROG ": cannot daemonize: %s\n",
+		fprintf(stderr, PROG ": cannot daemonize%s%s%s: %s\n",
+		        s->pidfile ? " (pid file " : "",
+		        s->pidfile ? s->pidfile : "", s->pidfile ? ")" : "",
 		        xnbd_strerror(r));
 		return finish(&a, 1);
 	}

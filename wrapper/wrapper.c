@@ -561,8 +561,10 @@ int main(int argc, char **argv)
 	}
 	if (s->daemonize &&
 	    (r = daemonize(w.loop, w.pidfile_abs, logsink_uses_stderr())) < 0) {
-		fprintf(stderr, PROG ": cannot daemonize: %s\n",
-		        xnbd_strerror(r));
+		fprintf(stderr, PROG ": cannot daemonize%s%s%s: %s\n",
+		        w.pidfile_abs ? " (pid file " : "",
+		        w.pidfile_abs ? w.pidfile_abs : "",
+		        w.pidfile_abs ? ")" : "", xnbd_strerror(r));
 		return fail_start(&w, 1);
 	}
 	uv_timer_start(&w.tick, on_tick, TICK_MS, TICK_MS);
