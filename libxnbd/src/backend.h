@@ -121,6 +121,10 @@ uint64_t xnbd__file_chunks_allocated(const struct xnbd_backend *b);
 /* Tests: how many I/Os a file backend's write lane has taken. */
 uint64_t xnbd__file_lane_ios(const struct xnbd_backend *b);
 
+/* Ops a CoW layer took from malloc so far (tests: a warm layer takes none
+ * for a request). */
+uint64_t xnbd__cow_op_allocs(const struct xnbd_backend *b);
+
 /* A file backend over an open descriptor, which it takes over on success
  * (flags: XNBD_OPEN_* and XNBD__OPEN_ALLOC_AHEAD). */
 int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,

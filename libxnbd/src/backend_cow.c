@@ -44,6 +44,11 @@ struct cow {
 	struct xnbd_list locked;  /* write ops holding their blocks */
 	struct xnbd_list waiting; /* write ops waiting for blocks */
 	struct xnbd__chan jobs;   /* starts waiters from the loop */
+	/* Finished ops kept for the next requests (loop thread only): a
+	 * request allocates nothing once the layer has warmed up. */
+	struct xnbd_list spare;
+	unsigned nspare;
+	uint64_t op_allocs; /* ops taken from malloc (tests) */
 };
 
 struct cow_op;
@@ -115,12 +120,28 @@ static uint32_t count_runs(const struct cow *c, uint64_t off, uint64_t len,
 	return n;
 }
 
+/* Every op has room for this many subs at least, so that any op can serve
+ * the common requests again (a read of one run, a write); up to SPARE_MAX
+ * of them are kept. */
+#define SPARE_SUBS 3U
+#define SPARE_MAX 64U
+
 static struct cow_op *op_new(struct cow *c, struct xnbd_io *io, uint32_t nsub)
 {
-	struct cow_op *op =
-	    calloc(1, sizeof(*op) + nsub * sizeof(struct cow_sub));
-	if (!op)
-		return NULL;
+	struct cow_op *op;
+	if (nsub <= SPARE_SUBS && !xnbd_list_empty(&c->spare)) {
+		op = xnbd_container_of(c->spare.next, struct cow_op, link);
+		xnbd_list_remove(&op->link);
+		c->nspare--;
+		memset(op, 0,
+		       sizeof(*op) + SPARE_SUBS * sizeof(struct cow_sub));
+	} else {
+		uint32_t room = nsub > SPARE_SUBS ? nsub : SPARE_SUBS;
+		op = calloc(1, sizeof(*op) + room * sizeof(struct cow_sub));
+		if (!op)
+			return NULL;
+		c->op_allocs++;
+	}
 	op->c = c;
 	op->io = io;
 	op->nsub = nsub;
@@ -240,6 +261,23 @@ static void unlock(struct cow *c, struct cow_op *op)
 
 /* ---- finishing ---------------------------------------------------------- */
 
+static void op_release(struct cow *c, struct cow_op *op)
+{
+	free(op->bounce);
+	free(op->ext);
+	if (op->nsub <= SPARE_SUBS && c->nspare < SPARE_MAX) {
+		xnbd_list_insert(&c->spare, &op->link);
+		c->nspare++;
+	} else {
+		free(op);
+	}
+}
+
+uint64_t xnbd__cow_op_allocs(const struct xnbd_backend *b)
+{
+	return ((const struct cow *)b)->op_allocs;
+}
+
 static void op_finish(struct cow_op *op)
 {
 	struct cow *c = op->c;
@@ -250,9 +288,7 @@ static void op_finish(struct cow_op *op)
 	if (writes)
 		unlock(c, op);
 	int *inl = op->inline_done;
-	free(op->bounce);
-	free(op->ext);
-	free(op);
+	op_release(c, op);
 	if (inl)
 		*inl = 1;
 	else
@@ -511,7 +547,7 @@ static int cow_start(struct cow *c, struct xnbd_io *io, int pipe_fd)
 	if (io->type == XNBD_IO_BLOCK_STATUS) {
 		op->ext = calloc(nsub, sizeof(*op->ext));
 		if (!op->ext) {
-			free(op);
+			op_release(c, op);
 			return -ENOMEM;
 		}
 	}
@@ -530,6 +566,11 @@ static int cow_start(struct cow *c, struct xnbd_io *io, int pipe_fd)
 static void cow_free(struct xnbd_backend *b)
 {
 	struct cow *c = (struct cow *)b;
+	while (!xnbd_list_empty(&c->spare)) {
+		struct xnbd_list *l = c->spare.next;
+		xnbd_list_remove(l);
+		free(xnbd_container_of(l, struct cow_op, link));
+	}
 	xnbd_backend_free(c->overlay);
 	xnbd__chan_destroy(&c->jobs);
 	free(c->bits);
@@ -632,6 +673,7 @@ int xnbd_backend_cow_new(uv_loop_t *loop, struct xnbd_backend *lower,
 	c->bits = bits;
 	xnbd_list_init(&c->locked);
 	xnbd_list_init(&c->waiting);
+	xnbd_list_init(&c->spare);
 	*out = &c->base;
 	return 0;
 }

@@ -716,6 +716,37 @@ static void write_and_check(struct op *o, uint64_t off, uint64_t len, int seed)
 	ck_assert(file_is(o->data, off, len));
 }
 
+/* A CoW layer allocates no op per request once warm: one request at a
+ * time (reads of one run, whole and partial writes, which copy up) all
+ * use the op the first one took; and each reads back what was written. */
+START_TEST(cow_requests_reuse_their_ops)
+{
+	static struct op w, r;
+	struct xnbd_backend *file = backend, *cow = NULL;
+	ck_assert_int_eq(
+	    xnbd_backend_cow_new(&loop, file, "/tmp", XNBD_COW_TEMPORARY, &cow),
+	    0);
+	backend = cow;
+	for (unsigned i = 0; i < 200; i++) {
+		uint64_t off = (uint64_t)i * 8192 + (i % 10 == 0 ? 100 : 0);
+		uint64_t len = i % 10 == 0 ? 300 : 4096;
+		fill(w.data, len, i);
+		submit(&w, XNBD_IO_WRITE, off, len);
+		uv_run(&loop, UV_RUN_DEFAULT);
+		ck_assert_int_eq(w.ncalls, 1);
+		ck_assert_int_eq(w.io.status, 0);
+		submit(&r, XNBD_IO_READ, off, len);
+		uv_run(&loop, UV_RUN_DEFAULT);
+		ck_assert_int_eq(r.ncalls, 1);
+		ck_assert_int_eq(r.io.status, 0);
+		ck_assert(memcmp(r.data, w.data, len) == 0);
+	}
+	ck_assert_uint_eq(xnbd__cow_op_allocs(cow), 1);
+	xnbd_backend_free(cow);
+	backend = file;
+}
+END_TEST
+
 /* A backend opened with XNBD__OPEN_ALLOC_AHEAD (a CoW overlay, a proxy's
  * cache) on ext4 or XFS allocates each 1 MiB chunk of a sparse file before
  * the first write into it, once; the last chunk, short, without growing
@@ -980,6 +1011,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, snapshot_ends_through_the_channel);
 	tcase_add_test(tc, large_writes_into_uncached_pages_go_in_pieces);
 	tcase_add_test(tc, sparse_files_of_ours_are_allocated_a_chunk_ahead);
+	tcase_add_test(tc, cow_requests_reuse_their_ops);
 	tcase_add_test(tc, idle_small_writes_are_made_inline);
 	tcase_add_test(tc,
 	               writes_past_the_file_size_limit_leave_the_loop_thread);
