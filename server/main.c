@@ -7,7 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -434,6 +436,51 @@ static void on_proxy_open(struct xnbd_proxy *p, int status, void *ud)
 
 /* Connect upstream and open the cache and bitmap; the library logs why it
  * failed.  Returns 0 or an exit code. */
+/* The control socket's place, checked before the cache image and bitmap
+ * are touched: a start refused for its socket must change nothing, and
+ * above all must not clear the bitmap (--clear-bitmap) of a server that
+ * runs on the same files.  Returns 0, or prints why and returns 1. */
+static int check_ctl_place(const char *path, const char *given)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	const char *why = NULL;
+	struct stat st;
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		why = "the path is too long for a Unix socket";
+	} else if (lstat(path, &st) == 0) {
+		if (!S_ISSOCK(st.st_mode)) {
+			why = "a file that is not a socket is in the way";
+		} else {
+			int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+			memcpy(sa.sun_path, path, strlen(path) + 1);
+			if (fd >= 0 && connect(fd, (struct sockaddr *)&sa,
+			                       sizeof(sa)) == 0)
+				why = "a running server listens there";
+			if (fd >= 0)
+				close(fd);
+		}
+	} else if (errno != ENOENT) {
+		why = strerror(errno);
+	} else {
+		char *dir = strdup(path),
+		     *slash = dir ? strrchr(dir, '/') : NULL;
+		if (slash && slash != dir)
+			*slash = 0;
+		else if (slash)
+			slash[1] = 0;
+		if (!dir)
+			why = strerror(ENOMEM);
+		else if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+			why = "its directory does not exist";
+		free(dir);
+	}
+	if (!why)
+		return 0;
+	fprintf(stderr, PROG ": cannot open the control socket '%s': %s\n",
+	        given, why);
+	return 1;
+}
+
 static int open_proxy(struct app *a)
 {
 	struct config *c = &a->cfg;
@@ -455,6 +502,8 @@ static int open_proxy(struct app *a)
 		        strerror(errno));
 		return 1;
 	}
+	if (check_ctl_place(a->ctl_abs, c->ctlsock))
+		return 1;
 	r = xnbd_proxy_open(a->proxy, c->rhost, c->rport,
 	                    c->exportname ? c->exportname : "", a->cache_abs,
 	                    a->bitmap_abs, flags, on_proxy_open, a);

@@ -17,6 +17,10 @@ file is changed.
 5. The server's own options: an empty --laddr (it listened on every
    address), ports with a sign or a space, and export names over 4096
    bytes (for xnbd-bgctl too) are usage errors (exit 2).
+6. A second server on a running proxy's files and control socket, with
+   --clear-bitmap: it cleared the running proxy's bitmap on disk before
+   it found the socket taken.  The socket's place is now checked first,
+   and a start refused for it creates no cache or bitmap.
 """
 import hashlib
 import os
@@ -120,7 +124,25 @@ def main():
         q = xt.query(ctl)
         xt.check_eq((q["state"], str(q["upstream-port"])), ("connected", str(up.port)),
                     "the proxy's upstream after the refused reconnects")
+
+        # ---- 6. the control socket's place, checked before the files -------------
+        # A second server on the same files and socket, with --clear-bitmap,
+        # must not clear the running one's bitmap.
+        before = digest(bitmap)
+        err = start_fails(up, cache, bitmap, ctl, "--clear-bitmap")
+        xt.check("running server" in err, "second server: " + err)
+        xt.check_eq(digest(bitmap), before, "the running proxy's bitmap")
+        h = s.connect()
+        xt.check_bytes(h.pread(SIZE, 0), src, "the running proxy after it")
+        h.shutdown()
         xt.check_eq(s.stop(), 0, "proxy exit status")
+        for where, what in ((t.join("nodir", "x.ctl"), "directory"),
+                            (up.image, "not a socket")):
+            err = start_fails(up, t.join("c6.cache"), t.join("c6.bitmap"), where)
+            xt.check(what in err, "control socket %s: %s" % (where, err))
+            xt.check(not os.path.exists(t.join("c6.cache")) and
+                     not os.path.exists(t.join("c6.bitmap")),
+                     "a start refused for its control socket left files")
 
         # ---- 3. one path for both -------------------------------------------------
         same = t.join("same")
