@@ -1782,6 +1782,12 @@ static int open_bitmap(struct xnbd_proxy *p, uint64_t size)
 		     "data under a mistyped name: check the paths, and remove "
 		     "it by hand to start afresh)",
 		     p->bitmap_path);
+	else if (r == -EBUSY)
+		plog(
+		    p, XNBD_LOG_ERR,
+		    "bitmap %s is in use (another proxy runs on it?); refusing "
+		    "to use it",
+		    p->bitmap_path);
 	else if (r == -EINVAL)
 		plog(p, XNBD_LOG_ERR,
 		     "bitmap %s was made for another image (block size or "

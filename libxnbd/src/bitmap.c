@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -121,6 +122,12 @@ int xnbd_bitmap_open(const char *path, uint64_t image_size, uint32_t block_size,
 		if (bm->fd < 0)
 			r = -errno;
 	}
+	/* One owner at a time: a second proxy on the same files (started
+	 * by mistake, with --clear-bitmap perhaps) must not rewrite the
+	 * bits under the first.  flock, not fcntl: the lock belongs to the
+	 * open file, so it survives a daemon's fork. */
+	if (r == 0 && flock(bm->fd, LOCK_EX | LOCK_NB) != 0)
+		r = errno == EWOULDBLOCK ? -EBUSY : -errno;
 	struct stat st;
 	if (r == 0 && fstat(bm->fd, &st))
 		r = -errno;

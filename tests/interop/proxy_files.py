@@ -20,7 +20,8 @@ file is changed.
 6. A second server on a running proxy's files and control socket, with
    --clear-bitmap: it cleared the running proxy's bitmap on disk before
    it found the socket taken.  The socket's place is now checked first,
-   and a start refused for it creates no cache or bitmap.
+   and a start refused for it creates no cache or bitmap; with a socket
+   of its own, the bitmap's lock (flock) refuses it.
 """
 import hashlib
 import os
@@ -131,6 +132,10 @@ def main():
         before = digest(bitmap)
         err = start_fails(up, cache, bitmap, ctl, "--clear-bitmap")
         xt.check("running server" in err, "second server: " + err)
+        xt.check_eq(digest(bitmap), before, "the running proxy's bitmap")
+        # With a control socket of its own: the bitmap's lock refuses it.
+        err = start_fails(up, cache, bitmap, t.join("c2b.ctl"), "--clear-bitmap")
+        xt.check("in use" in err, "second server, own socket: " + err)
         xt.check_eq(digest(bitmap), before, "the running proxy's bitmap")
         h = s.connect()
         xt.check_bytes(h.pread(SIZE, 0), src, "the running proxy after it")

@@ -102,6 +102,29 @@ START_TEST(bits_are_lsb_first_and_durable_after_write)
 }
 END_TEST
 
+/* One owner at a time: a second open, even with CLEAR, is refused with
+ * -EBUSY and leaves the file alone; after the first closes, it opens. */
+START_TEST(a_bitmap_in_use_is_refused)
+{
+	struct xnbd_bitmap *bm, *other = NULL;
+	ck_assert_int_eq(xnbd_bitmap_open(path, 100 * 4096, 4096, 0, &bm), 0);
+	xnbd_bitmap_set(bm, 3);
+	ck_assert_uint_eq(xnbd_bitmap_stage(bm), 1);
+	ck_assert_int_eq(xnbd_bitmap_write_staged(bm), 0);
+	ck_assert_int_eq(file_byte(4096), 0x08);
+	ck_assert_int_eq(
+	    xnbd_bitmap_open(path, 100 * 4096, 4096, XNBD_BITMAP_CLEAR, &other),
+	    -EBUSY);
+	ck_assert_ptr_null(other);
+	ck_assert_int_eq(file_byte(4096), 0x08);
+	xnbd_bitmap_close(bm);
+	ck_assert_int_eq(xnbd_bitmap_open(path, 100 * 4096, 4096, 0, &other),
+	                 0);
+	ck_assert_uint_eq(xnbd_bitmap_count(other), 1);
+	xnbd_bitmap_close(other);
+}
+END_TEST
+
 START_TEST(unwritten_bits_are_lost_on_close)
 {
 	struct xnbd_bitmap *bm;
@@ -213,6 +236,7 @@ int main(void)
 	tcase_add_test(tc, create_layout);
 	tcase_add_test(tc, bits_are_lsb_first_and_durable_after_write);
 	tcase_add_test(tc, unwritten_bits_are_lost_on_close);
+	tcase_add_test(tc, a_bitmap_in_use_is_refused);
 	tcase_add_test(tc, many_pages);
 	tcase_add_test(tc, refuses_mismatch_and_foreign_files);
 	tcase_add_test(tc, empty_image);

@@ -31,10 +31,12 @@ struct xnbd_bitmap;
 /* Open the bitmap file at `path` for an image of `image_size` bytes in
  * blocks of `block_size` bytes (a power of two, 512 to 1 MiB), creating
  * it (all clear) if it does not exist.  An existing file is reused, its
- * bits kept unless XNBD_BITMAP_CLEAR.  Returns 0; -EBADMSG when the file is
- * not an xNBD bitmap or is damaged; -EINVAL when it describes another
- * block size or image size (or the arguments are bad); -ENOMEM; or the
- * negative errno of open/read/write. */
+ * bits kept unless XNBD_BITMAP_CLEAR.  The open bitmap holds an exclusive
+ * flock(2) on the file until xnbd_bitmap_close().  Returns 0; -EBUSY when
+ * another open bitmap (in this process or another) holds it, the file then
+ * untouched; -EBADMSG when the file is not an xNBD bitmap or is damaged;
+ * -EINVAL when it describes another block size or image size (or the
+ * arguments are bad); -ENOMEM; or the negative errno of open/read/write. */
 XNBD_EXPORT int xnbd_bitmap_open(const char *path, uint64_t image_size,
                                  uint32_t block_size, unsigned flags,
                                  struct xnbd_bitmap **out);
