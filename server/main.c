@@ -1,6 +1,7 @@
 /* main.c - xnbd-server: command line, daemon and signal glue around
  * libxnbd's server engine.  Everything about NBD lives in the library. */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <signal.h>
@@ -481,6 +482,31 @@ static int check_ctl_place(const char *path, const char *given)
 	return 1;
 }
 
+/* The client's descriptor (--inetd: 0; --connected-fd N), checked before
+ * the server opens anything of its own: a closed number would otherwise
+ * be taken by the server's own descriptors (its log, libuv's signal pipe)
+ * and served as the client.  Returns 0, or prints why and returns 1. */
+static int check_client_fd(int fd, int inetd)
+{
+	int type;
+	socklen_t len = sizeof(type);
+	const char *why = NULL;
+	if (fcntl(fd, F_GETFD) == -1)
+		why = "it is not open";
+	else if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0)
+		why =
+		    errno == ENOTSOCK ? "it is not a socket" : strerror(errno);
+	else if (type != SOCK_STREAM)
+		why = "it is not a stream socket";
+	if (!why)
+		return 0;
+	if (inetd)
+		fprintf(stderr, PROG ": --inetd: standard input: %s\n", why);
+	else
+		fprintf(stderr, PROG ": --connected-fd %d: %s\n", fd, why);
+	return 1;
+}
+
 static int open_proxy(struct app *a)
 {
 	struct config *c = &a->cfg;
@@ -564,6 +590,9 @@ int main(int argc, char **argv)
 	int r = parse_args(argc, argv, &a.cfg);
 	if (r)
 		return r;
+	if ((a.cfg.inetd || a.cfg.connected_fd >= 0) &&
+	    check_client_fd(a.cfg.inetd ? 0 : a.cfg.connected_fd, a.cfg.inetd))
+		return 1;
 	struct config *c = &a.cfg;
 	const struct serve_opts *s = &c->serve;
 	int cow = 0;

@@ -44,6 +44,16 @@ expect_exit 2 "cow-target" --target --cow-overlay "$T" "$T/disk.img"
 expect_exit 2 "invalid queue size" --target --max-queue-size -1 "$T/disk.img"
 expect_exit 2 "invalid buffer size" --target --max-buf-size 12X "$T/disk.img"
 expect_exit 2 "exclude" --target --inetd --connected-fd 3 "$T/disk.img"
+# The client's descriptor is checked before the server opens its own: a
+# closed number was taken by them (libuv's signal pipe: a crash at fd 5, a
+# hang at fd 4), and a pipe on standard input was served as a client.
+for fd in 4 5 6 7; do
+	eval "expect_exit 1 'is not open' --target --connected-fd $fd \"\$T/disk.img\" $fd<&-"
+done
+expect_exit 1 "not a socket" --target --inetd --logpath "$T/inetd.log" \
+	"$T/disk.img" < <(echo hi)
+expect_exit 1 "not open" --target --inetd --logpath "$T/inetd.log" \
+	"$T/disk.img" <&-
 expect_exit 2 "pidfile" --target --pidfile "$T/p" "$T/disk.img"
 expect_exit 2 "proxy" --target --clear-bitmap "$T/disk.img"
 expect_exit 1 "No such file" --target "$T/missing.img"
