@@ -10,7 +10,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -437,48 +436,25 @@ static void on_proxy_open(struct xnbd_proxy *p, int status, void *ud)
 
 /* Connect upstream and open the cache and bitmap; the library logs why it
  * failed.  Returns 0 or an exit code. */
+static const char *ctl_error(int r)
+{
+	return r == -EADDRINUSE ? "a running server listens there"
+	       : r == -EEXIST   ? "a file that is not a socket is in the way"
+	       : r == -ENOENT   ? "its directory does not exist"
+	                        : xnbd_strerror(r);
+}
+
 /* The control socket's place, checked before the cache image and bitmap
  * are touched: a start refused for its socket must change nothing, and
  * above all must not clear the bitmap (--clear-bitmap) of a server that
  * runs on the same files.  Returns 0, or prints why and returns 1. */
 static int check_ctl_place(const char *path, const char *given)
 {
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	const char *why = NULL;
-	struct stat st;
-	if (strlen(path) >= sizeof(sa.sun_path)) {
-		why = "the path is too long for a Unix socket";
-	} else if (lstat(path, &st) == 0) {
-		if (!S_ISSOCK(st.st_mode)) {
-			why = "a file that is not a socket is in the way";
-		} else {
-			int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-			memcpy(sa.sun_path, path, strlen(path) + 1);
-			if (fd >= 0 && connect(fd, (struct sockaddr *)&sa,
-			                       sizeof(sa)) == 0)
-				why = "a running server listens there";
-			if (fd >= 0)
-				close(fd);
-		}
-	} else if (errno != ENOENT) {
-		why = strerror(errno);
-	} else {
-		char *dir = strdup(path),
-		     *slash = dir ? strrchr(dir, '/') : NULL;
-		if (slash && slash != dir)
-			*slash = 0;
-		else if (slash)
-			slash[1] = 0;
-		if (!dir)
-			why = strerror(ENOMEM);
-		else if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-			why = "its directory does not exist";
-		free(dir);
-	}
-	if (!why)
+	int r = xnbd_control_check_path(path);
+	if (r == 0)
 		return 0;
 	fprintf(stderr, PROG ": cannot open the control socket '%s': %s\n",
-	        given, why);
+	        given, ctl_error(r));
 	return 1;
 }
 
@@ -573,12 +549,9 @@ static int open_control(struct app *a)
 	if (r == 0)
 		r = xnbd_control_listen(a->control, a->ctl_abs);
 	if (r < 0) {
-		fprintf(
-		    stderr, PROG ": cannot open the control socket '%s': %s\n",
-		    a->cfg.ctlsock,
-		    r == -EADDRINUSE ? "a running server listens there"
-		    : r == -EEXIST ? "a file that is not a socket is in the way"
-		                   : xnbd_strerror(r));
+		fprintf(stderr,
+		        PROG ": cannot open the control socket '%s': %s\n",
+		        a->cfg.ctlsock, ctl_error(r));
 		return 1;
 	}
 	return 0;

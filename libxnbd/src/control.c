@@ -676,8 +676,9 @@ static int fill_addr(struct sockaddr_un *sa, const char *path)
 }
 
 /* Something is at the path.  Remove it if it is a socket nobody listens
- * on (its server died without removing it); otherwise refuse. */
-static int clear_stale(const struct sockaddr_un *sa)
+ * on (its server died without removing it, and `remove`); otherwise
+ * refuse. */
+static int clear_stale(const struct sockaddr_un *sa, bool remove)
 {
 	struct stat st;
 	if (lstat(sa->sun_path, &st) < 0)
@@ -695,7 +696,7 @@ static int clear_stale(const struct sockaddr_un *sa)
 	case EAGAIN: /* a listener with a full backlog is a listener */
 		return -EADDRINUSE;
 	case ECONNREFUSED:
-		if (unlink(sa->sun_path) < 0 && errno != ENOENT)
+		if (remove && unlink(sa->sun_path) < 0 && errno != ENOENT)
 			return -errno;
 		return 0;
 	case ENOENT:
@@ -725,6 +726,30 @@ static void remove_socket_file(struct xnbd_control *ctl)
 	ctl->path = NULL;
 }
 
+int xnbd_control_check_path(const char *path)
+{
+	struct sockaddr_un sa;
+	int r = fill_addr(&sa, path);
+	if (r == 0)
+		r = clear_stale(&sa, false);
+	if (r < 0)
+		return r;
+	/* Nothing there (or a stale socket): its directory must exist. */
+	char *dir = strdup(path);
+	if (!dir)
+		return -ENOMEM;
+	char *slash = strrchr(dir, '/');
+	if (slash)
+		slash[slash == dir] = 0; /* "/x" keeps "/" */
+	struct stat st;
+	if (slash && stat(dir, &st) != 0)
+		r = -errno;
+	else if (slash && !S_ISDIR(st.st_mode))
+		r = -ENOTDIR;
+	free(dir);
+	return r;
+}
+
 int xnbd_control_listen(struct xnbd_control *ctl, const char *path)
 {
 	if (ctl->listener_open)
@@ -733,7 +758,7 @@ int xnbd_control_listen(struct xnbd_control *ctl, const char *path)
 	int r = fill_addr(&sa, path);
 	if (r < 0)
 		return r;
-	r = clear_stale(&sa);
+	r = clear_stale(&sa, true);
 	if (r < 0)
 		return r;
 	char *copy = strdup(path);

@@ -84,6 +84,14 @@ XNBD_EXPORT int xnbd_control_add(struct xnbd_control *ctl, const char *command,
  * -EALREADY when this server already listens). */
 XNBD_EXPORT int xnbd_control_listen(struct xnbd_control *ctl, const char *path);
 
+/* Would xnbd_control_listen() take `path`?  The same checks, changing
+ * nothing: call it before work a refused socket would waste or harm (a
+ * proxy checks its control socket before it opens its cache and bitmap).
+ * Returns 0, or -EADDRINUSE, -EEXIST, -ENAMETOOLONG, -EINVAL as listening
+ * would, -ENOENT or -ENOTDIR when the directory is missing, or another
+ * negative errno. */
+XNBD_EXPORT int xnbd_control_check_path(const char *path);
+
 /* Stop listening, remove the socket file, drop every connection (pending
  * requests get their gone callback) and free the control server once the
  * loop has closed its handles.  Accepts NULL. */
