@@ -479,13 +479,6 @@ static void cmd_bgctl(struct xnbd_control_req *r, int argc, char **argv,
 		refuse(r, -ENOENT, "no export named '%s'", argv[1]);
 		return;
 	}
-	if (strcmp(map[i].proxy_cmd, "reconnect") == 0 &&
-	    (!*argv[2] || !valid_port(argv[3]))) {
-		refuse(r, -EINVAL,
-		       "invalid upstream '%s' port '%s' (1 to 65535)", argv[2],
-		       argv[3]);
-		return;
-	}
 	/* The proxy's command line: its name, then the arguments after NAME. */
 	char *pv[5];
 	int pc = 0;
