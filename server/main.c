@@ -19,6 +19,7 @@
 #include "logsink.h"
 
 #define PROG "xnbd-server"
+#define SNAPSHOT_NAMES 100 /* IMAGE.snapshot.T, then .T.2 to .T.100 */
 
 enum mode { MODE_NONE, MODE_TARGET, MODE_COW, MODE_PROXY };
 
@@ -277,19 +278,22 @@ static void close_signals(struct app *a)
 	a->sig_term.data = NULL;
 }
 
+/* Once the server is down and a snapshot it cancelled has ended (its
+ * message comes first), say so and let the loop end. */
 static void maybe_finish(struct app *a)
 {
 	if (a->server_done &&
 	    !(a->backend && xnbd_backend_snapshot_running(a->backend)) &&
-	    !a->released)
+	    !a->released) {
+		logsink_printf(XNBD_LOG_INFO, "server stopped");
 		release_signals(a);
+	}
 }
 
 static void on_server_down(struct xnbd_server *s, void *ud)
 {
 	struct app *a = ud;
 	a->server_done = 1;
-	logsink_printf(XNBD_LOG_INFO, "server stopped");
 	/* The control socket goes first (a fill in progress is stopped), then
 	 * the proxy syncs its cache and bitmap. */
 	xnbd_control_free(a->control);
@@ -333,6 +337,11 @@ static void on_snapshot_done(struct xnbd_backend *b, int status,
 	struct app *a = ud;
 	if (status == 0)
 		logsink_printf(XNBD_LOG_INFO, "snapshot complete: %s", path);
+	else if (status == -ECANCELED && a->stopping)
+		logsink_printf(XNBD_LOG_INFO,
+		               "snapshot %s cancelled by the stop; its partial "
+		               "file was removed",
+		               path);
 	else
 		logsink_printf(XNBD_LOG_ERR, "snapshot %s failed: %s", path,
 		               xnbd_strerror(status));
@@ -344,11 +353,26 @@ static void on_usr1(uv_signal_t *h, int signum)
 	struct app *a = h->data;
 	if (a->stopping || !a->started)
 		return;
+	/* IMAGE.snapshot.UNIXTIME; a second one within the same second (or
+	 * with that name taken) is IMAGE.snapshot.UNIXTIME.2, then .3, ... */
 	char path[PATH_MAX];
-	snprintf(path, sizeof(path), "%s.snapshot.%lld", a->image_abs,
-	         (long long)time(NULL));
-	int r = xnbd_backend_snapshot(a->backend, path, on_snapshot_done, a);
-	if (r < 0)
+	long long now = (long long)time(NULL);
+	int r = -EEXIST;
+	for (unsigned n = 1; r == -EEXIST && n <= SNAPSHOT_NAMES; n++) {
+		if (n == 1)
+			snprintf(path, sizeof(path), "%s.snapshot.%lld",
+			         a->image_abs, now);
+		else
+			snprintf(path, sizeof(path), "%s.snapshot.%lld.%u",
+			         a->image_abs, now, n);
+		r = xnbd_backend_snapshot(a->backend, path, on_snapshot_done,
+		                          a);
+	}
+	if (r == -EBUSY)
+		logsink_printf(XNBD_LOG_ERR,
+		               "SIGUSR1: a snapshot is being written already; "
+		               "no second one was started");
+	else if (r < 0)
 		logsink_printf(XNBD_LOG_ERR, "cannot take snapshot %s: %s",
 		               path, xnbd_strerror(r));
 	else
@@ -626,18 +650,25 @@ int main(int argc, char **argv)
 			flags = 0; /* a new file to keep */
 		r = xnbd_backend_cow_new(a.loop, a.image, ov, flags,
 		                         &a.backend);
+		/* Where the library put it by default (libxnbd(3)): named in
+		 * the messages as it is. */
+		const char *tmp = getenv("TMPDIR");
+		const char *where = ov ? ov : tmp && *tmp ? tmp : "/var/tmp";
+		const char *from = ov            ? ""
+		                   : tmp && *tmp ? " (from $TMPDIR)"
+		                                 : " (the default)";
 		if (r == -ENOTDIR && !ov) {
-			fprintf(
-			    stderr, PROG
-			    ": $TMPDIR (or /var/tmp) is not a directory "
-			    "for the overlay: set TMPDIR or --cow-overlay\n");
+			fprintf(stderr,
+			        PROG ": '%s'%s is not a directory for the "
+			             "overlay: set TMPDIR or --cow-overlay\n",
+			        where, from);
 			return finish(&a, 1);
 		}
 		if (r < 0) {
 			fprintf(stderr,
 			        PROG
-			        ": cannot create the overlay %s '%s': %s\n",
-			        flags ? "in" : "file", ov ? ov : "$TMPDIR",
+			        ": cannot create the overlay %s '%s'%s: %s\n",
+			        flags ? "in" : "file", where, from,
 			        xnbd_strerror(r));
 			return finish(&a, 1);
 		}

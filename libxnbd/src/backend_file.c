@@ -1121,7 +1121,9 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 		if (ioctl(fd, BLKGETSIZE64, &size))
 			return -errno;
 	} else {
-		return -EINVAL;
+		/* A directory opened read-only: said as a read-write open
+		 * says it. */
+		return S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
 	}
 	struct file_backend *fb = calloc(1, sizeof(*fb));
 	if (!fb)

@@ -41,6 +41,7 @@
  *   on close, whatever has replaced it meanwhile).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -734,18 +735,23 @@ int xnbd_control_check_path(const char *path)
 		r = clear_stale(&sa, false);
 	if (r < 0)
 		return r;
-	/* Nothing there (or a stale socket): its directory must exist. */
+	/* Nothing there (or a stale socket): its directory must exist, and
+	 * the process may make a file in it (bind(2) would say EACCES or
+	 * EROFS only once the rest was made). */
 	char *dir = strdup(path);
 	if (!dir)
 		return -ENOMEM;
 	char *slash = strrchr(dir, '/');
 	if (slash)
 		slash[slash == dir] = 0; /* "/x" keeps "/" */
+	const char *d = slash ? dir : ".";
 	struct stat st;
-	if (slash && stat(dir, &st) != 0)
+	if (stat(d, &st) != 0)
 		r = -errno;
-	else if (slash && !S_ISDIR(st.st_mode))
+	else if (!S_ISDIR(st.st_mode))
 		r = -ENOTDIR;
+	else if (faccessat(AT_FDCWD, d, W_OK | X_OK, AT_EACCESS) != 0)
+		r = -errno;
 	free(dir);
 	return r;
 }

@@ -8,8 +8,11 @@ has not reached; every 8th chunk zeroed and another trimmed instead).  Some of t
 still exists (clients are not stalled); once "snapshot complete: PATH" is
 logged, PATH equals pattern A byte for byte, the .partial file is gone,
 and the image (through NBD and on disk) holds pattern B.  A second
-SIGUSR1 during the snapshot changes nothing; SIGTERM during a snapshot
-ends the server with status 0 and leaves no .partial file.
+SIGUSR1 during the snapshot changes nothing (it is refused, and the log
+says so); SIGTERM during a snapshot ends the server with status 0, leaves
+no .partial file and logs the cancellation before "server stopped".
+Snapshots taken one right after another within one second are named
+IMAGE.snapshot.T, IMAGE.snapshot.T.2, ...
 """
 import os
 import random
@@ -209,8 +212,14 @@ def test():
         xt.check_own_threads(srv.pid, "after a snapshot under writes")
         h.shutdown()
         check(srv.alive(), "server died")
-        snaps = [f for f in os.listdir(t.path) if ".snapshot." in f]
-        check_eq(snaps, [os.path.basename(snap)], "snapshot files")
+        # The second SIGUSR1 came while the snapshot ran (refused, said so),
+        # or, were the copy instant, after it: then it is a second file.
+        snaps = sorted(f for f in os.listdir(t.path) if ".snapshot." in f)
+        if "a snapshot is being written already" in srv.log_text():
+            check_eq(snaps, [os.path.basename(snap)], "snapshot files")
+        else:
+            check_eq(len(snaps), 2, "snapshot files: %s" % snaps)
+            check_eq(snaps[0], os.path.basename(snap), "first snapshot file")
         check_eq(srv.stop(), 0, "server exit status after SIGTERM")
         check(" failed" not in srv.log_text(),
               "log mentions a failure:\n%s" % srv.log_text()[-2000:])
@@ -227,6 +236,15 @@ def test():
         srv2.signal(signal.SIGTERM)
         rc = srv2.stop(10, sig=None)
         check_eq(rc, 0, "exit status after SIGTERM during a snapshot")
+        text = srv2.log_text()
+        check(" failed" not in text,
+              "a cancelled snapshot logged as a failure:\n%s" % text[-2000:])
+        if not os.path.exists(snap2):
+            # the cancellation is said before the server says it stopped
+            k = text.find("snapshot %s cancelled by the stop" % snap2)
+            check(k >= 0, "no cancellation message:\n%s" % text[-2000:])
+            check(k < text.find("server stopped"),
+                  "cancellation logged after 'server stopped':\n%s" % text[-2000:])
         left = [f for f in os.listdir(t.path) if f.endswith(".partial")]
         check_eq(left, [], ".partial files left after SIGTERM during a snapshot")
         if os.path.exists(snap2):      # it may have finished first
@@ -249,6 +267,40 @@ def test():
             check_bytes(f.read(), odd_data, "snapshot of the odd-sized image")
         check_bytes(h.pread(777, odd_size - 777), b"Z" * 777, "odd-sized tail after write",
                     odd_size - 777)
+        # ---- snapshots one right after another: each has its own name ----
+        # IMAGE.snapshot.T, then IMAGE.snapshot.T.2, ... within one second.
+        want = odd_data[:-777] + b"Z" * 777
+        done_rx = r"snapshot complete: (\S+)"
+        shared = False
+        for attempt in range(5):
+            for _ in range(2):
+                n = len(re.findall(done_rx, srv3.log_text()))
+                srv3.signal(signal.SIGUSR1)
+                end = time.time() + 30
+                while len(re.findall(done_rx, srv3.log_text())) <= n:
+                    check(time.time() < end and srv3.alive(),
+                          "snapshot not complete:\n%s" % srv3.log_text()[-2000:])
+                    time.sleep(0.005)
+            done = re.findall(done_rx, srv3.log_text())
+            a, b = done[-2], done[-1]
+            base = os.path.abspath(odd) + ".snapshot."
+            ta, tb = (x[len(base):].split(".")[0] for x in (a, b))
+            if ta == tb:
+                na = a[len(base + ta):]
+                check_eq(b, base + ta + ".%d" % (int(na[1:] or "1") + 1),
+                         "name of a second snapshot within one second (after %s)" % a)
+                shared = True
+                break
+        check(shared, "five pairs of snapshots never fell within one second")
+        done = re.findall(done_rx, srv3.log_text())
+        check_eq(len(set(done)), len(done), "snapshot names are distinct: %s" % done)
+        for p in done[1:]:
+            with open(p, "rb") as f:
+                check_bytes(f.read(), want, "snapshot %s" % os.path.basename(p))
+        check("cannot take snapshot" not in srv3.log_text(),
+              "a snapshot was refused:\n%s" % srv3.log_text()[-2000:])
+        log("%d snapshots one right after another, distinct names: %s" % (
+            len(done) - 1, ", ".join(os.path.basename(p) for p in done[1:])))
         h.shutdown()
         check_eq(srv3.stop(), 0, "exit status (odd-sized image)")
         log("SIGTERM during a snapshot: %s" % (

@@ -88,8 +88,9 @@ XNBD_EXPORT int xnbd_control_listen(struct xnbd_control *ctl, const char *path);
  * nothing: call it before work a refused socket would waste or harm (a
  * proxy checks its control socket before it opens its cache and bitmap).
  * Returns 0, or -EADDRINUSE, -EEXIST, -ENAMETOOLONG, -EINVAL as listening
- * would, -ENOENT or -ENOTDIR when the directory is missing, or another
- * negative errno. */
+ * would, -ENOENT or -ENOTDIR when the directory is missing, -EACCES or
+ * -EROFS when the process may not make a file in it, or another negative
+ * errno. */
 XNBD_EXPORT int xnbd_control_check_path(const char *path);
 
 /* Stop listening, remove the socket file, drop every connection (pending
