@@ -4,20 +4,6 @@
 . "$(dirname "$0")/lib.sh"
 require_tools nbdinfo
 
-# expect_exit STATUS PATTERN ARGS...: the server exits with STATUS at once,
-# printing exactly one line that names the program and matches PATTERN.
-expect_exit() {
-	local want=$1 pat=$2 rc
-	shift 2
-	timeout 10 "$XNBD_SERVER" "$@" >"$T/out" 2>"$T/err"
-	rc=$?
-	[ "$rc" = "$want" ] || fail "xnbd-server $* exited $rc, expected $want ($(cat "$T/err"))"
-	[ "$(grep -c '^xnbd-server: ' "$T/err")" = 1 ] ||
-		fail "xnbd-server $*: expected one error line, got: $(cat "$T/err")"
-	grep -q -- "$pat" "$T/err" ||
-		fail "xnbd-server $*: message does not say '$pat': $(cat "$T/err")"
-}
-
 make_image "$T/disk.img" 16M
 
 timeout 10 "$XNBD_SERVER" --help >"$T/out" || fail "--help failed"

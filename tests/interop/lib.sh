@@ -211,3 +211,20 @@ EOF
 must() {
 	"$@" || fail "command failed (status $?): $*"
 }
+
+# expect_exit STATUS PATTERN ARGS...: xnbd-server exits with STATUS at
+# once, printing exactly one line that names the program and holds
+# PATTERN (a fixed string).  The server is $XNBD_SERVER, or $EXIT_SERVER,
+# run through the words of the array RUN_AS when it has any.
+RUN_AS=()
+expect_exit() {
+	local want=$1 pat=$2 rc
+	shift 2
+	timeout 10 "${RUN_AS[@]}" "${EXIT_SERVER:-$XNBD_SERVER}" "$@" >"$T/out" 2>"$T/err"
+	rc=$?
+	[ "$rc" = "$want" ] || fail "xnbd-server $* exited $rc, expected $want ($(cat "$T/err"))"
+	[ "$(grep -c '^xnbd-server: ' "$T/err")" = 1 ] ||
+		fail "xnbd-server $*: expected one error line, got: $(cat "$T/err")"
+	grep -qF -- "$pat" "$T/err" ||
+		fail "xnbd-server $*: message does not say '$pat': $(cat "$T/err")"
+}

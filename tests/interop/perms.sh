@@ -29,20 +29,8 @@ if [ "$(id -u)" = 0 ]; then
 	"${AS[@]}" "$SRV" --version >/dev/null ||
 		fail "user 65534 cannot run $SRV"
 fi
-
-# expect_exit STATUS PATTERN ARGS...: the server exits with STATUS at once,
-# printing exactly one line that names the program and matches PATTERN.
-expect_exit() {
-	local want=$1 pat=$2 rc
-	shift 2
-	timeout 10 "${AS[@]}" "$SRV" "$@" >"$T/out" 2>"$T/err"
-	rc=$?
-	[ "$rc" = "$want" ] || fail "xnbd-server $* exited $rc, expected $want ($(cat "$T/err"))"
-	[ "$(grep -c '^xnbd-server: ' "$T/err")" = 1 ] ||
-		fail "xnbd-server $*: expected one error line, got: $(cat "$T/err")"
-	grep -qF -- "$pat" "$T/err" ||
-		fail "xnbd-server $*: message does not say '$pat': $(cat "$T/err")"
-}
+RUN_AS=("${AS[@]}") # expect_exit (lib.sh) runs the server so
+EXIT_SERVER=$SRV
 
 # expect_proxy_exit PATTERN ARGS...: a proxy's start, whose refusal is
 # logged (on standard error here) once the upstream answered: status 1
