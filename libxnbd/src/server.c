@@ -166,7 +166,7 @@ struct session {
 	size_t writes_pending; /* handshake and batch writes with libuv */
 	/* Output of the transmission phase, written by the session itself. */
 	int fd;           /* the stream's descriptor */
-	bool is_sock;     /* sendmsg and MSG_MORE work on it */
+	bool is_sock;     /* a socket: splice and SO_ERROR work on it */
 	bool sendfile_ok; /* large cached reads go out with sendfile */
 	bool wblocked;    /* the socket is full: waiting on wpoll */
 	bool wpoll_init;  /* wpoll (on wfd, a dup of fd) is initialised */
@@ -1349,21 +1349,18 @@ static void out_advance(struct session *s, size_t n, struct xnbd_list *done)
 }
 
 /* Gather memory segments from the cursor on, up to a file segment.
- * Returns the number of iovecs; *file_next says a file segment follows. */
-static size_t out_gather(struct session *s, size_t *bytes, bool *file_next)
+ * Returns the number of iovecs. */
+static size_t out_gather(struct session *s, size_t *bytes)
 {
 	size_t k = 0, total = 0;
-	*file_next = false;
 	uint32_t si = s->wseg, off = s->woff;
 	xnbd_list_for_each(l, &s->out)
 	{
 		struct req *q = xnbd_container_of(l, struct req, link);
 		for (; si < q->nsegs; si++, off = 0) {
 			struct seg *sg = seg_at(q, si);
-			if (sg->kind == SEG_FILE) {
-				*file_next = true;
+			if (sg->kind == SEG_FILE)
 				goto out;
-			}
 			if (sg->len == off)
 				continue;
 			if (k == WRITE_IOV_MAX)
@@ -1512,17 +1509,18 @@ static void session_flush(struct session *s)
 				continue;
 			}
 		} else {
-			bool file_next;
-			size_t k = out_gather(s, &want, &file_next);
-			if (file_next && s->is_sock) {
-				/* The file's bytes follow at once: no segment of its own
-				 * for the header. */
-				struct msghdr m = {.msg_iov = s->iov,
-				                   .msg_iovlen = k};
-				n = sendmsg(s->fd, &m, MSG_MORE | MSG_NOSIGNAL);
-			} else {
-				n = writev(s->fd, s->iov, (int)k);
-			}
+			/* Before a file segment too, the header goes out at once,
+			 * as a packet of its own (TCP_NODELAY), and the data after
+			 * it with sendfile.  Held back with MSG_MORE, so that the
+			 * data would follow it in the same segments, it cost more:
+			 * whole-image nbdcopy took 3141 to 4163 MiB per server
+			 * CPU-second with MSG_MORE against 3670 to 4571 without,
+			 * 1 MiB reads at depth 8 3684 to 4053 against 4170 to 7835
+			 * (interleaved pairs over loopback, 2026-12-05; the loop
+			 * floor, which never held its headers back, made as much
+			 * as this in its pair).  See bench/README.md. */
+			size_t k = out_gather(s, &want);
+			n = writev(s->fd, s->iov, (int)k);
 		}
 		if (n < 0) {
 			if (errno == EINTR)
