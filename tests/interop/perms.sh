@@ -18,10 +18,15 @@ if [ "$(id -u)" = 0 ]; then
 	if ! "${AS[@]}" test -x "$SRV"; then
 		# A directory above the build is closed to that user: run copies
 		# (the library found through LD_LIBRARY_PATH, before RUNPATH).
+		SRV=$(readlink -f "$SRV")
 		mkdir "$T/bin"
 		cp "$SRV" "$T/bin/" || fail "cannot copy $SRV"
 		lib=$(ldd "$SRV" | awk '/libxnbd/ {print $3}')
-		[ -n "$lib" ] && { cp "$lib" "$T/bin/" || fail "cannot copy $lib"; }
+		case $lib in
+		"") ;; # linked statically
+		/*) cp "$lib" "$T/bin/" || fail "cannot copy $lib" ;;
+		*) fail "$SRV does not find its libxnbd: $(ldd "$SRV" | grep libxnbd)" ;;
+		esac
 		chmod -R a+rX "$T/bin"
 		SRV=$T/bin/$(basename "$SRV")
 		export LD_LIBRARY_PATH=$T/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
