@@ -1801,16 +1801,6 @@ static int open_bitmap(struct xnbd_proxy *p, uint64_t size)
 	return r;
 }
 
-/* The first block at or after `from` that the bitmap says is cached, or
- * the block count. */
-static uint64_t next_set(const struct xnbd_bitmap *bm, uint64_t from)
-{
-	uint64_t n = xnbd_bitmap_blocks(bm);
-	while (from < n && !xnbd_bitmap_test(bm, from))
-		from++;
-	return from;
-}
-
 /* Open the cache image and the bitmap, in an order that changes neither
  * before both are known to be what they claim: the cache file is grown to
  * the export's size only after the bitmap was accepted, and only when no
@@ -1858,7 +1848,8 @@ static int open_cache(struct xnbd_proxy *p, uint64_t size)
 	if (r == 0)
 		r = open_bitmap(p, size);
 	if (r == 0 && small && xnbd_bitmap_count(p->bm)) {
-		uint64_t b = next_set(p->bm, (uint64_t)st.st_size / BS);
+		uint64_t b =
+		    xnbd_bitmap_next_set(p->bm, (uint64_t)st.st_size / BS);
 		if (b < xnbd_bitmap_blocks(p->bm)) {
 			plog(
 			    p, XNBD_LOG_ERR,

@@ -234,6 +234,21 @@ uint64_t xnbd_bitmap_next_clear(const struct xnbd_bitmap *bm, uint64_t from)
 	return bm->blocks;
 }
 
+uint64_t xnbd_bitmap_next_set(const struct xnbd_bitmap *bm, uint64_t from)
+{
+	uint64_t i = from;
+	while (i < bm->blocks) {
+		if (i % 8 == 0 && bm->bits[i / 8] == 0) {
+			i += 8;
+			continue;
+		}
+		if (xnbd_bitmap_test(bm, i))
+			return i;
+		i++;
+	}
+	return bm->blocks;
+}
+
 uint64_t xnbd_bitmap_stage(struct xnbd_bitmap *bm)
 {
 	uint64_t staged = 0;

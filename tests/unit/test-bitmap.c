@@ -90,6 +90,10 @@ START_TEST(bits_are_lsb_first_and_durable_after_write)
 	ck_assert_int_eq(xnbd_bitmap_test(bm, 2), 1);
 	ck_assert_uint_eq(xnbd_bitmap_next_clear(bm, 0), 1);
 	ck_assert_uint_eq(xnbd_bitmap_next_clear(bm, 9), 10);
+	ck_assert_uint_eq(xnbd_bitmap_next_set(bm, 0), 0);
+	ck_assert_uint_eq(xnbd_bitmap_next_set(bm, 1), 2);
+	ck_assert_uint_eq(xnbd_bitmap_next_set(bm, 3), 9); /* across a byte */
+	ck_assert_uint_eq(xnbd_bitmap_next_set(bm, 10), 100); /* none: blocks */
 	xnbd_bitmap_close(bm);
 
 	/* Reopened with CLEAR: nothing set, in memory and on disk. */

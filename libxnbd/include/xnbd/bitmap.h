@@ -58,6 +58,10 @@ XNBD_EXPORT uint64_t xnbd_bitmap_count(const struct xnbd_bitmap *bm);
 XNBD_EXPORT uint64_t xnbd_bitmap_next_clear(const struct xnbd_bitmap *bm,
                                             uint64_t from);
 
+/* The first set block at or after `from`, or the block count if none. */
+XNBD_EXPORT uint64_t xnbd_bitmap_next_set(const struct xnbd_bitmap *bm,
+                                          uint64_t from);
+
 /* Take a copy of the bits set since the last stage, for
  * xnbd_bitmap_write_staged().  Cheap; call it on the bitmap's thread once
  * the data those bits vouch for has been written (not necessarily synced).
