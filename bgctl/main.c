@@ -171,7 +171,7 @@ static int parse(int argc, char **argv, struct opts *o)
 		o->rport = argv[optind + 2];
 		if (!*o->rhost)
 			return fail_usage(PROG, "%s", "empty RHOST");
-		if (parse_port(o->rport))
+		if (!xnbd_port_valid(o->rport))
 			return fail_usage(
 			    PROG, "invalid RPORT '%s' (1 to 65535)", o->rport);
 	}

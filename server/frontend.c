@@ -57,23 +57,12 @@ int parse_size(const char *s, size_t *out)
 	return 0;
 }
 
-int parse_port(const char *s)
-{
-	char *end;
-	if (*s < '0' || *s > '9') /* no sign, no spaces */
-		return -1;
-	long p = strtol(s, &end, 10);
-	if (*end || p < 1 || p > 65535)
-		return -1;
-	return 0;
-}
-
 int serve_option(const char *prog, int o, const char *arg, const char *typed,
                  struct serve_opts *s)
 {
 	switch (o) {
 	case O_LPORT:
-		if (parse_port(arg))
+		if (!xnbd_port_valid(arg))
 			return fail_usage(
 			    prog, "invalid port '%s' (1 to 65535)", arg);
 		s->lport = arg;

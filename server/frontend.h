@@ -22,9 +22,6 @@ __attribute__((noreturn)) void print_version(const char *prog,
 /* A size: digits with an optional K, M or G (powers of 1024). */
 int parse_size(const char *s, size_t *out);
 
-/* A TCP port, 1 to 65535: returns 0, or -1 for anything else. */
-int parse_port(const char *s);
-
 /* What the options both servers (xnbd-server, xnbd-wrapper) take say. */
 struct serve_opts {
 	const char *lport, *laddr;

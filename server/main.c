@@ -222,7 +222,7 @@ static int parse_args(int argc, char **argv, struct config *c)
 		c->bitmap = argv[optind + 3];
 		c->ctlsock = argv[optind + 4];
 		c->image = c->cache;
-		if (parse_port(c->rport))
+		if (!xnbd_port_valid(c->rport))
 			return fail_usage(
 			    PROG, "invalid upstream port '%s' (1 to 65535)",
 			    c->rport);

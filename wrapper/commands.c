@@ -122,11 +122,6 @@ static void cmd_list(struct xnbd_control_req *r, int argc, char **argv,
 
 /* ---- adding ---------------------------------------------------------------------- */
 
-static int valid_port(const char *s)
-{
-	return parse_port(s) == 0;
-}
-
 static void cmd_add_target(struct xnbd_control_req *r, int argc, char **argv,
                            void *ud)
 {
@@ -256,7 +251,7 @@ static void cmd_add_proxy(struct xnbd_control_req *r, int argc, char **argv,
 		                    "long");
 		return;
 	}
-	if (!*argv[2] || !valid_port(argv[3])) {
+	if (!*argv[2] || !xnbd_port_valid(argv[3])) {
 		refuse(r, -EINVAL,
 		       "invalid upstream '%s' port '%s' (1 to 65535)", argv[2],
 		       argv[3]);

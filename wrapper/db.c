@@ -172,7 +172,7 @@ static int parse(char *buf, size_t len, const char *path, struct dbent **ents,
 		}
 		struct dbent *d = &v[n - 1];
 		if (type == W_PROXY) {
-			if (!*d->rhost || parse_port(d->rport)) {
+			if (!*d->rhost || !xnbd_port_valid(d->rport)) {
 				bad(err, errlen, path, lineno,
 				    "invalid upstream '%s' port '%s' "
 				    "(1 to 65535)",

@@ -136,11 +136,6 @@ void xnbd__io_complete(struct xnbd_backend *b, struct xnbd_io *io);
 /* Is the whole buffer zero?  Fast on data that is not. */
 int xnbd__is_zero(const void *p, size_t n);
 
-/* Is s a TCP port as a decimal number from 1 to 65535, with no sign or
- * spaces?  (getaddrinfo would take 70000 as 4464, and a word as a service
- * name.) */
-bool xnbd__port_ok(const char *s);
-
 /* Does the file open at fd start with a valid xNBD bitmap header?  (Read
  * with pread; a short file is not.) */
 bool xnbd__bitmap_file_is_ours(int fd);

@@ -918,17 +918,17 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 		die(c, r, uv_strerror(r));
 }
 
-bool xnbd__port_ok(const char *s)
+int xnbd_port_valid(const char *s)
 {
 	unsigned long v = 0;
-	if (!*s)
-		return false;
+	if (!s || !*s)
+		return 0;
 	for (; *s; s++) {
 		if (*s < '0' || *s > '9')
-			return false;
+			return 0;
 		v = v * 10 + (unsigned long)(*s - '0');
 		if (v > 65535)
-			return false;
+			return 0;
 	}
 	return v >= 1;
 }
@@ -940,7 +940,7 @@ int xnbd_client_connect(struct xnbd_client *c, const char *host,
 	if (c->state != C_IDLE)
 		return -EALREADY;
 	if (!host || !port || !name || !cb || strlen(name) > XNBD_MAX_STRING ||
-	    !xnbd__port_ok(port))
+	    !xnbd_port_valid(port))
 		return -EINVAL;
 	c->name = strdup(name);
 	if (!c->name)

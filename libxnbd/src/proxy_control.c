@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "xnbd/client.h"
 #include "xnbd/control.h"
 #include "xnbd/proxy.h"
 #include "xnbd/server.h"
@@ -228,7 +229,7 @@ static void cmd_reconnect(struct xnbd_control_req *r, int argc, char **argv,
 		                    "usage: reconnect HOST PORT [EXPORT]");
 		return;
 	}
-	if (!xnbd__port_ok(argv[2])) {
+	if (!xnbd_port_valid(argv[2])) {
 		xnbd_control_finish(r, -EINVAL, "invalid port (1 to 65535)");
 		return;
 	}

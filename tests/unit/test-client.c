@@ -166,6 +166,39 @@ START_TEST(refused_is_not_a_timeout)
 }
 END_TEST
 
+/* Ports are decimal 1 to 65535 and nothing else: getaddrinfo would take
+ * 70000 as 4464 and "nbd" as a service.  A refused one starts nothing. */
+START_TEST(ports_outside_1_to_65535_are_refused)
+{
+	const char *good[] = {"1", "8520", "65535", "010"};
+	const char *bad[] = {"",
+	                     "0",
+	                     "65536",
+	                     "70000",
+	                     "-1",
+	                     "+80",
+	                     " 80",
+	                     "80 ",
+	                     "nbd",
+	                     "0x50",
+	                     "99999999999999999999"};
+	for (size_t i = 0; i < sizeof(good) / sizeof(*good); i++)
+		ck_assert_msg(xnbd_port_valid(good[i]), "%s refused", good[i]);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(*bad); i++)
+		ck_assert_msg(!xnbd_port_valid(bad[i]), "'%s' taken", bad[i]);
+	ck_assert(!xnbd_port_valid(NULL));
+	struct result r = {0};
+	struct xnbd_client *c;
+	ck_assert_int_eq(xnbd_client_new(&loop, &c), 0);
+	ck_assert_int_eq(
+	    xnbd_client_connect(c, "127.0.0.1", "70000", "", connected, &r),
+	    -EINVAL);
+	xnbd_client_free(c);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(r.calls, 0);
+}
+END_TEST
+
 /* ---- sending ---------------------------------------------------------- */
 
 struct done {
@@ -411,6 +444,7 @@ int main(void)
 	TCase *tc = tcase_create("connect-timeout");
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, silent_server_times_out);
+	tcase_add_test(tc, ports_outside_1_to_65535_are_refused);
 	tcase_add_test(tc, half_greeting_times_out);
 	tcase_add_test(tc, no_limit_waits);
 	tcase_add_test(tc, refused_is_not_a_timeout);

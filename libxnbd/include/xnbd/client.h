@@ -37,6 +37,14 @@ XNBD_EXPORT int xnbd_client_new(uv_loop_t *loop, struct xnbd_client **out);
 XNBD_EXPORT void xnbd_client_set_log(struct xnbd_client *c, xnbd_log_fn fn,
                                      void *user_data);
 
+/* Is `port` a TCP port as the library takes one: a decimal number from 1
+ * to 65535, with no sign, spaces or service name?  (getaddrinfo would
+ * take 70000 as 4464.)  Returns 1 or 0.  xnbd_client_connect(),
+ * xnbd_proxy_open() and xnbd_proxy_reconnect() refuse any other with
+ * -EINVAL; a program may check first to say so in its own words.
+ * (xnbd_server_listen() takes 0 and service names too.) */
+XNBD_EXPORT int xnbd_port_valid(const char *port);
+
 /* Connect to host:port and open the export `name` ("" for the default);
  * port is a decimal number from 1 to 65535 (anything else: -EINVAL).
  * cb runs once with 0 when transmission may start, or with a negative
