@@ -650,13 +650,10 @@ int main(int argc, char **argv)
 			flags = 0; /* a new file to keep */
 		r = xnbd_backend_cow_new(a.loop, a.image, ov, flags,
 		                         &a.backend);
-		/* Where the library put it by default (libxnbd(3)): named in
-		 * the messages as it is. */
-		const char *tmp = getenv("TMPDIR");
-		const char *where = ov ? ov : tmp && *tmp ? tmp : "/var/tmp";
-		const char *from = ov            ? ""
-		                   : tmp && *tmp ? " (from $TMPDIR)"
-		                                 : " (the default)";
+		/* The overlay's place, named as it is. */
+		const char *where = ov ? ov : xnbd_backend_cow_default_dir();
+		const char *from =
+		    ov ? "" : " (the default place: $TMPDIR, else /var/tmp)";
 		if (r == -ENOTDIR && !ov) {
 			fprintf(stderr,
 			        PROG ": '%s'%s is not a directory for the "

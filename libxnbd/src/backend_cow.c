@@ -599,6 +599,12 @@ static const struct xnbd__backend_ops cow_ops = {
     .free = cow_free,
 };
 
+const char *xnbd_backend_cow_default_dir(void)
+{
+	const char *t = getenv("TMPDIR");
+	return t && *t ? t : "/var/tmp";
+}
+
 int xnbd_backend_cow_new(uv_loop_t *loop, struct xnbd_backend *lower,
                          const char *path, unsigned flags,
                          struct xnbd_backend **out)
@@ -608,9 +614,7 @@ int xnbd_backend_cow_new(uv_loop_t *loop, struct xnbd_backend *lower,
 	if (!path && (flags & XNBD_COW_TEMPORARY)) {
 		/* The default place for a temporary overlay: a directory, never a
 		 * file that would outlive the process. */
-		path = getenv("TMPDIR");
-		if (!path || !*path)
-			path = "/var/tmp";
+		path = xnbd_backend_cow_default_dir();
 		struct stat st;
 		if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
 			return -ENOTDIR;

@@ -50,7 +50,7 @@ mkfifo "$T/fifo"
 expect_exit 1 "not a regular file" --target --readonly "$T/fifo"
 expect_exit 1 "No such file" --cow-target "$T/missing.img"
 # The default overlay place must be a directory: never a file left behind.
-TMPDIR="$T/not-a-dir" expect_exit 1 "'$T/not-a-dir' (from \$TMPDIR) is not a directory" --cow-target "$T/disk.img"
+TMPDIR="$T/not-a-dir" expect_exit 1 "'$T/not-a-dir' (the default place: \$TMPDIR, else /var/tmp) is not a directory" --cow-target "$T/disk.img"
 [ -e "$T/not-a-dir" ] && fail "an overlay file was created at \$TMPDIR"
 log "usage errors and unusable images: one line, status 2 or 1"
 

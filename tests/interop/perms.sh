@@ -67,7 +67,7 @@ chmod 000 "$T/none.img"
 expect_exit 1 "cannot open image '$T/ro.img': Permission denied" --target "$T/ro.img"
 expect_exit 1 "cannot open image '$T/none.img': Permission denied" --target --readonly "$T/none.img"
 expect_exit 1 "cannot open image '$T/none.img': Permission denied" --cow-target "$T/none.img"
-TMPDIR="$C" expect_exit 1 "cannot create the overlay in '$C' (from \$TMPDIR): Permission denied" \
+TMPDIR="$C" expect_exit 1 "cannot create the overlay in '$C' (the default place: \$TMPDIR, else /var/tmp): Permission denied" \
 	--cow-target "$T/ro.img"
 expect_exit 1 "cannot create the overlay file '$C/ov': Permission denied" \
 	--cow-target --cow-overlay "$C/ov" "$T/ro.img"

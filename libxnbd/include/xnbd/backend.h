@@ -147,6 +147,11 @@ XNBD_EXPORT int xnbd_backend_cow_new(uv_loop_t *loop,
                                      const char *path, unsigned flags,
                                      struct xnbd_backend **out);
 
+/* The directory xnbd_backend_cow_new() makes a temporary overlay in when
+ * given no path: $TMPDIR when set and not empty, else /var/tmp (for
+ * messages that name it). */
+XNBD_EXPORT const char *xnbd_backend_cow_default_dir(void);
+
 /* Size of the image in bytes. */
 XNBD_EXPORT uint64_t xnbd_backend_size(const struct xnbd_backend *b);
 
