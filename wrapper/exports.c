@@ -352,7 +352,7 @@ int wexport_open_target(struct wexport *e)
 		if (r < 0) {
 			wexport_error(
 			    e, "cannot create the overlay of %s in %s: %s",
-			    e->file, getenv("TMPDIR") ? "$TMPDIR" : "/var/tmp",
+			    e->file, xnbd_backend_cow_default_dir(),
 			    strerror(-r));
 			goto fail;
 		}
