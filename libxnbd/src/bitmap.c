@@ -219,34 +219,32 @@ uint64_t xnbd_bitmap_count(const struct xnbd_bitmap *bm)
 	return bm->count;
 }
 
-uint64_t xnbd_bitmap_next_clear(const struct xnbd_bitmap *bm, uint64_t from)
+/* The first block at or after `from` whose bit is `set`, or the block
+ * count; whole bytes of the other value are skipped. */
+static uint64_t next_bit(const struct xnbd_bitmap *bm, uint64_t from, int set)
 {
+	uint8_t other = set ? 0 : 0xff;
 	uint64_t i = from;
 	while (i < bm->blocks) {
-		if (i % 8 == 0 && bm->bits[i / 8] == 0xff) {
+		if (i % 8 == 0 && bm->bits[i / 8] == other) {
 			i += 8;
 			continue;
 		}
-		if (!xnbd_bitmap_test(bm, i))
+		if (xnbd_bitmap_test(bm, i) == set)
 			return i;
 		i++;
 	}
 	return bm->blocks;
 }
 
+uint64_t xnbd_bitmap_next_clear(const struct xnbd_bitmap *bm, uint64_t from)
+{
+	return next_bit(bm, from, 0);
+}
+
 uint64_t xnbd_bitmap_next_set(const struct xnbd_bitmap *bm, uint64_t from)
 {
-	uint64_t i = from;
-	while (i < bm->blocks) {
-		if (i % 8 == 0 && bm->bits[i / 8] == 0) {
-			i += 8;
-			continue;
-		}
-		if (xnbd_bitmap_test(bm, i))
-			return i;
-		i++;
-	}
-	return bm->blocks;
+	return next_bit(bm, from, 1);
 }
 
 uint64_t xnbd_bitmap_stage(struct xnbd_bitmap *bm)
