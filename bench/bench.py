@@ -445,6 +445,7 @@ def fill_row(name):
         return mib / (time.monotonic() - t0), "MiB/s", mib
     run.with_server = True
     run.proxy_only = True
+    run.cold_only = True  # a warm proxy holds every block: nothing to fill
     run.disk = True
     return name, run
 
@@ -550,12 +551,16 @@ def main():
         if args.mode == "proxy":
             servers.append("disk")
     rows = [r for r in args.rows.split(",") if r] if args.rows else \
-        [r for r in ROWS if proxy or not getattr(ROWS[r], "proxy_only", False)]
+        [r for r in ROWS
+         if (proxy or not getattr(ROWS[r], "proxy_only", False)) and
+         (args.mode == "proxy" or not getattr(ROWS[r], "cold_only", False))]
     for r in rows:
         if r not in ROWS:
             ap.error("unknown row %s (rows: %s)" % (r, ",".join(ROWS)))
         if getattr(ROWS[r], "proxy_only", False) and not proxy:
             ap.error("row %s needs --mode proxy" % r)
+        if getattr(ROWS[r], "cold_only", False) and args.mode != "proxy":
+            ap.error("row %s needs --mode proxy (a warm cache is full)" % r)
     work = tempfile.mkdtemp(prefix="xnbd-bench-")
     try:
         image = os.path.join(work, "bench.img")
