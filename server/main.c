@@ -359,12 +359,21 @@ static void on_usr1(uv_signal_t *h, int signum)
 	long long now = (long long)time(NULL);
 	int r = -EEXIST;
 	for (unsigned n = 1; r == -EEXIST && n <= SNAPSHOT_NAMES; n++) {
-		if (n == 1)
-			snprintf(path, sizeof(path), "%s.snapshot.%lld",
-			         a->image_abs, now);
-		else
-			snprintf(path, sizeof(path), "%s.snapshot.%lld.%u",
-			         a->image_abs, now, n);
+		int len =
+		    n == 1 ? snprintf(path, sizeof(path), "%s.snapshot.%lld",
+		                      a->image_abs, now)
+		           : snprintf(path, sizeof(path), "%s.snapshot.%lld.%u",
+		                      a->image_abs, now, n);
+		if (len < 0 || (size_t)len >= sizeof(path)) {
+			/* Cut short, it would name another file. */
+			logsink_printf(
+			    XNBD_LOG_ERR,
+			    "cannot take a snapshot: its name (the "
+			    "image's path and .snapshot.TIME) would be "
+			    "longer than %d bytes",
+			    PATH_MAX - 1);
+			return;
+		}
 		r = xnbd_backend_snapshot(a->backend, path, on_snapshot_done,
 		                          a);
 	}

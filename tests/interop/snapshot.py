@@ -12,7 +12,9 @@ SIGUSR1 during the snapshot changes nothing (it is refused, and the log
 says so); SIGTERM during a snapshot ends the server with status 0, leaves
 no .partial file and logs the cancellation before "server stopped".
 Snapshots taken one right after another within one second are named
-IMAGE.snapshot.T, IMAGE.snapshot.T.2, ...
+IMAGE.snapshot.T, IMAGE.snapshot.T.2, ...  An image whose snapshot name
+would not fit PATH_MAX gets no snapshot (cut short, the name would be
+another file's), the log says why, and serving goes on.
 """
 import os
 import random
@@ -303,6 +305,29 @@ def test():
             len(done) - 1, ", ".join(os.path.basename(p) for p in done[1:])))
         h.shutdown()
         check_eq(srv3.stop(), 0, "exit status (odd-sized image)")
+        # ---- an image whose snapshot name would not fit PATH_MAX ----
+        # Cut short, the name would be another file's: refused, said so,
+        # nothing made, and serving goes on.
+        deep = os.path.abspath(t.path)
+        while len(deep) < 4096 - 1 - 300:
+            deep = os.path.join(deep, "d" * 200)
+        deep = os.path.join(deep, "i" * (4096 - 1 - 15 - len(deep) - 1))
+        os.makedirs(os.path.dirname(deep))
+        with open(deep, "wb") as f:
+            f.truncate(MiB)
+        srv4 = t.server(deep)
+        h = srv4.connect()
+        srv4.signal(signal.SIGUSR1)
+        wait_log(srv4, r"cannot take a snapshot: its name \(the image's "
+                 r"path and \.snapshot\.TIME\) would be longer than 4095 "
+                 r"bytes", 10)
+        check_eq(sorted(os.listdir(os.path.dirname(deep))),
+                 [os.path.basename(deep)],
+                 "files beside an image whose snapshot name is too long")
+        h.pwrite(b"x" * 512, 0)
+        check_bytes(h.pread(512, 0), b"x" * 512, "served after the refusal")
+        h.shutdown()
+        check_eq(srv4.stop(), 0, "exit status (long image path)")
         log("SIGTERM during a snapshot: %s" % (
             "snapshot completed first" if os.path.exists(snap2) else "cancelled"))
 
