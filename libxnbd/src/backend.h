@@ -108,11 +108,12 @@ void xnbd__file_write_place(struct xnbd_backend *b, bool lane_only,
 /* Tests: how many writes a file backend made in pieces (WRITE_PIECE). */
 uint64_t xnbd__file_pieced_writes(const struct xnbd_backend *b);
 
-/* Flag of xnbd__backend_file_from_fd: before a buffered write into a
- * chunk of ALLOC_CHUNK bytes that no write touched yet, allocate the
- * whole chunk (fallocate), so that writes into holes of a sparse file
- * find blocks allocated (see alloc_ahead in backend_file.c).  For files
- * of ours that fill up: a CoW overlay, a proxy's cache. */
+/* Flag of xnbd__backend_file_from_fd: before a write into a chunk of
+ * ALLOC_CHUNK bytes that no write touched yet, allocate that chunk, and
+ * more ahead along a sequential run (fallocate), so that writes into
+ * holes of a sparse file find blocks allocated (see alloc_ahead in
+ * backend_file.c).  For files of ours that fill up: a CoW overlay, a
+ * proxy's cache. */
 #define XNBD__OPEN_ALLOC_AHEAD (1U << 16)
 
 /* Tests: how many chunks a file backend allocated ahead. */
@@ -129,6 +130,16 @@ uint64_t xnbd__cow_op_allocs(const struct xnbd_backend *b);
  * (flags: XNBD_OPEN_* and XNBD__OPEN_ALLOC_AHEAD). */
 int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
                                struct xnbd_backend **out);
+
+/* A second backend over the same regular file as the file backend b,
+ * opened with O_DIRECT, for large writes past the page cache (a proxy's
+ * stores).  It shares b's allocation ahead (XNBD__OPEN_ALLOC_AHEAD), so
+ * that neither allocates what the other did.  Either may be freed first.
+ * Returns 0, -EINVAL (b is no file backend over a regular file), or a
+ * negative errno from open(2) (-EINVAL where the file system refuses
+ * O_DIRECT). */
+int xnbd__backend_file_direct_twin(struct xnbd_backend *b,
+                                   struct xnbd_backend **out);
 
 /* Finish an I/O that was XNBD_IO_PENDING: set io->status first. */
 void xnbd__io_complete(struct xnbd_backend *b, struct xnbd_io *io);

@@ -1902,18 +1902,10 @@ static int open_cache(struct xnbd_proxy *p, uint64_t size)
 	}
 	p->cache = b;
 	p->cache_fd = fd;
-	/* The same open file, for direct stores: by its descriptor, not its
-	 * path, which may have been replaced meanwhile. */
-	char self[64];
-	snprintf(self, sizeof(self), "/proc/self/fd/%d", fd);
-	int dfd = S_ISREG(st.st_mode)
-	              ? open(self, O_RDWR | O_DIRECT | O_CLOEXEC)
-	              : -1;
-	if (dfd >= 0 &&
-	    xnbd__backend_file_from_fd(p->loop, dfd, 0, &p->cache_direct) < 0) {
-		close(dfd);
+	/* The same file, for direct stores (none where the file system
+	 * refuses O_DIRECT). */
+	if (xnbd__backend_file_direct_twin(b, &p->cache_direct) < 0)
 		p->cache_direct = NULL;
-	}
 	return 0;
 }
 

@@ -716,6 +716,75 @@ static void write_and_check(struct op *o, uint64_t off, uint64_t len, int seed)
 	ck_assert(file_is(o->data, off, len));
 }
 
+/* Along a sequential run the allocation goes further ahead: a write into
+ * a chunk not allocated takes as many chunks more as the allocated run
+ * right before it holds (1, 1, 2, 4, 8 ...), a write away from the others
+ * one.  A direct twin of the backend (a proxy's stores) shares what was
+ * allocated, writes what it is given, and outlives the backend. */
+START_TEST(sequential_writers_allocate_further_ahead)
+{
+	static struct op o;
+	const uint64_t C = 1024 * 1024, size = 64 * C;
+	struct statfs sfs;
+	ck_assert_int_eq(statfs(img_path, &sfs), 0);
+	if (sfs.f_type != 0xEF53 && sfs.f_type != 0x58465342)
+		return; /* not ext4 nor XFS: never allocated ahead */
+	ck_assert_int_eq(truncate(img_path, (off_t)size), 0);
+	xnbd_backend_free(backend);
+	int fd = open(img_path, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(xnbd__backend_file_from_fd(
+	                     &loop, fd, XNBD__OPEN_ALLOC_AHEAD, &backend),
+	                 0);
+	xnbd__file_write_place(backend, true, NO_STALL); /* the lane */
+	/* chunk written -> chunks allocated in all */
+	static const uint64_t seq[][2] = {{0, 1},  {1, 2},   {2, 4},  {4, 8},
+	                                  {8, 16}, {40, 17}, {12, 17}};
+	for (unsigned i = 0; i < sizeof(seq) / sizeof(seq[0]); i++) {
+		write_and_check(&o, seq[i][0] * C + 4096, 4096, (int)i);
+		ck_assert_uint_eq(xnbd__file_chunks_allocated(backend),
+		                  seq[i][1]);
+	}
+	ck_assert_uint_ge(allocated_bytes(), 17 * C);
+	ck_assert_uint_lt(allocated_bytes(), 18 * C);
+
+	struct xnbd_backend *twin = NULL, *file = backend;
+	int r = xnbd__backend_file_direct_twin(file, &twin);
+	if (r == -EINVAL)
+		return; /* no O_DIRECT here */
+	ck_assert_int_eq(r, 0);
+	uint8_t *buf = NULL;
+	ck_assert_int_eq(posix_memalign((void **)&buf, 4096, 65536), 0);
+	/* Chunk 16 follows a run of 16: chunks 16 to 31 at once. */
+	fill(buf, 65536, 9);
+	backend = twin;
+	submit_buf(&o, XNBD_IO_WRITE, 0, 16 * C, 65536, buf);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(o.ncalls, 1);
+	ck_assert_int_eq(o.io.status, 0);
+	ck_assert(file_is(buf, 16 * C, 65536));
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(twin), 33);
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(file), 33);
+	/* The buffered backend finds chunk 20 allocated. */
+	backend = file;
+	write_and_check(&o, 20 * C, 4096, 10);
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(file), 33);
+	/* The twin goes on alone. */
+	xnbd_backend_free(file);
+	backend = twin;
+	fill(buf, 65536, 11);
+	submit_buf(&o, XNBD_IO_WRITE, 0, 48 * C, 65536, buf);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(o.ncalls, 1);
+	ck_assert_int_eq(o.io.status, 0);
+	ck_assert(file_is(buf, 48 * C, 65536));
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(twin), 34);
+	ck_assert_uint_ge(allocated_bytes(), 34 * C);
+	ck_assert_uint_lt(allocated_bytes(), 35 * C);
+	free(buf);
+}
+END_TEST
+
 /* A CoW layer allocates no op per request once warm: one request at a
  * time (reads of one run, whole and partial writes, which copy up) all
  * use the op the first one took; and each reads back what was written. */
@@ -1011,6 +1080,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, snapshot_ends_through_the_channel);
 	tcase_add_test(tc, large_writes_into_uncached_pages_go_in_pieces);
 	tcase_add_test(tc, sparse_files_of_ours_are_allocated_a_chunk_ahead);
+	tcase_add_test(tc, sequential_writers_allocate_further_ahead);
 	tcase_add_test(tc, cow_requests_reuse_their_ops);
 	tcase_add_test(tc, idle_small_writes_are_made_inline);
 	tcase_add_test(tc,
