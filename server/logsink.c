@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <syslog.h>
 #include <time.h>
@@ -70,14 +71,28 @@ void logsink_write(void *ud, int level, const char *msg)
 	}
 }
 
+char *logsink_vformat(char *buf, size_t size, const char *fmt, va_list ap)
+{
+	va_list again;
+	va_copy(again, ap);
+	int n = vsnprintf(buf, size, fmt, ap);
+	char *big = NULL;
+	if (n >= 0 && (size_t)n >= size && (big = malloc((size_t)n + 1)))
+		vsnprintf(big, (size_t)n + 1, fmt, again);
+	va_end(again);
+	return big ? big : buf;
+}
+
 void logsink_printf(int level, const char *fmt, ...)
 {
-	char msg[1024];
+	char buf[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
+	char *msg = logsink_vformat(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
 	logsink_write(NULL, level, msg);
+	if (msg != buf)
+		free(msg);
 }
 
 int logsink_uses_stderr(void)

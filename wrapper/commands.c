@@ -31,12 +31,14 @@ static const char *state_name(enum wstate s)
 __attribute__((format(printf, 3, 4))) static void
 refuse(struct xnbd_control_req *r, int err, const char *fmt, ...)
 {
-	char msg[1024];
+	char buf[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
+	char *msg = logsink_vformat(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
 	xnbd_control_finish(r, err, msg);
+	if (msg != buf)
+		free(msg);
 }
 
 static void refuse_db(struct xnbd_control_req *r, struct wrapper *w, int err,

@@ -13,13 +13,13 @@
 
 void wexport_error(struct wexport *e, const char *fmt, ...)
 {
-	char msg[1024];
+	char buf[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
+	char *msg = logsink_vformat(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
 	free(e->error);
-	e->error = strdup(msg);
+	e->error = msg != buf ? msg : strdup(msg);
 }
 
 struct wexport *wexport_find(struct wrapper *w, const char *name)

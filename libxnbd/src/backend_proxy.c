@@ -222,14 +222,10 @@ static void plog(struct xnbd_proxy *p, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static void plog(struct xnbd_proxy *p, int level, const char *fmt, ...)
 {
-	if (!p->log)
-		return;
-	char msg[512];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
+	xnbd__vlogf(p->log, p->log_ud, level, fmt, ap);
 	va_end(ap);
-	p->log(p->log_ud, level, msg);
 }
 
 static bool present(const struct xnbd_proxy *p, uint64_t b)

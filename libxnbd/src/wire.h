@@ -11,6 +11,7 @@
 #ifndef XNBD_WIRE_H
 #define XNBD_WIRE_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -204,5 +205,8 @@ int xnbd__nbd_to_errno(uint32_t err);
 /* Format a message and hand it to a log callback (nothing if fn is NULL). */
 __attribute__((format(printf, 4, 5))) void
 xnbd__logf(xnbd_log_fn fn, void *ud, int level, const char *fmt, ...);
+/* The same with a va_list. */
+__attribute__((format(printf, 4, 0))) void
+xnbd__vlogf(xnbd_log_fn fn, void *ud, int level, const char *fmt, va_list ap);
 
 #endif

@@ -154,6 +154,17 @@ def main():
         err = start_fails(up, same, same, t.join("c3.ctl"))
         xt.check("same file" in err, "one path for both: " + err)
         xt.check(not os.path.exists(same), "the refused start left a file behind")
+        # The same under a path of 3000 bytes: the message names it twice
+        # and still ends with its reason (log lines are not cut).
+        deep = t.path
+        while len(deep) < 3000:
+            deep = os.path.join(deep, "d" * 200)
+        os.makedirs(deep)
+        same = os.path.join(deep, "same")
+        err = start_fails(up, same, same, t.join("c3.ctl"))
+        xt.check(err.count(same) == 2 and "same file" in err,
+                 "one long path for both: %s" % err[-300:])
+        xt.check(not os.path.exists(same), "the refused start left a file behind")
 
         # ---- 5. the server's own addresses ----------------------------------------
         # Each bad option comes before a second one ("--lport 0"), so that

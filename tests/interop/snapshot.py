@@ -14,7 +14,8 @@ no .partial file and logs the cancellation before "server stopped".
 Snapshots taken one right after another within one second are named
 IMAGE.snapshot.T, IMAGE.snapshot.T.2, ...  An image whose snapshot name
 would not fit PATH_MAX gets no snapshot (cut short, the name would be
-another file's), the log says why, and serving goes on.
+another file's), the log says why, and serving goes on; one whose name
+fits is named whole in log lines of over 2 KiB.
 """
 import os
 import random
@@ -328,6 +329,24 @@ def test():
         check_bytes(h.pread(512, 0), b"x" * 512, "served after the refusal")
         h.shutdown()
         check_eq(srv4.stop(), 0, "exit status (long image path)")
+        # ---- a snapshot whose name fits, in log lines of over 2 KiB ----
+        # The log names it whole (lines are not cut at a buffer's size).
+        mid = os.path.abspath(t.path)
+        while len(mid) < 2200:
+            mid = os.path.join(mid, "m" * 200)
+        os.makedirs(mid)
+        img5 = os.path.join(mid, "img")
+        with open(img5, "wb") as f:
+            f.write(b"5" * MiB)
+        srv5 = t.server(img5)
+        srv5.signal(signal.SIGUSR1)
+        m = wait_log(srv5, r"snapshot complete: (\S+)", 30)
+        check(m.group(1).startswith(img5 + ".snapshot.") and
+              os.path.exists(m.group(1)),
+              "the log names the snapshot whole: %s" % m.group(1)[-200:])
+        with open(m.group(1), "rb") as f:
+            check_bytes(f.read(), b"5" * MiB, "snapshot under a long path")
+        check_eq(srv5.stop(), 0, "exit status (long log lines)")
         log("SIGTERM during a snapshot: %s" % (
             "snapshot completed first" if os.path.exists(snap2) else "cancelled"))
 
