@@ -716,6 +716,27 @@ static void write_and_check(struct op *o, uint64_t off, uint64_t len, int seed)
 	ck_assert(file_is(o->data, off, len));
 }
 
+/* Is the image on ext4 or XFS, where files of ours are allocated ahead? */
+static bool allocates_ahead_here(void)
+{
+	struct statfs sfs;
+	ck_assert_int_eq(statfs(img_path, &sfs), 0);
+	return sfs.f_type == 0xEF53 || sfs.f_type == 0x58465342;
+}
+
+/* Open the image again as a file of ours (XNBD__OPEN_ALLOC_AHEAD), its
+ * writes on the lane. */
+static void open_allocating_ahead(void)
+{
+	xnbd_backend_free(backend);
+	int fd = open(img_path, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(xnbd__backend_file_from_fd(
+	                     &loop, fd, XNBD__OPEN_ALLOC_AHEAD, &backend),
+	                 0);
+	xnbd__file_write_place(backend, true, NO_STALL); /* the lane */
+}
+
 /* Along a sequential run the allocation goes further ahead: a write into
  * a chunk not allocated takes as many chunks more as the allocated run
  * right before it holds (1, 1, 2, 4, 8 ...), a write away from the others
@@ -725,18 +746,10 @@ START_TEST(sequential_writers_allocate_further_ahead)
 {
 	static struct op o;
 	const uint64_t C = 1024 * 1024, size = 64 * C;
-	struct statfs sfs;
-	ck_assert_int_eq(statfs(img_path, &sfs), 0);
-	if (sfs.f_type != 0xEF53 && sfs.f_type != 0x58465342)
-		return; /* not ext4 nor XFS: never allocated ahead */
+	if (!allocates_ahead_here())
+		return;
 	ck_assert_int_eq(truncate(img_path, (off_t)size), 0);
-	xnbd_backend_free(backend);
-	int fd = open(img_path, O_RDWR);
-	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(xnbd__backend_file_from_fd(
-	                     &loop, fd, XNBD__OPEN_ALLOC_AHEAD, &backend),
-	                 0);
-	xnbd__file_write_place(backend, true, NO_STALL); /* the lane */
+	open_allocating_ahead();
 	/* chunk written -> chunks allocated in all */
 	static const uint64_t seq[][2] = {{0, 1},  {1, 2},   {2, 4},  {4, 8},
 	                                  {8, 16}, {40, 17}, {12, 17}};
@@ -826,10 +839,8 @@ START_TEST(sparse_files_of_ours_are_allocated_a_chunk_ahead)
 {
 	static struct op o;
 	const uint64_t C = 1024 * 1024, size = IMG_SIZE - 12288;
-	struct statfs sfs;
-	ck_assert_int_eq(statfs(img_path, &sfs), 0);
-	if (sfs.f_type != 0xEF53 && sfs.f_type != 0x58465342)
-		return; /* not ext4 nor XFS: never allocated ahead */
+	if (!allocates_ahead_here())
+		return;
 	ck_assert_int_eq(truncate(img_path, (off_t)size), 0);
 	xnbd_backend_free(backend);
 	ck_assert_int_eq(xnbd_backend_file_open(
@@ -839,13 +850,7 @@ START_TEST(sparse_files_of_ours_are_allocated_a_chunk_ahead)
 	ck_assert_uint_lt(allocated_bytes(), 64 * 1024);
 	ck_assert_uint_eq(xnbd__file_chunks_allocated(backend), 0);
 
-	xnbd_backend_free(backend);
-	int fd = open(img_path, O_RDWR);
-	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(xnbd__backend_file_from_fd(
-	                     &loop, fd, XNBD__OPEN_ALLOC_AHEAD, &backend),
-	                 0);
-	xnbd__file_write_place(backend, true, NO_STALL); /* the lane */
+	open_allocating_ahead();
 	write_and_check(&o, C + 16384, 4096, 2);
 	ck_assert_uint_eq(xnbd__file_chunks_allocated(backend), 1);
 	ck_assert_uint_ge(allocated_bytes(), C);
