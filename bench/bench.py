@@ -364,8 +364,9 @@ def fio_row(name, rw, bs, depth, jobs=1, mix=None):
     # where xnbd-server stores large fetches with O_DIRECT).
     run.small = bs == "4k"
     # A cold proxy's sequential read stores every block it fetches: the
-    # cache's disk is measured beside it.
-    run.disk = rw == "read" and bs == "1m"
+    # cache's disk is measured beside it, with fio's writes of the row's
+    # size at its depth (disk_write).
+    run.disk = ("1m", 8) if rw == "read" and bs == "1m" else None
     # The kernel yardstick runs for rows that write: there the file
     # system's own cost per request is a large share of any server's.  In
     # rows that only write, its throughput bounds every server's too: the
@@ -398,24 +399,31 @@ def nbdcopy_row(name, conns):
     # offer multi-conn: nbdcopy would fall back to one, which is another
     # row.  The loop floor serves each connection on a thread of its own.
     run.single_conn = conns == 1
+    # Through a cold proxy every block is stored: the cache's disk beside
+    # it, at nbdcopy's request size (256 KiB).
+    run.disk = ("256k", 16)
     # With one connection and one thread (-C 1 -T 1) nbdcopy's I/O runs
     # in one worker thread (its main thread waits): a one-thread client.
     run.one_thread = conns == 1
     return name, run
 
 
-def disk_write(workdir, size):
+def disk_write(workdir, size, bs, depth):
     """Proxy modes' `disk` yardstick: what the proxies' cache's disk takes,
-    one pass of 1 MiB O_DIRECT writes at depth 8 into a new file beside
-    the cache (as xnbd-server stores large fetches).  Returns MiB/s, the
-    unit, the MiB written and fio's CPU-seconds."""
+    one pass of O_DIRECT writes of bs at depth `depth` into a new file
+    (which fio allocates first) beside the cache, as xnbd-server stores
+    large fetches: 1 MiB at depth 8 for fio's 1 MiB reads and the fill;
+    256 KiB (nbdcopy's requests) at depth 16 (the threads of xnbd-server's
+    pool) for the copies.  Returns MiB/s, the unit, the MiB written and
+    fio's CPU-seconds."""
     probe = os.path.join(workdir, "disk.probe")
     if os.path.exists(probe):
         os.unlink(probe)
     try:
         out = subprocess.run(
             ["fio", "--name=d", "--ioengine=libaio", "--direct=1",
-             "--rw=write", "--bs=1m", "--iodepth=8", "--size=%d" % size,
+             "--rw=write", "--bs=" + bs, "--iodepth=%d" % depth,
+             "--size=%d" % size,
              "--filename=" + probe, "--output-format=json"],
             check=True, capture_output=True, text=True)
     finally:
@@ -446,7 +454,7 @@ def fill_row(name):
     run.with_server = True
     run.proxy_only = True
     run.cold_only = True  # a warm proxy holds every block: nothing to fill
-    run.disk = True
+    run.disk = ("1m", 8)
     return name, run
 
 
@@ -592,7 +600,7 @@ def main():
                       file=sys.stderr, flush=True)
                 return (value, unit, amount / max(cpu, 1e-3), 0.0, None)
             if name == "disk":
-                value, unit, amount, cpu = disk_write(work, size)
+                value, unit, amount, cpu = disk_write(work, size, *fn.disk)
                 print("# %s run %d disk: %.0f %s, fio CPU %.2fs" %
                       (row, i + 1, value, unit, cpu),
                       file=sys.stderr, flush=True)
@@ -719,7 +727,7 @@ def report(rows, servers, results, runtime):
     # that ran (the key its value has in a row's `extra` below).
     extra_cols = [(key, title) for key, title in (
         ("upstream", "xnbd / upstream read directly"),
-        ("disk", "cache's disk / upstream read directly"),
+        ("disk", "cache's disk / upstream read directly (/ best peer)"),
         ("floor", "floor / best peer (work; per CPU-s)"),
         ("loop-floor", "loop floor / best peer (work; per CPU-s)"),
         ("relay-floor", "relay floor / best peer (work; per CPU-s)"),
@@ -810,6 +818,8 @@ def report(rows, servers, results, runtime):
                 extra[key] = "%s; %.2f" % (work, eff[key] / best_eff)
         if med.get("disk") and med.get("upstream"):
             extra["disk"] = "%.2f" % (med["disk"] / med["upstream"])
+            if best_med:
+                extra["disk"] += " (%.2f)" % (med["disk"] / best_med)
         print("| %s | %s | %s | %s | %s | %s | %s |%s" % (
             row, " | ".join(cells), ratio, eff_ratio, machine, client, ceiling,
             "".join(" %s |" % (extra[key] or "-") for key, _ in extra_cols)))
