@@ -706,14 +706,23 @@ static uint64_t file_size(void)
 	return (uint64_t)st.st_size;
 }
 
-static void write_and_check(struct op *o, uint64_t off, uint64_t len, int seed)
+/* Write len bytes of a pattern from buf (or the op's own data) at off
+ * through the backend, and find them in the file. */
+static void write_buf_and_check(struct op *o, uint8_t *buf, uint64_t off,
+                                uint64_t len, int seed)
 {
-	fill(o->data, len, seed);
-	submit(o, XNBD_IO_WRITE, off, len);
+	buf = buf ? buf : o->data;
+	fill(buf, len, seed);
+	submit_buf(o, XNBD_IO_WRITE, 0, off, len, buf);
 	uv_run(&loop, UV_RUN_DEFAULT);
 	ck_assert_int_eq(o->ncalls, 1);
 	ck_assert_int_eq(o->io.status, 0);
-	ck_assert(file_is(o->data, off, len));
+	ck_assert(file_is(buf, off, len));
+}
+
+static void write_and_check(struct op *o, uint64_t off, uint64_t len, int seed)
+{
+	write_buf_and_check(o, NULL, off, len, seed);
 }
 
 /* Is the image on ext4 or XFS, where files of ours are allocated ahead? */
@@ -769,13 +778,8 @@ START_TEST(sequential_writers_allocate_further_ahead)
 	uint8_t *buf = NULL;
 	ck_assert_int_eq(posix_memalign((void **)&buf, 4096, 65536), 0);
 	/* Chunk 16 follows a run of 16: chunks 16 to 31 at once. */
-	fill(buf, 65536, 9);
 	backend = twin;
-	submit_buf(&o, XNBD_IO_WRITE, 0, 16 * C, 65536, buf);
-	uv_run(&loop, UV_RUN_DEFAULT);
-	ck_assert_int_eq(o.ncalls, 1);
-	ck_assert_int_eq(o.io.status, 0);
-	ck_assert(file_is(buf, 16 * C, 65536));
+	write_buf_and_check(&o, buf, 16 * C, 65536, 9);
 	ck_assert_uint_eq(xnbd__file_chunks_allocated(twin), 33);
 	ck_assert_uint_eq(xnbd__file_chunks_allocated(file), 33);
 	/* The buffered backend finds chunk 20 allocated. */
@@ -785,12 +789,7 @@ START_TEST(sequential_writers_allocate_further_ahead)
 	/* The twin goes on alone. */
 	xnbd_backend_free(file);
 	backend = twin;
-	fill(buf, 65536, 11);
-	submit_buf(&o, XNBD_IO_WRITE, 0, 48 * C, 65536, buf);
-	uv_run(&loop, UV_RUN_DEFAULT);
-	ck_assert_int_eq(o.ncalls, 1);
-	ck_assert_int_eq(o.io.status, 0);
-	ck_assert(file_is(buf, 48 * C, 65536));
+	write_buf_and_check(&o, buf, 48 * C, 65536, 11);
 	ck_assert_uint_eq(xnbd__file_chunks_allocated(twin), 34);
 	ck_assert_uint_ge(allocated_bytes(), 34 * C);
 	ck_assert_uint_lt(allocated_bytes(), 35 * C);
