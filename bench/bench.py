@@ -160,6 +160,8 @@ class Server:
         self.pid = None
         self.pidfile = None
         self.floor = None
+        self.proxy_peers = "caching"
+        self.size = None  # the image's, for a floor's new file
 
     def argv(self, port, extra):
         img = self.image
@@ -211,21 +213,48 @@ class Server:
             return [self.floor, "--relay", str(port), up]
         if self.name == "cache-floor":
             return [self.floor, "--cache", str(port), up, cache]
+        if self.name == "loop-floor":
+            # Rows that only write: the least a server keeping writes in a
+            # local file does (a cold proxy's writes of whole blocks need
+            # no fetch), serving a new sparse file as a cold cache is.
+            with open(cache, "wb") as f:
+                f.truncate(self.size)
+            return [self.floor, "--loop", str(port), cache]
         if self.name == "xnbd-server":
             return [self.xnbd, "--proxy", "--laddr", "127.0.0.1", "--lport",
                     str(port)] + extra + ["127.0.0.1", up, cache,
                                           cache + ".bitmap", cache + ".ctl"]
+        relay = self.proxy_peers == "relay"
         if self.name == "nbdkit":
-            # The cache filter keeps fetched blocks in a local temporary file.
+            # The cache filter keeps blocks in a temporary file (in
+            # $TMPDIR, else /var/tmp); by default only those written:
+            # cache-on-read=true makes it keep what it fetches as well.
             return ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
                     "-p", str(port), "--filter=cache", "nbd",
-                    "hostname=127.0.0.1", "port=" + up]
-        if self.name == "qemu-nbd":
-            # qemu has no caching proxy: a plain pass-through of the upstream.
+                    "hostname=127.0.0.1", "port=" + up] + \
+                ([] if relay else ["cache-on-read=true"])
+        if self.name == "qemu-nbd" and relay:
+            # A plain pass-through of the upstream: it keeps nothing.
             return ["qemu-nbd", "-b", "127.0.0.1", "-p", str(port), "-t",
                     "-e", "64", "--image-opts",
                     "driver=nbd,server.type=inet,server.host=127.0.0.1,"
                     "server.port=" + up]
+        if self.name == "qemu-nbd":
+            # qemu's caching proxy: a qcow2 overlay whose backing file is
+            # the upstream, under the copy-on-read filter, so that a read
+            # of a cluster the overlay lacks fetches it and writes it into
+            # the overlay (writes stay there too).
+            overlay = os.path.join(self.workdir, "proxy.qcow2")
+            if os.path.exists(overlay):
+                os.unlink(overlay)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                            "-F", "raw", "-b", "nbd://127.0.0.1:" + up,
+                            overlay], check=True)
+            return ["qemu-nbd", "-b", "127.0.0.1", "-p", str(port), "-t",
+                    "-e", "64", "--cache=writeback", "--aio=threads",
+                    "--image-opts",
+                    "driver=copy-on-read,file.driver=qcow2,"
+                    "file.file.driver=file,file.file.filename=" + overlay]
         raise ValueError(self.name)
 
     def uri(self):
@@ -360,9 +389,6 @@ def fio_row(name, rw, bs, depth, jobs=1, mix=None):
         cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * fio_secs(job)
         return fio_result(job, bs) + (cpu,)
     run.one_thread = jobs == 1
-    # Rows of small requests: the cache floor's (its stores are buffered,
-    # where xnbd-server stores large fetches with O_DIRECT).
-    run.small = bs == "4k"
     # A cold proxy's sequential read stores every block it fetches: the
     # cache's disk is measured beside it, with fio's writes of the row's
     # size at its depth (disk_write).
@@ -375,6 +401,7 @@ def fio_row(name, rw, bs, depth, jobs=1, mix=None):
     if rw in ("write", "randwrite", "randrw"):
         run.kernel = kernel
         run.kernel_caps = rw != "randrw"
+    run.writes_only = rw in ("write", "randwrite")
     return name, run
 
 
@@ -438,7 +465,7 @@ def disk_write(workdir, size, bs, depth):
 def fill_row(name):
     """Proxy modes: fill the whole cache.  xnbd-server by `xnbd-bgctl
     --cache-all`; the peers' proxies by reading every block through them
-    (nbdcopy to null:, which fills nbdkit's cache filter); `upstream` is
+    (nbdcopy to null:, which fills their caches); `upstream` is
     nbdcopy straight from the upstream, the yardstick of the target."""
     def run(uri, runtime, size, srv):
         t0 = time.monotonic()
@@ -517,6 +544,19 @@ def main():
                                                    "server", "xnbd-server"))
     ap.add_argument("--bgctl", default=None,
                     help="xnbd-bgctl (default: next to --xnbd's build)")
+    ap.add_argument("--proxy-peers", choices=["caching", "relay"],
+                    default="caching",
+                    help="in the proxy modes, run the peers as caching "
+                    "proxies that keep what they fetch (nbdkit's cache "
+                    "filter with cache-on-read=true; qemu-nbd with "
+                    "copy-on-read into a qcow2 overlay backed by the "
+                    "upstream), or as pass-throughs that keep nothing "
+                    "(the cache filter's default, which keeps only "
+                    "writes; qemu-nbd over an nbd blockdev)")
+    ap.add_argument("--warm-pages", action="store_true",
+                    help="proxy-warm: read xnbd-server's cache file into "
+                    "the page cache a page at a time, readahead off (small "
+                    "folios), instead of with cat (large folios)")
     ap.add_argument("--warm-memory", type=int, default=None, metavar="MiB",
                     help="touch and free this much fresh memory before each "
                     "run (default: the image's size and 512 MiB more in "
@@ -544,12 +584,15 @@ def main():
     global ONE_PASS
     ONE_PASS = args.mode == "proxy"
     # The blocking floor serves its image plainly and the kernel yardstick
-    # writes the image itself; the loop floor has a CoW layer (--cow) but
-    # is no proxy; the relay floor forwards everything to an upstream,
-    # and the cache floor stores what it fetches: the two ends of what a
-    # cold proxy does (a warm one holds the data).
+    # writes the image itself; the loop floor has a CoW layer (--cow) and
+    # serves a cold proxy's rows that only write (into a new file: the
+    # least a proxy keeping writes does); the relay floor forwards
+    # everything to an upstream, and the cache floor stores what it
+    # fetches: the two ends of what a cold proxy does with reads (a warm
+    # one holds the data).
     keep = {"target": ("floor", "loop-floor", "kernel"),
-            "cow": ("loop-floor",), "proxy": ("relay-floor", "cache-floor"),
+            "cow": ("loop-floor",),
+            "proxy": ("relay-floor", "cache-floor", "loop-floor"),
             "proxy-warm": ()}[args.mode]
     servers = [n for n in servers
                if n not in FLOORS + ("kernel",) or n in keep]
@@ -607,9 +650,11 @@ def main():
                 return (value, unit, amount / max(cpu, 1e-3), 0.0, None)
             srv = Server(name, image, work, args.xnbd, args.mode)
             srv.upstream = upstream.port if upstream else None
+            srv.proxy_peers = args.proxy_peers
             srv.upstream_srv = upstream
             srv.bgctl = bgctl
             srv.floor = floor
+            srv.size = size
             srv.start(extra if name == "xnbd-server" else ())
             try:
                 time.sleep(0.1)
@@ -619,10 +664,18 @@ def main():
                     if name == "xnbd-server":
                         # Fetched blocks were stored past the page cache
                         # (O_DIRECT); put them in it, as the upstream's
-                        # image is.
-                        subprocess.run(
-                            ["cat", os.path.join(work, "proxy.cache")],
-                            stdout=subprocess.DEVNULL, check=True)
+                        # image is.  (Read ahead, they come in as large
+                        # folios: see README.md, eighth session, for what
+                        # that does to 4 KiB writes, and --warm-pages.)
+                        cmd = ["cat", os.path.join(work, "proxy.cache")]
+                        if args.warm_pages:
+                            cmd = ["fio", "--name=warm", "--ioengine=psync",
+                                   "--rw=read", "--bs=4k", "--invalidate=0",
+                                   "--fadvise_hint=random",
+                                   "--size=%d" % size, "--filename=" +
+                                   os.path.join(work, "proxy.cache")]
+                        subprocess.run(cmd, stdout=subprocess.DEVNULL,
+                                       check=True)
                 c0, m0 = cpu_seconds(srv.pid), machine_cpu()
                 k0, t0 = children_cpu(), time.monotonic()
                 if with_server:
@@ -670,8 +723,11 @@ def main():
                             getattr(fn, "single_conn", True) is False:
                         continue  # only the loop floor offers multi-conn
                     if name == "cache-floor" and \
-                            not getattr(fn, "small", False):
-                        continue  # it stores large fetches buffered
+                            getattr(fn, "proxy_only", False):
+                        continue  # the fill opens several connections
+                    if name == "loop-floor" and proxy and \
+                            not getattr(fn, "writes_only", False):
+                        continue  # it holds no upstream's data
                     if name == "kernel" and not hasattr(fn, "kernel"):
                         continue
                     if name == "disk" and not getattr(fn, "disk", False):
@@ -706,7 +762,13 @@ def main():
               "%s%s" % (args.mode, size >> 20, runs, runtime,
                         time.strftime("%Y-%m-%d"),
                         "; %d MiB of memory warmed before each run" % warm
-                        if warm else ""))
+                        if warm else "") +
+              ("; the peers as %s" % ("caching proxies"
+                                      if args.proxy_peers == "caching"
+                                      else "pass-throughs")
+               if proxy else "") +
+              ("; xnbd-server's cache read back a page at a time"
+               if args.warm_pages and args.mode == "proxy-warm" else ""))
         report(rows, servers, results, runtime)
         if redone[0]:
             print("\n%d run(s) made again: the host dropped the page cache "
