@@ -26,7 +26,7 @@ run build-test --werror
 /usr/bin/python3 bench/bench.py --short --mode cow --rows rand-rw70-4K-qd32 \
 	--xnbd build-test/server/xnbd-server
 /usr/bin/python3 bench/bench.py --short --mode proxy \
-	--rows seq-read-1M-qd8,fill-cache-whole-image \
+	--rows seq-read-1M-qd8,seq-write-1M-qd8,fill-cache-whole-image \
 	--xnbd build-test/server/xnbd-server
 if [ "${1:-}" != "--no-sanitize" ]; then
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
