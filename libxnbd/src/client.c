@@ -9,7 +9,11 @@
  * - Received bytes accumulate in one buffer.  Headers and the fixed parts
  *   of structured chunks are parsed only when complete; data is copied to
  *   the request's buffer after its offset and length were checked against
- *   the request.
+ *   the request.  The rest of a large payload (DIRECT_MIN or more) is
+ *   read from the socket straight into the request's buffer, with no copy
+ *   through the receive buffer, and the header after it is read with a
+ *   small read (HDR_READ), so that little of the next payload takes the
+ *   copy either.
  * - The handshake is a small state machine run from the same buffer: the
  *   client sends one option at a time, as the spec requires.
  * - Requests are not written as they are submitted: they queue, and a
@@ -37,6 +41,12 @@
 /* The receive buffer: the replies to a proxy's 32 cold 4 KiB reads (132
  * KiB) come in one read, not three. */
 #define RBUF (256U * 1024U)
+/* Payloads left to receive of at least this size go straight into the
+ * request's buffer. */
+#define DIRECT_MIN (32U * 1024U)
+/* After a large payload, the next read is this small: a header, and the
+ * first bytes of a payload that is likely large too. */
+#define HDR_READ 4096U
 #define MAX_OPT_REPLY 65536U
 /* Requests in flight at once.  The table never moves: libuv holds
  * pointers to the write requests in it. */
@@ -115,6 +125,8 @@ struct xnbd_client {
 	uint64_t cur_left;
 	uint8_t *cur_dst; /* NULL: discard */
 	bool cur_last;    /* the chunk ends the reply */
+	bool big;         /* the last payload begun was DIRECT_MIN or more */
+	bool direct;      /* the read under way fills cur_dst, not rbuf */
 	struct slot *slots;
 	uint32_t nslots;
 	uint32_t free_head;
@@ -473,6 +485,7 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 				c->cur_left = s->io->length;
 				c->cur_dst = s->io->buf;
 				c->cur_last = true;
+				c->big = c->cur_left >= DIRECT_MIN;
 				s->err = 0;
 				continue;
 			}
@@ -545,6 +558,7 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 			c->cur_left = n;
 			c->cur_dst = dst;
 			c->cur_last = last;
+			c->big = n >= DIRECT_MIN;
 			continue;
 		}
 		case XNBD_REPLY_TYPE_ERROR:
@@ -815,8 +829,35 @@ static ssize_t parse_handshake(struct xnbd_client *c, const uint8_t *p,
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
 	struct xnbd_client *c = h->data;
-	*buf =
-	    uv_buf_init((char *)c->rbuf + c->rlen, (unsigned)(RBUF - c->rlen));
+	(void)suggested;
+	/* Whatever rbuf held was parsed: a payload under way leaves nothing
+	 * after it there. */
+	if (c->state == C_READY && c->cur_dst && c->cur_left >= DIRECT_MIN &&
+	    c->rlen == 0) {
+		uint64_t n =
+		    c->cur_left < (1U << 30) ? c->cur_left : (1U << 30);
+		c->direct = true;
+		*buf = uv_buf_init((char *)c->cur_dst, (unsigned)n);
+		return;
+	}
+	size_t room = RBUF - c->rlen;
+	if (c->big && c->cur_left == 0 && room > HDR_READ)
+		room = HDR_READ;
+	c->direct = false;
+	*buf = uv_buf_init((char *)c->rbuf + c->rlen, (unsigned)room);
+}
+
+/* A read that went straight into the payload's buffer. */
+static void direct_got(struct xnbd_client *c, size_t n)
+{
+	c->cur_dst += n;
+	c->cur_left -= n;
+	if (c->cur_left)
+		return;
+	struct slot *s = c->cur;
+	c->cur = NULL;
+	if (c->cur_last && s)
+		slot_complete(c, s, s->err);
 }
 
 static void read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
@@ -828,6 +869,11 @@ static void read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 		die(c, nread == UV_EOF ? -ECONNRESET : (int)nread,
 		    nread == UV_EOF ? "closed by the server"
 		                    : uv_strerror((int)nread));
+		return;
+	}
+	if (c->direct) {
+		c->direct = false;
+		direct_got(c, (size_t)nread);
 		return;
 	}
 	c->rlen += (size_t)nread;

@@ -5,7 +5,9 @@
  * freed while it waits calls nothing and leaks nothing.  And its sending:
  * the requests submitted in one loop iteration go out together at its
  * end, in order; requests still queued when the client is freed complete
- * once, with an error. */
+ * once, with an error.  And its receiving: large replies, which go from
+ * the socket straight into the request's buffer, land whole and only
+ * there, however the server's bytes are cut. */
 #include <check.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -438,6 +440,107 @@ START_TEST(requests_queued_at_free_are_cancelled)
 }
 END_TEST
 
+/* ---- receiving --------------------------------------------------------- */
+
+/* Send all of p on the blocking fd in pieces of the sizes given, the
+ * loop running between them so that the client reads each as it comes. */
+static void send_in_pieces(int fd, const uint8_t *p, size_t len,
+                           const size_t *cuts, size_t ncuts)
+{
+	size_t off = 0, k = 0;
+	double end = now() + 10;
+	while (off < len && now() < end) {
+		size_t n = cuts[k++ % ncuts];
+		if (n > len - off)
+			n = len - off;
+		size_t sent = 0;
+		while (sent < n && now() < end) {
+			ssize_t r =
+			    send(fd, p + off + sent, n - sent, MSG_DONTWAIT);
+			if (r > 0)
+				sent += (size_t)r;
+			uv_run(&loop, UV_RUN_NOWAIT);
+		}
+		off += sent;
+		for (int i = 0; i < 3; i++)
+			uv_run(&loop, UV_RUN_NOWAIT);
+	}
+	ck_assert_uint_eq(off, len);
+}
+
+#define NLARGE 4
+#define LARGE (256 * 1024)
+#define GUARD 4096
+/* Cuts that end pieces inside headers, right after them, inside payloads
+ * and a byte before their end; and one header and a byte, then all the
+ * rest at once (each large payload's end comes with the next header). */
+static const size_t cuts_many[] = {1,     15, 17,     40000, 3,  100000,
+                                   65536, 7,  131071, 2,     16, 90001};
+static const size_t cuts_two[] = {17, SIZE_MAX};
+
+START_TEST(large_replies_cut_anywhere_land_whole)
+{
+	const size_t *cuts = _i ? cuts_two : cuts_many;
+	size_t ncuts = _i ? 2 : sizeof(cuts_many) / sizeof(cuts_many[0]);
+	int fd;
+	struct xnbd_client *c = connect_oldstyle(&fd);
+	struct xnbd_backend *b = xnbd_client_backend(c);
+	/* Each buffer is followed by a guard no reply may touch; the last
+	 * read is small (it takes the receive buffer's path). */
+	static uint8_t bufs[NLARGE][LARGE + GUARD];
+	static const size_t lens[NLARGE] = {LARGE, LARGE, 40000, 4096};
+	struct xnbd_io io[NLARGE];
+	struct done d[NLARGE] = {{0}};
+	memset(bufs, 0xee, sizeof(bufs));
+	for (int i = 0; i < NLARGE; i++) {
+		io[i] = (struct xnbd_io){.type = XNBD_IO_READ,
+		                         .offset = (uint64_t)i * LARGE,
+		                         .length = lens[i],
+		                         .buf = bufs[i],
+		                         .done = io_done,
+		                         .user_data = &d[i]};
+		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]),
+		                 XNBD_IO_PENDING);
+	}
+	uv_run(&loop, UV_RUN_NOWAIT);
+	static uint8_t got[NLARGE * 28];
+	ck_assert_int_eq(recv(fd, got, sizeof(got), MSG_WAITALL),
+	                 (ssize_t)sizeof(got));
+	/* The replies, out of order (2, 0, 3, 1), back to back in one
+	 * stream, each payload a pattern of its own. */
+	static const int order[NLARGE] = {2, 0, 3, 1};
+	static uint8_t stream[NLARGE * (16 + LARGE)];
+	size_t len = 0;
+	for (int k = 0; k < NLARGE; k++) {
+		int i = order[k];
+		static const uint8_t magic[4] = {0x67, 0x44, 0x66, 0x98};
+		memset(stream + len, 0, 16);
+		memcpy(stream + len, magic, 4);
+		memcpy(stream + len + 8, got + i * 28 + 8, 8);
+		len += 16;
+		for (size_t j = 0; j < lens[i]; j++)
+			stream[len + j] = (uint8_t)(i * 67 + j % 253);
+		len += lens[i];
+	}
+	send_in_pieces(fd, stream, len, cuts, ncuts);
+	wait_all_done(d, NLARGE);
+	for (int i = 0; i < NLARGE; i++) {
+		for (size_t j = 0; j < lens[i]; j++)
+			if (bufs[i][j] != (uint8_t)(i * 67 + j % 253))
+				ck_abort_msg("read %d: byte %zu is %u", i, j,
+				             bufs[i][j]);
+		for (size_t j = lens[i]; j < LARGE + GUARD; j++)
+			if (bufs[i][j] != 0xee)
+				ck_abort_msg("read %d: byte %zu past its end "
+				             "was written",
+				             i, j);
+	}
+	xnbd_client_free(c);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	close(fd);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("client");
@@ -455,5 +558,9 @@ int main(void)
 	tcase_add_test(ts, requests_queued_at_free_are_cancelled);
 	tcase_add_test(ts, a_batch_larger_than_the_socket_goes_out_whole);
 	suite_add_tcase(s, ts);
+	TCase *tr = tcase_create("receiving");
+	tcase_add_checked_fixture(tr, setup, teardown);
+	tcase_add_loop_test(tr, large_replies_cut_anywhere_land_whole, 0, 2);
+	suite_add_tcase(s, tr);
 	return xnbd_test_run(s);
 }
