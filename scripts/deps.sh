@@ -3,7 +3,7 @@
 # Installs only what is missing; needs root (or sudo) when something is.
 set -eu
 
-packages="meson ninja-build pkg-config gcc libc6-dev libuv1-dev check \
+packages="meson ninja-build pkg-config gcc libc6-dev libuv1-dev liburing-dev check \
 libnbd-bin python3-libnbd qemu-utils nbdkit fio nbd-server socat \
 iproute2 procps clang-format"
 

@@ -121,6 +121,8 @@ uint64_t xnbd__file_chunks_allocated(const struct xnbd_backend *b);
 
 /* Tests: how many I/Os a file backend's write lane has taken. */
 uint64_t xnbd__file_lane_ios(const struct xnbd_backend *b);
+/* Writes a file backend sent through its io_uring (tests). */
+uint64_t xnbd__file_ring_ios(const struct xnbd_backend *b);
 
 /* Ops a CoW layer took from malloc so far (tests: a warm layer takes none
  * for a request). */

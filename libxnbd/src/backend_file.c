@@ -23,6 +23,13 @@
  *   data is copied once, into the page cache, never through user space.
  *   Where the file refuses splice, the pipe is read into the request's
  *   buffer and written as usual.
+ * - Writes to a descriptor opened with O_DIRECT (a proxy's stores into
+ *   its cache) go to the kernel through an io_uring of the backend's own
+ *   where liburing was built in and the kernel lets one be made: the
+ *   kernel starts the write at once and posts its completion to the
+ *   channel's eventfd, so that no worker is woken and none wakes the
+ *   loop (see ring_take).  Where a write cannot go that way it goes to
+ *   the pool as before.
  * - Snapshots: a reflink (FICLONE) where the file system has one, else a
  *   copy-before-write.  While a copy runs every write goes through the
  *   pool, and before it changes a chunk that the copier has not reached it
@@ -49,6 +56,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef XNBD_HAVE_URING
+#include <liburing.h>
+#endif
+
 #include "backend.h"
 #include "list.h"
 #include "pool.h"
@@ -61,6 +72,7 @@
 #define XFS_MAGIC 0x58465342
 #define INLINE_MAX (128U * 1024U) /* largest I/O tried on the loop thread */
 #define SNAPSHOT_DONE 0xffffffffU /* io type of a snapshot's end */
+#define RING_DEPTH 256U           /* entries of a backend's io_uring */
 
 /* Where small writes run (file_submit): on the loop thread.  An inline
  * write that took PLACE_STALL_NS or more sends the writes to the lane for
@@ -168,6 +180,15 @@ struct file_backend {
 	/* Pool work comes back through it; writes take its serial queue,
 	 * the write lane (see lane_takes). */
 	struct xnbd__chan chan;
+#ifdef XNBD_HAVE_URING
+	struct { /* direct writes through io_uring (ring_take); loop thread */
+		struct io_uring ring;
+		bool tried, ok;
+		pid_t pid;         /* the process that made it (fork) */
+		unsigned inflight; /* submitted, completion not reaped */
+	} uring;
+#endif
+	uint64_t ring_ios; /* I/Os that went through the ring (tests) */
 };
 
 static const unsigned char zero_chunk[64 * 1024];
@@ -785,6 +806,134 @@ static int lane_io(struct file_backend *fb, struct xnbd_io *io)
 	return XNBD_IO_PENDING;
 }
 
+/* ---- direct writes through io_uring ------------------------------------ */
+
+#ifdef XNBD_HAVE_URING
+/* XNBD_IO_URING=0 in the environment keeps every I/O on the pool (to
+ * compare the two ways, or where a kernel's io_uring misbehaves); read
+ * when a backend first wants its ring. */
+static bool ring_allowed(void)
+{
+	const char *e = getenv("XNBD_IO_URING");
+	return !(e && strcmp(e, "0") == 0);
+}
+
+static int ring_submit_rest(struct file_backend *fb, struct xnbd_io *io)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&fb->uring.ring);
+	if (!sqe)
+		return -EAGAIN;
+	uint64_t done = io->priv.done_bytes;
+	uint64_t left = io->length - done;
+	/* One write takes at most what a single write(2) may (1 GiB here);
+	 * the rest follows as a short write's does. */
+	unsigned n = left > (1U << 30) ? (1U << 30) : (unsigned)left;
+	io_uring_prep_write(sqe, fb->fd, (uint8_t *)io->buf + done, n,
+	                    io->offset + done);
+	io_uring_sqe_set_data(sqe, io);
+	int r = io_uring_submit(&fb->uring.ring);
+	if (r < 1)
+		return r < 0 ? r : -EAGAIN;
+	fb->uring.inflight++;
+	return 0;
+}
+
+/* The channel's reap: the ring's completions.  A write the kernel took
+ * only in part goes on from where it stopped; one the ring cannot go on
+ * with goes to the pool. */
+static struct xnbd_io *ring_reap(struct xnbd__chan *c)
+{
+	struct file_backend *fb =
+	    xnbd_container_of(c, struct file_backend, chan);
+	struct xnbd_io *head = NULL, *tail = NULL;
+	struct io_uring_cqe *cqe;
+	/* A child of fork() shares the ring's memory: it leaves it alone. */
+	if (fb->uring.pid != getpid())
+		return NULL;
+	while (fb->uring.ok && io_uring_peek_cqe(&fb->uring.ring, &cqe) == 0) {
+		struct xnbd_io *io = io_uring_cqe_get_data(cqe);
+		int res = cqe->res;
+		io_uring_cqe_seen(&fb->uring.ring, cqe);
+		fb->uring.inflight--;
+		if (res > 0 &&
+		    (uint64_t)res < io->length - io->priv.done_bytes) {
+			io->priv.done_bytes += (uint64_t)res;
+			if (ring_submit_rest(fb, io) == 0)
+				continue;
+			res = -EAGAIN;
+		}
+		if (res == -EAGAIN || res == -EINTR) {
+			if (xnbd__chan_requeue(c, io) == 0)
+				continue;
+			res = -EIO;
+		}
+		io->status = res < 0 ? res : res == 0 ? -EIO : 0;
+		xnbd__chan_link(&head, &tail, io);
+	}
+	return head;
+}
+
+static bool ring_ready(struct file_backend *fb)
+{
+	if (fb->uring.tried)
+		return fb->uring.ok && fb->uring.pid == getpid();
+	fb->uring.tried = true;
+	if (!ring_allowed())
+		return false;
+	if (io_uring_queue_init(RING_DEPTH, &fb->uring.ring, 0) < 0)
+		return false; /* no io_uring here (old kernel, seccomp, sysctl) */
+	if (io_uring_register_eventfd(&fb->uring.ring, fb->chan.efd) < 0) {
+		io_uring_queue_exit(&fb->uring.ring);
+		return false;
+	}
+	fb->uring.ok = true;
+	fb->uring.pid = getpid();
+	fb->chan.reap = ring_reap;
+	return true;
+}
+
+/* Send a write to the ring when it can go: to a descriptor opened with
+ * O_DIRECT (buffered writes would be punted to the kernel's own workers,
+ * a hand-off again), without FUA, while no snapshot copies, from a buffer
+ * and not a pipe, into allocated blocks (the pool allocates ahead; a
+ * direct write into a hole would be punted too).  True when it took the
+ * write (which is pending then), false when the write must take the
+ * pool. */
+static bool ring_take(struct file_backend *fb, struct xnbd_io *io)
+{
+	if (fb->piece != UINT64_MAX || io->type != XNBD_IO_WRITE ||
+	    (io->flags & XNBD_IO_FUA) || fb->snap || io->priv.scratch ||
+	    io->priv.done_bytes || alloc_pending(fb, io->offset, io->length))
+		return false;
+	if (fb->uring.inflight >= RING_DEPTH || !ring_ready(fb))
+		return false;
+	if (xnbd__chan_expect(&fb->chan) < 0)
+		return false;
+	fb->place.writes_out++;
+	fb->ring_ios++;
+	if (ring_submit_rest(fb, io) == 0)
+		return true;
+	/* Counted already: the pool finishes it, or it fails from there. */
+	if (xnbd__chan_requeue(&fb->chan, io) < 0) {
+		io->status = -EIO;
+		xnbd__chan_post(&fb->chan, io);
+	}
+	return true;
+}
+#else
+static bool ring_take(struct file_backend *fb, struct xnbd_io *io)
+{
+	(void)fb;
+	(void)io;
+	return false;
+}
+#endif
+
+uint64_t xnbd__file_ring_ios(const struct xnbd_backend *b)
+{
+	return ((const struct file_backend *)b)->ring_ios;
+}
+
 static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 {
 	struct file_backend *fb = (struct file_backend *)b;
@@ -798,6 +947,11 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 			return -EINVAL;
 		return XNBD_IO_COMPLETED;
 	}
+	/* Direct writes go to the ring when they can (ring_take), even small
+	 * ones: with O_DIRECT a write tried with RWF_NOWAIT still waits for
+	 * the disk, on the loop thread. */
+	if (ring_take(fb, io))
+		return XNBD_IO_PENDING;
 	/* Small I/O is served on the loop thread when the page cache allows;
 	 * a large copy would hold the loop up for longer than a hand-off to
 	 * the pool costs, and on the pool several copies run in parallel. */
@@ -1142,6 +1296,10 @@ static int file_snapshot_running(const struct xnbd_backend *b)
 static void file_free(struct xnbd_backend *b)
 {
 	struct file_backend *fb = (struct file_backend *)b;
+#ifdef XNBD_HAVE_URING
+	if (fb->uring.ok)
+		io_uring_queue_exit(&fb->uring.ring);
+#endif
 	xnbd__chan_destroy(&fb->chan);
 	close(fb->fd);
 	alloc_map_unref(fb->alloc);

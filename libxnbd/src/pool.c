@@ -291,10 +291,17 @@ static void chan_poll_cb(uv_poll_t *h, int status, int events)
 		n = read(c->efd, &v, sizeof(v));
 	while (n < 0 && errno == EINTR);
 	uv_mutex_lock(&c->mu);
-	struct xnbd_io *io = c->done;
+	struct xnbd_io *io = c->done, *tail = c->done_tail;
 	c->done = c->done_tail = NULL;
 	c->signalled = false;
 	uv_mutex_unlock(&c->mu);
+	if (c->reap) {
+		struct xnbd_io *more = c->reap(c);
+		if (tail)
+			Q_NEXT(tail) = more;
+		else
+			io = more;
+	}
 	chan_deliver(c, io);
 }
 
@@ -376,6 +383,22 @@ void xnbd__chan_post(struct xnbd__chan *c, struct xnbd_io *io)
 	uv_mutex_lock(&c->mu);
 	post_locked(c, io);
 	uv_mutex_unlock(&c->mu);
+}
+
+int xnbd__chan_requeue(struct xnbd__chan *c, struct xnbd_io *io)
+{
+	int r = pool_ready();
+	if (r < 0)
+		return r;
+	io->priv.u.q.chan = c;
+	pool_queue(io);
+	return 0;
+}
+
+void xnbd__chan_link(struct xnbd_io **head, struct xnbd_io **tail,
+                     struct xnbd_io *io)
+{
+	append(head, tail, io);
 }
 
 int xnbd__chan_submit(struct xnbd__chan *c, struct xnbd_io *io, bool serial)

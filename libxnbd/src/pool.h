@@ -50,6 +50,10 @@ struct xnbd__chan {
 	bool poll_open, poll_closing;
 	struct xnbd_io *held; /* the last completion, waiting for the close */
 	uv_poll_t poll;
+	/* Optional, loop thread: I/O finished elsewhere that signals efd
+	 * itself (a backend's io_uring), to complete with the done list: a
+	 * list linked as the pool links I/O (xnbd__chan_link). */
+	struct xnbd_io *(*reap)(struct xnbd__chan *c);
 	/* The serial queue's place in the pool's queue (never submitted as
 	 * I/O of its own). */
 	struct xnbd_io runner;
@@ -83,6 +87,13 @@ int xnbd__chan_submit(struct xnbd__chan *c, struct xnbd_io *io, bool serial);
  * must not touch the channel after its post returns. */
 int xnbd__chan_expect(struct xnbd__chan *c);
 void xnbd__chan_post(struct xnbd__chan *c, struct xnbd_io *io);
+/* An I/O already counted (xnbd__chan_expect) that its other way could
+ * not finish: run c->work on a worker after all, then c->complete as
+ * usual.  0, or a negative errno when no worker can start. */
+int xnbd__chan_requeue(struct xnbd__chan *c, struct xnbd_io *io);
+/* For c->reap: append io to the list *head ... *tail. */
+void xnbd__chan_link(struct xnbd_io **head, struct xnbd_io **tail,
+                     struct xnbd_io *io);
 
 /* Jobs: work of the library's own (a bitmap sync, a reload) on the pool,
  * or a call deferred to the loop.  A job channel runs j->work on a worker

@@ -797,6 +797,97 @@ START_TEST(sequential_writers_allocate_further_ahead)
 }
 END_TEST
 
+/* Would a direct twin's writes go through io_uring here?  Built with
+ * liburing, on a kernel that lets this process make rings (the sysctl
+ * io_uring_disabled is 0 or missing). */
+static bool ring_expected(void)
+{
+#ifdef XNBD_HAVE_URING
+	FILE *f = fopen("/proc/sys/kernel/io_uring_disabled", "r");
+	int v = 0;
+	if (f) {
+		if (fscanf(f, "%d", &v) != 1)
+			v = 0;
+		fclose(f);
+	}
+	return v == 0;
+#else
+	return false;
+#endif
+}
+
+/* A direct twin's writes (a proxy's stores) into allocated blocks go
+ * through its io_uring, 32 at once, each completing once with its data
+ * in the file; a write into blocks not yet allocated, a FUA write, and
+ * every write of a twin that first wrote under XNBD_IO_URING=0 take the
+ * pool; and the
+ * twin may be freed at once after its last write (no handle is left). */
+#define NRING 32
+START_TEST(direct_writes_go_through_the_ring)
+{
+	const uint64_t C = 1024 * 1024, size = 64 * C;
+	if (!allocates_ahead_here())
+		return;
+	ck_assert_int_eq(truncate(img_path, (off_t)size), 0);
+	open_allocating_ahead();
+	struct xnbd_backend *file = backend, *twin = NULL;
+	int r = xnbd__backend_file_direct_twin(file, &twin);
+	if (r == -EINVAL)
+		return; /* no O_DIRECT here */
+	ck_assert_int_eq(r, 0);
+	backend = twin;
+	static struct op o[NRING];
+	uint8_t *buf = NULL;
+	ck_assert_int_eq(posix_memalign((void **)&buf, 4096, NRING * 65536), 0);
+	/* Chunk 0 is not allocated: the pool allocates 0 (and no more). */
+	write_buf_and_check(&o[0], buf, 0, 65536, 1);
+	ck_assert_uint_eq(xnbd__file_ring_ios(twin), 0);
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(twin), 1);
+	/* And chunk 1, by the pool too. */
+	write_buf_and_check(&o[0], buf, C, 65536, 2);
+	ck_assert_uint_eq(xnbd__file_chunks_allocated(twin), 2);
+	ck_assert_uint_eq(xnbd__file_ring_ios(twin), 0);
+	/* Now 32 writes at once into chunks 0 and 1, each its own
+	 * pattern. */
+	completed = 0;
+	for (int i = 0; i < NRING; i++) {
+		fill(buf + i * 65536, 65536, 100 + i);
+		submit_buf(&o[i], XNBD_IO_WRITE, 0, (uint64_t)i * 65536, 65536,
+		           buf + i * 65536);
+	}
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(completed, NRING);
+	for (int i = 0; i < NRING; i++) {
+		ck_assert_int_eq(o[i].ncalls, 1);
+		ck_assert_int_eq(o[i].io.status, 0);
+		ck_assert(file_is(buf + i * 65536, (uint64_t)i * 65536, 65536));
+	}
+	uint64_t ring = xnbd__file_ring_ios(twin);
+	ck_assert_uint_eq(ring, ring_expected() ? NRING : 0);
+	/* FUA waits for the disk on the pool. */
+	submit_buf(&o[0], XNBD_IO_WRITE, XNBD_IO_FUA, 0, 65536, buf);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(o[0].ncalls, 1);
+	ck_assert_int_eq(o[0].io.status, 0);
+	ck_assert_uint_eq(xnbd__file_ring_ios(twin), ring);
+	/* Freed right after: nothing is left open on the loop (teardown
+	 * closes it). */
+	xnbd_backend_free(twin);
+	/* Under XNBD_IO_URING=0 a twin keeps to the pool (the variable is
+	 * read at its first write). */
+	ck_assert_int_eq(setenv("XNBD_IO_URING", "0", 1), 0);
+	ck_assert_int_eq(xnbd__backend_file_direct_twin(file, &twin), 0);
+	backend = twin;
+	write_buf_and_check(&o[0], buf, 65536, 65536, 3);
+	unsetenv("XNBD_IO_URING");
+	write_buf_and_check(&o[0], buf, 2 * 65536, 65536, 4);
+	ck_assert_uint_eq(xnbd__file_ring_ios(twin), 0);
+	xnbd_backend_free(twin);
+	backend = file;
+	free(buf);
+}
+END_TEST
+
 /* A CoW layer allocates no op per request once warm: one request at a
  * time (reads of one run, whole and partial writes, which copy up) all
  * use the op the first one took; and each reads back what was written. */
@@ -1085,6 +1176,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, large_writes_into_uncached_pages_go_in_pieces);
 	tcase_add_test(tc, sparse_files_of_ours_are_allocated_a_chunk_ahead);
 	tcase_add_test(tc, sequential_writers_allocate_further_ahead);
+	tcase_add_test(tc, direct_writes_go_through_the_ring);
 	tcase_add_test(tc, cow_requests_reuse_their_ops);
 	tcase_add_test(tc, idle_small_writes_are_made_inline);
 	tcase_add_test(tc,
