@@ -14,6 +14,10 @@ the cache").
   a write pipelined right after a cold read of the same block wins: the
   read's store cannot land over it.  After a restart on the same cache and
   bitmap the writes and the cached blocks read back without the upstream.
+- Large cold reads, many at once with small reads among them (their
+  payloads read straight into the request buffers, their stores made
+  through io_uring where it is there): each returns the upstream's data,
+  and once stored the cache image holds exactly the upstream's bytes.
 """
 import os
 import random
@@ -150,4 +154,55 @@ def test():
         xt.check_eq(px2.stop(), 0, "second proxy exit status")
 
 
-xt.main(test)
+def test_large():
+    nbd = xt.need_nbd()
+    rnd = random.Random(11)
+    size = 24 << 20
+    data = bytes(rnd.randbytes(size))
+    big = 256 << 10
+    with xt.TestDir() as d:
+        up = d.server(d.image("up2.img", size, data))
+        px = d.proxy(up.port)
+        h = nbd.NBD()
+        h.add_meta_context("x-xnbd:cache")
+        h.connect_uri(px.uri)
+        # A cached MiB at the end, for small reads served at once.
+        hot = size - (1 << 20)
+        xt.check_bytes(h.pread(1 << 20, hot), data[hot:], "a hot MiB")
+        offs = [k * big for k in range((16 << 20) // big)]
+        rnd.shuffle(offs)
+        cmds = []
+        for i in range(0, len(offs), 32):
+            for o in offs[i:i + 32]:
+                rb = nbd.Buffer(big)
+                cmds.append((h.aio_pread(rb, o), rb, o, big))
+                for _ in range(2):
+                    so = hot + rnd.randrange(0, (1 << 20) - BS, BS)
+                    sb = nbd.Buffer(BS)
+                    cmds.append((h.aio_pread(sb, so), sb, so, BS))
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+        for c, b, o, n in cmds:
+            xt.check(h.aio_command_completed(c), "command %d done" % c)
+            xt.check_bytes(b.to_bytearray(), data[o:o + n],
+                           "cold read at %d of %d bytes" % (o, n))
+        for o in offs:
+            wait_cached(h, o + big - BS, True, "large read at %d" % o)
+        h.flush()
+        h.shutdown()
+        xt.check_eq(px.stop(), 0, "proxy exit status")
+        with open(d.join("p.cache"), "rb") as f:
+            got = f.read(16 << 20)
+        xt.check_bytes(got, data[:16 << 20],
+                       "the cache image after 64 large cold reads")
+        text = px.log_text()
+        xt.check("storing fetched blocks" not in text,
+                 "no store failed:\n" + text[-2000:])
+
+
+def both():
+    test()
+    test_large()
+
+
+xt.main(both)
