@@ -215,6 +215,20 @@ static void io_done(struct xnbd_io *io)
 	d->status = io->status;
 }
 
+/* Submit an I/O to the client's backend; it must be pending. */
+static void submit_pending(struct xnbd_backend *b, struct xnbd_io *io,
+                           uint32_t type, uint64_t off, uint64_t len, void *buf,
+                           struct done *d)
+{
+	*io = (struct xnbd_io){.type = type,
+	                       .offset = off,
+	                       .length = len,
+	                       .buf = buf,
+	                       .done = io_done,
+	                       .user_data = d};
+	ck_assert_int_eq(xnbd_backend_submit(b, io), XNBD_IO_PENDING);
+}
+
 static uint64_t be64(const uint8_t *p)
 {
 	uint64_t v = 0;
@@ -288,15 +302,9 @@ START_TEST(requests_of_one_iteration_go_out_together)
 	struct done d[NREQ] = {{0}};
 	for (int i = 0; i < NREQ; i++) {
 		memset(bufs[i], i == 3 ? 0xab : 0, sizeof(bufs[i]));
-		io[i] = (struct xnbd_io){.type = i == 3 ? XNBD_IO_WRITE
-		                                        : XNBD_IO_READ,
-		                         .offset = (uint64_t)(NREQ - i) * 4096,
-		                         .length = 4096,
-		                         .buf = bufs[i],
-		                         .done = io_done,
-		                         .user_data = &d[i]};
-		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]),
-		                 XNBD_IO_PENDING);
+		submit_pending(b, &io[i], i == 3 ? XNBD_IO_WRITE : XNBD_IO_READ,
+		               (uint64_t)(NREQ - i) * 4096, 4096, bufs[i],
+		               &d[i]);
 	}
 	/* Nothing is sent while the iteration that submitted them runs... */
 	ck_assert_int_eq(pending_bytes(fd), 0);
@@ -362,14 +370,8 @@ START_TEST(a_batch_larger_than_the_socket_goes_out_whole)
 	for (int i = 0; i < NBIG; i++) {
 		for (int k = 0; k < BIG; k++)
 			bufs[i][k] = (uint8_t)(i * 31 + k % 251);
-		io[i] = (struct xnbd_io){.type = XNBD_IO_WRITE,
-		                         .offset = (uint64_t)(i % 16) * BIG,
-		                         .length = BIG,
-		                         .buf = bufs[i],
-		                         .done = io_done,
-		                         .user_data = &d[i]};
-		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]),
-		                 XNBD_IO_PENDING);
+		submit_pending(b, &io[i], XNBD_IO_WRITE,
+		               (uint64_t)(i % 16) * BIG, BIG, bufs[i], &d[i]);
 	}
 	uv_run(&loop, UV_RUN_NOWAIT);
 	const size_t total = NBIG * (28 + BIG);
@@ -416,14 +418,7 @@ START_TEST(requests_queued_at_free_are_cancelled)
 	struct xnbd_io io[4];
 	struct done d[4] = {{0}};
 	for (int i = 0; i < 4; i++) {
-		io[i] = (struct xnbd_io){.type = XNBD_IO_READ,
-		                         .offset = 0,
-		                         .length = 4096,
-		                         .buf = buf[i],
-		                         .done = io_done,
-		                         .user_data = &d[i]};
-		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]),
-		                 XNBD_IO_PENDING);
+		submit_pending(b, &io[i], XNBD_IO_READ, 0, 4096, buf[i], &d[i]);
 	}
 	xnbd_client_free(c);
 	uv_run(&loop, UV_RUN_DEFAULT);
@@ -493,14 +488,8 @@ START_TEST(large_replies_cut_anywhere_land_whole)
 	struct done d[NLARGE] = {{0}};
 	memset(bufs, 0xee, sizeof(bufs));
 	for (int i = 0; i < NLARGE; i++) {
-		io[i] = (struct xnbd_io){.type = XNBD_IO_READ,
-		                         .offset = (uint64_t)i * LARGE,
-		                         .length = lens[i],
-		                         .buf = bufs[i],
-		                         .done = io_done,
-		                         .user_data = &d[i]};
-		ck_assert_int_eq(xnbd_backend_submit(b, &io[i]),
-		                 XNBD_IO_PENDING);
+		submit_pending(b, &io[i], XNBD_IO_READ, (uint64_t)i * LARGE,
+		               lens[i], bufs[i], &d[i]);
 	}
 	uv_run(&loop, UV_RUN_NOWAIT);
 	static uint8_t got[NLARGE * 28];
