@@ -820,8 +820,8 @@ static bool ring_expected(void)
  * through its io_uring, 32 at once, each completing once with its data
  * in the file; a write into blocks not yet allocated, a FUA write, and
  * every write of a twin that first wrote under XNBD_IO_URING=0 take the
- * pool; and the
- * twin may be freed at once after its last write (no handle is left). */
+ * pool; and the twin may be freed at once after its last write (no
+ * handle is left). */
 #define NRING 32
 START_TEST(direct_writes_go_through_the_ring)
 {
