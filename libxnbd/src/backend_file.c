@@ -184,7 +184,7 @@ struct file_backend {
 	struct { /* direct writes through io_uring (ring_take); loop thread */
 		struct io_uring ring;
 		bool tried, ok;
-		pid_t pid;         /* the process that made it (fork) */
+		unsigned gen;      /* xnbd__fork_generation() when made */
 		unsigned inflight; /* submitted, completion not reaped */
 	} uring;
 #endif
@@ -848,9 +848,9 @@ static struct xnbd_io *ring_reap(struct xnbd__chan *c)
 	struct xnbd_io *head = NULL, *tail = NULL;
 	struct io_uring_cqe *cqe;
 	/* A child of fork() shares the ring's memory: it leaves it alone. */
-	if (fb->uring.pid != getpid())
+	if (fb->uring.gen != xnbd__fork_generation())
 		return NULL;
-	while (fb->uring.ok && io_uring_peek_cqe(&fb->uring.ring, &cqe) == 0) {
+	while (io_uring_peek_cqe(&fb->uring.ring, &cqe) == 0) {
 		struct xnbd_io *io = io_uring_cqe_get_data(cqe);
 		int res = cqe->res;
 		io_uring_cqe_seen(&fb->uring.ring, cqe);
@@ -876,7 +876,7 @@ static struct xnbd_io *ring_reap(struct xnbd__chan *c)
 static bool ring_ready(struct file_backend *fb)
 {
 	if (fb->uring.tried)
-		return fb->uring.ok && fb->uring.pid == getpid();
+		return fb->uring.ok && fb->uring.gen == xnbd__fork_generation();
 	fb->uring.tried = true;
 	if (!ring_allowed())
 		return false;
@@ -887,7 +887,7 @@ static bool ring_ready(struct file_backend *fb)
 		return false;
 	}
 	fb->uring.ok = true;
-	fb->uring.pid = getpid();
+	fb->uring.gen = xnbd__fork_generation();
 	fb->chan.reap = ring_reap;
 	return true;
 }
@@ -910,9 +910,10 @@ static bool ring_take(struct file_backend *fb, struct xnbd_io *io)
 	if (xnbd__chan_expect(&fb->chan) < 0)
 		return false;
 	fb->place.writes_out++;
-	fb->ring_ios++;
-	if (ring_submit_rest(fb, io) == 0)
+	if (ring_submit_rest(fb, io) == 0) {
+		fb->ring_ios++;
 		return true;
+	}
 	/* Counted already: the pool finishes it, or it fails from there. */
 	if (xnbd__chan_requeue(&fb->chan, io) < 0) {
 		io->status = -EIO;

@@ -55,6 +55,9 @@ static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 /* pool.threads > 0, readable without the mutex: the per-I/O check. */
 static atomic_bool pool_up;
 
+/* Forks this process has been the child of (xnbd__fork_generation). */
+static atomic_uint fork_gen;
+
 /* fork() (a daemon's start) copies channels, but no worker: the child
  * starts a fresh pool, and gives each channel an eventfd of its own under
  * the same number (the parent's would be shared with the child, and each
@@ -72,6 +75,7 @@ static void pool_atfork_parent(void)
 
 static void pool_atfork_child(void)
 {
+	atomic_fetch_add(&fork_gen, 1);
 	pthread_mutex_init(&pool.mu, NULL);
 	pthread_cond_init(&pool.cond, NULL);
 	pool.head = pool.tail = NULL;
@@ -232,6 +236,11 @@ static void pool_queue(struct xnbd_io *io)
 	 * calls.  A worker that goes idle meanwhile finds the queue first. */
 	if (wake)
 		pthread_cond_signal(&pool.cond);
+}
+
+unsigned xnbd__fork_generation(void)
+{
+	return atomic_load_explicit(&fork_gen, memory_order_relaxed);
 }
 
 unsigned xnbd__pool_threads(void)

@@ -116,6 +116,10 @@ int xnbd__job_submit(struct xnbd__chan *c, struct xnbd__job *j);
  * every signal (the loop thread takes them): 0 or a negative errno. */
 int xnbd__thread_start(void *(*fn)(void *), void *arg, const char *name);
 
+/* How many fork()s this process came out of as the child, once a
+ * channel was opened (getpid() would be a system call each time): what
+ * a process made before a fork is its parent's once this moves. */
+unsigned xnbd__fork_generation(void);
 /* Workers started so far (tests). */
 unsigned xnbd__pool_threads(void);
 

@@ -819,8 +819,8 @@ static bool ring_expected(void)
 /* A direct twin's writes (a proxy's stores) into allocated blocks go
  * through its io_uring, 32 at once, each completing once with its data
  * in the file; a write into blocks not yet allocated, a FUA write, and
- * every write of a twin that first wrote under XNBD_IO_URING=0 take the
- * pool; and the twin may be freed at once after its last write (no
+ * every write of a twin that first wrote under XNBD_IO_URING=0 or in a
+ * child of fork() take the pool; and the twin may be freed at once after its last write (no
  * handle is left). */
 #define NRING 32
 START_TEST(direct_writes_go_through_the_ring)
@@ -864,6 +864,28 @@ START_TEST(direct_writes_go_through_the_ring)
 	}
 	uint64_t ring = xnbd__file_ring_ios(twin);
 	ck_assert_uint_eq(ring, ring_expected() ? NRING : 0);
+	/* A child of fork() leaves the ring it shares with its parent alone:
+	 * its writes take the pool, and land. */
+	pid_t pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		alarm(20);
+		if (uv_loop_fork(&loop) != 0)
+			_exit(2);
+		fill(buf, 65536, 77);
+		o[0].ncalls = 0;
+		submit_buf(&o[0], XNBD_IO_WRITE, 0, 0, 65536, buf);
+		uv_run(&loop, UV_RUN_DEFAULT);
+		_exit(o[0].ncalls == 1 && o[0].io.status == 0 &&
+		              file_is(buf, 0, 65536) &&
+		              xnbd__file_ring_ios(twin) == ring
+		          ? 0
+		          : 3);
+	}
+	int st;
+	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	              "child: status %#x", st);
 	/* FUA waits for the disk on the pool. */
 	submit_buf(&o[0], XNBD_IO_WRITE, XNBD_IO_FUA, 0, 65536, buf);
 	uv_run(&loop, UV_RUN_DEFAULT);
