@@ -504,15 +504,34 @@ static int fork_round(int base)
 	return 0;
 }
 
-START_TEST(io_goes_on_after_fork)
+/* fork(); in the child (0 returned) the loop is ready to run again and
+ * an alarm ends it after 20 s. */
+static pid_t fork_child(void)
 {
-	ck_assert_int_eq(fork_round(0), 0); /* the pool has threads now */
 	pid_t pid = fork();
 	ck_assert_int_ge(pid, 0);
 	if (pid == 0) {
 		alarm(20);
 		if (uv_loop_fork(&loop) != 0)
 			_exit(2);
+	}
+	return pid;
+}
+
+/* Wait for the child pid, which must exit 0. */
+static void child_ok(pid_t pid)
+{
+	int st;
+	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	              "child: status %#x", st);
+}
+
+START_TEST(io_goes_on_after_fork)
+{
+	ck_assert_int_eq(fork_round(0), 0); /* the pool has threads now */
+	pid_t pid = fork_child();
+	if (pid == 0) {
 		for (int k = 0; k < 20; k++)
 			if (fork_round(100 + (k % 4) * 64) != 0)
 				_exit(3);
@@ -520,10 +539,7 @@ START_TEST(io_goes_on_after_fork)
 	}
 	for (int k = 0; k < 20; k++)
 		ck_assert_int_eq(fork_round(400 + (k % 4) * 64), 0);
-	int st;
-	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
-	              "child: status %#x", st);
+	child_ok(pid);
 }
 END_TEST
 
@@ -866,12 +882,8 @@ START_TEST(direct_writes_go_through_the_ring)
 	ck_assert_uint_eq(ring, ring_expected() ? NRING : 0);
 	/* A child of fork() leaves the ring it shares with its parent alone:
 	 * its writes take the pool, and land. */
-	pid_t pid = fork();
-	ck_assert_int_ge(pid, 0);
+	pid_t pid = fork_child();
 	if (pid == 0) {
-		alarm(20);
-		if (uv_loop_fork(&loop) != 0)
-			_exit(2);
 		fill(buf, 65536, 77);
 		o[0].ncalls = 0;
 		submit_buf(&o[0], XNBD_IO_WRITE, 0, 0, 65536, buf);
@@ -882,10 +894,7 @@ START_TEST(direct_writes_go_through_the_ring)
 		          ? 0
 		          : 3);
 	}
-	int st;
-	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
-	              "child: status %#x", st);
+	child_ok(pid);
 	/* FUA waits for the disk on the pool. */
 	submit_buf(&o[0], XNBD_IO_WRITE, XNBD_IO_FUA, 0, 65536, buf);
 	uv_run(&loop, UV_RUN_DEFAULT);
