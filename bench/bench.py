@@ -716,12 +716,12 @@ def main():
                         continue  # the option is ours alone
                     if name in YARDSTICKS and memory:
                         continue  # the proxies' memory, not the upstream's
-                    if name == "relay-floor" and \
-                            getattr(fn, "proxy_only", False):
-                        continue  # the fill opens several connections
-                    if name in FLOORS and name != "loop-floor" and \
+                    # The relay floor passes multi-conn through from
+                    # the upstream (since 2026-12-06) and serves the
+                    # copies with several connections and the fill.
+                    if name in ("floor", "cache-floor") and \
                             getattr(fn, "single_conn", True) is False:
-                        continue  # only the loop floor offers multi-conn
+                        continue  # they serve one connection at a time
                     if name == "cache-floor" and \
                             getattr(fn, "proxy_only", False):
                         continue  # the fill opens several connections

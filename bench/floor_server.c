@@ -40,7 +40,9 @@
  * (the "relay floor" of the proxy modes): it connects each client to the
  * upstream at 127.0.0.1:UPPORT and copies bytes both ways, one epoll_wait,
  * one read and one write at a time, with no framing at all: no request
- * is parsed, nothing is stored.
+ * is parsed, nothing is stored.  Every client is served on the one loop,
+ * each over an upstream connection of its own (multi-conn passes through:
+ * the upstream's handshake is relayed as it is).
  *
  * With --cache it is the least a caching proxy does (the "cache floor"
  * of the cold proxy mode): it connects to the upstream once, newstyle
@@ -633,39 +635,77 @@ static int watch_two(int a, int b)
 	return ep;
 }
 
-static void relay(int c, int upport, char *buf)
+/* The relay: one epoll loop for the listener and every client, each
+ * client joined to an upstream connection of its own (so clients that
+ * open several connections, nbdcopy's multi-conn, are served as one
+ * server would serve them: on one thread).  Each event is one read of
+ * what has arrived and one write of it to the other side; a full socket
+ * is waited for there, as the one-client relay did. */
+#define RELAY_MAX 64 /* connections at once, each end counted */
+
+static int accept_one(int l);
+
+static int relay_peer[2 * RELAY_MAX + 1024]; /* fd -> the other end */
+
+static int relay_join(int ep, int c, int upport)
 {
-	int u = socket(AF_INET, SOCK_STREAM, 0), one = 1, ep = -1;
+	int u = socket(AF_INET, SOCK_STREAM, 0), one = 1;
 	struct sockaddr_in a = {.sin_family = AF_INET,
 	                        .sin_port = htons((uint16_t)upport),
 	                        .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-	if (u < 0 || connect(u, (struct sockaddr *)&a, sizeof(a)) < 0)
-		goto done;
-	setsockopt(u, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	ep = watch_two(c, u);
-	if (ep < 0)
-		goto done;
+	struct epoll_event ce = {.events = EPOLLIN, .data.fd = c};
+	struct epoll_event ue = {.events = EPOLLIN, .data.fd = u};
+	int sz = (int)(sizeof(relay_peer) / sizeof(relay_peer[0]));
+	if (u < 0 || u >= sz || c >= sz ||
+	    connect(u, (struct sockaddr *)&a, sizeof(a)) < 0 ||
+	    setsockopt(u, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0 ||
+	    fcntl(c, F_SETFL, O_NONBLOCK) < 0 ||
+	    fcntl(u, F_SETFL, O_NONBLOCK) < 0 ||
+	    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ce) < 0 ||
+	    epoll_ctl(ep, EPOLL_CTL_ADD, u, &ue) < 0) {
+		if (u >= 0)
+			close(u); /* closing drops it from the epoll set */
+		return -1;
+	}
+	relay_peer[c] = u;
+	relay_peer[u] = c;
+	return 0;
+}
+
+static int relay(int l, int upport, char *buf)
+{
+	int ep = epoll_create1(0);
+	struct epoll_event le = {.events = EPOLLIN, .data.fd = l};
+	if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, l, &le) < 0)
+		return 1;
 	for (;;) {
-		struct epoll_event evs[2];
-		int n = epoll_wait(ep, evs, 2, -1);
+		struct epoll_event evs[2 * RELAY_MAX];
+		int n = epoll_wait(ep, evs, 2 * RELAY_MAX, -1);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0)
-			goto done;
+			return 1;
 		for (int i = 0; i < n; i++) {
-			int from = evs[i].data.fd, to = from == c ? u : c;
+			int from = evs[i].data.fd;
+			if (from == l) {
+				int c = accept_one(l);
+				if (c >= 0 && relay_join(ep, c, upport) < 0)
+					close(c);
+				continue;
+			}
+			if (relay_peer[from] < 0)
+				continue; /* closed earlier in this batch */
+			int to = relay_peer[from];
 			ssize_t r = read(from, buf, RELAY_BUF);
 			if (r < 0 && (errno == EAGAIN || errno == EINTR))
 				continue;
-			if (r <= 0 || full(to, buf, (size_t)r, 1))
-				goto done;
+			if (r <= 0 || full(to, buf, (size_t)r, 1)) {
+				relay_peer[from] = relay_peer[to] = -1;
+				close(from);
+				close(to);
+			}
 		}
 	}
-done:
-	if (ep >= 0)
-		close(ep);
-	if (u >= 0)
-		close(u);
 }
 
 /* ---- --cache: the least a caching proxy does ---------------------------- */
@@ -1119,6 +1159,8 @@ int main(int argc, char **argv)
 	int l = listen_on(atoi(argv[1]));
 	if ((!loop && !buf) || l < 0)
 		return 1;
+	if (relaying)
+		return relay(l, atoi(argv[2]), buf);
 	for (;;) {
 		int c = accept_one(l);
 		if (c < 0)
@@ -1127,10 +1169,7 @@ int main(int argc, char **argv)
 			serve_thread(c, img, (uint64_t)st.st_size);
 			continue;
 		}
-		if (relaying)
-			relay(c, atoi(argv[2]), buf);
-		else
-			serve(c, img, (uint64_t)st.st_size, buf);
+		serve(c, img, (uint64_t)st.st_size, buf);
 		close(c);
 	}
 }
