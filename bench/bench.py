@@ -792,7 +792,8 @@ def report(rows, servers, results, runtime):
         ("disk", "cache's disk / upstream read directly (/ best peer)"),
         ("floor", "floor / best peer (work; per CPU-s)"),
         ("loop-floor", "loop floor / best peer (work; per CPU-s)"),
-        ("relay-floor", "relay floor / best peer (work; per CPU-s)"),
+        ("relay-floor", "relay floor / best peer (work; per CPU-s;"
+         " per CPU-s with the disk's stores)"),
         ("cache-floor", "cache floor / best peer (work; per CPU-s)"),
         ("kernel", "kernel / best peer (work; per CPU-s)"),
     ) if key in servers]
@@ -878,6 +879,14 @@ def report(rows, servers, results, runtime):
                     ROWS[row], "kernel_caps", False) else \
                     "%.2f" % (med[key] / best_med)
                 extra[key] = "%s; %.2f" % (work, eff[key] / best_eff)
+                if key == "relay-floor" and eff.get("disk"):
+                    # A proxy that stores what it relays, at the relay
+                    # floor's cost plus what the disk's own writes of the
+                    # same bytes cost fio (its O_DIRECT stores): the
+                    # least a cold proxy storing as xnbd-server does
+                    # spends on the row's work.
+                    extra[key] += "; %.2f" % (
+                        1 / (1 / eff[key] + 1 / eff["disk"]) / best_eff)
         if med.get("disk") and med.get("upstream"):
             extra["disk"] = "%.2f" % (med["disk"] / med["upstream"])
             if best_med:
