@@ -124,6 +124,11 @@ uint64_t xnbd__file_lane_ios(const struct xnbd_backend *b);
 /* Writes a file backend sent through its io_uring (tests). */
 uint64_t xnbd__file_ring_ios(const struct xnbd_backend *b);
 
+/* Payload bytes an NBD client copied out of its receive buffer, rather
+ * than reading them straight into the request's (tests). */
+struct xnbd_client;
+uint64_t xnbd__client_copied(const struct xnbd_client *c);
+
 /* Ops a CoW layer took from malloc so far (tests: a warm layer takes none
  * for a request). */
 uint64_t xnbd__cow_op_allocs(const struct xnbd_backend *b);

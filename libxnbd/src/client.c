@@ -10,10 +10,10 @@
  *   of structured chunks are parsed only when complete; data is copied to
  *   the request's buffer after its offset and length were checked against
  *   the request.  The rest of a large payload (DIRECT_MIN or more) is
- *   read from the socket straight into the request's buffer, with no copy
- *   through the receive buffer, and the header after it is read with a
- *   small read (HDR_READ), so that little of the next payload takes the
- *   copy either.
+ *   read from the socket straight into the request's buffer, to its last
+ *   byte, with no copy through the receive buffer, and the header after
+ *   it is read with a small read (HDR_READ), so that little of the next
+ *   payload takes the copy either.
  * - The handshake is a small state machine run from the same buffer: the
  *   client sends one option at a time, as the spec requires.
  * - Requests are not written as they are submitted: they queue, and a
@@ -127,6 +127,7 @@ struct xnbd_client {
 	bool cur_last;    /* the chunk ends the reply */
 	bool big;         /* the last payload begun was DIRECT_MIN or more */
 	bool direct;      /* the read under way fills cur_dst, not rbuf */
+	uint64_t copied;  /* payload bytes that came through rbuf (tests) */
 	struct slot *slots;
 	uint32_t nslots;
 	uint32_t free_head;
@@ -454,6 +455,7 @@ static ssize_t parse_replies(struct xnbd_client *c, const uint8_t *p,
 			if (c->cur_dst) {
 				memcpy(c->cur_dst, p + used, n);
 				c->cur_dst += n;
+				c->copied += n;
 			}
 			c->cur_left -= n;
 			used += n;
@@ -831,9 +833,11 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 	struct xnbd_client *c = h->data;
 	(void)suggested;
 	/* Whatever rbuf held was parsed: a payload under way leaves nothing
-	 * after it there. */
-	if (c->state == C_READY && c->cur_dst && c->cur_left >= DIRECT_MIN &&
-	    c->rlen == 0) {
+	 * after it there.  A large payload is read straight to its end: a
+	 * direct read cut short leaves a tail, which a read into rbuf would
+	 * take with the replies queued behind it, all of it then copied. */
+	if (c->state == C_READY && c->cur_dst && c->rlen == 0 &&
+	    (c->cur_left >= DIRECT_MIN || (c->big && c->cur_left))) {
 		uint64_t n =
 		    c->cur_left < (1U << 30) ? c->cur_left : (1U << 30);
 		c->direct = true;
@@ -858,6 +862,11 @@ static void direct_got(struct xnbd_client *c, size_t n)
 	c->cur = NULL;
 	if (c->cur_last && s)
 		slot_complete(c, s, s->err);
+}
+
+uint64_t xnbd__client_copied(const struct xnbd_client *c)
+{
+	return c->copied;
 }
 
 static void read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)

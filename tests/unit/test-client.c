@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "xnbd/client.h"
+#include "backend.h"
 #include "unit-main.h"
 
 static uv_loop_t loop;
@@ -530,6 +531,60 @@ START_TEST(large_replies_cut_anywhere_land_whole)
 }
 END_TEST
 
+/* A direct read of a large payload cut short leaves a tail; that tail is
+ * read straight into the request's buffer too, not with the replies
+ * queued behind it through the receive buffer (which would copy them). */
+START_TEST(a_large_payloads_tail_is_read_straight_in)
+{
+	int fd;
+	struct xnbd_client *c = connect_oldstyle(&fd);
+	struct xnbd_backend *b = xnbd_client_backend(c);
+	static uint8_t bufs[2][LARGE + GUARD];
+	struct xnbd_io io[2];
+	struct done d[2] = {{0}};
+	memset(bufs, 0xee, sizeof(bufs));
+	for (int i = 0; i < 2; i++)
+		submit_pending(b, &io[i], XNBD_IO_READ, (uint64_t)i * LARGE,
+		               LARGE, bufs[i], &d[i]);
+	uv_run(&loop, UV_RUN_NOWAIT);
+	static uint8_t got[2 * 28];
+	ck_assert_int_eq(recv(fd, got, sizeof(got), MSG_WAITALL),
+	                 (ssize_t)sizeof(got));
+	static uint8_t stream[2 * (16 + LARGE)];
+	size_t len = 0;
+	for (int i = 0; i < 2; i++) {
+		static const uint8_t magic[4] = {0x67, 0x44, 0x66, 0x98};
+		memset(stream + len, 0, 16);
+		memcpy(stream + len, magic, 4);
+		memcpy(stream + len + 8, got + i * 28 + 8, 8);
+		len += 16;
+		for (size_t j = 0; j < LARGE; j++)
+			stream[len + j] = (uint8_t)(i * 89 + j % 251);
+		len += LARGE;
+	}
+	/* The first header alone, then all of its payload but a tail of
+	 * 10000 bytes (under DIRECT_MIN), then the tail with the second
+	 * reply behind it. */
+	static const size_t cuts[] = {16, LARGE - 10000, SIZE_MAX};
+	send_in_pieces(fd, stream, len, cuts, 3);
+	wait_all_done(d, 2);
+	for (int i = 0; i < 2; i++) {
+		for (size_t j = 0; j < LARGE; j++)
+			if (bufs[i][j] != (uint8_t)(i * 89 + j % 251))
+				ck_abort_msg("read %d: byte %zu is %u", i, j,
+				             bufs[i][j]);
+		for (size_t j = LARGE; j < LARGE + GUARD; j++)
+			ck_assert_uint_eq(bufs[i][j], 0xee);
+	}
+	/* At most what the small read after the first payload took of the
+	 * second (4096 bytes, less its header). */
+	ck_assert_uint_le(xnbd__client_copied(c), 4096 - 16);
+	xnbd_client_free(c);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	close(fd);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("client");
@@ -550,6 +605,7 @@ int main(void)
 	TCase *tr = tcase_create("receiving");
 	tcase_add_checked_fixture(tr, setup, teardown);
 	tcase_add_loop_test(tr, large_replies_cut_anywhere_land_whole, 0, 2);
+	tcase_add_test(tr, a_large_payloads_tail_is_read_straight_in);
 	suite_add_tcase(s, tr);
 	return xnbd_test_run(s);
 }
