@@ -1,0 +1,104 @@
+#!/usr/bin/python3
+"""xnbd-server --proxy of an upstream far away: its bytes held back 15 ms
+each way by bench/delay_relay.c (this VM's kernel has no netem).
+
+- nbdcopy through the cold proxy (many reads in flight, each waiting a
+  round trip of 30 ms for its fetch) returns the upstream's image byte for
+  byte, and so does a second copy, from the cache.
+- A write through the proxy, a cold read across it (a small one takes a
+  round trip at least: the link is far indeed) and the fill
+  (`xnbd-bgctl --cache-all`) over the far link: the cache then equals the
+  upstream except where the client wrote, and the bitmap says 100%.
+- The relay itself passes both directions through unchanged (a direct
+  nbdcopy of the upstream through it).
+"""
+import os
+import socket
+import subprocess
+import time
+
+import xnbdtest as xt
+
+DELAY_MS = 15
+
+
+def relay(up_port):
+    port = xt.free_port()
+    proc = xt.track(subprocess.Popen(
+        [os.environ["DELAY_RELAY"], str(port), str(up_port), str(DELAY_MS)]))
+    end = time.time() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return proc, port
+        except OSError:
+            if time.time() > end or proc.poll() is not None:
+                xt.fail("delay_relay did not listen on %d" % port)
+            time.sleep(0.05)
+
+
+def copy(uri, dest):
+    r = subprocess.run(["nbdcopy", uri, dest], capture_output=True,
+                       text=True, timeout=120)
+    if r.returncode != 0:
+        xt.fail("nbdcopy %s: %s" % (uri, r.stderr))
+
+
+def main():
+    xt.need_nbd()
+    xt.need_tools("nbdcopy")
+    with xt.TestDir() as t:
+        size = 32 * xt.MiB
+        src = os.urandom(size)
+        up = t.server(t.image("src.img", size, src), ["--readonly"])
+        rproc, rport = relay(up.port)
+
+        # The relay alone: both directions, handshake and all.
+        out = t.join("direct.out")
+        copy("nbd://127.0.0.1:%d" % rport, out)
+        with open(out, "rb") as f:
+            xt.check_bytes(f.read(), src, "through the relay alone")
+
+        # A cold proxy behind it: every read waits for a far fetch.
+        p = t.proxy(rport, name="far")
+        t0 = time.time()
+        copy(p.uri, out)
+        took = time.time() - t0
+        with open(out, "rb") as f:
+            xt.check_bytes(f.read(), src, "cold copy through the proxy")
+        xt.log("cold copy of %d MiB over a %d ms round trip: %.2f s"
+               % (size >> 20, 2 * DELAY_MS, took))
+        copy(p.uri, out)  # again, from the cache
+        with open(out, "rb") as f:
+            xt.check_bytes(f.read(), src, "warm copy through the proxy")
+        p.stop()
+
+        # A fresh cache: a write, a cold read across it, then the fill.
+        p = t.proxy(rport, name="fill")
+        h = p.connect()
+        model = bytearray(src)
+        h.pwrite(b"\x5a" * 6000, 3 * xt.MiB + 100)
+        model[3 * xt.MiB + 100:3 * xt.MiB + 6100] = b"\x5a" * 6000
+        xt.check_bytes(h.pread(2 * xt.MiB, 2 * xt.MiB),
+                       model[2 * xt.MiB:4 * xt.MiB], "cold read across a write")
+        # The link is far indeed: a cold read waits a round trip.
+        t0 = time.time()
+        xt.check_bytes(h.pread(4096, 20 * xt.MiB),
+                       src[20 * xt.MiB:20 * xt.MiB + 4096], "a cold read")
+        took = time.time() - t0
+        xt.check(took >= 2 * DELAY_MS / 1000,
+                 "a cold read took %.3f s, under the %d ms round trip"
+                 % (took, 2 * DELAY_MS))
+        xt.bgctl("--cache-all", p.ctl, check_rc=0)
+        q = xt.query(p.ctl)
+        xt.check_eq(q["cached-blocks"], q["blocks"],
+                    "blocks cached after the fill")
+        h.shutdown()
+        p.stop()
+        with open(p.cache, "rb") as f:
+            xt.check_bytes(f.read(), bytes(model), "cache after the fill")
+        xt.stop_process(rproc)
+
+
+if __name__ == "__main__":
+    xt.main(main)
