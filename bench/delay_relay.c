@@ -8,7 +8,9 @@
  * plus the relay's own time.  At most WINDOW bytes (default 64 MiB) wait
  * in each direction; past that the relay stops reading that side, so the
  * sender's socket fills as it would on a link with that much in flight.
- * No rate limit: the link is as fast as the relay, only far.
+ * No rate limit: the link is as fast as the relay, only far.  A side that
+ * closes is seen closed by the other once all it sent has gone over (its
+ * end of stream is delayed like its bytes); an error ends both at once.
  *
  *     delay_relay PORT UPPORT MS [WINDOW_MIB]
  *
@@ -48,11 +50,15 @@ struct dir {
 	int from, to;
 	struct chunk *head, *tail;
 	size_t queued;
-	int reading; /* from is watched for input */
-	int writing; /* to is watched for output */
+	int reading;      /* from is watched for input */
+	int writing;      /* to is watched for output */
+	int eof;          /* from sent its last byte */
+	int shut;         /* and that end of stream went on to to */
+	uint64_t eof_due; /* when the end of stream may go on */
 };
 
 static struct dir *dirs[MAXFD]; /* by the descriptor read from */
+static void close_pair(int a);
 static struct dir *outs[MAXFD]; /* by the descriptor written to */
 static int ep;
 static uint64_t delay_ns;
@@ -145,10 +151,18 @@ static int take(struct dir *d)
 		struct chunk *c = malloc(sizeof(*c) + CHUNK);
 		if (!c)
 			return -1;
-		ssize_t r = read(d->from, c->data, CHUNK);
-		if (r <= 0) {
+		ssize_t r = d->eof ? 0 : read(d->from, c->data, CHUNK);
+		if (r == 0) {
+			/* The end of the stream follows the bytes queued. */
 			free(c);
-			if (r < 0 && (errno == EAGAIN || errno == EINTR))
+			if (!d->eof)
+				d->eof_due = now_ns() + delay_ns;
+			d->eof = 1;
+			break;
+		}
+		if (r < 0) {
+			free(c);
+			if (errno == EAGAIN || errno == EINTR)
 				return 0;
 			return -1;
 		}
@@ -162,7 +176,7 @@ static int take(struct dir *d)
 		d->queued += (size_t)r;
 	}
 	if (d->reading) {
-		d->reading = 0; /* full: the sender waits */
+		d->reading = 0; /* full, or over: the sender waits */
 		watch(d->from);
 	}
 	return 0;
@@ -198,7 +212,16 @@ static int give(struct dir *d, uint64_t t)
 		d->writing = 0;
 		watch(d->to);
 	}
-	if (!d->reading && d->queued < window) {
+	if (!d->head && d->eof && !d->shut && d->eof_due <= t) {
+		d->shut = 1;
+		shutdown(d->to, SHUT_WR);
+		struct dir *back = dirs[d->to];
+		if (back && back->shut) {
+			close_pair(d->from); /* both ways are over */
+			return 0;
+		}
+	}
+	if (!d->reading && !d->eof && d->queued < window) {
 		d->reading = 1;
 		watch(d->from);
 	}
@@ -232,10 +255,16 @@ int main(int argc, char **argv)
 	for (;;) {
 		/* Sleep until the next chunk is due, or something happens. */
 		uint64_t t = now_ns(), next = UINT64_MAX;
-		for (int fd = 0; fd < MAXFD; fd++)
-			if (dirs[fd] && dirs[fd]->head && !dirs[fd]->writing &&
-			    dirs[fd]->head->due < next)
-				next = dirs[fd]->head->due;
+		for (int fd = 0; fd < MAXFD; fd++) {
+			struct dir *d = dirs[fd];
+			if (!d || d->writing)
+				continue;
+			if (d->head && d->head->due < next)
+				next = d->head->due;
+			else if (!d->head && d->eof && !d->shut &&
+			         d->eof_due < next)
+				next = d->eof_due;
+		}
 		int ms = next == UINT64_MAX ? -1
 		         : next <= t        ? 0
 		                     : (int)((next - t + 999999) / 1000000);
@@ -262,7 +291,9 @@ int main(int argc, char **argv)
 		}
 		t = now_ns();
 		for (int fd = 0; fd < MAXFD; fd++)
-			if (dirs[fd] && dirs[fd]->head && !dirs[fd]->writing &&
+			if (dirs[fd] && !dirs[fd]->writing &&
+			    (dirs[fd]->head ||
+			     (dirs[fd]->eof && !dirs[fd]->shut)) &&
 			    give(dirs[fd], t) < 0)
 				close_pair(fd);
 	}

@@ -10,11 +10,14 @@ each way by bench/delay_relay.c (this VM's kernel has no netem).
   (`xnbd-bgctl --cache-all`) over the far link: the cache then equals the
   upstream except where the client wrote, and the bitmap says 100%.
 - The relay itself passes both directions through unchanged (a direct
-  nbdcopy of the upstream through it).
+  nbdcopy of the upstream through it), and a side that sends and closes
+  at once has all its bytes, then the end of the stream, arrive on the
+  other side, a delay later.
 """
 import os
 import socket
 import subprocess
+import threading
 import time
 
 import xnbdtest as xt
@@ -37,6 +40,44 @@ def relay(up_port):
             time.sleep(0.05)
 
 
+def send_and_close():
+    """Bytes sent right before a close reach the other side whole, then
+    its end of stream, no sooner than the delay."""
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(1)
+    proc, port = relay(sink.getsockname()[1])
+    sink.settimeout(10)
+    sink.accept()[0].close()  # relay()'s own probe, passed on
+    got = {}
+
+    def drain():
+        c, _ = sink.accept()
+        buf = bytearray()
+        while True:
+            b = c.recv(1 << 20)
+            if not b:
+                break
+            buf += b
+        got["data"], got["at"] = bytes(buf), time.time()
+        c.close()
+    th = threading.Thread(target=drain, daemon=True)
+    th.start()
+    data = os.urandom(3 << 20)
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(data)
+    t0 = time.time()
+    s.close()
+    th.join(30)
+    sink.close()
+    xt.check("data" in got, "the relay passed on no end of stream")
+    xt.check_bytes(got["data"], data, "bytes sent right before a close")
+    xt.check(got["at"] - t0 >= DELAY_MS / 1000,
+             "the end of stream came %.3f s after the close, before the "
+             "%d ms delay" % (got["at"] - t0, DELAY_MS))
+    xt.stop_process(proc)
+
+
 def copy(uri, dest):
     r = subprocess.run(["nbdcopy", uri, dest], capture_output=True,
                        text=True, timeout=120)
@@ -52,6 +93,8 @@ def main():
         src = os.urandom(size)
         up = t.server(t.image("src.img", size, src), ["--readonly"])
         rproc, rport = relay(up.port)
+
+        send_and_close()
 
         # The relay alone: both directions, handshake and all.
         out = t.join("direct.out")
