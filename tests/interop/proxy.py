@@ -204,6 +204,9 @@ def test_cache_map_and_runs(nbd, t, up_port, up_data):
     tail = size % BS or BS
     xt.check_bytes(h.pread(tail, size - tail), up_data[size - tail:],
                    "the short last block")
+    # (answered before its store: wait for it, or the count below races)
+    wait_cached_eq(h, size - tail, tail, {(size - 1) // BS},
+                   "the short last block cached")
     # A block status with both contexts.
     h.shutdown()
     h = nbd.NBD()
