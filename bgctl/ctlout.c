@@ -118,10 +118,19 @@ static void json_string(const char *s)
 static int numeric_key(const char *key)
 {
 	static const char *const keys[] = {
-	    "size",           "block-size",      "blocks",
-	    "cached-blocks",  "cached-percent",  "waiting-requests",
-	    "clients",        "queued-requests", "max-queue-size",
-	    "buffered-bytes", "max-buf-size",
+	    "size",
+	    "block-size",
+	    "blocks",
+	    "cached-blocks",
+	    "cached-percent",
+	    "waiting-requests",
+	    "clients",
+	    "queued-requests",
+	    "max-queue-size",
+	    "buffered-bytes",
+	    "max-buf-size",
+	    "fetch-window",
+	    "upstream-latency-us",
 	};
 	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
 		if (strcmp(key, keys[i]) == 0)

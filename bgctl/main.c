@@ -227,6 +227,19 @@ static void print_human(const struct kvs *k)
 	       or_dash(get(k, "cached-percent")),
 	       or_dash(get(k, "block-size")));
 	printf("waiting requests:  %s\n", or_dash(get(k, "waiting-requests")));
+	const char *fw = get(k, "fetch-window"),
+	           *ul = get(k, "upstream-latency-us");
+	if (fw) {
+		char ws[32];
+		human_size(ws, sizeof(ws), fw);
+		printf("fetch window:      %s\n",
+		       strcmp(fw, "0") ? ws : "unbounded");
+	}
+	if (ul && strcmp(ul, "0"))
+		printf("upstream latency:  %s us (a large fetch's least)\n",
+		       ul);
+	else if (ul)
+		printf("upstream latency:  not measured yet\n");
 	if (get(k, "queued-requests")) {
 		const char *mq = get(k, "max-queue-size"),
 		           *mb = get(k, "max-buf-size");
@@ -253,6 +266,8 @@ static void print_human(const struct kvs *k)
 	    "upstream-port",
 	    "upstream-export",
 	    "waiting-requests",
+	    "fetch-window",
+	    "upstream-latency-us",
 	    "clients",
 	    "queued-requests",
 	    "max-queue-size",

@@ -50,6 +50,7 @@
 #include "xnbd/proxy.h"
 
 #include "backend.h"
+#include "fetchctl.h"
 #include "list.h"
 #include "pool.h"
 #include "wire.h"
@@ -94,6 +95,8 @@ struct sub {
 	                   early reply: the block stays absent) */
 	bool edge;      /* buf is a bounce block: copy the wanted part */
 	bool inflight;  /* submitted and not yet done (sub_send) */
+	bool probe;     /* fetch: sent alone, while fc.probing */
+	uint64_t sent;  /* fetch: when it went upstream (ns) */
 	uint8_t *store; /* early reply: where the fetched data is kept */
 };
 
@@ -179,8 +182,11 @@ struct xnbd_proxy {
 	bool freed;
 	bool giving_up; /* aborted: nothing waits for the upstream any more */
 	unsigned up_inflight;
+	/* how many fetch bytes the upstream may have in flight */
+	struct xnbd__fetchctl fc;
 	struct xnbd_list upq; /* struct sub waiting to be sent upstream */
 	uint64_t upq_len;
+	bool pumping;               /* upq_pump is sending the head of upq */
 	struct xnbd_client *trying; /* a connection attempt under way */
 	bool trying_user;           /* ... made by xnbd_proxy_reconnect() */
 	char *try_host, *try_port, *try_name;
@@ -474,21 +480,32 @@ static bool connection_error(int st)
 	       st == -ETIMEDOUT;
 }
 
+/* May a fetch of len bytes go upstream now?  One always may when none is
+ * in flight, whatever its size. */
+static bool up_room(struct xnbd_proxy *p, uint64_t len)
+{
+	return p->up_ok && p->up_inflight < MAX_UP &&
+	       xnbd__fetchctl_room(&p->fc, len);
+}
+
 /* Send waiting fetches while the upstream has room.  Never called from
  * inside the op machine of an op whose fetch waits here. */
 static void upq_pump(struct xnbd_proxy *p)
 {
-	while ((p->switched || p->freeing || (p->giving_up && !p->up_ok) ||
-	        (p->up_ok && p->up_inflight < MAX_UP)) &&
-	       !xnbd_list_empty(&p->upq)) {
+	while (!xnbd_list_empty(&p->upq)) {
 		struct sub *s =
 		    xnbd_container_of(p->upq.next, struct sub, link);
+		if (!(p->switched || p->freeing ||
+		      (p->giving_up && !p->up_ok) || up_room(p, s->len)))
+			break;
 		struct pop *op = s->op;
 		xnbd_list_remove(&s->link);
 		xnbd_list_init(&s->link);
 		p->upq_len--;
 		op->pending--;
+		p->pumping = true;
 		fetch_send(op, s);
+		p->pumping = false;
 		bool requeued = !xnbd_list_empty(&s->link);
 		if (op->pending == 0)
 			op_run(op);
@@ -573,7 +590,8 @@ static void fetch_send(struct pop *op, struct sub *s)
 		sub_send(op, s, xnbd_client_backend(op->own), XNBD_IO_READ, 0);
 		return;
 	}
-	if (p->up_ok && p->up_inflight < MAX_UP) {
+	/* (in order: a fetch that fits goes not past one waiting) */
+	if ((p->pumping || xnbd_list_empty(&p->upq)) && up_room(p, s->len)) {
 		s->io = (struct xnbd_io){.type = XNBD_IO_READ,
 		                         .offset = s->off,
 		                         .length = s->len,
@@ -583,6 +601,8 @@ static void fetch_send(struct pop *op, struct sub *s)
 		int r = xnbd_backend_submit(xnbd_client_backend(p->up), &s->io);
 		if (r == XNBD_IO_PENDING) {
 			p->up_inflight++;
+			s->sent = uv_hrtime();
+			s->probe = xnbd__fetchctl_sent(&p->fc, s->len, s->sent);
 			op->pending++;
 			return;
 		}
@@ -624,6 +644,8 @@ static void sub_done(struct xnbd_io *sio)
 		bool own = op->own != NULL;
 		if (!own) {
 			p->up_inflight--;
+			xnbd__fetchctl_done(&p->fc, s->len, s->sent, s->probe,
+			                    st == 0, uv_hrtime());
 			pump = true;
 		}
 		if (st && connection_error(st) && (!own || p->switched)) {
@@ -1306,6 +1328,8 @@ static void upstream_set(struct xnbd_proxy *p, struct xnbd_client *c)
 	struct xnbd_client *old = p->up;
 	p->up = c;
 	p->up_ok = true;
+	/* perhaps another way to the upstream, or another upstream */
+	xnbd__fetchctl_reset(&p->fc);
 	xnbd_client_on_disconnect(c, upstream_lost, p);
 	uv_timer_stop(&p->retry_timer);
 	if (old) {
@@ -1962,6 +1986,7 @@ int xnbd_proxy_new(uv_loop_t *loop, struct xnbd_proxy **out)
 	p->base.loop = loop;
 	p->cache_fd = -1;
 	p->retry_ms = RETRY_MIN_MS;
+	xnbd__fetchctl_init(&p->fc, (uint64_t)MAX_UP * MAX_SEG, 0);
 	xnbd_list_init(&p->upq);
 	xnbd_list_init(&p->locked);
 	xnbd_list_init(&p->waiting);
@@ -1984,6 +2009,44 @@ void xnbd_proxy_set_log(struct xnbd_proxy *p, xnbd_log_fn fn, void *ud)
 	p->log_ud = ud;
 }
 
+/* XNBD_FETCH_WINDOW in the environment fixes the fetch window (to compare
+ * with the window the proxy picks, or to overrule it): bytes, with an
+ * optional K, M or G; 0 for no window.  Returns 0 where unset or bad (a
+ * window of its own), or the bytes (UINT64_MAX for none). */
+static uint64_t fetch_window_env(struct xnbd_proxy *p)
+{
+	const char *e = getenv("XNBD_FETCH_WINDOW");
+	if (!e || !*e)
+		return 0;
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(e, &end, 10);
+	unsigned shift = 0;
+	if (*end == 'K' || *end == 'k')
+		shift = 10;
+	else if (*end == 'M' || *end == 'm')
+		shift = 20;
+	else if (*end == 'G' || *end == 'g')
+		shift = 30;
+	if (shift)
+		end++;
+	if (errno || end == e || *end || e[0] < '0' || e[0] > '9' ||
+	    v > (UINT64_MAX >> shift)) {
+		plog(
+		    p, XNBD_LOG_WARNING,
+		    "XNBD_FETCH_WINDOW=%s is not a size: the proxy sizes its fetch "
+		    "window itself",
+		    e);
+		return 0;
+	}
+	v <<= shift;
+	if (!v)
+		return UINT64_MAX;
+	plog(p, XNBD_LOG_INFO,
+	     "fetch window fixed at %llu bytes (XNBD_FETCH_WINDOW)", v);
+	return v;
+}
+
 int xnbd_proxy_open(struct xnbd_proxy *p, const char *host, const char *port,
                     const char *name, const char *cache, const char *bitmap,
                     unsigned flags, xnbd_proxy_cb cb, void *ud)
@@ -1999,6 +2062,8 @@ int xnbd_proxy_open(struct xnbd_proxy *p, const char *host, const char *port,
 	    (r = dupstr(&p->bitmap_path, bitmap)) < 0)
 		return r;
 	p->flags = flags;
+	xnbd__fetchctl_init(&p->fc, (uint64_t)MAX_UP * MAX_SEG,
+	                    fetch_window_env(p));
 	struct xnbd_client *c;
 	if ((r = xnbd_client_new(p->loop, &c)) < 0)
 		return r;
@@ -2016,6 +2081,14 @@ int xnbd_proxy_open(struct xnbd_proxy *p, const char *host, const char *port,
 }
 
 /* ---- state ---------------------------------------------------------------------------------------------------- */
+
+uint64_t xnbd_proxy_fetch_window(const struct xnbd_proxy *p,
+                                 uint64_t *latency_ns)
+{
+	if (latency_ns)
+		*latency_ns = p->fc.base;
+	return p->fc.window;
+}
 
 struct xnbd_backend *xnbd_proxy_backend(struct xnbd_proxy *p)
 {

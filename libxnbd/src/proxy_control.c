@@ -73,6 +73,9 @@ static void cmd_query(struct xnbd_control_req *r, int argc, char **argv,
 	xnbd_control_info(r, "upstream-port", xnbd_proxy_upstream_port(p));
 	xnbd_control_info(r, "upstream-export", xnbd_proxy_upstream_name(p));
 	info_u64(r, "waiting-requests", xnbd_proxy_waiting(p));
+	uint64_t lat, win = xnbd_proxy_fetch_window(p, &lat);
+	info_u64(r, "fetch-window", win == UINT64_MAX ? 0 : win);
+	info_u64(r, "upstream-latency-us", lat / 1000);
 	if (c->srv) {
 		size_t q, b, mq, mb;
 		xnbd_server_usage(c->srv, &q, &b, &mq, &mb);

@@ -242,7 +242,9 @@ def start_proxy_expect_fail(t, up_port, name, args=(), cache=None, bitmap=None):
 def main():
     nbd = xt.need_nbd()
     xt.need_tools("nbdkit")
-    rng = random.Random(int(os.environ.get("SEED", time.time())))
+    seed = int(os.environ.get("SEED") or time.time() * 1000)
+    xt.log("seed %d (set SEED to repeat)" % seed)
+    rng = random.Random(seed)
     with xt.TestDir() as t:
         size = 24 * xt.MiB + 3000  # a short last block
         up_data = os.urandom(size)

@@ -9,6 +9,11 @@ each way by bench/delay_relay.c (this VM's kernel has no netem).
   round trip at least: the link is far indeed) and the fill
   (`xnbd-bgctl --cache-all`) over the far link: the cache then equals the
   upstream except where the client wrote, and the bitmap says 100%.
+- The fetch window (how many bytes of fetches the proxy keeps in flight)
+  grows past its start of 8 MiB for the far link, and --query reports the
+  upstream's latency as no less than the round trip.  XNBD_FETCH_WINDOW
+  fixes the window (0: none), and a value that is no size is refused with
+  a warning, the proxy sizing its window itself.
 - The relay itself passes both directions through unchanged (a direct
   nbdcopy of the upstream through it), and a side that sends and closes
   at once has all its bytes, then the end of the stream, arrive on the
@@ -140,7 +145,56 @@ def main():
         p.stop()
         with open(p.cache, "rb") as f:
             xt.check_bytes(f.read(), bytes(model), "cache after the fill")
+        fetch_window(t, up, rport, src)
         xt.stop_process(rproc)
+
+
+def fetch_window(t, up, rport, src):
+    # Far: a cold copy of 256 MiB, enough for the window to settle.
+    big = t.join("big.img")
+    with open(big, "wb") as f:
+        f.truncate(256 * xt.MiB)
+    bup = t.server(big, ["--readonly"])
+    bproc, bport = relay(bup.port)
+    p = t.proxy(bport, name="win")
+    t0 = time.time()
+    r = subprocess.run(["nbdcopy", p.uri, "null:"], capture_output=True,
+                       text=True, timeout=600)
+    xt.check(r.returncode == 0, "nbdcopy to null: " + r.stderr)
+    q = xt.query(p.ctl)
+    xt.log("cold copy of 256 MiB: %.2f s; fetch window %d KiB, upstream "
+           "latency %d us" % (time.time() - t0, q["fetch-window"] >> 10,
+                              q["upstream-latency-us"]))
+    xt.check(q["upstream-latency-us"] >= 2 * DELAY_MS * 1000,
+             "upstream latency %d us, under the round trip of %d ms"
+             % (q["upstream-latency-us"], 2 * DELAY_MS))
+    xt.check(q["fetch-window"] > 8 * xt.MiB,
+             "the fetch window grew past its start for the far link: %r" % q)
+    human = xt.bgctl("--query", p.ctl, check_rc=0).stdout
+    xt.check("fetch window:" in human and "upstream latency:" in human,
+             "human-readable query:\n" + human)
+    p.stop()
+    xt.stop_process(bproc)
+
+    # XNBD_FETCH_WINDOW: a fixed window, none, or a warning.
+    for val, want in (("2M", 2 * xt.MiB), ("0", 0), ("12Q", 8 * xt.MiB),
+                      ("-1", 8 * xt.MiB)):
+        os.environ["XNBD_FETCH_WINDOW"] = val
+        try:
+            p = t.proxy(up.port, name="fw" + val)
+        finally:
+            del os.environ["XNBD_FETCH_WINDOW"]
+        h = p.connect()
+        xt.check_bytes(h.pread(xt.MiB, 5 * xt.MiB), src[5 * xt.MiB:6 * xt.MiB],
+                       "a read with XNBD_FETCH_WINDOW=" + val)
+        q = xt.query(p.ctl)
+        xt.check_eq(q["fetch-window"], want, "XNBD_FETCH_WINDOW=" + val)
+        bad = "XNBD_FETCH_WINDOW=%s is not a size" % val in p.log_text()
+        xt.check(bad == (want == 8 * xt.MiB),
+                 "a warning for XNBD_FETCH_WINDOW=%s exactly when it is bad; "
+                 "log:\n%s" % (val, p.log_text()))
+        h.shutdown()
+        p.stop()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+/* fetchctl.c - a proxy's fetch window (fetchctl.h). */
+#include "fetchctl.h"
+
+#include <string.h>
+
+void xnbd__fetchctl_init(struct xnbd__fetchctl *fc, uint64_t max,
+                         uint64_t fixed)
+{
+	memset(fc, 0, sizeof(*fc));
+	fc->max = max < FC_MIN ? FC_MIN : max;
+	fc->fixed = fixed != 0;
+	fc->window = fixed ? fixed : FC_START < fc->max ? FC_START : fc->max;
+}
+
+void xnbd__fetchctl_reset(struct xnbd__fetchctl *fc)
+{
+	if (fc->fixed)
+		return;
+	fc->window = FC_START < fc->max ? FC_START : fc->max;
+	memset(fc->rate, 0, sizeof(fc->rate));
+	fc->nrate = 0;
+	fc->base = 0;
+	fc->base_t = 0;
+	fc->probing = false;
+	fc->refill = false;
+	fc->limited = false;
+	fc->ep_bytes = 0;
+}
+
+bool xnbd__fetchctl_room(struct xnbd__fetchctl *fc, uint64_t len)
+{
+	if (!fc->bytes)
+		return true;
+	if (fc->probing || len > fc->window || fc->bytes > fc->window - len) {
+		fc->limited = true;
+		return false;
+	}
+	return true;
+}
+
+static void new_epoch(struct xnbd__fetchctl *fc, uint64_t now)
+{
+	fc->t0 = now;
+	fc->ep_bytes = 0;
+	fc->limited = false;
+}
+
+bool xnbd__fetchctl_sent(struct xnbd__fetchctl *fc, uint64_t len, uint64_t now)
+{
+	if (!fc->bytes) /* idle no more: a new epoch */
+		new_epoch(fc, now);
+	fc->bytes += len;
+	return fc->probing;
+}
+
+void xnbd__fetchctl_done(struct xnbd__fetchctl *fc, uint64_t len, uint64_t sent,
+                         bool probe, bool ok, uint64_t now)
+{
+	fc->bytes -= len;
+	if (fc->fixed)
+		return;
+	if (ok && len >= FC_SAMPLE_MIN) {
+		uint64_t lat = now > sent ? now - sent : 1;
+		if (probe) {
+			fc->probe_n++;
+			if (lat < fc->probe_min)
+				fc->probe_min = lat;
+		}
+		/* (Until a first probe, base_t stays 0: samples taken amid a
+		 * start may be late, and the first epoch the window limits
+		 * probes.) */
+		if (!fc->base || lat < fc->base) {
+			if (fc->base_t)
+				fc->base_t = now;
+			fc->base = lat;
+		}
+	}
+	if (fc->probing) {
+		/* (a probe cut short by FC_PROBE_MAX_NS counts what it got) */
+		if (fc->probe_n >= FC_PROBE_N ||
+		    (fc->probe_n && now - fc->probe_t > FC_PROBE_MAX_NS))
+			fc->base = fc->probe_min;
+		if (fc->probe_n >= FC_PROBE_N ||
+		    now - fc->probe_t > FC_PROBE_MAX_NS) {
+			fc->probing = false;
+			fc->refill = true;
+			fc->base_t = now;
+			new_epoch(fc, now);
+		}
+		return;
+	}
+	fc->ep_bytes += len;
+	uint64_t dt = now - fc->t0;
+	if (dt < FC_EPOCH_NS)
+		return;
+	bool limited = fc->limited;
+	double rate = (double)fc->ep_bytes / (double)dt;
+	new_epoch(fc, now);
+	if (fc->refill) { /* the pipe was filling again after a probe */
+		fc->refill = false;
+		return;
+	}
+	/* Unlimited, the rate was the clients' and says nothing of the
+	 * upstream. */
+	if (!limited || !fc->base)
+		return;
+	fc->rate[fc->nrate++ % 3] = rate;
+	if (!fc->base_t || now - fc->base_t > FC_PROBE_NS) {
+		fc->probing = true;
+		fc->probe_n = 0;
+		fc->probe_min = UINT64_MAX;
+		fc->probe_t = now;
+		return;
+	}
+	double best = 0;
+	for (unsigned i = 0; i < 3; i++)
+		if (fc->rate[i] > best)
+			best = fc->rate[i];
+	double w = FC_BDP * best * (double)fc->base;
+	fc->window = w < (double)FC_MIN    ? FC_MIN
+	             : w > (double)fc->max ? fc->max
+	                                   : (uint64_t)w;
+}

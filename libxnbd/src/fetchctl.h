@@ -1,0 +1,80 @@
+/* fetchctl.h - how many bytes of fetches a proxy keeps in flight upstream:
+ * its fetch window (private).
+ *
+ * Fetches piled up behind the proxy buy nothing and cost it CPU: on
+ * loopback the upstream's transmit then runs in the proxy's own thread
+ * (the proxy's reads open the TCP window, and the upstream's queued
+ * segments go out from inside them), the data goes cold in memory before
+ * it is read, and another client's cold read waits behind them all.  Too
+ * few starve an upstream far away, or one that is slow per request but
+ * serves many at once.
+ *
+ * So the window is FC_BDP bandwidth-delay products (Little's law): the
+ * best of the last three epochs' fetch rates, measured over FC_EPOCH_NS
+ * while the window held fetches back, times the least latency seen of a
+ * large fetch (FC_SAMPLE_MIN bytes or more).  Queues only ever lengthen
+ * latency, so the least one is the upstream's own; every FC_PROBE_NS it is
+ * measured afresh by sending fetches one at a time (FC_PROBE_N of them,
+ * for at most FC_PROBE_MAX_NS), as the way to the upstream may have
+ * changed.  The first measurement is such a probe too, at the first epoch
+ * the window holds fetches back.  These are BBR's bandwidth and round-trip
+ * filters, applied to requests instead of segments.
+ *
+ * The caller passes the time (ns, monotonic) to every call, so the unit
+ * tests can run it against a simulated upstream. */
+#ifndef XNBD_FETCHCTL_H
+#define XNBD_FETCHCTL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define FC_MIN (1ULL << 20)          /* the least window */
+#define FC_START (8ULL << 20)        /* ... until a first estimate */
+#define FC_BDP 3                     /* the window: this many BDPs */
+#define FC_SAMPLE_MIN (128U * 1024U) /* fetches whose latency counts */
+#define FC_EPOCH_NS 30000000ULL      /* bandwidth is measured this long */
+#define FC_PROBE_NS 10000000000ULL   /* latency is measured this often */
+#define FC_PROBE_MAX_NS 200000000ULL /* ... for at most this long */
+#define FC_PROBE_N 4                 /* ... from this many fetches */
+
+struct xnbd__fetchctl {
+	uint64_t max;      /* the largest window (a fixed one, if fixed) */
+	uint64_t window;   /* bytes that may be in flight */
+	uint64_t bytes;    /* bytes in flight now */
+	uint64_t t0;       /* this epoch's start */
+	uint64_t ep_bytes; /* bytes fetched in it */
+	bool limited;      /* a fetch waited for the window in it */
+	bool fixed;        /* the window never moves */
+	double rate[3];    /* the last limited epochs' bytes per ns */
+	unsigned nrate;
+	uint64_t base;   /* least latency of a large fetch, or 0 */
+	uint64_t base_t; /* when measured afresh (0: never) */
+	bool probing;    /* one fetch at a time, to measure it */
+	bool refill;     /* the epoch after a probe: its rate does not count */
+	unsigned probe_n;
+	uint64_t probe_min, probe_t;
+};
+
+/* fixed: 0 to size the window by itself, up to max; else the window is
+ * always fixed bytes (UINT64_MAX: no limit but the caller's own). */
+void xnbd__fetchctl_init(struct xnbd__fetchctl *fc, uint64_t max,
+                         uint64_t fixed);
+
+/* A new connection to the upstream: measure everything afresh. */
+void xnbd__fetchctl_reset(struct xnbd__fetchctl *fc);
+
+/* May a fetch of len bytes go now?  One always may while none is in
+ * flight, whatever its size.  A "no" is remembered: the window held a
+ * fetch back in this epoch. */
+bool xnbd__fetchctl_room(struct xnbd__fetchctl *fc, uint64_t len);
+
+/* A fetch of len bytes went upstream at now; returns whether it went as a
+ * probe (the caller hands that back to xnbd__fetchctl_done). */
+bool xnbd__fetchctl_sent(struct xnbd__fetchctl *fc, uint64_t len, uint64_t now);
+
+/* A fetch of len bytes sent at sent came back at now: ok whether it
+ * brought its data (a failed one only leaves the window). */
+void xnbd__fetchctl_done(struct xnbd__fetchctl *fc, uint64_t len, uint64_t sent,
+                         bool probe, bool ok, uint64_t now);
+
+#endif

@@ -1,0 +1,253 @@
+/* test-fetchctl.c - a proxy's fetch window (fetchctl.c) against a
+ * simulated upstream: a path of latency L to a bottleneck of bandwidth B,
+ * asked for 256 KiB fetches by clients that always want more. */
+#include <check.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "fetchctl.h"
+#include "unit-main.h"
+
+#define KiB 1024ULL
+#define MiB (1024ULL * KiB)
+#define MS 1000000ULL
+#define SEC 1000000000ULL
+#define FETCH (256 * KiB)
+#define MAX_FLIGHT 256 /* the proxy's own limit on requests in flight */
+#define WMAX (256 * MiB)
+
+struct sim {
+	struct xnbd__fetchctl fc;
+	uint64_t now;
+	uint64_t lat;    /* the path's latency (ns) */
+	double bw;       /* the bottleneck's bytes per ns */
+	uint64_t last_c; /* when the bottleneck is free */
+	/* fetches in flight, in order of completion (FIFO) */
+	struct {
+		uint64_t sent, done;
+		bool probe;
+	} q[MAX_FLIGHT];
+	unsigned head, n;
+	uint64_t fetched; /* bytes */
+	unsigned max_probe_flight;
+	unsigned probes;
+};
+
+static void sim_init(struct sim *s, uint64_t lat, double mib_per_s,
+                     uint64_t fixed)
+{
+	memset(s, 0, sizeof(*s));
+	xnbd__fetchctl_init(&s->fc, WMAX, fixed);
+	s->now = 1 * SEC;
+	s->lat = lat;
+	s->bw = mib_per_s * (double)MiB / (double)SEC;
+}
+
+/* Run until the time is t: send whatever the window lets through, then
+ * complete the next fetch. */
+static void sim_run(struct sim *s, uint64_t t)
+{
+	while (s->now < t) {
+		bool was_probing = s->fc.probing;
+		while (s->n < MAX_FLIGHT &&
+		       xnbd__fetchctl_room(&s->fc, FETCH)) {
+			unsigned i = (s->head + s->n++) % MAX_FLIGHT;
+			s->q[i].sent = s->now;
+			s->q[i].probe =
+			    xnbd__fetchctl_sent(&s->fc, FETCH, s->now);
+			uint64_t xfer = (uint64_t)((double)FETCH / s->bw);
+			uint64_t c = s->now + s->lat + xfer;
+			if (c < s->last_c + xfer)
+				c = s->last_c + xfer;
+			s->last_c = c;
+			s->q[i].done = c;
+			if (s->fc.probing && s->n > s->max_probe_flight)
+				s->max_probe_flight = s->n;
+		}
+		ck_assert_uint_gt(s->n, 0); /* one may always go */
+		unsigned i = s->head;
+		s->head = (s->head + 1) % MAX_FLIGHT;
+		s->n--;
+		s->now = s->q[i].done;
+		s->fetched += FETCH;
+		xnbd__fetchctl_done(&s->fc, FETCH, s->q[i].sent, s->q[i].probe,
+		                    true, s->now);
+		if (!was_probing && s->fc.probing)
+			s->probes++;
+	}
+}
+
+/* Bytes per second fetched over the next span ns. */
+static double sim_rate(struct sim *s, uint64_t span)
+{
+	uint64_t b0 = s->fetched, t0 = s->now;
+	sim_run(s, s->now + span);
+	return (double)(s->fetched - b0) * (double)SEC / (double)(s->now - t0);
+}
+
+static double bdp(const struct sim *s)
+{
+	return s->bw * ((double)s->lat + (double)FETCH / s->bw);
+}
+
+START_TEST(a_near_upstream_gets_the_least_window_at_full_speed)
+{
+	static struct sim s;
+	sim_init(&s, 200 * 1000, 1024, 0); /* 0.2 ms, 1 GiB/s */
+	sim_run(&s, s.now + 2 * SEC);
+	double r = sim_rate(&s, 1 * SEC);
+	ck_assert_uint_le(s.fc.window, 2 * MiB);
+	ck_assert_uint_ge(s.fc.window, FC_MIN);
+	ck_assert(r >= 0.95 * 1024 * MiB);
+	/* it was probed, alone */
+	ck_assert_uint_ge(s.probes, 1);
+	ck_assert_uint_eq(s.max_probe_flight, 1);
+}
+END_TEST
+
+START_TEST(a_far_upstream_gets_a_window_of_its_bandwidth_delay)
+{
+	static struct sim s;
+	sim_init(&s, 20 * MS, 500, 0);
+	sim_run(&s, s.now + 3 * SEC);
+	double r = sim_rate(&s, 1 * SEC);
+	ck_assert(s.fc.window >= 2 * bdp(&s));
+	ck_assert(s.fc.window <= 4 * bdp(&s));
+	ck_assert(r >= 0.95 * 500 * MiB);
+}
+END_TEST
+
+START_TEST(a_path_grown_longer_is_found_by_the_next_probe)
+{
+	static struct sim s;
+	sim_init(&s, 1 * MS, 500, 0);
+	sim_run(&s, s.now + 2 * SEC);
+	uint64_t near = s.fc.window;
+	ck_assert(near <= 4 * bdp(&s));
+	s.lat = 30 * MS; /* the same connection, now through a longer way */
+	sim_run(&s, s.now + FC_PROBE_NS + 3 * SEC);
+	double r = sim_rate(&s, 1 * SEC);
+	ck_assert(s.fc.window >= 2 * bdp(&s));
+	ck_assert(r >= 0.9 * 500 * MiB);
+	ck_assert_uint_ge(s.probes, 2);
+	ck_assert_uint_eq(s.max_probe_flight, 1);
+}
+END_TEST
+
+START_TEST(probes_cost_little)
+{
+	static struct sim s;
+	sim_init(&s, 20 * MS, 500, 0);
+	sim_run(&s, s.now + 3 * SEC);
+	/* 25 s with two probes, each a drain and four fetches alone */
+	double r = sim_rate(&s, 25 * SEC);
+	ck_assert_uint_ge(s.probes, 3);
+	ck_assert(r >= 0.95 * 500 * MiB);
+}
+END_TEST
+
+START_TEST(a_fixed_window_stays)
+{
+	static struct sim s;
+	sim_init(&s, 20 * MS, 500, 2 * MiB);
+	sim_run(&s, s.now + 3 * SEC);
+	double r = sim_rate(&s, 1 * SEC);
+	ck_assert_uint_eq(s.fc.window, 2 * MiB);
+	ck_assert_uint_eq(s.probes, 0);
+	/* 2 MiB a round trip, and no more */
+	double round = (double)(s.lat + (uint64_t)((double)FETCH / s.bw));
+	ck_assert(r <= 1.05 * 2 * MiB * SEC / round);
+	ck_assert(r >= 0.9 * 2 * MiB * SEC / round);
+}
+END_TEST
+
+START_TEST(no_window_leaves_the_callers_limit)
+{
+	static struct sim s;
+	sim_init(&s, 20 * MS, 500, UINT64_MAX);
+	sim_run(&s, s.now + 1 * SEC);
+	ck_assert_uint_eq(s.n, MAX_FLIGHT - 1); /* (one just came back) */
+	ck_assert(!s.fc.limited);
+}
+END_TEST
+
+START_TEST(one_fetch_may_always_go)
+{
+	struct xnbd__fetchctl fc;
+	xnbd__fetchctl_init(&fc, WMAX, 0);
+	ck_assert(xnbd__fetchctl_room(&fc, 64 * MiB)); /* > the window */
+	xnbd__fetchctl_sent(&fc, 64 * MiB, 1);
+	ck_assert(!xnbd__fetchctl_room(&fc, 4 * KiB));
+	ck_assert(fc.limited);
+	xnbd__fetchctl_done(&fc, 64 * MiB, 1, false, true, 2);
+	ck_assert_uint_eq(fc.bytes, 0);
+	ck_assert(xnbd__fetchctl_room(&fc, 4 * KiB));
+	/* a window holds fetches back at its edge, not before */
+	for (uint64_t b = 0; b < FC_START; b += FETCH) {
+		ck_assert(xnbd__fetchctl_room(&fc, FETCH));
+		xnbd__fetchctl_sent(&fc, FETCH, 3);
+	}
+	ck_assert(!xnbd__fetchctl_room(&fc, 1));
+}
+END_TEST
+
+START_TEST(failed_and_small_fetches_are_no_samples)
+{
+	struct xnbd__fetchctl fc;
+	xnbd__fetchctl_init(&fc, WMAX, 0);
+	xnbd__fetchctl_sent(&fc, FETCH, 1 * SEC);
+	xnbd__fetchctl_done(&fc, FETCH, 1 * SEC, false, true, 1 * SEC + 5 * MS);
+	ck_assert_uint_eq(fc.base, 5 * MS);
+	xnbd__fetchctl_sent(&fc, FETCH, 2 * SEC);
+	xnbd__fetchctl_done(&fc, FETCH, 2 * SEC, false, false, 2 * SEC + 1000);
+	xnbd__fetchctl_sent(&fc, 4 * KiB, 3 * SEC);
+	xnbd__fetchctl_done(&fc, 4 * KiB, 3 * SEC, false, true, 3 * SEC + 1000);
+	ck_assert_uint_eq(fc.base, 5 * MS);
+	ck_assert_uint_eq(fc.bytes, 0);
+}
+END_TEST
+
+START_TEST(a_new_connection_starts_afresh)
+{
+	static struct sim s;
+	sim_init(&s, 20 * MS, 500, 0);
+	sim_run(&s, s.now + 3 * SEC);
+	ck_assert_uint_gt(s.fc.window, FC_START);
+	xnbd__fetchctl_reset(&s.fc);
+	ck_assert_uint_eq(s.fc.window, FC_START);
+	ck_assert_uint_eq(s.fc.base, 0);
+	ck_assert(!s.fc.probing);
+	/* the fetches of the old connection still leave the window */
+	ck_assert_uint_gt(s.fc.bytes, 0);
+	while (s.n) {
+		unsigned i = s.head;
+		s.head = (s.head + 1) % MAX_FLIGHT;
+		s.n--;
+		xnbd__fetchctl_done(&s.fc, FETCH, s.q[i].sent, false, false,
+		                    s.now);
+	}
+	ck_assert_uint_eq(s.fc.bytes, 0);
+	/* and a fixed window stays fixed */
+	struct xnbd__fetchctl fc;
+	xnbd__fetchctl_init(&fc, WMAX, 3 * MiB);
+	xnbd__fetchctl_reset(&fc);
+	ck_assert_uint_eq(fc.window, 3 * MiB);
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("fetchctl");
+	TCase *tc = tcase_create("core");
+	tcase_add_test(tc, a_near_upstream_gets_the_least_window_at_full_speed);
+	tcase_add_test(tc, a_far_upstream_gets_a_window_of_its_bandwidth_delay);
+	tcase_add_test(tc, a_path_grown_longer_is_found_by_the_next_probe);
+	tcase_add_test(tc, probes_cost_little);
+	tcase_add_test(tc, a_fixed_window_stays);
+	tcase_add_test(tc, no_window_leaves_the_callers_limit);
+	tcase_add_test(tc, one_fetch_may_always_go);
+	tcase_add_test(tc, failed_and_small_fetches_are_no_samples);
+	tcase_add_test(tc, a_new_connection_starts_afresh);
+	suite_add_tcase(s, tc);
+	return xnbd_test_run(s);
+}
