@@ -23,7 +23,6 @@ void xnbd__fetchctl_reset(struct xnbd__fetchctl *fc)
 	fc->base_t = 0;
 	fc->probing = false;
 	fc->refill = false;
-	fc->limited = false;
 	fc->ep_bytes = 0;
 }
 
@@ -31,18 +30,16 @@ bool xnbd__fetchctl_room(struct xnbd__fetchctl *fc, uint64_t len)
 {
 	if (!fc->bytes)
 		return true;
-	if (fc->probing || len > fc->window || fc->bytes > fc->window - len) {
-		fc->limited = true;
-		return false;
-	}
-	return true;
+	if (fc->probing) /* once drained, FC_PROBE_N at once */
+		return fc->probe_sent && fc->probe_sent < FC_PROBE_N;
+	return len <= fc->window && fc->bytes <= fc->window - len;
 }
 
 static void new_epoch(struct xnbd__fetchctl *fc, uint64_t now)
 {
 	fc->t0 = now;
 	fc->ep_bytes = 0;
-	fc->limited = false;
+	fc->ep_large = 0;
 }
 
 bool xnbd__fetchctl_sent(struct xnbd__fetchctl *fc, uint64_t len, uint64_t now)
@@ -50,6 +47,10 @@ bool xnbd__fetchctl_sent(struct xnbd__fetchctl *fc, uint64_t len, uint64_t now)
 	if (!fc->bytes) /* idle no more: a new epoch */
 		new_epoch(fc, now);
 	fc->bytes += len;
+	if (fc->probing) {
+		fc->probe_sent++;
+		fc->probe_out++;
+	}
 	return fc->probing;
 }
 
@@ -61,27 +62,30 @@ void xnbd__fetchctl_done(struct xnbd__fetchctl *fc, uint64_t len, uint64_t sent,
 		return;
 	if (ok && len >= FC_SAMPLE_MIN) {
 		uint64_t lat = now > sent ? now - sent : 1;
+		fc->ep_large++;
 		if (probe) {
 			fc->probe_n++;
 			if (lat < fc->probe_min)
 				fc->probe_min = lat;
 		}
 		/* (Until a first probe, base_t stays 0: samples taken amid a
-		 * start may be late, and the first epoch the window limits
-		 * probes.) */
+		 * start may be late, and the end of the first epoch probes.) */
 		if (!fc->base || lat < fc->base) {
 			if (fc->base_t)
 				fc->base_t = now;
 			fc->base = lat;
 		}
 	}
+	if (probe && fc->probe_out)
+		fc->probe_out--;
 	if (fc->probing) {
-		/* (a probe cut short by FC_PROBE_MAX_NS counts what it got) */
-		if (fc->probe_n >= FC_PROBE_N ||
-		    (fc->probe_n && now - fc->probe_t > FC_PROBE_MAX_NS))
-			fc->base = fc->probe_min;
-		if (fc->probe_n >= FC_PROBE_N ||
-		    now - fc->probe_t > FC_PROBE_MAX_NS) {
+		/* Over once its fetches are back, or at FC_PROBE_MAX_NS; the
+		 * least latency among them is the new base (the first of them
+		 * to arrive waited for none of the others). */
+		bool over = fc->probe_sent >= FC_PROBE_N && !fc->probe_out;
+		if (over || now - fc->probe_t > FC_PROBE_MAX_NS) {
+			if (fc->probe_n)
+				fc->base = fc->probe_min;
 			fc->probing = false;
 			fc->refill = true;
 			fc->base_t = now;
@@ -91,23 +95,32 @@ void xnbd__fetchctl_done(struct xnbd__fetchctl *fc, uint64_t len, uint64_t sent,
 	}
 	fc->ep_bytes += len;
 	uint64_t dt = now - fc->t0;
-	if (dt < FC_EPOCH_NS)
+	/* (at least four round trips: a far upstream's replies come in
+	 * bursts of a round trip) */
+	if (dt < FC_EPOCH_NS || dt < 4 * fc->base)
 		return;
-	bool limited = fc->limited;
 	double rate = (double)fc->ep_bytes / (double)dt;
+	unsigned ep_large = fc->ep_large;
 	new_epoch(fc, now);
 	if (fc->refill) { /* the pipe was filling again after a probe */
 		fc->refill = false;
 		return;
 	}
-	/* Unlimited, the rate was the clients' and says nothing of the
-	 * upstream. */
-	if (!limited || !fc->base)
+	/* An epoch in which the window held nothing back measured the
+	 * clients' pace, less than the upstream's: it counts too, so that a
+	 * window larger than the clients need shrinks (what they keep in
+	 * flight piles up just the same).  Once the window holds them back,
+	 * the rate is the upstream's, and the window grows with it. */
+	if (!fc->base)
 		return;
 	fc->rate[fc->nrate++ % 3] = rate;
-	if (!fc->base_t || now - fc->base_t > FC_PROBE_NS) {
+	/* (not for small fetches alone: they give no sample) */
+	if ((!fc->base_t || now - fc->base_t > FC_PROBE_NS) &&
+	    ep_large >= FC_PROBE_N) {
 		fc->probing = true;
 		fc->probe_n = 0;
+		fc->probe_sent = 0;
+		fc->probe_out = 0;
 		fc->probe_min = UINT64_MAX;
 		fc->probe_t = now;
 		return;

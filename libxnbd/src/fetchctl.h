@@ -11,14 +11,19 @@
  *
  * So the window is FC_BDP bandwidth-delay products (Little's law): the
  * best of the last three epochs' fetch rates, measured over FC_EPOCH_NS
- * while the window held fetches back, times the least latency seen of a
+ * (the clients' pace, or the upstream's once the window holds fetches
+ * back, so that it grows with it), times the least latency seen of a
  * large fetch (FC_SAMPLE_MIN bytes or more).  Queues only ever lengthen
  * latency, so the least one is the upstream's own; every FC_PROBE_NS it is
- * measured afresh by sending fetches one at a time (FC_PROBE_N of them,
- * for at most FC_PROBE_MAX_NS), as the way to the upstream may have
- * changed.  The first measurement is such a probe too, at the first epoch
- * the window holds fetches back.  These are BBR's bandwidth and round-trip
- * filters, applied to requests instead of segments.
+ * measured afresh, as the way to the upstream may have changed: once the
+ * fetches in flight are back, FC_PROBE_N are sent at once and no more
+ * until they are back too (at most FC_PROBE_MAX_NS); the first of them to
+ * arrive waited for no other.  The first measurement is such a probe too, at the end of the
+ * first epoch.  An epoch with fewer than FC_PROBE_N large fetches starts
+ * no probe (small fetches give no sample, and would only be held back).
+ * These are BBR's bandwidth and round-trip filters, applied to requests
+ * instead of segments.  The window is at least FC_MIN: two of the largest
+ * fetches, one arriving while the other is sent.
  *
  * The caller passes the time (ns, monotonic) to every call, so the unit
  * tests can run it against a simulated upstream. */
@@ -28,8 +33,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define FC_MIN (1ULL << 20)          /* the least window */
-#define FC_START (8ULL << 20)        /* ... until a first estimate */
+#define FC_MIN (2ULL << 20)          /* the least window: 2 fetches of 1 MiB */
+#define FC_START (64ULL << 20)       /* ... until a first estimate */
 #define FC_BDP 3                     /* the window: this many BDPs */
 #define FC_SAMPLE_MIN (128U * 1024U) /* fetches whose latency counts */
 #define FC_EPOCH_NS 30000000ULL      /* bandwidth is measured this long */
@@ -43,15 +48,16 @@ struct xnbd__fetchctl {
 	uint64_t bytes;    /* bytes in flight now */
 	uint64_t t0;       /* this epoch's start */
 	uint64_t ep_bytes; /* bytes fetched in it */
-	bool limited;      /* a fetch waited for the window in it */
+	unsigned ep_large; /* fetches of FC_SAMPLE_MIN or more in it */
 	bool fixed;        /* the window never moves */
-	double rate[3];    /* the last limited epochs' bytes per ns */
+	double rate[3];    /* the last epochs' bytes per ns */
 	unsigned nrate;
 	uint64_t base;   /* least latency of a large fetch, or 0 */
 	uint64_t base_t; /* when measured afresh (0: never) */
 	bool probing;    /* one fetch at a time, to measure it */
 	bool refill;     /* the epoch after a probe: its rate does not count */
-	unsigned probe_n;
+	unsigned probe_sent, probe_out; /* its fetches, sent and not back */
+	unsigned probe_n;               /* ... and back with a sample */
 	uint64_t probe_min, probe_t;
 };
 
@@ -64,8 +70,7 @@ void xnbd__fetchctl_init(struct xnbd__fetchctl *fc, uint64_t max,
 void xnbd__fetchctl_reset(struct xnbd__fetchctl *fc);
 
 /* May a fetch of len bytes go now?  One always may while none is in
- * flight, whatever its size.  A "no" is remembered: the window held a
- * fetch back in this epoch. */
+ * flight, whatever its size. */
 bool xnbd__fetchctl_room(struct xnbd__fetchctl *fc, uint64_t len);
 
 /* A fetch of len bytes went upstream at now; returns whether it went as a

@@ -10,8 +10,10 @@ each way by bench/delay_relay.c (this VM's kernel has no netem).
   (`xnbd-bgctl --cache-all`) over the far link: the cache then equals the
   upstream except where the client wrote, and the bitmap says 100%.
 - The fetch window (how many bytes of fetches the proxy keeps in flight)
-  grows past its start of 8 MiB for the far link, and --query reports the
-  upstream's latency as no less than the round trip.  XNBD_FETCH_WINDOW
+  shrinks from its start of 64 MiB for an upstream on loopback, and for
+  the far link it is at least twice what the copy fetched in a round
+  trip; --query reports the upstream's latency as no less than the round
+  trip.  XNBD_FETCH_WINDOW
   fixes the window (0: none), and a value that is no size is refused with
   a warning, the proxy sizing its window itself.
 - The relay itself passes both directions through unchanged (a direct
@@ -149,27 +151,43 @@ def main():
         xt.stop_process(rproc)
 
 
-def fetch_window(t, up, rport, src):
-    # Far: a cold copy of 256 MiB, enough for the window to settle.
-    big = t.join("big.img")
-    with open(big, "wb") as f:
-        f.truncate(256 * xt.MiB)
-    bup = t.server(big, ["--readonly"])
-    bproc, bport = relay(bup.port)
-    p = t.proxy(bport, name="win")
+def cold_copy(t, port, name, size):
+    """A cold copy to null: through a new proxy of port: (proxy, MiB/s)."""
+    p = t.proxy(port, name=name)
     t0 = time.time()
     r = subprocess.run(["nbdcopy", p.uri, "null:"], capture_output=True,
                        text=True, timeout=600)
     xt.check(r.returncode == 0, "nbdcopy to null: " + r.stderr)
+    rate = size / xt.MiB / (time.time() - t0)
     q = xt.query(p.ctl)
-    xt.log("cold copy of 256 MiB: %.2f s; fetch window %d KiB, upstream "
-           "latency %d us" % (time.time() - t0, q["fetch-window"] >> 10,
+    xt.log("%s: cold copy at %.0f MiB/s; fetch window %d KiB, upstream "
+           "latency %d us" % (name, rate, q["fetch-window"] >> 10,
                               q["upstream-latency-us"]))
-    xt.check(q["upstream-latency-us"] >= 2 * DELAY_MS * 1000,
+    return p, q, rate
+
+
+def fetch_window(t, up, rport, src):
+    # Cold copies of 256 MiB, enough for the window to settle.
+    size = 256 * xt.MiB
+    big = t.join("big.img")
+    with open(big, "wb") as f:
+        f.truncate(size)
+    bup = t.server(big, ["--readonly"])
+    # Near: piled-up fetches buy nothing; the window shrinks from 64 MiB.
+    p, q, rate = cold_copy(t, bup.port, "win-near", size)
+    xt.check(0 < q["fetch-window"] < 64 * xt.MiB,
+             "the fetch window shrank for an upstream on loopback: %r" % q)
+    p.stop()
+    # Far: the window holds what arrives in a round trip, and more.
+    bproc, bport = relay(bup.port)
+    p, q, rate = cold_copy(t, bport, "win-far", size)
+    rtt = 2 * DELAY_MS / 1000
+    xt.check(q["upstream-latency-us"] >= rtt * 1e6,
              "upstream latency %d us, under the round trip of %d ms"
              % (q["upstream-latency-us"], 2 * DELAY_MS))
-    xt.check(q["fetch-window"] > 8 * xt.MiB,
-             "the fetch window grew past its start for the far link: %r" % q)
+    xt.check(q["fetch-window"] >= 2 * rate * xt.MiB * rtt,
+             "the fetch window holds two round trips' fetches at %.0f "
+             "MiB/s: %r" % (rate, q))
     human = xt.bgctl("--query", p.ctl, check_rc=0).stdout
     xt.check("fetch window:" in human and "upstream latency:" in human,
              "human-readable query:\n" + human)
@@ -177,8 +195,8 @@ def fetch_window(t, up, rport, src):
     xt.stop_process(bproc)
 
     # XNBD_FETCH_WINDOW: a fixed window, none, or a warning.
-    for val, want in (("2M", 2 * xt.MiB), ("0", 0), ("12Q", 8 * xt.MiB),
-                      ("-1", 8 * xt.MiB)):
+    for val, want in (("2M", 2 * xt.MiB), ("0", 0), ("12Q", 64 * xt.MiB),
+                      ("-1", 64 * xt.MiB)):
         os.environ["XNBD_FETCH_WINDOW"] = val
         try:
             p = t.proxy(up.port, name="fw" + val)
@@ -190,7 +208,7 @@ def fetch_window(t, up, rport, src):
         q = xt.query(p.ctl)
         xt.check_eq(q["fetch-window"], want, "XNBD_FETCH_WINDOW=" + val)
         bad = "XNBD_FETCH_WINDOW=%s is not a size" % val in p.log_text()
-        xt.check(bad == (want == 8 * xt.MiB),
+        xt.check(bad == (want == 64 * xt.MiB),
                  "a warning for XNBD_FETCH_WINDOW=%s exactly when it is bad; "
                  "log:\n%s" % (val, p.log_text()))
         h.shutdown()

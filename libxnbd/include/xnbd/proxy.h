@@ -106,8 +106,9 @@ XNBD_EXPORT const char *xnbd_proxy_upstream_name(const struct xnbd_proxy *p);
 /* The fetch window: how many bytes of fetches the proxy lets the upstream
  * have in flight at once (UINT64_MAX: no limit but 256 requests).  The
  * proxy sizes it itself, as three times its fetch rate times the
- * upstream's latency, unless XNBD_FETCH_WINDOW fixed it; latency_ns, if
- * not NULL, gets that latency as last measured (0: not yet). */
+ * upstream's latency (at least 2 MiB), unless XNBD_FETCH_WINDOW fixed it;
+ * latency_ns, if not NULL, gets that latency as last measured (0: not
+ * yet). */
 XNBD_EXPORT uint64_t xnbd_proxy_fetch_window(const struct xnbd_proxy *p,
                                              uint64_t *latency_ns);
 
