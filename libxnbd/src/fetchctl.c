@@ -24,6 +24,7 @@ void xnbd__fetchctl_reset(struct xnbd__fetchctl *fc)
 	fc->probing = false;
 	fc->refill = false;
 	fc->ep_bytes = 0;
+	fc->ep_large = 0;
 }
 
 bool xnbd__fetchctl_room(struct xnbd__fetchctl *fc, uint64_t len)

@@ -18,9 +18,11 @@
  * measured afresh, as the way to the upstream may have changed: once the
  * fetches in flight are back, FC_PROBE_N are sent at once and no more
  * until they are back too (at most FC_PROBE_MAX_NS); the first of them to
- * arrive waited for no other.  The first measurement is such a probe too, at the end of the
- * first epoch.  An epoch with fewer than FC_PROBE_N large fetches starts
- * no probe (small fetches give no sample, and would only be held back).
+ * arrive waited for no other.  The first measurement is such a probe too,
+ * at the end of the first epoch.  An epoch with fewer than FC_PROBE_N
+ * large fetches starts no probe (small fetches give no sample, and would
+ * only be held back).  An epoch lasts FC_EPOCH_NS and four latencies at
+ * least, as a far upstream's replies come in bursts of a round trip.
  * These are BBR's bandwidth and round-trip filters, applied to requests
  * instead of segments.  The window is at least FC_MIN: two of the largest
  * fetches, one arriving while the other is sent.
@@ -54,7 +56,7 @@ struct xnbd__fetchctl {
 	unsigned nrate;
 	uint64_t base;   /* least latency of a large fetch, or 0 */
 	uint64_t base_t; /* when measured afresh (0: never) */
-	bool probing;    /* one fetch at a time, to measure it */
+	bool probing;    /* drain, then FC_PROBE_N fetches alone */
 	bool refill;     /* the epoch after a probe: its rate does not count */
 	unsigned probe_sent, probe_out; /* its fetches, sent and not back */
 	unsigned probe_n;               /* ... and back with a sample */
