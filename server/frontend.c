@@ -35,25 +35,10 @@ void print_version(const char *prog, const char *version)
 
 int parse_size(const char *s, size_t *out)
 {
-	char *end;
-	errno = 0;
-	if (*s < '0' || *s > '9') /* no sign, no spaces */
+	uint64_t v;
+	if (xnbd_parse_size(s, &v) < 0 || v > SIZE_MAX)
 		return -1;
-	unsigned long long v = strtoull(s, &end, 10);
-	if (errno || end == s)
-		return -1;
-	unsigned shift = 0;
-	if (*end == 'K' || *end == 'k')
-		shift = 10;
-	else if (*end == 'M' || *end == 'm')
-		shift = 20;
-	else if (*end == 'G' || *end == 'g')
-		shift = 30;
-	if (shift)
-		end++;
-	if (*end || (shift && v > (ULLONG_MAX >> shift)))
-		return -1;
-	*out = (size_t)(v << shift);
+	*out = (size_t)v;
 	return 0;
 }
 

@@ -48,6 +48,7 @@
 #include "xnbd/bitmap.h"
 #include "xnbd/client.h"
 #include "xnbd/proxy.h"
+#include "xnbd/xnbd.h"
 
 #include "backend.h"
 #include "fetchctl.h"
@@ -2018,20 +2019,8 @@ static uint64_t fetch_window_env(struct xnbd_proxy *p)
 	const char *e = getenv("XNBD_FETCH_WINDOW");
 	if (!e || !*e)
 		return 0;
-	char *end;
-	errno = 0;
-	unsigned long long v = strtoull(e, &end, 10);
-	unsigned shift = 0;
-	if (*end == 'K' || *end == 'k')
-		shift = 10;
-	else if (*end == 'M' || *end == 'm')
-		shift = 20;
-	else if (*end == 'G' || *end == 'g')
-		shift = 30;
-	if (shift)
-		end++;
-	if (errno || end == e || *end || e[0] < '0' || e[0] > '9' ||
-	    v > (UINT64_MAX >> shift)) {
+	uint64_t v;
+	if (xnbd_parse_size(e, &v) < 0) {
 		plog(
 		    p, XNBD_LOG_WARNING,
 		    "XNBD_FETCH_WINDOW=%s is not a size: the proxy sizes its fetch "
@@ -2039,11 +2028,11 @@ static uint64_t fetch_window_env(struct xnbd_proxy *p)
 		    e);
 		return 0;
 	}
-	v <<= shift;
 	if (!v)
 		return UINT64_MAX;
 	plog(p, XNBD_LOG_INFO,
-	     "fetch window fixed at %llu bytes (XNBD_FETCH_WINDOW)", v);
+	     "fetch window fixed at %llu bytes (XNBD_FETCH_WINDOW)",
+	     (unsigned long long)v);
 	return v;
 }
 

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "xnbd/client.h"
+#include "xnbd/xnbd.h"
 #include "backend.h"
 #include "unit-main.h"
 
@@ -171,6 +172,40 @@ END_TEST
 
 /* Ports are decimal 1 to 65535 and nothing else: getaddrinfo would take
  * 70000 as 4464 and "nbd" as a service.  A refused one starts nothing. */
+START_TEST(sizes_parse_as_the_programs_take_them)
+{
+	static const struct {
+		const char *s;
+		uint64_t v;
+	} good[] = {{"0", 0},
+	            {"4096", 4096},
+	            {"2M", 2ULL << 20},
+	            {"2m", 2ULL << 20},
+	            {"3K", 3072},
+	            {"1G", 1ULL << 30},
+	            {"17179869183G", 17179869183ULL << 30},
+	            {"18446744073709551615", UINT64_MAX}};
+	static const char *const bad[] = {
+	    "",     "-1",   "+1",           " 1",
+	    "1 ",   "M",    "12Q",          "1MB",
+	    "1.5M", "0x10", "17179869184G", "18446744073709551616"};
+	for (size_t i = 0; i < sizeof(good) / sizeof(*good); i++) {
+		uint64_t v = 1;
+		ck_assert_msg(xnbd_parse_size(good[i].s, &v) == 0, "%s refused",
+		              good[i].s);
+		ck_assert_msg(v == good[i].v, "%s: %llu", good[i].s,
+		              (unsigned long long)v);
+	}
+	for (size_t i = 0; i < sizeof(bad) / sizeof(*bad); i++) {
+		uint64_t v = 7;
+		ck_assert_msg(xnbd_parse_size(bad[i], &v) == -EINVAL,
+		              "'%s' taken", bad[i]);
+		ck_assert_msg(v == 7, "'%s' wrote its result", bad[i]);
+	}
+	ck_assert_int_eq(xnbd_parse_size(NULL, &(uint64_t){0}), -EINVAL);
+}
+END_TEST
+
 START_TEST(ports_outside_1_to_65535_are_refused)
 {
 	const char *good[] = {"1", "8520", "65535", "010"};
@@ -592,6 +627,7 @@ int main(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, silent_server_times_out);
 	tcase_add_test(tc, ports_outside_1_to_65535_are_refused);
+	tcase_add_test(tc, sizes_parse_as_the_programs_take_them);
 	tcase_add_test(tc, half_greeting_times_out);
 	tcase_add_test(tc, no_limit_waits);
 	tcase_add_test(tc, refused_is_not_a_timeout);

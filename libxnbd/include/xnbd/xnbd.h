@@ -33,6 +33,12 @@ XNBD_EXPORT const char *xnbd_version(void);
  * library (as strerror(-err), never NULL). */
 XNBD_EXPORT const char *xnbd_strerror(int err);
 
+/* Parse a size as the programs take it: decimal digits, then optionally K,
+ * M or G (binary, either case); no sign, spaces or other suffix.  Returns 0
+ * with the bytes in *out, or -EINVAL (*out untouched), also when the size
+ * does not fit in 64 bits. */
+XNBD_EXPORT int xnbd_parse_size(const char *s, uint64_t *out);
+
 #ifdef __cplusplus
 }
 #endif
