@@ -4,10 +4,9 @@
  * Fetches piled up behind the proxy buy nothing and cost it CPU: on
  * loopback the upstream's transmit then runs in the proxy's own thread
  * (the proxy's reads open the TCP window, and the upstream's queued
- * segments go out from inside them), the data goes cold in memory before
- * it is read, and another client's cold read waits behind them all.  Too
- * few starve an upstream far away, or one that is slow per request but
- * serves many at once.
+ * segments go out from inside them), and the data goes cold in memory
+ * before it is read.  Too few starve an upstream far away, or one that is
+ * slow per request but serves many at once.
  *
  * So the window is FC_BDP bandwidth-delay products (Little's law): the
  * best of the last three epochs' fetch rates, measured over FC_EPOCH_NS
