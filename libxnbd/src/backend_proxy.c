@@ -96,7 +96,7 @@ struct sub {
 	                   early reply: the block stays absent) */
 	bool edge;      /* buf is a bounce block: copy the wanted part */
 	bool inflight;  /* submitted and not yet done (sub_send) */
-	bool probe;     /* fetch: sent alone, while fc.probing */
+	uint8_t fcf;    /* fetch: its xnbd__fetchctl_sent() flags */
 	uint64_t sent;  /* fetch: when it went upstream (ns) */
 	uint8_t *store; /* early reply: where the fetched data is kept */
 };
@@ -591,8 +591,12 @@ static void fetch_send(struct pop *op, struct sub *s)
 		sub_send(op, s, xnbd_client_backend(op->own), XNBD_IO_READ, 0);
 		return;
 	}
-	/* (in order: a fetch that fits goes not past one waiting) */
-	if ((p->pumping || xnbd_list_empty(&p->upq)) && up_room(p, s->len)) {
+	/* (in order: a fetch that fits goes not past one waiting, unless it
+	 * is small and the lane has room) */
+	bool lane = p->up_ok && p->up_inflight < MAX_UP &&
+	            xnbd__fetchctl_lane(&p->fc, s->len);
+	if (lane ||
+	    ((p->pumping || xnbd_list_empty(&p->upq)) && up_room(p, s->len))) {
 		s->io = (struct xnbd_io){.type = XNBD_IO_READ,
 		                         .offset = s->off,
 		                         .length = s->len,
@@ -603,7 +607,8 @@ static void fetch_send(struct pop *op, struct sub *s)
 		if (r == XNBD_IO_PENDING) {
 			p->up_inflight++;
 			s->sent = uv_hrtime();
-			s->probe = xnbd__fetchctl_sent(&p->fc, s->len, s->sent);
+			s->fcf = (uint8_t)xnbd__fetchctl_sent(&p->fc, s->len,
+			                                      s->sent, lane);
 			op->pending++;
 			return;
 		}
@@ -645,7 +650,7 @@ static void sub_done(struct xnbd_io *sio)
 		bool own = op->own != NULL;
 		if (!own) {
 			p->up_inflight--;
-			xnbd__fetchctl_done(&p->fc, s->len, s->sent, s->probe,
+			xnbd__fetchctl_done(&p->fc, s->len, s->sent, s->fcf,
 			                    st == 0, uv_hrtime());
 			pump = true;
 		}

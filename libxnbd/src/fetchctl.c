@@ -36,6 +36,11 @@ bool xnbd__fetchctl_room(struct xnbd__fetchctl *fc, uint64_t len)
 	return len <= fc->window && fc->bytes <= fc->window - len;
 }
 
+bool xnbd__fetchctl_lane(const struct xnbd__fetchctl *fc, uint64_t len)
+{
+	return len <= FC_LANE_MAX && !fc->probing && fc->lane + len <= FC_LANE;
+}
+
 static void new_epoch(struct xnbd__fetchctl *fc, uint64_t now)
 {
 	fc->t0 = now;
@@ -43,22 +48,31 @@ static void new_epoch(struct xnbd__fetchctl *fc, uint64_t now)
 	fc->ep_large = 0;
 }
 
-bool xnbd__fetchctl_sent(struct xnbd__fetchctl *fc, uint64_t len, uint64_t now)
+unsigned xnbd__fetchctl_sent(struct xnbd__fetchctl *fc, uint64_t len,
+                             uint64_t now, bool lane)
 {
 	if (!fc->bytes) /* idle no more: a new epoch */
 		new_epoch(fc, now);
 	fc->bytes += len;
+	if (lane) {
+		fc->lane += len;
+		return FC_IN_LANE;
+	}
 	if (fc->probing) {
 		fc->probe_sent++;
 		fc->probe_out++;
+		return FC_PROBE;
 	}
-	return fc->probing;
+	return 0;
 }
 
 void xnbd__fetchctl_done(struct xnbd__fetchctl *fc, uint64_t len, uint64_t sent,
-                         bool probe, bool ok, uint64_t now)
+                         unsigned flags, bool ok, uint64_t now)
 {
+	bool probe = flags & FC_PROBE;
 	fc->bytes -= len;
+	if (flags & FC_IN_LANE)
+		fc->lane -= len;
 	if (fc->fixed)
 		return;
 	if (ok && len >= FC_SAMPLE_MIN) {

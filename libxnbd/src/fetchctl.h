@@ -42,11 +42,14 @@
 #define FC_PROBE_NS 10000000000ULL   /* latency is measured this often */
 #define FC_PROBE_MAX_NS 200000000ULL /* ... for at most this long */
 #define FC_PROBE_N 4                 /* ... from this many fetches */
+#define FC_LANE_MAX (64U * 1024U)    /* fetches that may take the lane */
+#define FC_LANE (1ULL << 20)         /* bytes the lane has */
 
 struct xnbd__fetchctl {
 	uint64_t max;      /* the largest window (a fixed one, if fixed) */
 	uint64_t window;   /* bytes that may be in flight */
 	uint64_t bytes;    /* bytes in flight now */
+	uint64_t lane;     /* ... of them in the lane */
 	uint64_t t0;       /* this epoch's start */
 	uint64_t ep_bytes; /* bytes fetched in it */
 	unsigned ep_large; /* fetches of FC_SAMPLE_MIN or more in it */
@@ -74,13 +77,23 @@ void xnbd__fetchctl_reset(struct xnbd__fetchctl *fc);
  * flight, whatever its size. */
 bool xnbd__fetchctl_room(struct xnbd__fetchctl *fc, uint64_t len);
 
-/* A fetch of len bytes went upstream at now; returns whether it went as a
- * probe (the caller hands that back to xnbd__fetchctl_done). */
-bool xnbd__fetchctl_sent(struct xnbd__fetchctl *fc, uint64_t len, uint64_t now);
+/* May a small fetch (FC_LANE_MAX bytes or less) go now in the lane, past
+ * the window and past the fetches waiting for it?  A small cold read then
+ * waits for what is in flight only, not for a copy's queue behind it
+ * (35 against 4 ms on loopback).  The lane holds FC_LANE bytes, so that a
+ * flood of small fetches takes the window's turn like any others. */
+bool xnbd__fetchctl_lane(const struct xnbd__fetchctl *fc, uint64_t len);
+
+/* A fetch of len bytes went upstream at now, in the lane or not; returns
+ * its flags (FC_PROBE, FC_IN_LANE) to hand back to xnbd__fetchctl_done. */
+#define FC_PROBE 1U
+#define FC_IN_LANE 2U
+unsigned xnbd__fetchctl_sent(struct xnbd__fetchctl *fc, uint64_t len,
+                             uint64_t now, bool lane);
 
 /* A fetch of len bytes sent at sent came back at now: ok whether it
  * brought its data (a failed one only leaves the window). */
 void xnbd__fetchctl_done(struct xnbd__fetchctl *fc, uint64_t len, uint64_t sent,
-                         bool probe, bool ok, uint64_t now);
+                         unsigned flags, bool ok, uint64_t now);
 
 #endif

@@ -16,6 +16,11 @@ each way by bench/delay_relay.c (this VM's kernel has no netem).
   trip.  XNBD_FETCH_WINDOW
   fixes the window (0: none), and a value that is no size is refused with
   a warning, the proxy sizing its window itself.
+- A small cold read takes the lane past fetches waiting for the window:
+  with an upstream slow per read (nbdkit's delay filter, 100 ms) and the
+  window fixed at 1 MiB, one client queues 64 reads of 256 KiB (16 rounds
+  of the window) and another's 4 KiB read comes back while most of them
+  still wait.
 - The relay itself passes both directions through unchanged (a direct
   nbdcopy of the upstream through it), and a side that sends and closes
   at once has all its bytes, then the end of the stream, arrive on the
@@ -149,6 +154,7 @@ def main():
             xt.check_bytes(f.read(), bytes(model), "cache after the fill")
         fetch_window(t, up, rport, src)
         xt.stop_process(rproc)
+        small_reads_lane(t, src)
 
 
 def cold_copy(t, port, name, size):
@@ -213,6 +219,58 @@ def fetch_window(t, up, rport, src):
                  "log:\n%s" % (val, p.log_text()))
         h.shutdown()
         p.stop()
+
+
+def small_reads_lane(t, src):
+    nbd = xt.need_nbd()
+    img = t.join("src.img")
+    for _ in range(5):  # another port if the one picked gets taken
+        port = xt.free_port()
+        nk = xt.track(subprocess.Popen(
+            ["nbdkit", "--exit-with-parent", "-f", "-p", str(port), "-i",
+             "127.0.0.1", "--filter=delay", "file", img, "rdelay=100ms"],
+            stderr=subprocess.DEVNULL))
+        if xt.wait_port("127.0.0.1", port, nk):
+            break
+        xt.stop_process(nk)
+    else:
+        xt.fail("nbdkit did not start")
+    os.environ["XNBD_FETCH_WINDOW"] = "1M"
+    try:
+        p = t.proxy(port, name="lane")
+    finally:
+        del os.environ["XNBD_FETCH_WINDOW"]
+    a, b = p.connect(), p.connect()
+    big = 256 * 1024
+    bufs = [nbd.Buffer(big) for _ in range(64)]
+    cookies = [a.aio_pread(bufs[i], i * big) for i in range(64)]
+    time.sleep(0.05)  # (all of them at the proxy first)
+    small = nbd.Buffer(4096)
+    t0 = time.time()
+    c = b.aio_pread(small, 24 * xt.MiB)
+    while not b.aio_command_completed(c):
+        a.poll(0)
+        b.poll(0)
+        time.sleep(0.001)
+    took = time.time() - t0
+    done = sum(1 for k in cookies if a.aio_command_completed(k))
+    xt.log("a 4 KiB cold read behind 64 x 256 KiB waiting for a 1 MiB "
+           "window, 100 ms a read upstream: %.3f s, %d of the 64 back"
+           % (took, done))
+    xt.check_bytes(small.to_bytearray(), src[24 * xt.MiB:24 * xt.MiB + 4096],
+                   "the small read")
+    xt.check(done <= 32, "the small read waited for the queue: %.3f s, %d "
+             "of 64 large reads back before it" % (took, done))
+    while a.aio_in_flight():
+        a.poll(-1)
+    for i in range(64):
+        a.aio_command_completed(cookies[i])  # (retired already, or now)
+        xt.check_bytes(bufs[i].to_bytearray(), src[i * big:(i + 1) * big],
+                       "large read %d" % i)
+    a.shutdown()
+    b.shutdown()
+    p.stop()
+    xt.stop_process(nk)
 
 
 if __name__ == "__main__":

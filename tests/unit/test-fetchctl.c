@@ -26,7 +26,7 @@ struct sim {
 	/* fetches in flight, in order of completion (FIFO) */
 	struct {
 		uint64_t sent, done, len;
-		bool probe;
+		unsigned flags;
 	} q[MAX_FLIGHT];
 	unsigned head, n;
 	unsigned demand;  /* fetches the clients keep in flight, at most */
@@ -59,8 +59,8 @@ static void sim_run(struct sim *s, uint64_t t)
 			unsigned i = (s->head + s->n++) % MAX_FLIGHT;
 			s->q[i].sent = s->now;
 			s->q[i].len = s->fetch;
-			s->q[i].probe =
-			    xnbd__fetchctl_sent(&s->fc, s->fetch, s->now);
+			s->q[i].flags = xnbd__fetchctl_sent(&s->fc, s->fetch,
+			                                    s->now, false);
 			uint64_t xfer = (uint64_t)((double)s->fetch / s->bw);
 			uint64_t c = s->now + s->lat + xfer;
 			if (c < s->last_c + xfer)
@@ -77,7 +77,7 @@ static void sim_run(struct sim *s, uint64_t t)
 		s->now = s->q[i].done;
 		s->fetched += s->q[i].len;
 		xnbd__fetchctl_done(&s->fc, s->q[i].len, s->q[i].sent,
-		                    s->q[i].probe, true, s->now);
+		                    s->q[i].flags, true, s->now);
 		if (!was_probing && s->fc.probing)
 			s->probes++;
 	}
@@ -235,17 +235,46 @@ START_TEST(one_fetch_may_always_go)
 	struct xnbd__fetchctl fc;
 	xnbd__fetchctl_init(&fc, WMAX, 0);
 	ck_assert(xnbd__fetchctl_room(&fc, 64 * MiB)); /* > the window */
-	xnbd__fetchctl_sent(&fc, 64 * MiB, 1);
+	xnbd__fetchctl_sent(&fc, 64 * MiB, 1, false);
 	ck_assert(!xnbd__fetchctl_room(&fc, 4 * KiB));
-	xnbd__fetchctl_done(&fc, 64 * MiB, 1, false, true, 2);
+	xnbd__fetchctl_done(&fc, 64 * MiB, 1, 0, true, 2);
 	ck_assert_uint_eq(fc.bytes, 0);
 	ck_assert(xnbd__fetchctl_room(&fc, 4 * KiB));
 	/* a window holds fetches back at its edge, not before */
 	for (uint64_t b = 0; b < FC_START; b += FETCH) {
 		ck_assert(xnbd__fetchctl_room(&fc, FETCH));
-		xnbd__fetchctl_sent(&fc, FETCH, 3);
+		xnbd__fetchctl_sent(&fc, FETCH, 3, false);
 	}
 	ck_assert(!xnbd__fetchctl_room(&fc, 1));
+}
+END_TEST
+
+START_TEST(small_fetches_take_the_lane_past_a_full_window)
+{
+	struct xnbd__fetchctl fc;
+	xnbd__fetchctl_init(&fc, WMAX, 0);
+	for (uint64_t b = 0; b < FC_START; b += FETCH)
+		xnbd__fetchctl_sent(&fc, FETCH, 1, false);
+	ck_assert(!xnbd__fetchctl_room(&fc, 4 * KiB)); /* the window is full */
+	ck_assert(xnbd__fetchctl_lane(&fc, 4 * KiB));
+	ck_assert(xnbd__fetchctl_lane(&fc, FC_LANE_MAX));
+	ck_assert(!xnbd__fetchctl_lane(&fc, FC_LANE_MAX + 1)); /* not large */
+	/* the lane holds FC_LANE bytes, then small fetches wait their turn */
+	unsigned n = 0;
+	while (xnbd__fetchctl_lane(&fc, 64 * KiB)) {
+		ck_assert_uint_eq(xnbd__fetchctl_sent(&fc, 64 * KiB, 2, true),
+		                  FC_IN_LANE);
+		n++;
+	}
+	ck_assert_uint_eq(n, FC_LANE / (64 * KiB));
+	ck_assert_uint_eq(fc.bytes, FC_START + FC_LANE);
+	xnbd__fetchctl_done(&fc, 64 * KiB, 2, FC_IN_LANE, true, 3);
+	ck_assert(xnbd__fetchctl_lane(&fc, 64 * KiB));
+	ck_assert_uint_eq(fc.lane, FC_LANE - 64 * KiB);
+	ck_assert_uint_eq(fc.bytes, FC_START + FC_LANE - 64 * KiB);
+	/* and none while a probe measures the latency */
+	fc.probing = true;
+	ck_assert(!xnbd__fetchctl_lane(&fc, 4 * KiB));
 }
 END_TEST
 
@@ -253,13 +282,13 @@ START_TEST(failed_and_small_fetches_are_no_samples)
 {
 	struct xnbd__fetchctl fc;
 	xnbd__fetchctl_init(&fc, WMAX, 0);
-	xnbd__fetchctl_sent(&fc, FETCH, 1 * SEC);
-	xnbd__fetchctl_done(&fc, FETCH, 1 * SEC, false, true, 1 * SEC + 5 * MS);
+	xnbd__fetchctl_sent(&fc, FETCH, 1 * SEC, false);
+	xnbd__fetchctl_done(&fc, FETCH, 1 * SEC, 0, true, 1 * SEC + 5 * MS);
 	ck_assert_uint_eq(fc.base, 5 * MS);
-	xnbd__fetchctl_sent(&fc, FETCH, 2 * SEC);
-	xnbd__fetchctl_done(&fc, FETCH, 2 * SEC, false, false, 2 * SEC + 1000);
-	xnbd__fetchctl_sent(&fc, 4 * KiB, 3 * SEC);
-	xnbd__fetchctl_done(&fc, 4 * KiB, 3 * SEC, false, true, 3 * SEC + 1000);
+	xnbd__fetchctl_sent(&fc, FETCH, 2 * SEC, false);
+	xnbd__fetchctl_done(&fc, FETCH, 2 * SEC, 0, false, 2 * SEC + 1000);
+	xnbd__fetchctl_sent(&fc, 4 * KiB, 3 * SEC, false);
+	xnbd__fetchctl_done(&fc, 4 * KiB, 3 * SEC, 0, true, 3 * SEC + 1000);
 	ck_assert_uint_eq(fc.base, 5 * MS);
 	ck_assert_uint_eq(fc.bytes, 0);
 }
@@ -281,8 +310,8 @@ START_TEST(a_new_connection_starts_afresh)
 		unsigned i = s.head;
 		s.head = (s.head + 1) % MAX_FLIGHT;
 		s.n--;
-		xnbd__fetchctl_done(&s.fc, FETCH, s.q[i].sent, false, false,
-		                    s.now);
+		xnbd__fetchctl_done(&s.fc, FETCH, s.q[i].sent, s.q[i].flags,
+		                    false, s.now);
 	}
 	ck_assert_uint_eq(s.fc.bytes, 0);
 	/* and a fixed window stays fixed */
@@ -306,6 +335,7 @@ int main(void)
 	tcase_add_test(tc, no_window_leaves_the_callers_limit);
 	tcase_add_test(tc, a_window_beyond_the_clients_needs_shrinks_to_them);
 	tcase_add_test(tc, one_fetch_may_always_go);
+	tcase_add_test(tc, small_fetches_take_the_lane_past_a_full_window);
 	tcase_add_test(tc, failed_and_small_fetches_are_no_samples);
 	tcase_add_test(tc, a_new_connection_starts_afresh);
 	suite_add_tcase(s, tc);
