@@ -333,7 +333,8 @@ def build_floor(work):
     request (see its head).  Not a peer: a yardstick."""
     out = os.path.join(work, "floor_server")
     subprocess.run(["cc", "-O2", "-pthread", "-o", out,
-                    os.path.join(HERE, "floor_server.c")], check=True)
+                    os.path.join(HERE, "floor_server.c"), "-luring"],
+                   check=True)
     return out
 
 

@@ -53,6 +53,17 @@
  * a bitmap in memory, while the present ones are read back over the reply
  * (a write may have come meanwhile).  A write is a pwrite into the cache
  * and its bits set; a partial end block that is absent is fetched first.
+ * Large reads are stored as xnbd-server stores them: a payload of more
+ * than 128 KiB of whole blocks is read from the socket straight into a
+ * buffer of its own (after the part that came with its header; the next
+ * header is then read alone) and written with one O_DIRECT write through
+ * an io_uring into the cache, allocated whole at the start; the client
+ * gets its reply, one writev from those buffers per wake-up, once the
+ * write is done.  At most 1 MiB of upstream reads are in flight (the
+ * rest wait in order; FLOOR_CAP in the environment sets another cap, 0
+ * none): the cap that made the fastest cold copies of a loopback
+ * upstream (bench/README.md, twelfth session), a choice a proxy that
+ * does not know its upstream cannot make.
  * Requests to the upstream go out in one write per wake-up, replies to
  * the client in another.  Every 2 s while bits were set, and at its end,
  * the cache is synced and then the bitmap written to CACHE.bitmap and
@@ -80,6 +91,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
@@ -87,6 +99,8 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <liburing.h>
 
 #define REQ_MAGIC 0x25609513U
 #define REPLY_MAGIC 0x67446698U
@@ -715,9 +729,14 @@ static int relay(int l, int upport, char *buf)
 #define CACHE_MAX_LEN (4U << 20) /* longest request served */
 #define SLOTS 1024U              /* upstream reads in flight */
 
-static int ups = -1;      /* the upstream's socket */
-static int cache_fd = -1; /* the cache image */
-static uint8_t *cbits;    /* a bit per block, in memory */
+#define DIRECT_MIN (128U << 10) /* stores over this: O_DIRECT, as xnbd's */
+
+static int ups = -1;         /* the upstream's socket */
+static int cache_fd = -1;    /* the cache image */
+static int cache_dfd = -1;   /* the same, opened with O_DIRECT */
+static struct io_uring ring; /* the direct stores */
+static int ring_efd = -1;    /* its completions' eventfd */
+static uint8_t *cbits;       /* a bit per block, in memory */
 static int bitmap_fd = -1;
 static size_t bitmap_len;
 #define SYNC_MS 2000 /* the group commit's period, as xnbd-server's */
@@ -735,6 +754,8 @@ struct slot {
 	uint64_t off, eoff; /* the request's start; the blocks' start */
 	uint32_t len, elen; /* its length; the blocks' length */
 	char *payload;      /* a write's, or NULL for a read */
+	char *dbuf;         /* a direct read's data (CACHE_MAX_LEN, aligned) */
+	char hdr[16];       /* its reply's header */
 };
 static struct slot slots[SLOTS];
 
@@ -781,6 +802,16 @@ static int cache_open(const char *path, uint64_t size)
 	if (cache_fd < 0 || b < 0 || ftruncate(cache_fd, (off_t)size) < 0 ||
 	    ftruncate(b, (off_t)blen) < 0)
 		return -1;
+	/* Allocated whole beforehand, so that no direct store waits for an
+	 * allocation (xnbd-server allocates ahead as it goes). */
+	if (fallocate(cache_fd, 0, 0, (off_t)size) < 0)
+		return -1;
+	cache_dfd = open(path, O_RDWR | O_DIRECT);
+	ring_efd = eventfd(0, EFD_NONBLOCK);
+	if (cache_dfd < 0 || ring_efd < 0 ||
+	    io_uring_queue_init(256, &ring, 0) < 0 ||
+	    io_uring_register_eventfd(&ring, ring_efd) < 0)
+		return -1;
 	cbits = calloc(blen, 1);
 	bitmap_fd = b;
 	bitmap_len = blen;
@@ -816,6 +847,14 @@ static int all_present(uint64_t first, uint64_t last)
 {
 	for (uint64_t b = first; b <= last; b++)
 		if (!present(b))
+			return 0;
+	return 1;
+}
+
+static int all_absent(uint64_t first, uint64_t last)
+{
+	for (uint64_t b = first; b <= last; b++)
+		if (present(b))
 			return 0;
 	return 1;
 }
@@ -877,15 +916,174 @@ static int free_slot(void)
 
 /* Append what fd has to buf (CACHE_BUF, *have used): 1, 0 if it had
  * nothing yet, -1 at its end or on an error. */
-static int take_in(int fd, char *buf, size_t *have)
+static int take_in(int fd, char *buf, size_t *have, int hdr_only)
 {
-	ssize_t got = read(fd, buf + *have, CACHE_BUF - *have);
+	/* After a payload read straight into its buffer, the next header is
+	 * read alone, so that a large payload behind it stays in the socket
+	 * for its own buffer too (as xnbd-server's client reads). */
+	size_t room = CACHE_BUF - *have;
+	if (hdr_only && *have < 16)
+		room = 16 - *have;
+	ssize_t got = read(fd, buf + *have, room);
 	if (got < 0 && (errno == EAGAIN || errno == EINTR))
 		return 0;
 	if (got <= 0)
 		return -1;
 	*have += (size_t)got;
 	return 1;
+}
+
+/* The upstream's replies are read in bulk, but for the payload of a large
+ * read (over DIRECT_MIN, whole blocks), which goes from the socket straight
+ * into the slot's own buffer: dslot is the slot being read so, dgot what
+ * it has. */
+static int dslot = -1;
+static size_t dgot;
+static int hdr_only;
+/* Stored direct reads whose replies go out at the end of the wake-up. */
+static unsigned doneq[SLOTS];
+static unsigned ndone;
+
+/* Upstream reads not sent yet, in order, and the bytes of those sent
+ * and not answered: at most up_cap, 1 MiB or FLOOR_CAP from the
+ * environment (0: no cap), except that one read always goes. */
+static unsigned waitq[SLOTS], wq_head, wq_len;
+static uint64_t up_bytes, up_cap = 1U << 20;
+
+static int direct(const struct slot *sl)
+{
+	return !sl->payload && sl->elen > DIRECT_MIN && sl->elen % CBS == 0;
+}
+
+/* The blocks of sl have come (at d): stored, recorded, and the reply put
+ * into out (with its data: a copy, as the floor's small replies are). */
+static int finish(struct slot *sl, char *d, int c, char *out, size_t *np)
+{
+	size_t n = *np;
+	uint32_t err = 0;
+	if (settle(d, sl->eoff, sl->elen))
+		err = EIO;
+	else if (sl->payload) {
+		/* A write: over the blocks. */
+		if (pwrite(cache_fd, sl->payload, sl->len, (off_t)sl->off) !=
+		    (ssize_t)sl->len)
+			err = EIO;
+		else
+			mark(sl->off, sl->len);
+	}
+	size_t rl = !sl->payload && !err ? sl->len : 0;
+	if (n + 16 + rl > CACHE_BUF) {
+		if (full(c, out, n, 1))
+			return -1;
+		n = 0;
+	}
+	n += put_reply(out + n, err, sl->handle);
+	memcpy(out + n, d + (sl->off - sl->eoff), rl);
+	n += rl;
+	free(sl->payload);
+	sl->payload = NULL;
+	sl->used = 0;
+	*np = n;
+	return 0;
+}
+
+/* A direct read's data is in its buffer: stored with one O_DIRECT write
+ * through the ring, and replied to once that is done, as xnbd-server
+ * does.  Blocks written meanwhile (the rare case) take finish(). */
+static int arrived(unsigned i, int c, char *out, size_t *np)
+{
+	struct slot *sl = &slots[i];
+	up_bytes -= sl->elen;
+	if (!all_absent(sl->eoff / CBS, (sl->eoff + sl->elen) / CBS - 1))
+		return finish(sl, sl->dbuf, c, out, np);
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
+	if (!sqe)
+		return -1;
+	io_uring_prep_write(sqe, cache_dfd, sl->dbuf, sl->elen,
+	                    (off_t)sl->eoff);
+	io_uring_sqe_set_data64(sqe, i);
+	if (io_uring_submit(&ring) != 1)
+		return -1;
+	return 0;
+}
+
+/* The ring's completions: bits set, replies queued for the wake-up's end. */
+static int stored(void)
+{
+	uint64_t v;
+	struct io_uring_cqe *cqe;
+	if (read(ring_efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+		return -1;
+	while (io_uring_peek_cqe(&ring, &cqe) == 0) {
+		unsigned i = (unsigned)io_uring_cqe_get_data64(cqe);
+		struct slot *sl = &slots[i];
+		uint32_t err = 0;
+		if (cqe->res == (int)sl->elen)
+			mark(sl->eoff, sl->elen);
+		else
+			err =
+			    EIO; /* short or failed: no going on, a yardstick */
+		io_uring_cqe_seen(&ring, cqe);
+		uint32_t m = htonl(REPLY_MAGIC), e = htonl(err);
+		memcpy(sl->hdr, &m, 4);
+		memcpy(sl->hdr + 4, &e, 4);
+		memcpy(sl->hdr + 8, sl->handle, 8);
+		if (err)
+			sl->len = 0; /* no data with an error */
+		doneq[ndone++] = i;
+	}
+	return 0;
+}
+
+/* The queued replies of direct reads, from their buffers: one writev for
+ * up to 512 pieces. */
+static int send_stored(int c)
+{
+	struct iovec iov[512];
+	unsigned at = 0;
+	while (at < ndone) {
+		int k = 0;
+		unsigned from = at;
+		size_t total = 0;
+		for (; at < ndone && k + 2 <= 512; at++) {
+			struct slot *sl = &slots[doneq[at]];
+			iov[k++] = (struct iovec){sl->hdr, 16};
+			total += 16;
+			if (sl->len) {
+				iov[k++] = (struct iovec){
+				    sl->dbuf + (sl->off - sl->eoff), sl->len};
+				total += sl->len;
+			}
+		}
+		struct iovec *v = iov;
+		while (total) {
+			ssize_t r = writev(c, v, k);
+			if (r < 0 && errno == EAGAIN) {
+				struct pollfd pfd = {c, POLLOUT, 0};
+				if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+					return -1;
+				continue;
+			}
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r <= 0)
+				return -1;
+			total -= (size_t)r;
+			while (k && (size_t)r >= v->iov_len) {
+				r -= (ssize_t)v->iov_len;
+				v++;
+				k--;
+			}
+			if (k) {
+				v->iov_base = (char *)v->iov_base + r;
+				v->iov_len -= (size_t)r;
+			}
+		}
+		for (unsigned j = from; j < at; j++)
+			slots[doneq[j]].used = 0;
+	}
+	ndone = 0;
+	return 0;
 }
 
 /* One client: requests read all at once per wake-up; hits, and writes of
@@ -899,14 +1097,15 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 	if (handshake(c, size, 0))
 		return 0;
 	int ep = watch_two(c, ups);
-	if (ep < 0)
+	struct epoll_event re = {.events = EPOLLIN, .data.fd = ring_efd};
+	if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, ring_efd, &re) < 0)
 		goto done;
 	size_t have = 0, uhave = 0;
 	int64_t sync_at = now_ms() + SYNC_MS;
 	for (;;) {
-		struct epoll_event evs[2];
+		struct epoll_event evs[3];
 		int64_t wait = sync_at - now_ms();
-		int ne = epoll_wait(ep, evs, 2, wait > 0 ? (int)wait : 0);
+		int ne = epoll_wait(ep, evs, 3, wait > 0 ? (int)wait : 0);
 		if (ne < 0 && errno == EINTR)
 			continue;
 		if (ne < 0)
@@ -919,9 +1118,36 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 		/* replies to the client; upstream requests */
 		size_t n = 0, un = 0;
 		for (int k = 0; k < ne; k++) {
+			if (evs[k].data.fd == ring_efd) {
+				if (stored())
+					goto done;
+				continue;
+			}
 			int from_up = evs[k].data.fd == ups;
-			int got = from_up ? take_in(ups, uin, &uhave)
-			                  : take_in(c, in, &have);
+			if (from_up && dslot >= 0) {
+				/* A large payload goes straight into its buffer. */
+				struct slot *sl = &slots[dslot];
+				ssize_t r =
+				    read(ups, sl->dbuf + dgot, sl->elen - dgot);
+				if (r < 0 &&
+				    (errno == EAGAIN || errno == EINTR))
+					continue;
+				if (r <= 0)
+					goto done;
+				dgot += (size_t)r;
+				if (dgot < sl->elen)
+					continue;
+				unsigned i = (unsigned)dslot;
+				dslot = -1;
+				hdr_only = 1;
+				if (arrived(i, c, out, &n))
+					goto done;
+				continue;
+			}
+			int got = from_up ? take_in(ups, uin, &uhave, hdr_only)
+			                  : take_in(c, in, &have, 0);
+			if (from_up)
+				hdr_only = 0;
 			if (got < 0)
 				goto done;
 			if (!got)
@@ -938,37 +1164,36 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 					    h >= SLOTS || !slots[h].used || e)
 						goto done; /* no error handling: a yardstick */
 					struct slot *sl = &slots[h];
+					if (direct(sl)) {
+						/* What came with the header, then
+						 * the rest read into the buffer. */
+						size_t k2 = uhave - pos - 16;
+						if (k2 > sl->elen)
+							k2 = sl->elen;
+						if (!sl->dbuf &&
+						    posix_memalign(
+						        (void **)&sl->dbuf, CBS,
+						        CACHE_MAX_LEN))
+							goto done;
+						memcpy(sl->dbuf, uin + pos + 16,
+						       k2);
+						pos += 16 + k2;
+						if (k2 < sl->elen) {
+							dslot = (int)h;
+							dgot = k2;
+							break;
+						}
+						if (arrived((unsigned)h, c, out,
+						            &n))
+							goto done;
+						continue;
+					}
 					if (uhave - pos < 16 + (size_t)sl->elen)
 						break;
-					char *d = uin + pos + 16;
-					uint32_t err = 0;
-					if (settle(d, sl->eoff, sl->elen))
-						err = EIO;
-					else if (sl->payload) {
-						/* A write: over the blocks. */
-						if (pwrite(cache_fd,
-						           sl->payload, sl->len,
-						           (off_t)sl->off) !=
-						    (ssize_t)sl->len)
-							err = EIO;
-						else
-							mark(sl->off, sl->len);
-					}
-					size_t rl =
-					    !sl->payload && !err ? sl->len : 0;
-					if (n + 16 + rl > CACHE_BUF) {
-						if (full(c, out, n, 1))
-							goto done;
-						n = 0;
-					}
-					n +=
-					    put_reply(out + n, err, sl->handle);
-					memcpy(out + n,
-					       d + (sl->off - sl->eoff), rl);
-					n += rl;
-					free(sl->payload);
-					sl->payload = NULL;
-					sl->used = 0;
+					up_bytes -= sl->elen;
+					if (finish(sl, uin + pos + 16, c, out,
+					           &n))
+						goto done;
 					pos += 16 + sl->elen;
 				}
 				memmove(uin, uin + pos, uhave - pos);
@@ -1065,14 +1290,25 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 						goto done;
 					memcpy(sl->payload, in + pos + 28, len);
 				}
-				un += put_up_read(uo + un, (unsigned)i, eoff,
-				                  sl->elen);
+				waitq[(wq_head + wq_len++) % SLOTS] =
+				    (unsigned)i;
 				pos += take;
 			}
 			memmove(in, in + pos, have - pos);
 			have -= pos;
 		}
-		if ((un && full(ups, uo, un, 1)) || (n && full(c, out, n, 1)))
+		while (wq_len) {
+			struct slot *sl = &slots[waitq[wq_head]];
+			if (up_cap && up_bytes && up_bytes + sl->elen > up_cap)
+				break;
+			un += put_up_read(uo + un, waitq[wq_head], sl->eoff,
+			                  sl->elen);
+			up_bytes += sl->elen;
+			wq_head = (wq_head + 1) % SLOTS;
+			wq_len--;
+		}
+		if ((un && full(ups, uo, un, 1)) || (n && full(c, out, n, 1)) ||
+		    (ndone && send_stored(c)))
 			goto done;
 	}
 done:
@@ -1108,6 +1344,8 @@ int main(int argc, char **argv)
 {
 	if (argc == 5 && strcmp(argv[1], "--cache") == 0) {
 		uint64_t size;
+		if (getenv("FLOOR_CAP"))
+			up_cap = strtoull(getenv("FLOOR_CAP"), NULL, 0);
 		if (up_connect(atoi(argv[3]), &size) ||
 		    cache_open(argv[4], size)) {
 			perror("floor_server: the upstream or the cache");
