@@ -106,6 +106,13 @@
 #define REPLY_MAGIC 0x67446698U
 #define MAX_LEN (32U << 20)
 
+/* Wait until a non-blocking fd is ready for ev: 0, or -1 on an error. */
+static int wait_for(int fd, short ev)
+{
+	struct pollfd pfd = {fd, ev, 0};
+	return poll(&pfd, 1, -1) < 0 && errno != EINTR ? -1 : 0;
+}
+
 static int full(int fd, void *buf, size_t n, int out)
 {
 	char *p = buf;
@@ -116,8 +123,7 @@ static int full(int fd, void *buf, size_t n, int out)
 		if (r < 0 && errno == EAGAIN) {
 			/* A non-blocking socket (the loop floor's) is full or
 			 * empty: wait for it. */
-			struct pollfd pfd = {fd, out ? POLLOUT : POLLIN, 0};
-			if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+			if (wait_for(fd, out ? POLLOUT : POLLIN))
 				return -1;
 			continue;
 		}
@@ -306,8 +312,7 @@ static int image_send(int c, int img, uint32_t len, uint64_t off)
 			ssize_t r =
 			    sendfile(c, fd, &o, (size_t)(e - (uint64_t)o));
 			if (r < 0 && errno == EAGAIN) {
-				struct pollfd pfd = {c, POLLOUT, 0};
-				if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+				if (wait_for(c, POLLOUT))
 					return -1;
 				continue;
 			}
@@ -419,8 +424,7 @@ static int image_splice(int c, int img, const char *src, size_t k, uint32_t len,
 				*err = EIO;
 			continue;
 		}
-		struct pollfd pfd = {c, POLLIN, 0};
-		if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+		if (wait_for(c, POLLIN))
 			return -1;
 	}
 	if (pipe_drain(fd, &at, &held))
@@ -1059,8 +1063,7 @@ static int send_stored(int c)
 		while (total) {
 			ssize_t r = writev(c, v, k);
 			if (r < 0 && errno == EAGAIN) {
-				struct pollfd pfd = {c, POLLOUT, 0};
-				if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+				if (wait_for(c, POLLOUT))
 					return -1;
 				continue;
 			}
