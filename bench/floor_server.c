@@ -113,6 +113,18 @@ static int wait_for(int fd, short ev)
 	return poll(&pfd, 1, -1) < 0 && errno != EINTR ? -1 : 0;
 }
 
+/* After an output call on a non-blocking fd returned r: 1 to make it
+ * again (the fd was full and now has room, or a signal came), -1 on an
+ * error or at its end, 0 when r bytes went. */
+static int again_out(int fd, ssize_t r)
+{
+	if (r < 0 && errno == EAGAIN)
+		return wait_for(fd, POLLOUT) ? -1 : 1;
+	if (r < 0 && errno == EINTR)
+		return 1;
+	return r <= 0 ? -1 : 0;
+}
+
 static int full(int fd, void *buf, size_t n, int out)
 {
 	char *p = buf;
@@ -311,14 +323,8 @@ static int image_send(int c, int img, uint32_t len, uint64_t off)
 		while ((uint64_t)o < e) {
 			ssize_t r =
 			    sendfile(c, fd, &o, (size_t)(e - (uint64_t)o));
-			if (r < 0 && errno == EAGAIN) {
-				if (wait_for(c, POLLOUT))
-					return -1;
-				continue;
-			}
-			if (r < 0 && errno == EINTR)
-				continue;
-			if (r <= 0)
+			int a = again_out(c, r);
+			if (a < 0)
 				return -1;
 		}
 		off = e;
@@ -1062,15 +1068,11 @@ static int send_stored(int c)
 		struct iovec *v = iov;
 		while (total) {
 			ssize_t r = writev(c, v, k);
-			if (r < 0 && errno == EAGAIN) {
-				if (wait_for(c, POLLOUT))
-					return -1;
-				continue;
-			}
-			if (r < 0 && errno == EINTR)
-				continue;
-			if (r <= 0)
+			int a = again_out(c, r);
+			if (a < 0)
 				return -1;
+			if (a)
+				continue;
 			total -= (size_t)r;
 			while (k && (size_t)r >= v->iov_len) {
 				r -= (ssize_t)v->iov_len;
