@@ -63,7 +63,10 @@
  * rest wait in order; FLOOR_CAP in the environment sets another cap, 0
  * none): the cap that made the fastest cold copies of a loopback
  * upstream (bench/README.md, twelfth session), a choice a proxy that
- * does not know its upstream cannot make.
+ * does not know its upstream cannot make.  A client write to blocks
+ * whose direct store is still in flight is not ordered after it (a
+ * proxy must; xnbd-server locks the blocks): no row of bench.py makes
+ * large cold reads and writes at once.
  * Requests to the upstream go out in one write per wake-up, replies to
  * the client in another.  Every 2 s while bits were set, and at its end,
  * the cache is synced and then the bitmap written to CACHE.bitmap and
