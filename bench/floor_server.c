@@ -1031,16 +1031,13 @@ static int stored(void)
 		unsigned i = (unsigned)io_uring_cqe_get_data64(cqe);
 		struct slot *sl = &slots[i];
 		uint32_t err = 0;
+		/* A short or failed write is not gone on with: a yardstick. */
 		if (cqe->res == (int)sl->elen)
 			mark(sl->eoff, sl->elen);
 		else
-			err =
-			    EIO; /* short or failed: no going on, a yardstick */
+			err = EIO;
 		io_uring_cqe_seen(&ring, cqe);
-		uint32_t m = htonl(REPLY_MAGIC), e = htonl(err);
-		memcpy(sl->hdr, &m, 4);
-		memcpy(sl->hdr + 4, &e, 4);
-		memcpy(sl->hdr + 8, sl->handle, 8);
+		put_reply(sl->hdr, err, sl->handle);
 		if (err)
 			sl->len = 0; /* no data with an error */
 		doneq[ndone++] = i;
