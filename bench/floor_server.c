@@ -99,6 +99,7 @@
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -381,11 +382,14 @@ static int image_write(int img, const char *src, uint32_t len, uint64_t off,
 static _Thread_local int pipe_r = -1, pipe_w = -1;
 #define PIPE_SIZE (1U << 20)
 
-static int pipe_drain(int fd, uint64_t *off, size_t *held)
+/* Splice what the pipe holds into fd at *off, at most piece bytes a call. */
+static int pipe_drain(int fd, uint64_t *off, size_t *held, size_t piece)
 {
 	while (*held) {
 		loff_t o = (loff_t)*off;
-		ssize_t r = splice(pipe_r, NULL, fd, &o, *held, SPLICE_F_MOVE);
+		ssize_t r =
+		    splice(pipe_r, NULL, fd, &o, *held < piece ? *held : piece,
+		           SPLICE_F_MOVE);
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r <= 0)
@@ -394,6 +398,31 @@ static int pipe_drain(int fd, uint64_t *off, size_t *held)
 		*held -= (size_t)r;
 	}
 	return 0;
+}
+
+/* cachestat(2) (Linux 6.5; glibc 2.36 has no wrapper). */
+#ifndef SYS_cachestat
+#define SYS_cachestat 451
+#endif
+#define WRITE_PIECE (64U << 10)
+
+/* The piece size of a write of len bytes at off into fd, as xnbd-server
+ * picks it (WRITE_PIECE in libxnbd/src/backend_file.c): 64 KiB where some
+ * of its pages are not in the page cache, so that the file system makes
+ * small folios for them; whole where they all are, or cachestat cannot
+ * tell.  Whole splices into new pages make large folios, whose first touch
+ * crawled on this VM in some runs and not in others (bench/README.md,
+ * thirteenth session): a floor that wrote so was no steady yardstick. */
+static size_t write_piece(int fd, uint64_t off, size_t len)
+{
+	struct {
+		uint64_t off, len;
+	} range = {off, len};
+	uint64_t cs[5]; /* nr_cache first */
+	if (syscall(SYS_cachestat, fd, &range, cs, 0) < 0)
+		return SIZE_MAX;
+	uint64_t pages = (off + len + 4095) / 4096 - off / 4096;
+	return cs[0] >= pages ? SIZE_MAX : WRITE_PIECE;
 }
 
 /* A large write's payload, of which the first k bytes were read with its
@@ -409,6 +438,7 @@ static int image_splice(int c, int img, const char *src, size_t k, uint32_t len,
 	uint64_t at = off;
 	size_t held = 0, rest = len - k;
 	*err = cow_prepare(img, len, off, size) ? EIO : 0;
+	size_t piece = write_piece(fd, off, len);
 	if (k && full(pipe_w, (char *)src, k, 1))
 		return -1;
 	held = k;
@@ -429,14 +459,14 @@ static int image_splice(int c, int img, const char *src, size_t k, uint32_t len,
 		int avail = 0;
 		if (held && ioctl(c, FIONREAD, &avail) == 0 && avail > 0) {
 			/* The pipe is full: into the file with what it holds. */
-			if (pipe_drain(fd, &at, &held))
+			if (pipe_drain(fd, &at, &held, piece))
 				*err = EIO;
 			continue;
 		}
 		if (wait_for(c, POLLIN))
 			return -1;
 	}
-	if (pipe_drain(fd, &at, &held))
+	if (pipe_drain(fd, &at, &held, piece))
 		*err = EIO;
 	if (held) /* the file refused: the pipe emptied to keep the stream */
 		return -1;
