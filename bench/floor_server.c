@@ -21,9 +21,10 @@
  * take the paths xnbd-server takes: a read of 64 KiB or more goes out
  * with sendfile after its header, and a write payload over 128 KiB (up
  * to 1 MiB) that has not all arrived with its header is spliced from the
- * socket into a pipe and from the pipe into the file, on the one thread;
- * after it, the next read takes the next header alone, so that its
- * payload stays in the socket for splicing too.
+ * socket into a pipe and from the pipe into the file, on the one thread
+ * (in 64 KiB pieces where the pages are not all cached, as xnbd-server
+ * splices: write_piece); after it, the next read takes the next header
+ * alone, so that its payload stays in the socket for splicing too.
  * Each connection is served so on a thread of its own, and the loop
  * floor offers multi-conn: nbdcopy's connections run side by side, each
  * on a loop of its own (the least a server serving them on both cores
