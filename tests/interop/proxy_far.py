@@ -173,8 +173,12 @@ def cold_copy(t, port, name, size):
 
 
 def fetch_window(t, up, rport, src):
-    # Cold copies of 256 MiB, enough for the window to settle.
-    size = 256 * xt.MiB
+    # Cold copies of 512 MiB, enough for the window to settle: it is sized
+    # after a first epoch, a probe and two more epochs (fetchctl.h), and a
+    # copy of 256 MiB from an upstream on loopback that does not pace (a
+    # listener on loopback, since 2026-12-06) was over in about 200 ms,
+    # before that in 2 of 8 runs.
+    size = 512 * xt.MiB
     big = t.join("big.img")
     with open(big, "wb") as f:
         f.truncate(size)
