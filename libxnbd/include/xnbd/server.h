@@ -129,7 +129,11 @@ XNBD_EXPORT size_t xnbd_export_client_count(const struct xnbd_export *e);
 /* Listen on TCP.  host NULL (or "") listens on every address, IPv6 and
  * IPv4; otherwise on each address `host` resolves to.  port is a number or
  * service name.  Returns 0, or the negative errno of the first failure
- * (-EADDRINUSE, -EACCES, -EADDRNOTAVAIL, -ENOENT for an unknown host...). */
+ * (-EADDRINUSE, -EACCES, -EADDRNOTAVAIL, -ENOENT for an unknown host...).
+ * A listener on a loopback address (127.0.0.0/8, ::1) whose TCP congestion
+ * control would pace (BBR) gets cubic, else reno, for its connections:
+ * pacing serves links, loopback has none, and it costs a timer a segment.
+ * Other listeners keep the system's choice. */
 XNBD_EXPORT int xnbd_server_listen(struct xnbd_server *s, const char *host,
                                    const char *port);
 
