@@ -67,6 +67,18 @@ def page_cache_drops():
     return 0
 
 
+def tcp_congestion():
+    """The system's TCP congestion control.  It decides the peers' costs on
+    loopback: bbr paces every connection, with an hrtimer a segment where
+    no qdisc paces for it (lo has none), while xnbd-server's listeners on
+    loopback do not pace (since 2026-12-06, thirteenth session)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def warm_memory(mib):
     """Touch mib MiB of fresh anonymous memory, then free it.  On a VM whose
     balloon takes free memory back (free page reporting), the first touch
@@ -776,7 +788,8 @@ def main():
                                       else "pass-throughs")
                if proxy else "") +
               ("; xnbd-server's cache read back a page at a time"
-               if args.warm_pages and args.mode == "proxy-warm" else ""))
+               if args.warm_pages and args.mode == "proxy-warm" else "") +
+              "; TCP congestion control %s" % tcp_congestion())
         report(rows, servers, results, runtime)
         if redone[0]:
             print("\n%d run(s) made again: the host dropped the page cache "
