@@ -1,12 +1,15 @@
 #!/bin/bash
 # A listener on a loopback address does not pace: where the system's TCP
 # congestion control is BBR, xnbd-server's connections on 127.0.0.1 and
-# ::1 get cubic (or reno), and those on any other address keep BBR.
+# ::1 get cubic (or reno), and those on any other address keep BBR;
+# xnbd-wrapper's on 127.0.0.1 too.
 # Runs in a network namespace of its own, whose default congestion
 # control it sets to bbr; skipped without root, namespaces or tcp_bbr.
 . "$(dirname "$0")/lib.sh"
 
 [ "$(id -u)" = 0 ] || skip "network namespaces need root"
+: "${XNBD_WRAPPER:=$(dirname "$XNBD_SERVER")/../wrapper/xnbd-wrapper}"
+[ -x "$XNBD_WRAPPER" ] || fail "xnbd-wrapper binary $XNBD_WRAPPER not found"
 command -v ss >/dev/null 2>&1 || skip "ss (iproute2) is not installed"
 
 NS=xnbdcc$$
@@ -49,12 +52,13 @@ in_ns sysctl -qw net.ipv4.tcp_congestion_control=bbr 2>"$T/sysctl.err" ||
 IMG=$T/disk.img
 make_image "$IMG" 16M
 
-# server_cc ADDR: sets CC to the congestion control of xnbd-server's end
-# of a connection to it listening on ADDR (a port picked free in the namespace),
+# server_cc ADDR [wrapper]: sets CC to the congestion control of
+# xnbd-server's (or xnbd-wrapper's) end of a connection to it listening
+# on ADDR (a port picked free in the namespace),
 # with a client holding the connection open.  Also checks that the server
 # answers with the NBD greeting over it.
 server_cc() {
-	local addr=$1 port pid log=$T/server-$1.log
+	local addr=$1 port pid log=$T/server-$1-${2:-server}.log
 	port=$(in_ns "$PYTHON" - "$addr" <<'EOF'
 import socket, sys
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
@@ -65,8 +69,14 @@ EOF
 	) || fail "no free port on $addr"
 	# ip execs the server: $! is the server's PID (in_ns would be a
 	# subshell's).
-	ip netns exec "$NS" "$XNBD_SERVER" --target --laddr "$addr" \
-		--lport "$port" --logpath "$log" "$IMG" &
+	if [ "${2:-}" = wrapper ]; then
+		ip netns exec "$NS" "$XNBD_WRAPPER" --laddr "$addr" \
+			--lport "$port" --socket "$T/wrapper-$port.ctl" \
+			--logpath "$log" --imgfile "$IMG" &
+	else
+		ip netns exec "$NS" "$XNBD_SERVER" --target --laddr "$addr" \
+			--lport "$port" --logpath "$log" "$IMG" &
+	fi
 	pid=$!
 	SERVER_PIDS+=("$pid")
 	ip netns exec "$NS" "$PYTHON" - "$addr" "$port" "$pid" "$T/held-$port" <<'EOF' &
@@ -117,6 +127,14 @@ esac
 server_cc $OTHER_IP
 log "listening on $OTHER_IP: $CC"
 [ "$CC" = bbr ] || fail "a connection to $OTHER_IP has congestion control '$CC', not the system's bbr"
+
+# xnbd-wrapper listens through the same library call.
+server_cc 127.0.0.1 wrapper
+log "xnbd-wrapper listening on 127.0.0.1: $CC"
+case $CC in
+cubic | reno) ;;
+*) fail "a connection to xnbd-wrapper on 127.0.0.1 has congestion control '$CC', not cubic or reno" ;;
+esac
 
 if in_ns "$PYTHON" -c 'import socket; socket.socket(socket.AF_INET6).bind(("::1", 0))' 2>/dev/null; then
 	server_cc ::1
