@@ -79,6 +79,19 @@ def tcp_congestion():
         return "unknown"
 
 
+def idle_polling():
+    """How long an idle vCPU of this guest polls before it halts, from the
+    haltpoll cpuidle governor (None where the machine has none).  Where it
+    does not poll, every wake-up of a task on the other, idle vCPU takes an
+    exit to the host and back: round trips at depth 1 are made of two such
+    wake-ups (fourteenth session, 2026-12-06)."""
+    try:
+        with open("/sys/module/haltpoll/parameters/guest_halt_poll_ns") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def warm_memory(mib):
     """Touch mib MiB of fresh anonymous memory, then free it.  On a VM whose
     balloon takes free memory back (free page reporting), the first touch
@@ -789,7 +802,10 @@ def main():
                if proxy else "") +
               ("; xnbd-server's cache read back a page at a time"
                if args.warm_pages and args.mode == "proxy-warm" else "") +
-              "; TCP congestion control %s" % tcp_congestion())
+              "; TCP congestion control %s" % tcp_congestion() +
+              ("; idle vCPUs poll %d us before they halt" %
+               (idle_polling() // 1000) if idle_polling() is not None
+               else ""))
         report(rows, servers, results, runtime)
         if redone[0]:
             print("\n%d run(s) made again: the host dropped the page cache "

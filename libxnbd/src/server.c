@@ -50,7 +50,11 @@
 #include "pool.h"
 #include "wire.h"
 
-#define RBUF_SIZE (64U * 1024U)
+/* A session's receive buffer: one read takes what a wake-up brings.  32
+ * writes of 4 KiB are 132 KiB; with 64 KiB, three reads a wake-up and
+ * 0.84x the IOPS (fourteenth session, 2026-12-06).  Pages are touched
+ * only as far as bursts reach. */
+#define RBUF_SIZE (256U * 1024U)
 #define DIRECT_MIN (32U * 1024U) /* payload left to read straight in */
 #define SESSION_MAX_QUEUE 1024U
 #define SESSION_MAX_BUF (256U * 1024U * 1024U)
