@@ -25,6 +25,7 @@ void xnbd__fetchctl_reset(struct xnbd__fetchctl *fc)
 	fc->refill = false;
 	fc->ep_bytes = 0;
 	fc->ep_large = 0;
+	fc->idle_t = 0;
 }
 
 bool xnbd__fetchctl_room(struct xnbd__fetchctl *fc, uint64_t len)
@@ -51,7 +52,8 @@ static void new_epoch(struct xnbd__fetchctl *fc, uint64_t now)
 unsigned xnbd__fetchctl_sent(struct xnbd__fetchctl *fc, uint64_t len,
                              uint64_t now, bool lane)
 {
-	if (!fc->bytes) /* idle no more: a new epoch */
+	/* idle no more: a new epoch, unless the gap was short (fetchctl.h) */
+	if (!fc->bytes && now - fc->idle_t >= FC_EPOCH_NS)
 		new_epoch(fc, now);
 	fc->bytes += len;
 	if (lane) {
@@ -71,6 +73,8 @@ void xnbd__fetchctl_done(struct xnbd__fetchctl *fc, uint64_t len, uint64_t sent,
 {
 	bool probe = flags & FC_PROBE;
 	fc->bytes -= len;
+	if (!fc->bytes)
+		fc->idle_t = now;
 	if (flags & FC_IN_LANE)
 		fc->lane -= len;
 	if (fc->fixed)

@@ -22,6 +22,9 @@
  * large fetches starts no probe (small fetches give no sample, and would
  * only be held back).  An epoch lasts FC_EPOCH_NS and four latencies at
  * least, as a far upstream's replies come in bursts of a round trip.
+ * A gap with nothing in flight shorter than FC_EPOCH_NS stays in the epoch
+ * (clients that ask for the next block once the last is back make such
+ * gaps; their pace is what the epoch measures); a longer one ends it.
  * These are BBR's bandwidth and round-trip filters, applied to requests
  * instead of segments.  The window is at least FC_MIN: two of the largest
  * fetches, one arriving while the other is sent.
@@ -51,6 +54,7 @@ struct xnbd__fetchctl {
 	uint64_t bytes;    /* bytes in flight now */
 	uint64_t lane;     /* ... of them in the lane */
 	uint64_t t0;       /* this epoch's start */
+	uint64_t idle_t;   /* when the last fetch in flight came back */
 	uint64_t ep_bytes; /* bytes fetched in it */
 	unsigned ep_large; /* fetches of FC_SAMPLE_MIN or more in it */
 	bool fixed;        /* the window never moves */

@@ -177,7 +177,9 @@ def fetch_window(t, up, rport, src):
     # after a first epoch, a probe and two more epochs (fetchctl.h), and a
     # copy of 256 MiB from an upstream on loopback that does not pace (a
     # listener on loopback, since 2026-12-06) was over in about 200 ms,
-    # before that in 2 of 8 runs.
+    # before that in 2 of 8 runs.  (A copy whose fetches all came back
+    # between its requests kept the window at its start, before short
+    # idle gaps stayed in an epoch: fourteenth session.)
     size = 512 * xt.MiB
     big = t.join("big.img")
     with open(big, "wb") as f:

@@ -34,6 +34,7 @@ struct sim {
 	uint64_t fetched; /* bytes */
 	unsigned max_probe_flight;
 	unsigned probes;
+	uint64_t think; /* with nothing in flight, the clients wait this long */
 };
 
 static void sim_init(struct sim *s, uint64_t lat, double mib_per_s,
@@ -54,6 +55,8 @@ static void sim_run(struct sim *s, uint64_t t)
 {
 	while (s->now < t) {
 		bool was_probing = s->fc.probing;
+		if (!s->n)
+			s->now += s->think;
 		while (s->n < s->demand &&
 		       xnbd__fetchctl_room(&s->fc, s->fetch)) {
 			unsigned i = (s->head + s->n++) % MAX_FLIGHT;
@@ -230,6 +233,28 @@ START_TEST(a_window_beyond_the_clients_needs_shrinks_to_them)
 }
 END_TEST
 
+START_TEST(clients_that_wait_between_fetches_still_size_the_window)
+{
+	static struct sim s;
+	/* near, one 256 KiB fetch at a time and 50 us from its return to
+	 * the next: nothing is in flight in between, and the epochs still
+	 * end and measure (before, each fetch started one afresh, and the
+	 * window stayed at its start: proxy_far.py, 2026-12-06) */
+	sim_init(&s, 100 * 1000, 1024, 0);
+	s.demand = 1;
+	s.think = 50 * 1000;
+	sim_run(&s, s.now + 2 * SEC);
+	ck_assert_uint_eq(s.fc.window, FC_MIN);
+	ck_assert_uint_gt(s.fc.base, 0);
+	/* a pause longer than an epoch ends it: the next starts afresh */
+	s.think = 0;
+	s.now += 2 * FC_EPOCH_NS;
+	uint64_t t = s.now;
+	sim_run(&s, s.now + 1);
+	ck_assert_uint_ge(s.fc.t0, t);
+}
+END_TEST
+
 START_TEST(one_fetch_may_always_go)
 {
 	struct xnbd__fetchctl fc;
@@ -334,6 +359,8 @@ int main(void)
 	tcase_add_test(tc, a_fixed_window_stays);
 	tcase_add_test(tc, no_window_leaves_the_callers_limit);
 	tcase_add_test(tc, a_window_beyond_the_clients_needs_shrinks_to_them);
+	tcase_add_test(tc,
+	               clients_that_wait_between_fetches_still_size_the_window);
 	tcase_add_test(tc, one_fetch_may_always_go);
 	tcase_add_test(tc, small_fetches_take_the_lane_past_a_full_window);
 	tcase_add_test(tc, failed_and_small_fetches_are_no_samples);
