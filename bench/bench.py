@@ -85,7 +85,14 @@ def idle_polling():
     does not poll, every wake-up of a task on the other, idle vCPU takes an
     exit to the host and back: round trips at depth 1 are made of two such
     wake-ups (fourteenth session, 2026-12-06)."""
+    base = "/sys/devices/system/cpu/cpuidle/"
     try:
+        for name in ("current_governor", "current_governor_ro"):
+            if os.path.exists(base + name):
+                with open(base + name) as f:
+                    if f.read().strip() != "haltpoll":
+                        return None
+                break
         with open("/sys/module/haltpoll/parameters/guest_halt_poll_ns") as f:
             return int(f.read())
     except (OSError, ValueError):
