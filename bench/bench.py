@@ -798,6 +798,7 @@ def main():
                               "during the run; once more" % (row, i + 1, name),
                               file=sys.stderr, flush=True)
                     results.setdefault((row, name), []).append(got)
+        poll = idle_polling()
         print("Mode: %s; image %d MiB in page cache; %d run(s) of %gs a row; "
               "%s%s" % (args.mode, size >> 20, runs, runtime,
                         time.strftime("%Y-%m-%d"),
@@ -810,9 +811,8 @@ def main():
               ("; xnbd-server's cache read back a page at a time"
                if args.warm_pages and args.mode == "proxy-warm" else "") +
               "; TCP congestion control %s" % tcp_congestion() +
-              ("; idle vCPUs poll %d us before they halt" %
-               (idle_polling() // 1000) if idle_polling() is not None
-               else ""))
+              ("; idle vCPUs poll %d us before they halt" % (poll // 1000)
+               if poll is not None else ""))
         report(rows, servers, results, runtime)
         if redone[0]:
             print("\n%d run(s) made again: the host dropped the page cache "
