@@ -8,9 +8,10 @@
  *   cache or refuses with EAGAIN; whatever is left goes to the worker pool
  *   (pool.h: libxnbd's own, not libuv's, whose completion signal spins).
  *   Small writes where the file system has no RWF_NOWAIT writes (ext4,
- *   tmpfs) are made on the loop thread, and a stall sends them away for a
- *   while (write_here); the rest, and large writes, go to the write lane,
- *   the pool's serial queue (see lane_takes).
+ *   tmpfs), and spliced ones, are made on the loop thread, and a stall
+ *   sends them away for a while (write_here); the rest, and large writes
+ *   from a buffer, go to the write lane, the pool's serial queue (see
+ *   lane_takes).
  *   Flushes, FUA writes, trims, zeroing and extent queries always go to
  *   the pool.
  * - Reads the server may send straight from the descriptor (sendfile, no
@@ -19,10 +20,12 @@
  *   loop thread must not.  Where cachestat is missing (Linux before 6.5)
  *   or refused, every read goes through submit as before.
  * - Large writes may come in a pipe the server spliced from the socket
- *   (write_pipe): a pool thread splices the pipe into the file, so the
- *   data is copied once, into the page cache, never through user space.
- *   Where the file refuses splice, the pipe is read into the request's
- *   buffer and written as usual.
+ *   (write_pipe): the pipe is spliced into the file, so the data is
+ *   copied once, into the page cache, never through user space.  Where
+ *   the file refuses splice, the pipe is read into the request's buffer
+ *   and written as usual.  The splice is made on the loop thread where a
+ *   small write would be (since 2026-12-06: the lane's hand-offs cost a
+ *   tenth of the CPU and bought no speed), else on the lane.
  * - Writes to a descriptor opened with O_DIRECT (a proxy's stores into
  *   its cache) go to the kernel through an io_uring of the backend's own
  *   where liburing was built in and the kernel lets one be made: the
@@ -70,11 +73,14 @@
 #define ALLOC_SPAN_MAX 32U /* chunks one fallocate takes at most */
 #define EXT4_MAGIC 0xEF53
 #define XFS_MAGIC 0x58465342
-#define INLINE_MAX (128U * 1024U) /* largest I/O tried on the loop thread */
+/* Largest I/O from a buffer tried on the loop thread (a spliced write of
+ * any size may be made there: file_write_pipe). */
+#define INLINE_MAX (128U * 1024U)
 #define SNAPSHOT_DONE 0xffffffffU /* io type of a snapshot's end */
 #define RING_DEPTH 256U           /* entries of a backend's io_uring */
 
-/* Where small writes run (file_submit): on the loop thread.  An inline
+/* Where small and spliced writes run (file_submit, file_write_pipe): on
+ * the loop thread.  An inline
  * write that took PLACE_STALL_NS or more sends the writes to the lane for
  * a hold that starts at PLACE_HOLD_MIN_NS and doubles, up to
  * PLACE_HOLD_MAX_NS, while the stalls keep coming. */
@@ -176,6 +182,9 @@ struct file_backend {
 		clockid_t clock;
 		bool lane_only;    /* tests */
 		uint64_t lane_ios; /* I/Os the lane took (tests) */
+		/* When a buffered write off the loop thread last took stall_ns
+		 * or more (0: never), on the same clock; set by the workers. */
+		atomic_uint_fast64_t stalled_at;
 	} place;
 	/* Pool work comes back through it; writes take its serial queue,
 	 * the write lane (see lane_takes). */
@@ -566,6 +575,8 @@ static int sync_if_fua(struct file_backend *fb, struct xnbd_io *io, int r)
 	return r;
 }
 
+static uint64_t place_now(const struct file_backend *fb);
+
 static void work_cb(struct xnbd_io *io)
 {
 	struct file_backend *fb = io->priv.a;
@@ -578,23 +589,32 @@ static void work_cb(struct xnbd_io *io)
 		r = full_pread(fb->fd, (uint8_t *)io->buf + done,
 		               io->length - done, io->offset + done);
 		break;
-	case XNBD_IO_WRITE:
+	case XNBD_IO_WRITE: {
 		copy_before_write(snap, io->offset, io->length);
 		alloc_ahead(fb, io->offset + done, io->length - done);
+		uint64_t t0 = place_now(fb);
 		if (io->priv.scratch) { /* the data is in a pipe */
 			r = pipe_to_file(
 			    fb->fd, (int)(io->priv.scratch - 1), io->buf,
 			    io->length, io->offset,
 			    write_piece(fb, io->offset, io->length));
 			r = sync_if_fua(fb, io, r);
-			break;
+		} else {
+			r = full_pwrite(fb->fd, (uint8_t *)io->buf + done,
+			                io->length - done, io->offset + done,
+			                (io->flags & XNBD_IO_FUA) ? RWF_DSYNC
+			                                          : 0,
+			                write_piece(fb, io->offset + done,
+			                            io->length - done));
 		}
-		r = full_pwrite(
-		    fb->fd, (uint8_t *)io->buf + done, io->length - done,
-		    io->offset + done,
-		    (io->flags & XNBD_IO_FUA) ? RWF_DSYNC : 0,
-		    write_piece(fb, io->offset + done, io->length - done));
+		/* A buffered write without FUA that stalled here would have
+		 * stalled the loop thread too (write_here). */
+		uint64_t now = place_now(fb);
+		if (fb->use_lane && !(io->flags & XNBD_IO_FUA) &&
+		    now - t0 >= fb->place.stall_ns)
+			atomic_store(&fb->place.stalled_at, now);
 		break;
+	}
 	case XNBD_IO_FLUSH:
 		r = fdatasync(fb->fd) ? -errno : 0;
 		break;
@@ -684,6 +704,11 @@ static bool write_here(struct file_backend *fb, const struct xnbd_io *io,
 	if (fb->place.lane_only || now < fb->place.hold_until ||
 	    fb->place.writes_out)
 		return false;
+	/* Writes still stall on the lane (the dirty-page throttle, most
+	 * often): the hold lasts until they have not for PLACE_HOLD_MIN_NS. */
+	uint64_t stalled = atomic_load(&fb->place.stalled_at);
+	if (stalled && now < stalled + PLACE_HOLD_MIN_NS)
+		return false;
 	if (io->offset + io->length > fb->place.fsize_limit)
 		return false;
 	/* fallocate may wait for direct writes to the file (a proxy's stores)
@@ -725,17 +750,21 @@ static void place_clock(struct file_backend *fb)
 		fb->place.clock = CLOCK_MONOTONIC_COARSE;
 }
 
-/* Make the small write io on the loop thread (write_here said so); t0 is
+/* Make the write io on the loop thread (write_here said so), from its
+ * buffer or, when pipe_fd >= 0, from the pipe holding its payload; t0 is
  * when write_here looked. */
 static int write_inline(struct file_backend *fb, struct xnbd_io *io,
-                        uint64_t t0)
+                        uint64_t t0, int pipe_fd)
 {
 	uint64_t done = io->priv.done_bytes;
 	alloc_ahead(fb, io->offset + done, io->length - done);
+	uint64_t piece = write_piece(fb, io->offset + done, io->length - done);
 	io->status =
-	    full_pwrite(fb->fd, (uint8_t *)io->buf + done, io->length - done,
-	                io->offset + done, 0,
-	                write_piece(fb, io->offset + done, io->length - done));
+	    pipe_fd >= 0
+	        ? pipe_to_file(fb->fd, pipe_fd, io->buf, io->length, io->offset,
+	                       piece)
+	        : full_pwrite(fb->fd, (uint8_t *)io->buf + done,
+	                      io->length - done, io->offset + done, 0, piece);
 	uint64_t now = place_now(fb);
 	if (now - t0 >= fb->place.stall_ns) {
 		/* A stall within the longest hold's time from the end of the
@@ -987,7 +1016,7 @@ static int file_submit(struct xnbd_backend *b, struct xnbd_io *io)
 		if (fb->use_lane && !atomic_load(&fb->nowait_write)) {
 			uint64_t now = place_now(fb);
 			if (write_here(fb, io, now))
-				return write_inline(fb, io, now);
+				return write_inline(fb, io, now, -1);
 		}
 	}
 	if (lane_takes(fb, io))
@@ -1005,6 +1034,16 @@ static int file_write_pipe(struct xnbd_backend *b, struct xnbd_io *io,
 	io->priv.scratch = (uint64_t)pipe_fd + 1;
 	if (io->length == 0)
 		return XNBD_IO_COMPLETED;
+	/* Spliced on the loop thread where a small write would be made there
+	 * (see write_here): the splice cannot be told not to wait, with or
+	 * without RWF_NOWAIT for writes, so a stall sends the writes to the
+	 * lane for a while, as for small ones.  The lane's hand-offs cost a
+	 * tenth of a 1 MiB write's CPU and bought no speed (doc/design.md). */
+	if (fb->use_lane && !(io->flags & XNBD_IO_FUA) && !fb->snap) {
+		uint64_t now = place_now(fb);
+		if (write_here(fb, io, now))
+			return write_inline(fb, io, now, pipe_fd);
+	}
 	if (lane_takes(fb, io))
 		return lane_io(fb, io);
 	return queue_io(fb, io);
@@ -1407,6 +1446,7 @@ int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,
 	fb->piece = fl >= 0 && (fl & O_DIRECT) ? UINT64_MAX : WRITE_PIECE;
 	atomic_init(&fb->nowait_read, true);
 	atomic_init(&fb->nowait_write, true);
+	atomic_init(&fb->place.stalled_at, 0);
 	atomic_init(&fb->punch_ok, true);
 	atomic_init(&fb->pieced, 0);
 	atomic_init(&fb->zero_range_ok, true);

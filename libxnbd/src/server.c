@@ -958,6 +958,10 @@ static void req_finish(struct req *q, int status)
 		session_maybe_free(s);
 		return;
 	}
+	/* The backend is done with the payload's pipe: it goes back to the
+	 * session's spares now, not once the reply is out, so that writes
+	 * streaming in take the same few pipes over and over. */
+	pipe_put(s, q);
 	uint32_t err = xnbd__errno_to_nbd(status);
 	/* The spec reserves these two for FAST_ZERO and DF. */
 	if (err == XNBD_ENOTSUP && !(q->r.type == XNBD_CMD_WRITE_ZEROES &&

@@ -4,7 +4,8 @@ beside them.
 
 xnbd-server moves the data of a WRITE of more than 128 KiB and up to
 1 MiB (without FUA) to a plain image through a pipe: socket -> pipe on the
-loop thread, pipe -> file on a pool thread, never through its memory.  It
+loop thread, pipe -> file there too while its writes do not stall (else on
+the backend's write lane), never through its memory.  It
 reads no further than the next request header after such a write, waits
 for the rest of a payload that has not arrived yet, and falls back to
 copying when the pipe fills before the payload is in (the pipe's slots

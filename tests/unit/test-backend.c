@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <sys/statfs.h>
@@ -1182,9 +1183,90 @@ START_TEST(a_stalled_write_sends_writes_to_the_lane_for_a_while)
 	write_at(&o, 8192, 3, true); /* after the hold; a stall: 2 s */
 	usleep(1100 * 1000);
 	write_at(&o, 12288, 4, false); /* still held */
-	usleep(1000 * 1000);
+	usleep(1100 * 1000);
 	xnbd__file_write_place(backend, false, NO_STALL);
 	write_at(&o, 16384, 5, true);
+}
+END_TEST
+
+/* A write that stalls on the lane (the dirty-page throttle would) keeps
+ * the writes off the loop thread for a second after it, past the end of
+ * the hold an inline stall set: the throttle does not let go of a writer
+ * that waited once, and each return to the loop thread would stall it
+ * again. */
+START_TEST(writes_stalling_on_the_lane_extend_the_hold)
+{
+	static struct op o;
+	xnbd__file_write_place(backend, false, 1);
+	write_at(&o, 0, 1, true); /* a stall: held for 1 s */
+	usleep(800 * 1000);
+	write_at(&o, 4096, 2, false); /* on the lane, and a stall there */
+	usleep(400 * 1000);           /* the hold is over */
+	xnbd__file_write_place(backend, false, NO_STALL);
+	write_at(&o, 8192, 3, false); /* but the lane stalled 0.4 s ago */
+	usleep(800 * 1000);
+	write_at(&o, 12288, 4, true);
+}
+END_TEST
+
+/* A payload in a pipe (as the server splices it from the socket) into an
+ * idle backend is spliced into the file on the caller's thread, as a
+ * small write is made there; a stall sends the next one to the lane, and
+ * so does a FUA flag.  Each lands whole. */
+static void piped_write(struct op *o, int p[2], uint8_t *data, uint64_t off,
+                        unsigned seed, uint32_t flags, int expect)
+{
+	static uint8_t bounce[BIG]; /* for a file that refuses splice */
+	fill(data, BIG, seed);
+	ck_assert_int_eq(write(p[1], data, BIG), (ssize_t)BIG);
+	memset(&o->io, 0, sizeof(o->io));
+	o->ncalls = 0;
+	o->io.type = XNBD_IO_WRITE;
+	o->io.flags = flags;
+	o->io.offset = off;
+	o->io.length = BIG;
+	o->io.buf = bounce;
+	o->io.done = op_done;
+	o->io.user_data = o;
+	ck_assert_int_eq(xnbd__backend_submit_pipe(backend, &o->io, p[0]),
+	                 expect);
+	if (expect == XNBD_IO_PENDING) {
+		ck_assert_int_eq(o->ncalls, 0);
+		uv_run(&loop, UV_RUN_DEFAULT);
+		ck_assert_int_eq(o->ncalls, 1);
+	}
+	ck_assert_int_eq(o->io.status, 0);
+	ck_assert(file_is(data, off, BIG));
+	int left = -1;
+	ck_assert_int_eq(ioctl(p[0], FIONREAD, &left), 0);
+	ck_assert_int_eq(left, 0);
+}
+
+START_TEST(idle_spliced_writes_are_made_inline)
+{
+	static struct op o;
+	static uint8_t data[BIG];
+	int p[2];
+	ck_assert_int_eq(pipe2(p, O_NONBLOCK), 0);
+	ck_assert_int_ge(fcntl(p[1], F_SETPIPE_SZ, (int)BIG), (int)BIG);
+	xnbd__file_write_place(backend, false, NO_STALL);
+	uint64_t lane0 = xnbd__file_lane_ios(backend);
+	piped_write(&o, p, data, 0, 1, 0, XNBD_IO_COMPLETED);
+	piped_write(&o, p, data, 3 * BIG + 4096, 2, 0, XNBD_IO_COMPLETED);
+	ck_assert_uint_eq(xnbd__file_lane_ios(backend), lane0);
+	piped_write(&o, p, data, BIG, 3, XNBD_IO_FUA, XNBD_IO_PENDING);
+
+	xnbd__file_write_place(backend, false, 1);
+	piped_write(&o, p, data, 2 * BIG, 4, 0, XNBD_IO_COMPLETED); /* stall */
+	lane0 = xnbd__file_lane_ios(backend);
+	piped_write(&o, p, data, 5 * BIG, 5, 0, XNBD_IO_PENDING);
+	ck_assert_uint_eq(xnbd__file_lane_ios(backend), lane0 + 1);
+
+	/* With the lane chosen for every write, none is made inline. */
+	xnbd__file_write_place(backend, true, NO_STALL);
+	piped_write(&o, p, data, 6 * BIG, 6, 0, XNBD_IO_PENDING);
+	close(p[0]);
+	close(p[1]);
 }
 END_TEST
 
@@ -1214,6 +1296,8 @@ static Suite *suite(void)
 	               writes_past_the_file_size_limit_leave_the_loop_thread);
 	tcase_add_test(tc, small_writes_leave_the_loop_while_others_are_out);
 	tcase_add_test(tc, a_stream_of_writes_stays_on_the_loop_thread);
+	tcase_add_test(tc, idle_spliced_writes_are_made_inline);
+	tcase_add_test(tc, writes_stalling_on_the_lane_extend_the_hold);
 	tcase_add_test(tc,
 	               a_stalled_write_sends_writes_to_the_lane_for_a_while);
 	suite_add_tcase(s, tc);
