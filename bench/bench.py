@@ -758,10 +758,12 @@ def main():
                         continue  # the proxies' memory, not the upstream's
                     # The relay floor passes multi-conn through from
                     # the upstream (since 2026-12-06) and serves the
-                    # copies with several connections and the fill.
-                    if name in ("floor", "cache-floor") and \
+                    # copies with several connections and the fill; the
+                    # cache floor serves each connection on a thread of
+                    # its own since the fifteenth session (2026-12-06).
+                    if name == "floor" and \
                             getattr(fn, "single_conn", True) is False:
-                        continue  # they serve one connection at a time
+                        continue  # it serves one connection at a time
                     if name == "cache-floor" and \
                             getattr(fn, "proxy_only", False):
                         continue  # the fill opens several connections

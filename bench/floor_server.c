@@ -46,8 +46,11 @@
  * the upstream's handshake is relayed as it is).
  *
  * With --cache it is the least a caching proxy does (the "cache floor"
- * of the cold proxy mode): it connects to the upstream once, newstyle
- * with simple replies, and serves one client on one epoll loop.  A read
+ * of the cold proxy mode): it serves each client on a thread of its own
+ * (multi-conn: since 2026-12-06, fifteenth session; one client before),
+ * which connects to the upstream for it, newstyle with simple replies,
+ * and runs one epoll loop; the cache image and its bitmap are shared
+ * (bits set atomically).  A read
  * whose 4096-byte blocks are all in the cache file is a pread there; a
  * read with any block absent is sent upstream for its whole blocks, and
  * on the reply the absent ones are stored (pwrite) and their bits set in
@@ -60,7 +63,7 @@
  * header is then read alone) and written with one O_DIRECT write through
  * an io_uring into the cache, allocated whole at the start; the client
  * gets its reply, one writev from those buffers per wake-up, once the
- * write is done.  At most 1 MiB of upstream reads are in flight (the
+ * write is done.  At most 1 MiB of upstream reads are in flight a client (the
  * rest wait in order; FLOOR_CAP in the environment sets another cap, 0
  * none): the cap that made the fastest cold copies of a loopback
  * upstream (bench/README.md, twelfth session), a choice a proxy that
@@ -73,8 +76,10 @@
  * the cache is synced and then the bitmap written to CACHE.bitmap and
  * synced, the group commit by which xnbd-server keeps a bit on disk from
  * vouching for data that is not (there on a worker thread, here on the
- * one).  No locks, no flush (a no-op), no second thread; it exits after
- * the first client that asked anything.
+ * thread of the client whose wake-up found it due).  No locks on blocks
+ * (two clients missing the same block both fetch and store it), no flush
+ * (a no-op); it exits once its clients are gone, if one of them asked
+ * anything.
  *
  *     floor_server [--loop [--cow]] PORT IMAGE
  *     floor_server --relay PORT UPPORT
@@ -775,19 +780,21 @@ static int relay(int l, int upport, char *buf)
 
 #define DIRECT_MIN (128U << 10) /* stores over this: O_DIRECT, as xnbd's */
 
-static int ups = -1;         /* the upstream's socket */
-static int cache_fd = -1;    /* the cache image */
-static int cache_dfd = -1;   /* the same, opened with O_DIRECT */
-static struct io_uring ring; /* the direct stores */
-static int ring_efd = -1;    /* its completions' eventfd */
-static uint8_t *cbits;       /* a bit per block, in memory */
+/* Each client's thread has its own upstream connection, ring and
+ * slots (__thread); the cache image and the bitmap are shared. */
+static __thread int ups = -1;         /* the upstream's socket */
+static int cache_fd = -1;             /* the cache image */
+static int cache_dfd = -1;            /* the same, opened with O_DIRECT */
+static __thread struct io_uring ring; /* the direct stores */
+static __thread int ring_efd = -1;    /* its completions' eventfd */
+static uint8_t *cbits;                /* a bit per block, in memory */
 static int bitmap_fd = -1;
 static size_t bitmap_len;
 #define SYNC_MS 2000 /* the group commit's period, as xnbd-server's */
 
 static int present(uint64_t b)
 {
-	return cbits[b >> 3] >> (b & 7) & 1;
+	return __atomic_load_n(&cbits[b >> 3], __ATOMIC_RELAXED) >> (b & 7) & 1;
 }
 
 /* A client request waiting on the upstream: a read, or a write whose
@@ -801,7 +808,7 @@ struct slot {
 	char *dbuf;         /* a direct read's data (CACHE_MAX_LEN, aligned) */
 	char hdr[16];       /* its reply's header */
 };
-static struct slot slots[SLOTS];
+static __thread struct slot slots[SLOTS];
 
 /* Newstyle, fixed, then NBD_OPT_EXPORT_NAME of the default export, with
  * simple replies (no option asks for structured ones). */
@@ -851,10 +858,7 @@ static int cache_open(const char *path, uint64_t size)
 	if (fallocate(cache_fd, 0, 0, (off_t)size) < 0)
 		return -1;
 	cache_dfd = open(path, O_RDWR | O_DIRECT);
-	ring_efd = eventfd(0, EFD_NONBLOCK);
-	if (cache_dfd < 0 || ring_efd < 0 ||
-	    io_uring_queue_init(256, &ring, 0) < 0 ||
-	    io_uring_register_eventfd(&ring, ring_efd) < 0)
+	if (cache_dfd < 0)
 		return -1;
 	cbits = calloc(blen, 1);
 	bitmap_fd = b;
@@ -862,21 +866,34 @@ static int cache_open(const char *path, uint64_t size)
 	return cbits ? 0 : -1;
 }
 
+/* The calling thread's ring for its direct stores. */
+static int ring_open(void)
+{
+	ring_efd = eventfd(0, EFD_NONBLOCK);
+	if (ring_efd < 0 || io_uring_queue_init(256, &ring, 0) < 0 ||
+	    io_uring_register_eventfd(&ring, ring_efd) < 0)
+		return -1;
+	return 0;
+}
+
 /* The group commit: the cache's data on disk, then the bitmap, so that no
  * bit on disk vouches for data that is not (as xnbd-server does it, every
- * SYNC_MS while bits were set; here on the one thread). */
+ * SYNC_MS while bits were set; here on the thread of the client whose
+ * wake-up found it due, the others going on meanwhile). */
 static int dirty_bits;
+static pthread_mutex_t sync_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int cache_sync(void)
 {
-	if (!dirty_bits)
-		return 0;
-	dirty_bits = 0;
-	if (fdatasync(cache_fd) < 0 ||
-	    pwrite(bitmap_fd, cbits, bitmap_len, 0) != (ssize_t)bitmap_len ||
-	    fdatasync(bitmap_fd) < 0)
-		return -1;
-	return 0;
+	pthread_mutex_lock(&sync_lock);
+	int r = 0;
+	if (__atomic_exchange_n(&dirty_bits, 0, __ATOMIC_ACQ_REL) &&
+	    (fdatasync(cache_fd) < 0 ||
+	     pwrite(bitmap_fd, cbits, bitmap_len, 0) != (ssize_t)bitmap_len ||
+	     fdatasync(bitmap_fd) < 0))
+		r = -1;
+	pthread_mutex_unlock(&sync_lock);
+	return r;
 }
 
 static int64_t now_ms(void)
@@ -906,8 +923,9 @@ static int all_absent(uint64_t first, uint64_t last)
 static void mark(uint64_t off, uint64_t len)
 {
 	for (uint64_t b = off / CBS; b < (off + len + CBS - 1) / CBS; b++)
-		cbits[b >> 3] |= (uint8_t)(1U << (b & 7));
-	dirty_bits = 1;
+		__atomic_fetch_or(&cbits[b >> 3], (uint8_t)(1U << (b & 7)),
+		                  __ATOMIC_RELAXED);
+	__atomic_store_n(&dirty_bits, 1, __ATOMIC_RELEASE);
 }
 
 /* Upstream blocks at d (elen bytes from eoff) have arrived: the runs still
@@ -981,18 +999,19 @@ static int take_in(int fd, char *buf, size_t *have, int hdr_only)
  * read (over DIRECT_MIN, whole blocks), which goes from the socket straight
  * into the slot's own buffer: dslot is the slot being read so, dgot what
  * it has. */
-static int dslot = -1;
-static size_t dgot;
-static int hdr_only;
+static __thread int dslot = -1;
+static __thread size_t dgot;
+static __thread int hdr_only;
 /* Stored direct reads whose replies go out at the end of the wake-up. */
-static unsigned doneq[SLOTS];
-static unsigned ndone;
+static __thread unsigned doneq[SLOTS];
+static __thread unsigned ndone;
 
 /* Upstream reads not sent yet, in order, and the bytes of those sent
  * and not answered: at most up_cap, 1 MiB or FLOOR_CAP from the
  * environment (0: no cap), except that one read always goes. */
-static unsigned waitq[SLOTS], wq_head, wq_len;
-static uint64_t up_bytes, up_cap = 1U << 20;
+static __thread unsigned waitq[SLOTS], wq_head, wq_len;
+static __thread uint64_t up_bytes;
+static uint64_t up_cap = 1U << 20;
 
 static int direct(const struct slot *sl)
 {
@@ -1122,6 +1141,8 @@ static int send_stored(int c)
 	return 0;
 }
 
+static int64_t sync_at; /* the next group commit, for every thread */
+
 /* One client: requests read all at once per wake-up; hits, and writes of
  * whole or present blocks, served on the spot; misses sent upstream in
  * one write per wake-up, and their replies, once stored and recorded,
@@ -1130,27 +1151,29 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
                        char *uo)
 {
 	int served = 0;
-	if (handshake(c, size, 0))
+	if (handshake(c, size, 1))
 		return 0;
 	int ep = watch_two(c, ups);
 	struct epoll_event re = {.events = EPOLLIN, .data.fd = ring_efd};
 	if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, ring_efd, &re) < 0)
 		goto done;
 	size_t have = 0, uhave = 0;
-	int64_t sync_at = now_ms() + SYNC_MS;
 	for (;;) {
 		struct epoll_event evs[3];
-		int64_t wait = sync_at - now_ms();
+		int64_t at = __atomic_load_n(&sync_at, __ATOMIC_ACQUIRE);
+		int64_t wait = at - now_ms();
 		int ne = epoll_wait(ep, evs, 3, wait > 0 ? (int)wait : 0);
 		if (ne < 0 && errno == EINTR)
 			continue;
 		if (ne < 0)
 			goto done;
-		if (now_ms() >= sync_at) {
-			if (cache_sync())
-				goto done;
-			sync_at = now_ms() + SYNC_MS;
-		}
+		at = __atomic_load_n(&sync_at, __ATOMIC_ACQUIRE);
+		if (now_ms() >= at &&
+		    __atomic_compare_exchange_n(
+		        &sync_at, &at, now_ms() + SYNC_MS, 0, __ATOMIC_ACQ_REL,
+		        __ATOMIC_ACQUIRE) &&
+		    cache_sync())
+			goto done;
 		/* replies to the client; upstream requests */
 		size_t n = 0, un = 0;
 		for (int k = 0; k < ne; k++) {
@@ -1353,6 +1376,40 @@ done:
 	return served;
 }
 
+/* --cache: a thread a client, each with its own upstream connection and
+ * ring.  Once the last client is gone, and one of them asked anything,
+ * the cache is synced and the process ends: what they left asked of the
+ * upstream is not waited for. */
+static int cache_upport;
+static uint64_t cache_size;
+static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned cache_clients;
+static int cache_served;
+
+static void *cache_thread(void *arg)
+{
+	int c = (int)(intptr_t)arg;
+	uint64_t size;
+	char *in = malloc(CACHE_BUF), *out = malloc(CACHE_BUF);
+	char *uin = malloc(CACHE_BUF), *uo = malloc(CACHE_BUF);
+	int served = 0;
+	if (!in || !out || !uin || !uo || up_connect(cache_upport, &size) ||
+	    size != cache_size || ring_open()) {
+		perror("floor_server: a client's upstream connection or ring");
+		exit(1);
+	}
+	served = serve_cache(c, cache_size, in, out, uin, uo);
+	close(c);
+	pthread_mutex_lock(&cache_lock);
+	cache_served |= served;
+	if (--cache_clients == 0 && cache_served)
+		exit(cache_sync() ? 1 : 0);
+	pthread_mutex_unlock(&cache_lock);
+	/* This thread's ring, upstream connection and buffers are left to
+	 * the process's end: a yardstick. */
+	return NULL;
+}
+
 static int listen_on(int port)
 {
 	int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
@@ -1379,29 +1436,38 @@ static int accept_one(int l)
 int main(int argc, char **argv)
 {
 	if (argc == 5 && strcmp(argv[1], "--cache") == 0) {
-		uint64_t size;
 		if (getenv("FLOOR_CAP"))
 			up_cap = strtoull(getenv("FLOOR_CAP"), NULL, 0);
-		if (up_connect(atoi(argv[3]), &size) ||
-		    cache_open(argv[4], size)) {
+		cache_upport = atoi(argv[3]);
+		/* The size, from a connection of the main thread's own; each
+		 * client's thread makes its own. */
+		if (up_connect(cache_upport, &cache_size) ||
+		    cache_open(argv[4], cache_size)) {
 			perror("floor_server: the upstream or the cache");
 			return 1;
 		}
-		char *in = malloc(CACHE_BUF), *out = malloc(CACHE_BUF);
-		char *uin = malloc(CACHE_BUF), *uo = malloc(CACHE_BUF);
+		close(ups);
 		int l = listen_on(atoi(argv[2]));
-		if (!in || !out || !uin || !uo || l < 0)
+		if (l < 0)
 			return 1;
 		signal(SIGPIPE, SIG_IGN);
+		sync_at = now_ms() + SYNC_MS;
 		for (;;) {
 			int c = accept_one(l);
 			if (c < 0)
 				continue;
-			/* One client that asked anything, then out: what it left
-			 * asked of the upstream is not waited for. */
-			if (serve_cache(c, size, in, out, uin, uo))
-				return cache_sync() ? 1 : 0;
-			close(c);
+			pthread_mutex_lock(&cache_lock);
+			cache_clients++;
+			pthread_mutex_unlock(&cache_lock);
+			pthread_t t;
+			pthread_attr_t a;
+			pthread_attr_init(&a);
+			pthread_attr_setdetachstate(&a,
+			                            PTHREAD_CREATE_DETACHED);
+			if (pthread_create(&t, &a, cache_thread,
+			                   (void *)(intptr_t)c))
+				return 1;
+			pthread_attr_destroy(&a);
 		}
 	}
 	int relaying = argc == 4 && strcmp(argv[1], "--relay") == 0;
