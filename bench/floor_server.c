@@ -76,7 +76,9 @@
  * the cache is synced and then the bitmap written to CACHE.bitmap and
  * synced, the group commit by which xnbd-server keeps a bit on disk from
  * vouching for data that is not (there on a worker thread, here on the
- * thread of the client whose wake-up found it due).  No locks on blocks
+ * thread of the client whose wake-up found it due, which stops that
+ * client meanwhile; FLOOR_SYNC_THREAD in the environment runs it on a
+ * thread of its own instead, as xnbd-server must).  No locks on blocks
  * (two clients missing the same block both fetch and store it), no flush
  * (a no-op); it exits once its clients are gone, if one of them asked
  * anything.
@@ -896,6 +898,43 @@ static int cache_sync(void)
 	return r;
 }
 
+/* FLOOR_SYNC_THREAD in the environment: the group commit runs on a
+ * thread of its own, beside the clients' loops, as xnbd-server's does on
+ * its worker, instead of on the loop that found it due. */
+static int sync_thread_on;
+static pthread_mutex_t st_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t st_cond = PTHREAD_COND_INITIALIZER;
+static int st_due;
+
+static void *sync_thread(void *arg)
+{
+	(void)arg;
+	for (;;) {
+		pthread_mutex_lock(&st_lock);
+		while (!st_due)
+			pthread_cond_wait(&st_cond, &st_lock);
+		st_due = 0;
+		pthread_mutex_unlock(&st_lock);
+		if (cache_sync()) {
+			perror("floor_server: the group commit");
+			exit(1);
+		}
+	}
+	return NULL;
+}
+
+/* The group commit found due by a client's loop. */
+static int commit_due(void)
+{
+	if (!sync_thread_on)
+		return cache_sync();
+	pthread_mutex_lock(&st_lock);
+	st_due = 1;
+	pthread_cond_signal(&st_cond);
+	pthread_mutex_unlock(&st_lock);
+	return 0;
+}
+
 static int64_t now_ms(void)
 {
 	struct timespec t;
@@ -1172,7 +1211,7 @@ static int serve_cache(int c, uint64_t size, char *in, char *out, char *uin,
 		    __atomic_compare_exchange_n(
 		        &sync_at, &at, now_ms() + SYNC_MS, 0, __ATOMIC_ACQ_REL,
 		        __ATOMIC_ACQUIRE) &&
-		    cache_sync())
+		    commit_due())
 			goto done;
 		/* replies to the client; upstream requests */
 		size_t n = 0, un = 0;
@@ -1452,6 +1491,12 @@ int main(int argc, char **argv)
 			return 1;
 		signal(SIGPIPE, SIG_IGN);
 		sync_at = now_ms() + SYNC_MS;
+		if (getenv("FLOOR_SYNC_THREAD")) {
+			pthread_t t;
+			sync_thread_on = 1;
+			if (pthread_create(&t, NULL, sync_thread, NULL))
+				return 1;
+		}
 		for (;;) {
 			int c = accept_one(l);
 			if (c < 0)
