@@ -86,10 +86,9 @@ static void teardown(void)
 	ck_assert_int_eq(uv_loop_close(&loop), 0);
 }
 
-/* Submit (from buf, or the op's own data); an I/O finished inline counts
- * as done at once. */
-static void submit_buf(struct op *o, uint32_t type, uint32_t flags,
-                       uint64_t off, uint64_t len, void *buf)
+/* Set o up for an I/O (from buf, or the op's own data), not called yet. */
+static void op_init(struct op *o, uint32_t type, uint32_t flags, uint64_t off,
+                    uint64_t len, void *buf)
 {
 	memset(&o->io, 0, sizeof(o->io));
 	o->ncalls = 0;
@@ -100,6 +99,14 @@ static void submit_buf(struct op *o, uint32_t type, uint32_t flags,
 	o->io.buf = buf ? buf : o->data;
 	o->io.done = op_done;
 	o->io.user_data = o;
+}
+
+/* Submit (from buf, or the op's own data); an I/O finished inline counts
+ * as done at once. */
+static void submit_buf(struct op *o, uint32_t type, uint32_t flags,
+                       uint64_t off, uint64_t len, void *buf)
+{
+	op_init(o, type, flags, off, len, buf);
 	int r = xnbd_backend_submit(backend, &o->io);
 	ck_assert_int_ge(r, 0);
 	if (r == XNBD_IO_COMPLETED) {
@@ -1219,15 +1226,7 @@ static void piped_write(struct op *o, int p[2], uint8_t *data, uint64_t off,
 	static uint8_t bounce[BIG]; /* for a file that refuses splice */
 	fill(data, BIG, seed);
 	ck_assert_int_eq(write(p[1], data, BIG), (ssize_t)BIG);
-	memset(&o->io, 0, sizeof(o->io));
-	o->ncalls = 0;
-	o->io.type = XNBD_IO_WRITE;
-	o->io.flags = flags;
-	o->io.offset = off;
-	o->io.length = BIG;
-	o->io.buf = bounce;
-	o->io.done = op_done;
-	o->io.user_data = o;
+	op_init(o, XNBD_IO_WRITE, flags, off, BIG, bounce);
 	ck_assert_int_eq(xnbd__backend_submit_pipe(backend, &o->io, p[0]),
 	                 expect);
 	if (expect == XNBD_IO_PENDING) {
