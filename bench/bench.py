@@ -245,6 +245,12 @@ class Server:
             return [self.floor, "--relay", str(port), up]
         if self.name == "cache-floor":
             return [self.floor, "--cache", str(port), up, cache]
+        if self.name == "cache-floor-st":
+            # The same with its group commit on a thread of its own,
+            # beside its clients, as xnbd-server's worker makes it (since
+            # 2026-12-06, fifteenth session); env execs it: the same pid.
+            return ["env", "FLOOR_SYNC_THREAD=1", self.floor, "--cache",
+                    str(port), up, cache]
         if self.name == "loop-floor":
             # Rows that only write: the least a server keeping writes in a
             # local file does (a cold proxy's writes of whole blocks need
@@ -348,7 +354,8 @@ class Server:
 # Not servers to compare with but measures of the machine: the upstream of
 # the proxies read directly, their cache's disk, the four floors
 # (floor_server.c) and the kernel's own I/O on the image.
-FLOORS = ("floor", "loop-floor", "relay-floor", "cache-floor")
+FLOORS = ("floor", "loop-floor", "relay-floor", "cache-floor",
+          "cache-floor-st")
 YARDSTICKS = ("upstream", "disk") + FLOORS + ("kernel",)
 
 
@@ -358,7 +365,7 @@ def available_servers(xnbd):
                        ("qemu-nbd", "qemu-nbd"), ("nbd-server", "nbd-server"),
                        ("floor", "cc"), ("loop-floor", "cc"),
                        ("relay-floor", "cc"), ("cache-floor", "cc"),
-                       ("kernel", "fio")):
+                       ("cache-floor-st", "cc"), ("kernel", "fio")):
         if shutil.which(tool) or os.path.exists(tool):
             out.append(name)
     return out
@@ -632,7 +639,8 @@ def main():
     # one holds the data).
     keep = {"target": ("floor", "loop-floor", "kernel"),
             "cow": ("loop-floor",),
-            "proxy": ("relay-floor", "cache-floor", "loop-floor"),
+            "proxy": ("relay-floor", "cache-floor", "cache-floor-st",
+                      "loop-floor"),
             "proxy-warm": ()}[args.mode]
     servers = [n for n in servers
                if n not in FLOORS + ("kernel",) or n in keep]
@@ -764,7 +772,7 @@ def main():
                     if name == "floor" and \
                             getattr(fn, "single_conn", True) is False:
                         continue  # it serves one connection at a time
-                    if name == "cache-floor" and \
+                    if name.startswith("cache-floor") and \
                             getattr(fn, "proxy_only", False):
                         continue  # the fill opens several connections
                     if name == "loop-floor" and proxy and \
@@ -841,6 +849,8 @@ def report(rows, servers, results, runtime):
         ("relay-floor", "relay floor / best peer (work; per CPU-s;"
          " per CPU-s with the disk's stores)"),
         ("cache-floor", "cache floor / best peer (work; per CPU-s)"),
+        ("cache-floor-st", "cache floor with its commit beside its"
+         " clients / best peer (work; per CPU-s)"),
         ("kernel", "kernel / best peer (work; per CPU-s)"),
     ) if key in servers]
     print("| row | " + " | ".join(servers) +
