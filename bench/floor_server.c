@@ -887,13 +887,24 @@ static pthread_mutex_t sync_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int cache_sync(void)
 {
+	static uint8_t *staged;
 	pthread_mutex_lock(&sync_lock);
 	int r = 0;
-	if (__atomic_exchange_n(&dirty_bits, 0, __ATOMIC_ACQ_REL) &&
-	    (fdatasync(cache_fd) < 0 ||
-	     pwrite(bitmap_fd, cbits, bitmap_len, 0) != (ssize_t)bitmap_len ||
-	     fdatasync(bitmap_fd) < 0))
+	if (!staged && !(staged = malloc(bitmap_len)))
 		r = -1;
+	/* The bits as they are now, before the data is synced: a bit another
+	 * client sets meanwhile waits for the next commit, as xnbd-server
+	 * stages its bits. */
+	else if (__atomic_exchange_n(&dirty_bits, 0, __ATOMIC_ACQ_REL)) {
+		for (size_t i = 0; i < bitmap_len; i++)
+			staged[i] =
+			    __atomic_load_n(&cbits[i], __ATOMIC_RELAXED);
+		if (fdatasync(cache_fd) < 0 ||
+		    pwrite(bitmap_fd, staged, bitmap_len, 0) !=
+		        (ssize_t)bitmap_len ||
+		    fdatasync(bitmap_fd) < 0)
+			r = -1;
+	}
 	pthread_mutex_unlock(&sync_lock);
 	return r;
 }
