@@ -592,7 +592,10 @@ static void work_cb(struct xnbd_io *io)
 	case XNBD_IO_WRITE: {
 		copy_before_write(snap, io->offset, io->length);
 		alloc_ahead(fb, io->offset + done, io->length - done);
-		uint64_t t0 = place_now(fb);
+		/* A buffered write without FUA that stalls here would have
+		 * stalled the loop thread too (write_here): timed. */
+		bool timed = fb->use_lane && !(io->flags & XNBD_IO_FUA);
+		uint64_t t0 = timed ? place_now(fb) : 0;
 		if (io->priv.scratch) { /* the data is in a pipe */
 			r = pipe_to_file(
 			    fb->fd, (int)(io->priv.scratch - 1), io->buf,
@@ -607,12 +610,11 @@ static void work_cb(struct xnbd_io *io)
 			                write_piece(fb, io->offset + done,
 			                            io->length - done));
 		}
-		/* A buffered write without FUA that stalled here would have
-		 * stalled the loop thread too (write_here). */
-		uint64_t now = place_now(fb);
-		if (fb->use_lane && !(io->flags & XNBD_IO_FUA) &&
-		    now - t0 >= fb->place.stall_ns)
-			atomic_store(&fb->place.stalled_at, now);
+		if (timed) {
+			uint64_t now = place_now(fb);
+			if (now - t0 >= fb->place.stall_ns)
+				atomic_store(&fb->place.stalled_at, now);
+		}
 		break;
 	}
 	case XNBD_IO_FLUSH:
