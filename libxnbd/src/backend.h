@@ -133,6 +133,12 @@ uint64_t xnbd__client_copied(const struct xnbd_client *c);
  * for a request). */
 uint64_t xnbd__cow_op_allocs(const struct xnbd_backend *b);
 
+/* Ops, edge blocks and early-reply copies a proxy took from malloc so far
+ * (tests: a warm proxy takes none for a request at a time). */
+uint64_t xnbd__proxy_allocs(const struct xnbd_backend *b);
+/* Whether a proxy has requests or the stores of early answers under way. */
+bool xnbd__proxy_busy(const struct xnbd_backend *b);
+
 /* A file backend over an open descriptor, which it takes over on success
  * (flags: XNBD_OPEN_* and XNBD__OPEN_ALLOC_AHEAD). */
 int xnbd__backend_file_from_fd(uv_loop_t *loop, int fd, unsigned flags,

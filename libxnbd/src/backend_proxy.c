@@ -70,6 +70,9 @@
 #define STATUS_SCAN (1ULL << 16)  /* blocks one cache-map query looks at */
 #define PERSIST_MS 2000           /* bits wait at most this long on disk */
 #define RETRY_MIN_MS 250
+#define SPARE_SUBS 4U            /* sub-I/Os every op has room for */
+#define SPARE_MAX 32U            /* finished ops kept for the next requests */
+#define SPARE_COPY (16U * 1024U) /* early-reply copy a spare op keeps */
 #define RETRY_MAX_MS 4000
 #define PROGRESS_MS 250
 
@@ -122,14 +125,17 @@ struct pop {
 	bool replied;
 	unsigned unreplied; /* subs whose data is not in io->buf yet */
 	uint8_t *copy;      /* the stores' own copy of the fetched data */
+	uint32_t copy_cap;  /* its size (kept with a spare op) */
 	uint64_t copy_len;  /* bytes reserved in p->detached_bytes */
 	int store_status;   /* early reply: the first failed store */
 	int *inline_done;
 	int pipe_fd; /* a WRITE of whole blocks: its data is in this pipe */
 	struct xnbd__job wake;
 	struct persist_waiter pw;
-	uint8_t *bounce;
+	uint8_t *bounce; /* a CACHE op's round buffer */
+	uint8_t *edge;   /* two blocks: partial first and last (kept) */
 	uint32_t nsub, used;
+	uint32_t room;   /* subs after the op */
 	struct sub *sub; /* nsub of them: after the op, or (CACHE) allocated */
 };
 
@@ -173,6 +179,11 @@ struct xnbd_proxy {
 	 * 1 MiB mapping a request costs 256 page faults. */
 	uint8_t *bounce_pool[MAX_CACHE_OPS + FILL_OPS];
 	unsigned nbounce;
+	/* Finished ops with room for SPARE_SUBS, their edge blocks and small
+	 * copies kept: a request at a time allocates nothing once warm. */
+	struct xnbd_list spare;
+	unsigned nspare;
+	uint64_t allocs; /* ops and buffers taken from malloc (tests) */
 	struct xnbd_bitmap *bm;
 	/* upstream */
 	struct xnbd_client *up;
@@ -711,18 +722,83 @@ static int cache_op_buffers(struct xnbd_proxy *p, struct pop *op)
 	return op->sub ? 0 : -ENOMEM;
 }
 
+/* An op with room for nsub sub-I/Os after it (none: a CACHE op's come
+ * with its slot): a spare one when it has room, zeroed but for the
+ * buffers it keeps. */
+static struct pop *op_new(struct xnbd_proxy *p, uint32_t nsub)
+{
+	struct pop *op;
+	if (nsub <= SPARE_SUBS && !xnbd_list_empty(&p->spare)) {
+		op = xnbd_container_of(p->spare.next, struct pop, link);
+		xnbd_list_remove(&op->link);
+		p->nspare--;
+		uint8_t *copy = op->copy, *edge = op->edge;
+		uint32_t cap = op->copy_cap;
+		memset(op, 0, sizeof(*op)); /* sub_take clears each sub */
+		op->copy = copy;
+		op->copy_cap = cap;
+		op->edge = edge;
+		op->room = SPARE_SUBS;
+	} else {
+		uint32_t room = nsub > SPARE_SUBS ? nsub : SPARE_SUBS;
+		op = calloc(1, sizeof(*op) + room * sizeof(struct sub));
+		if (!op)
+			return NULL;
+		op->room = room;
+		p->allocs++;
+	}
+	op->p = p;
+	op->sub = nsub ? (struct sub *)(op + 1) : NULL;
+	xnbd_list_init(&op->link);
+	return op;
+}
+
+/* Its two edge blocks, allocated on first use and kept with the op. */
+static uint8_t *op_edge(struct pop *op)
+{
+	if (!op->edge && (op->edge = malloc(2 * BS)))
+		op->p->allocs++;
+	return op->edge;
+}
+
+static void op_unkeep(struct pop *op)
+{
+	free(op->copy);
+	free(op->edge);
+	free(op);
+}
+
 static void op_free(struct pop *op)
 {
 	struct xnbd_proxy *p = op->p;
-	free(op->copy);
-	if (op->bounce && op->type == XNBD_IO_CACHE &&
+	if (op->bounce &&
 	    p->nbounce < sizeof(p->bounce_pool) / sizeof(p->bounce_pool[0]))
 		p->bounce_pool[p->nbounce++] = op->bounce;
 	else
 		free(op->bounce);
-	if (op->sub != (struct sub *)(op + 1))
+	if (op->sub && op->sub != (struct sub *)(op + 1))
 		free(op->sub);
-	free(op);
+	if (op->room != SPARE_SUBS || p->nspare >= SPARE_MAX) {
+		op_unkeep(op);
+		return;
+	}
+	if (op->copy_cap > SPARE_COPY) {
+		free(op->copy);
+		op->copy = NULL;
+		op->copy_cap = 0;
+	}
+	xnbd_list_insert(&p->spare, &op->link);
+	p->nspare++;
+}
+
+uint64_t xnbd__proxy_allocs(const struct xnbd_backend *b)
+{
+	return ((const struct xnbd_proxy *)b)->allocs;
+}
+
+bool xnbd__proxy_busy(const struct xnbd_backend *b)
+{
+	return b->in_flight || ((const struct xnbd_proxy *)b)->detached;
 }
 
 static void op_finish(struct pop *op)
@@ -881,11 +957,11 @@ static bool round_start(struct pop *op)
 			buf = op->bounce + bounce_used;
 			bounce_used += len;
 		} else if (edge_b) {
-			if (!op->bounce && !(op->bounce = malloc(2 * BS))) {
+			if (!op_edge(op)) {
 				op->status = -ENOMEM;
 				break;
 			}
-			buf = op->bounce + (b == op->b0 ? 0 : BS);
+			buf = op->edge + (b == op->b0 ? 0 : BS);
 			edge = true;
 		} else {
 			buf = (uint8_t *)io->buf + (off - io->offset);
@@ -937,8 +1013,14 @@ static void early_plan(struct pop *op)
 	if (!waiting || bytes + edges > EARLY_MAX ||
 	    p->detached_bytes + held > DETACH_MAX)
 		return;
-	if (bytes && !(op->copy = malloc(bytes)))
-		return; /* then it is answered after the stores, as before */
+	if (bytes > op->copy_cap) {
+		free(op->copy);
+		op->copy_cap = 0;
+		if (!(op->copy = malloc(bytes)))
+			return; /* then it is answered after the stores */
+		op->copy_cap = (uint32_t)bytes;
+		p->allocs++;
+	}
 	uint64_t at = 0;
 	for (uint32_t i = 0; i < op->used; i++) {
 		struct sub *s = &op->sub[i];
@@ -1004,13 +1086,13 @@ static void write_stage(struct pop *op)
 				op->status = -ENOTSUP; /* a fetch is not fast */
 				return;
 			}
-			if (!op->bounce && !(op->bounce = malloc(2 * BS))) {
+			if (!op_edge(op)) {
 				op->status = -ENOMEM;
 				return;
 			}
 			struct sub *s =
 			    sub_take(op, SUB_FETCH, b * BS, block_len(p, b),
-			             op->bounce + k * BS, true);
+			             op->edge + k * BS, true);
 			s->phase = 0;
 			fetch_send(op, s);
 		}
@@ -1193,13 +1275,11 @@ static int submit_op(struct xnbd_proxy *p, struct xnbd_io *io,
 		nsub = read_subs(p, b0, b1);
 	else if (io->type == XNBD_IO_CACHE)
 		nsub = 0;
-	struct pop *op = calloc(1, sizeof(*op) + nsub * sizeof(struct sub));
+	struct pop *op = op_new(p, nsub);
 	if (!op)
 		return -ENOMEM;
-	op->sub = nsub ? (struct sub *)(op + 1) : NULL;
 	if (io->type == XNBD_IO_CACHE)
 		nsub = ROUND_SUBS;
-	op->p = p;
 	op->io = io;
 	op->type = io->type;
 	op->own = own;
@@ -1208,7 +1288,6 @@ static int submit_op(struct xnbd_proxy *p, struct xnbd_io *io,
 	op->b0 = b0;
 	op->b1 = b1;
 	op->cursor = b0;
-	xnbd_list_init(&op->link);
 	/* Bounce memory is taken when needed: a read's or write's two edge
 	 * blocks when they must be fetched, a CACHE op's round buffer with its
 	 * slot (op_run), so queued requests cost only their op. */
@@ -1997,6 +2076,7 @@ int xnbd_proxy_new(uv_loop_t *loop, struct xnbd_proxy **out)
 	xnbd_list_init(&p->locked);
 	xnbd_list_init(&p->waiting);
 	xnbd_list_init(&p->cacheq);
+	xnbd_list_init(&p->spare);
 	xnbd_list_init(&p->pw_now);
 	xnbd_list_init(&p->pw_next);
 	xnbd_list_init(&p->jobs);
@@ -2174,6 +2254,13 @@ static void free_now(struct xnbd_proxy *p)
 	xnbd_bitmap_close(p->bm);
 	while (p->nbounce)
 		free(p->bounce_pool[--p->nbounce]);
+	while (!xnbd_list_empty(&p->spare)) {
+		struct pop *op =
+		    xnbd_container_of(p->spare.next, struct pop, link);
+		xnbd_list_remove(&op->link);
+		op_unkeep(op);
+	}
+	p->nspare = 0;
 	xnbd_backend_free(p->cache_direct);
 	xnbd_backend_free(p->cache);
 	free(p->host);

@@ -1,7 +1,8 @@
 /* test-proxy.c - the proxy backend driven through the public API, against
  * an upstream served in the same process (a file backend behind an
- * xnbd_server on 127.0.0.1).  Here: the syncs of the cache, and a proxy
- * freed from the callback of one while the next is queued. */
+ * xnbd_server on 127.0.0.1).  Here: the syncs of the cache, a proxy
+ * freed from the callback of one while the next is queued, and requests
+ * that reuse the proxy's ops. */
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -16,6 +17,7 @@
 #include "xnbd/backend.h"
 #include "xnbd/proxy.h"
 #include "xnbd/server.h"
+#include "backend.h"
 #include "unit-main.h"
 
 #define IMG_SIZE (4U * 1024U * 1024U)
@@ -175,6 +177,84 @@ START_TEST(syncs_asked_from_answers)
 }
 END_TEST
 
+/* One request to the proxy's backend b, waited for; it must succeed. */
+struct req {
+	struct xnbd_io io;
+	int ncalls;
+};
+
+static void req_done(struct xnbd_io *io)
+{
+	((struct req *)io->user_data)->ncalls++;
+}
+
+static void run_req(struct xnbd_backend *b, uint32_t type, uint64_t off,
+                    uint64_t len, void *buf)
+{
+	struct req r;
+	memset(&r, 0, sizeof(r));
+	r.io.type = type;
+	r.io.offset = off;
+	r.io.length = len;
+	r.io.buf = buf;
+	r.io.done = req_done;
+	r.io.user_data = &r;
+	int st = xnbd_backend_submit(b, &r.io);
+	ck_assert_int_ge(st, 0);
+	if (st == XNBD_IO_COMPLETED)
+		r.ncalls++;
+	while (r.ncalls == 0)
+		uv_run(&loop, UV_RUN_ONCE);
+	ck_assert_int_eq(r.ncalls, 1);
+	ck_assert_int_eq(r.io.status, 0);
+	/* and the stores of an early answer */
+	while (xnbd__proxy_busy(b))
+		uv_run(&loop, UV_RUN_ONCE);
+}
+
+static uint8_t pattern(uint64_t off)
+{
+	return (uint8_t)(off * 7u + (off >> 12) * 13u + (off >> 9));
+}
+
+/* A proxy allocates nothing for a request once warm: cold reads of a
+ * block (answered before their store, from a copy), cold partial reads
+ * (through the edge blocks), partial writes (which fetch and merge) and
+ * reads of cached blocks, one at a time, all reuse the first one's op,
+ * edge blocks and copy; and each reads what the upstream holds, or what
+ * was written. */
+START_TEST(requests_reuse_the_proxy_ops)
+{
+	enum { BSZ = XNBD_PROXY_BLOCK, N = 200 };
+	static uint8_t want[IMG_SIZE], got[BSZ];
+	for (uint64_t i = 0; i < IMG_SIZE; i++)
+		want[i] = pattern(i);
+	int fd = open(up_path, O_WRONLY);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pwrite(fd, want, IMG_SIZE, 0), IMG_SIZE);
+	close(fd);
+	struct xnbd_proxy *p = open_proxy();
+	struct xnbd_backend *b = xnbd_proxy_backend(p);
+	for (unsigned i = 0; i < N; i++) {
+		uint64_t blk = (uint64_t)i * 3 * BSZ;
+		run_req(b, XNBD_IO_READ, blk, BSZ, got);
+		ck_assert(memcmp(got, want + blk, BSZ) == 0);
+		uint64_t off = blk + BSZ + 100 + i;
+		run_req(b, XNBD_IO_READ, off, 300, got);
+		ck_assert(memcmp(got, want + off, 300) == 0);
+		off = blk + 2 * BSZ + 50 + i;
+		memset(want + off, (int)(i + 1), 200);
+		run_req(b, XNBD_IO_WRITE, off, 200, want + off);
+		run_req(b, XNBD_IO_READ, blk + 2 * BSZ, BSZ, got);
+		ck_assert(memcmp(got, want + blk + 2 * BSZ, BSZ) == 0);
+		run_req(b, XNBD_IO_READ, blk, BSZ, got);
+		ck_assert(memcmp(got, want + blk, BSZ) == 0);
+	}
+	ck_assert_uint_eq(xnbd__proxy_allocs(b), 3);
+	xnbd_proxy_free(p);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("proxy");
@@ -182,6 +262,7 @@ static Suite *suite(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, freed_from_a_sync_answer_with_another_queued);
 	tcase_add_test(tc, syncs_asked_from_answers);
+	tcase_add_test(tc, requests_reuse_the_proxy_ops);
 	suite_add_tcase(s, tc);
 	return s;
 }
