@@ -234,6 +234,10 @@ struct xnbd_proxy {
 	struct xnbd_client *reap[8];
 	unsigned nreap;
 	uv_idle_t reaper;
+	/* Stores of early-answered fetches, made at the start of the next
+	 * loop iteration: after this one's replies went out (store_later). */
+	struct xnbd_list later;
+	uv_idle_t later_idle;
 };
 
 static void plog(struct xnbd_proxy *p, int level, const char *fmt, ...)
@@ -564,6 +568,41 @@ static void fetch_store(struct pop *op, struct sub *s)
 	}
 }
 
+/* The stores of an early-answered op wait for the start of the next loop
+ * iteration: the server sends the replies of this one at its end (its
+ * check handle), so a cold read's answer does not wait for the write
+ * into the cache, and the client's next request meets the store on the
+ * other CPU rather than queueing behind it.  An idle handle runs them:
+ * it keeps the poll in between from blocking, and it is stopped before
+ * the next poll.  The op stays pending (and locked) meanwhile. */
+static void later_cb(uv_idle_t *h)
+{
+	struct xnbd_proxy *p = h->data;
+	uv_idle_stop(h);
+	struct xnbd_list todo;
+	xnbd_list_init(&todo);
+	xnbd_list_splice(&todo, &p->later);
+	while (!xnbd_list_empty(&todo)) {
+		struct sub *s = xnbd_container_of(todo.next, struct sub, link);
+		xnbd_list_remove(&s->link);
+		xnbd_list_init(&s->link);
+		struct pop *op = s->op;
+		op->pending--;
+		fetch_store(op, s);
+		if (op->pending == 0)
+			op_run(op); /* (the op may be gone) */
+	}
+}
+
+static void store_later(struct pop *op, struct sub *s)
+{
+	struct xnbd_proxy *p = op->p;
+	op->pending++;
+	if (xnbd_list_empty(&p->later))
+		uv_idle_start(&p->later_idle, later_cb);
+	xnbd_list_insert(p->later.prev, &s->link);
+}
+
 /* After a switch nothing more comes from upstream: a fetch for a read
  * leaves zeroes, one for a write zeroes to merge into, one for CACHE
  * nothing at all. */
@@ -672,10 +711,11 @@ static void sub_done(struct xnbd_io *sio)
 		} else if (!st) {
 			if (p->switched) {
 				fetch_switched(op, s);
-			} else if (!is_write(op->type)) {
+			} else if (op->early) {
 				/* After early_got, s->buf is the stores' copy. */
-				if (op->early)
-					early_got(op, s);
+				early_got(op, s);
+				store_later(op, s);
+			} else if (!is_write(op->type)) {
 				fetch_store(op, s);
 			}
 			/* A write's edge block is stored merged, in its stage 1. */
@@ -984,7 +1024,9 @@ static bool round_start(struct pop *op)
  * its lock until the stores are done and the bits set, so a write or a
  * read of those blocks still waits for them (the notes at the top hold).
  * Shaves the store (a hand-off to a worker and a page-cache write, about
- * a third of a cold 4 KiB read at depth 1 here) off the read's latency. */
+ * a third of a cold 4 KiB read at depth 1 here) off the read's latency;
+ * since the store is made on the loop thread where it can be, it also
+ * waits for the replies of its loop iteration to go out (store_later). */
 static void early_plan(struct pop *op)
 {
 	struct xnbd_proxy *p = op->p;
@@ -2083,7 +2125,10 @@ int xnbd_proxy_new(uv_loop_t *loop, struct xnbd_proxy **out)
 	uv_timer_init(loop, &p->persist_timer);
 	uv_timer_init(loop, &p->retry_timer);
 	uv_idle_init(loop, &p->reaper);
+	uv_idle_init(loop, &p->later_idle);
+	xnbd_list_init(&p->later);
 	p->persist_timer.data = p->retry_timer.data = p->reaper.data = p;
+	p->later_idle.data = p;
 	uv_unref((uv_handle_t *)&p->persist_timer);
 	*out = p;
 	return 0;
@@ -2271,10 +2316,11 @@ static void free_now(struct xnbd_proxy *p)
 	free(p->try_name);
 	free(p->cache_path);
 	free(p->bitmap_path);
-	p->handles = 3;
+	p->handles = 4;
 	uv_close((uv_handle_t *)&p->persist_timer, handle_closed);
 	uv_close((uv_handle_t *)&p->retry_timer, handle_closed);
 	uv_close((uv_handle_t *)&p->reaper, handle_closed);
+	uv_close((uv_handle_t *)&p->later_idle, handle_closed);
 }
 
 static void maybe_free(struct xnbd_proxy *p)
