@@ -1,8 +1,8 @@
 /* test-proxy.c - the proxy backend driven through the public API, against
  * an upstream served in the same process (a file backend behind an
  * xnbd_server on 127.0.0.1).  Here: the syncs of the cache, a proxy
- * freed from the callback of one while the next is queued, and requests
- * that reuse the proxy's ops. */
+ * freed from the callback of one while the next is queued, requests that
+ * reuse the proxy's ops, and a cold read answered before its store. */
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
