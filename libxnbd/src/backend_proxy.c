@@ -70,11 +70,11 @@
 #define STATUS_SCAN (1ULL << 16)  /* blocks one cache-map query looks at */
 #define PERSIST_MS 2000           /* bits wait at most this long on disk */
 #define RETRY_MIN_MS 250
+#define RETRY_MAX_MS 4000
+#define PROGRESS_MS 250
 #define SPARE_SUBS 4U            /* sub-I/Os every op has room for */
 #define SPARE_MAX 32U            /* finished ops kept for the next requests */
 #define SPARE_COPY (16U * 1024U) /* early-reply copy a spare op keeps */
-#define RETRY_MAX_MS 4000
-#define PROGRESS_MS 250
 
 struct pop;
 
